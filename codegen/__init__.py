@@ -1,0 +1,1 @@
+"""Codegen: ATen FX graph -> fused Triton kernels + eager steps (``lower_graph``)."""

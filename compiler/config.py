@@ -1,0 +1,76 @@
+"""Typed configuration for fxforge; every knob can be set from the environment as ``FXFORGE_<NAME>``.
+
+One dataclass, one place: the pass list, the debug switch and the codegen limits all live here, and
+``Config.cache_id()`` is part of every cache key so that a changed knob never reuses stale kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_PASSES = ("remove_noops", "dce", "cse", "constant_fold", "dce")
+
+
+def _default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fxforge")
+
+
+@dataclass
+class Config:
+    passes: tuple[str, ...] = DEFAULT_PASSES
+    debug: bool = False  # dump graphs per pass + Triton source, check numerics after every pass
+    debug_dir: str = "fxforge_debug"
+    cache_dir: str = field(default_factory=_default_cache_dir)
+    # Largest reduction length kept whole in registers (persistent reduction); longer ones loop.
+    max_persistent_rblock: int = 4096
+    fuse: bool = True  # False: one kernel per op (useful to bisect fusion bugs)
+    matmul: bool = True  # False: mm/addmm/bmm run as eager ATen calls
+    memory_plan: bool = True
+    # Where to run Triton: "auto" uses the Triton CPU interpreter for CPU tensors.
+    debug_rtol: float = 1e-2
+
+    def cache_id(self) -> str:
+        """Hash of every knob that changes generated code (not of paths or the debug switch)."""
+        keyed = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("debug", "debug_dir", "cache_dir", "debug_rtol")}
+        return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(value: str, current):
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    return value
+
+
+def from_env(base: Config | None = None, environ=os.environ) -> Config:
+    """A Config with ``FXFORGE_<FIELD>`` environment variables applied over ``base``."""
+    cfg = base or Config()
+    changes = {}
+    for f in fields(cfg):
+        key = "FXFORGE_" + f.name.upper()
+        if key in environ:
+            try:
+                changes[f.name] = _parse(environ[key], getattr(cfg, f.name))
+            except ValueError as e:
+                raise ValueError(f"invalid {key}={environ[key]!r}: {e}") from None
+    return cfg.replace(**changes) if changes else cfg
+
+
+def current() -> Config:
+    return from_env()

@@ -1,0 +1,120 @@
+"""The pass pipeline: a flat, ordered list of named graph rewrites.
+
+Each pass follows torch.fx's pass-infrastructure shape: ``requires(gm)`` checks preconditions,
+``call(gm)`` rewrites in place and returns whether it ``modified`` the graph, ``ensures(gm)`` checks
+postconditions. ``cache_id()`` hashes the pass's source and its options, so a cache keyed on the
+pipeline never survives an edit to a pass. After every pass the pipeline lints the graph and checks
+that every value node still carries shape/dtype metadata; in debug mode it also dumps the graph and
+compares the graph's numerics with the eager reference, naming the pass that broke them.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from .config import Config
+from .errors import PassError
+from .registry import registry
+
+
+class Pass:
+    """Base class of a graph rewrite. Subclasses set ``name`` and override ``call``."""
+
+    name: str = ""
+
+    def __init__(self, **options):
+        self.options = options
+
+    def requires(self, gm: fx.GraphModule) -> None:  # raise PassError when preconditions fail
+        return None
+
+    def call(self, gm: fx.GraphModule) -> bool:
+        raise NotImplementedError
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        return None
+
+    def cache_id(self) -> str:
+        src = inspect.getsource(type(self))
+        blob = json.dumps({"src": src, "options": self.options}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+@dataclass
+class PassResult:
+    name: str
+    modified: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+
+
+@dataclass
+class PipelineReport:
+    results: list[PassResult] = field(default_factory=list)
+
+    def to_json(self) -> list[dict]:
+        return [r.__dict__ for r in self.results]
+
+
+def check_meta(gm: fx.GraphModule, after: str) -> None:
+    """Every value-producing node must carry a fake value in ``meta['val']`` (shape and dtype)."""
+    for node in gm.graph.nodes:
+        if node.op in ("output",):
+            continue
+        if "val" not in node.meta:
+            raise PassError(f"after pass {after!r}: node {node.name} ({node.op} {node.target}) lost its meta['val']")
+
+
+class Pipeline:
+    """Runs passes in order; ``Pipeline.from_names(cfg.passes)`` resolves names in the registry."""
+
+    def __init__(self, passes: list[Pass], config: Config | None = None):
+        self.passes = list(passes)
+        self.config = config or Config()
+
+    @classmethod
+    def from_names(cls, names, config: Config | None = None) -> "Pipeline":
+        import fxforge.passes  # noqa: F401  (registers the built-in passes)
+
+        items = []
+        for n in names:
+            items.append(n if isinstance(n, Pass) else registry.make_pass(n))
+        return cls(items, config)
+
+    def cache_id(self) -> str:
+        return hashlib.sha256("|".join(p.name + ":" + p.cache_id() for p in self.passes).encode()).hexdigest()[:16]
+
+    def run(self, gm: fx.GraphModule, debug_inputs=None, reference=None) -> PipelineReport:
+        from . import debug as dbg
+
+        report = PipelineReport()
+        cfg = self.config
+        if cfg.debug:
+            dbg.dump_graph(cfg, gm, "00_captured")
+        for i, p in enumerate(self.passes, start=1):
+            before = len(gm.graph.nodes)
+            t0 = time.perf_counter()
+            p.requires(gm)
+            modified = bool(p.call(gm))
+            if modified:
+                gm.graph.lint()
+                gm.recompile()
+            p.ensures(gm)
+            check_meta(gm, p.name)
+            report.results.append(PassResult(p.name, modified, time.perf_counter() - t0, before, len(gm.graph.nodes)))
+            if cfg.debug:
+                dbg.dump_graph(cfg, gm, f"{i:02d}_{p.name}")
+                if debug_inputs is not None and reference is not None:
+                    dbg.check_numerics(gm, debug_inputs, reference, stage=f"pass {p.name!r}", rtol=cfg.debug_rtol)
+        return report

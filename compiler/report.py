@@ -1,0 +1,63 @@
+"""What a compile did: passes, kernels, fallbacks (each with its reason) and the memory plan."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class CompileReport:
+    passes: list = field(default_factory=list)  # PassResult dicts
+    kernels: list = field(default_factory=list)  # {"name", "kind", "nodes"}
+    fallbacks: list = field(default_factory=list)  # {"node", "op", "reason"}
+    views: int = 0
+    memory: dict = field(default_factory=dict)
+    compile_seconds: float = 0.0
+    graph_nodes: int = 0
+
+    @property
+    def num_kernels(self) -> int:
+        return len(self.kernels)
+
+    def kernel_kinds(self) -> dict:
+        out: dict = {}
+        for k in self.kernels:
+            out[k["kind"]] = out.get(k["kind"], 0) + 1
+        return out
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_program(cls, program, fallbacks, passes=None, seconds=0.0, graph_nodes=0) -> "CompileReport":
+        from fxforge.runtime.program import AtenStep
+
+        return cls(
+            passes=[p.__dict__ if hasattr(p, "__dict__") else p for p in (passes or [])],
+            kernels=[{"name": n, "kind": k["kind"], "nodes": k["nodes"]} for n, k in program.kernels.items()],
+            fallbacks=list(fallbacks),
+            views=sum(1 for s in program.steps if isinstance(s, AtenStep) and s.role in ("view", "getitem")),
+            memory={"bytes_unplanned": program.memory.bytes_unplanned, "bytes_planned": program.memory.bytes_planned,
+                    "slots": len(program.memory.slots)},
+            compile_seconds=seconds, graph_nodes=graph_nodes,
+        )
+
+    def render(self) -> str:
+        lines = [f"graph nodes: {self.graph_nodes}   compile: {self.compile_seconds:.2f} s"]
+        if self.passes:
+            lines.append("passes:")
+            for p in self.passes:
+                lines.append(f"  {p['name']:<16} modified={str(p['modified']):<5} nodes {p['nodes_before']}->{p['nodes_after']}  {p['seconds'] * 1e3:.1f} ms")
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.kernel_kinds().items()))
+        lines.append(f"kernels: {self.num_kernels} ({kinds})   view/getitem steps: {self.views}")
+        for k in self.kernels:
+            lines.append(f"  {k['name']:<48} {len(k['nodes'])} nodes")
+        lines.append(f"fallbacks: {len(self.fallbacks)}")
+        for f in self.fallbacks:
+            lines.append(f"  {f['node']:<24} {f['op']:<40} {f['reason']}")
+        m = self.memory
+        if m:
+            lines.append(f"memory plan: {m.get('bytes_unplanned')} B of kernel outputs -> {m.get('bytes_planned')} B in {m.get('slots')} reused slots")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()

@@ -1,0 +1,4 @@
+"""Built-in graph passes (``fxforge.passes``). Importing this package registers them."""
+from .cleanup import CSE, ConstantFold, DeadCodeElimination, RemoveNoops
+
+__all__ = ["CSE", "ConstantFold", "DeadCodeElimination", "RemoveNoops"]

@@ -1,0 +1,1 @@
+"""Runtime: programs, memory plans, kernel loading and execution."""

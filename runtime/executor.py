@@ -1,0 +1,210 @@
+"""Run a Program: bind shape symbols, allocate from the static memory plan, launch kernels, call
+ATen for views and fallbacks, free buffers after their last use.
+
+Per input-shape signature the executor caches a *launch plan* (evaluated sizes, grids, launch
+kwargs, allocation shapes) so a repeated call does no sympy work.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+
+import sympy
+import torch
+
+from fxforge.errors import SignatureMismatch
+
+from .kernels import launch_config, load_kernel
+from .memory import _ITEMSIZE, step_reads, step_writes
+from .program import AtenStep, KernelStep, Program
+
+_DTYPES = {k: getattr(torch, k) for k in _ITEMSIZE}
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_expr(expr: str):
+    e = sympy.sympify(expr)
+    syms = sorted(e.free_symbols, key=str)
+    f = sympy.lambdify(syms, e, modules=[{"floor": lambda x: int(x // 1), "ceiling": lambda x: -int(-x // 1)}, "math"])
+    return [str(s) for s in syms], f
+
+
+def evaluate(x, env: dict):
+    if isinstance(x, (int, float)):
+        return x
+    names, f = _compile_expr(x)
+    v = f(*(env[n] for n in names))
+    return int(v) if float(v).is_integer() else v
+
+
+def resolve_op(name: str):
+    if name == "getitem":
+        return operator.getitem
+    opname, overload = name.split("::", 1)[1].rsplit(".", 1) if "::" in name else (None, None)
+    packet = getattr(getattr(torch.ops, name.split("::")[0]), opname)
+    return getattr(packet, overload)
+
+
+def _materialize(t, env: dict, syms: dict):
+    if isinstance(t, list):
+        return [_materialize(i, env, syms) for i in t]
+    if isinstance(t, dict):
+        if "buf" in t:
+            return env[t["buf"]]
+        if "sym" in t:
+            return evaluate(t["sym"], syms)
+        if "dtype" in t:
+            return _DTYPES[t["dtype"]] if t["dtype"] in _DTYPES else getattr(torch, t["dtype"])
+        if "device" in t:
+            return torch.device(t["device"])
+        if "layout" in t:
+            return getattr(torch, t["layout"])
+        if "memory_format" in t:
+            return getattr(torch, t["memory_format"])
+        if "dict" in t:
+            return {k: _materialize(v, env, syms) for k, v in t["dict"].items()}
+        return {k: _materialize(v, env, syms) for k, v in t.items()}
+    return t
+
+
+class Executor:
+    def __init__(self, program: Program, constants: dict, cache_dir: str, config_id: str = "", strict_signature: bool = True):
+        self.program = program
+        self.constants = constants
+        self.cache_dir = cache_dir
+        self.config_id = config_id
+        self.strict_signature = strict_signature
+        self._kernels: dict = {}
+        self._plans: dict = {}
+        self._ops = {}
+        # After step i, drop these buffers (their last reader ran).
+        last: dict[str, int] = {}
+        for i, st in enumerate(program.steps):
+            for b in step_reads(st) + step_writes(st):
+                last[b] = i
+        from .memory import buffer_refs
+        keep = set(buffer_refs(program.outputs)) | set(program.constants)
+        self._free_after = [[] for _ in program.steps]
+        for b, i in last.items():
+            if b not in keep:
+                self._free_after[i].append(b)
+        for st in program.steps:
+            if isinstance(st, AtenStep):
+                self._ops[st.op] = resolve_op(st.op)
+
+    # ---- signature -----------------------------------------------------------------------------
+    def expected_signature(self) -> str:
+        parts = []
+        for i in self.program.inputs:
+            parts.append(f"{i['name']}: {i['sig'].dtype}{list(i['sig'].shape)} on {i['sig'].device}" if i["sig"] else f"{i['name']}: int")
+        return "(" + ", ".join(parts) + ")"
+
+    @staticmethod
+    def given_signature(args) -> str:
+        return "(" + ", ".join(f"{str(a.dtype).replace('torch.', '')}{list(a.shape)} on {a.device}" if isinstance(a, torch.Tensor) else repr(a) for a in args) + ")"
+
+    def bind(self, args) -> dict:
+        prog = self.program
+        if len(args) != len(prog.inputs):
+            self._mismatch(args, f"expected {len(prog.inputs)} inputs, got {len(args)}")
+        syms: dict[str, int] = {}
+        for name, (idx, dim) in prog.symbols.items():
+            a = args[idx]
+            syms[name] = int(a) if dim < 0 else int(a.shape[dim])
+        for i, (spec, a) in enumerate(zip(prog.inputs, args)):
+            if spec["kind"] != "tensor":
+                continue
+            sig = spec["sig"]
+            if not isinstance(a, torch.Tensor):
+                self._mismatch(args, f"input {i} ({spec['name']}) must be a tensor")
+            if str(a.dtype).replace("torch.", "") != sig.dtype:
+                self._mismatch(args, f"input {i} ({spec['name']}) has dtype {a.dtype}, expected {sig.dtype}")
+            if a.device.type != torch.device(sig.device).type:
+                self._mismatch(args, f"input {i} ({spec['name']}) is on {a.device}, expected {sig.device}")
+            if a.dim() != len(sig.shape) or any(evaluate(s, syms) != d for s, d in zip(sig.shape, a.shape)):
+                self._mismatch(args, f"input {i} ({spec['name']}) has shape {list(a.shape)}, expected {sig.shape}")
+        return syms
+
+    def _mismatch(self, args, why: str):
+        raise SignatureMismatch(f"{why}. Compiled for {self.expected_signature()}, called with {self.given_signature(args)}")
+
+    # ---- launch plan ---------------------------------------------------------------------------
+    def _kernel(self, name: str, device_type: str):
+        key = (name, device_type)
+        if key not in self._kernels:
+            k = self.program.kernels[name]
+            self._kernels[key] = load_kernel(k["entry"], k["source"], device_type, self.cache_dir, self.config_id)
+        return self._kernels[key]
+
+    def _plan(self, syms: dict, device: torch.device):
+        key = (tuple(sorted(syms.items())), str(device))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        interp = device.type == "cpu"
+        steps = []
+        for st in self.program.steps:
+            if isinstance(st, KernelStep):
+                launch = {k: evaluate(v, syms) for k, v in st.launch.items()}
+                grid, kw = launch_config(st.kind, launch, interp)
+                sizes = [evaluate(s, syms) for s in st.sizes]
+                scalars = sizes + ([launch["xnumel"]] + ([launch["rnumel"]] if "rnumel" in launch else []) if st.kind != "matmul" else [])
+                if st.kind == "matmul":
+                    scalars = [launch["M"], launch["N"], launch["K"]] + sizes
+                allocs = [(b, tuple(evaluate(s, syms) for s in sig.shape), _DTYPES[sig.dtype]) for b, sig in st.outputs.items()]
+                empty = (launch.get("xnumel", 1) == 0) or (st.kind == "matmul" and launch["M"] * launch["N"] * launch["batch"] == 0)
+                steps.append((self._kernel(st.kernel, device.type), grid, kw, scalars, allocs, empty))
+            else:
+                steps.append(None)
+        pool = self._pool(syms, device)
+        plan = (steps, pool)
+        self._plans[key] = plan
+        return plan
+
+    def _pool(self, syms: dict, device: torch.device):
+        mem = self.program.memory
+        if not mem.slots:
+            return None
+        slots = [torch.empty(evaluate(s, syms), dtype=torch.uint8, device=device) for s in mem.slots]
+        views = {}
+        for st in self.program.steps:
+            if isinstance(st, KernelStep):
+                for b, sig in st.outputs.items():
+                    if b in mem.assignment:
+                        shape = tuple(evaluate(s, syms) for s in sig.shape)
+                        dt = _DTYPES[sig.dtype]
+                        n = 1
+                        for s in shape:
+                            n *= s
+                        views[b] = slots[mem.assignment[b]][: n * dt.itemsize].view(dt).view(shape)
+        return views
+
+    # ---- run -----------------------------------------------------------------------------------
+    def __call__(self, *args):
+        prog = self.program
+        syms = self.bind(args)
+        device = torch.device(prog.device) if prog.device != "cpu" else next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        plan_steps, pool = self._plan(syms, device)
+        env = dict(self.constants)
+        for spec, a in zip(prog.inputs, args):
+            env[spec["name"]] = a
+        for i, st in enumerate(prog.steps):
+            if isinstance(st, KernelStep):
+                kern, grid, kw, scalars, allocs, empty = plan_steps[i]
+                for b, shape, dt in allocs:
+                    env[b] = pool[b] if pool is not None and b in pool else torch.empty(shape, dtype=dt, device=device)
+                if not empty:
+                    ptrs, strides = [], []
+                    for op in st.loads + st.stores:
+                        t = env[op.buf]
+                        ptrs.append(t)
+                        shp, std = t.shape, t.stride()
+                        strides += [0 if shp[d] == 1 else std[d] for d in op.tdims]
+                    kern[grid](*ptrs, *scalars, *strides, **kw)
+            else:
+                args_ = _materialize(st.args, env, syms)
+                kwargs_ = _materialize(st.kwargs, env, syms)
+                env[st.outputs[0]] = self._ops[st.op](*args_, **kwargs_)
+            for b in self._free_after[i]:
+                env.pop(b, None)
+        return [_materialize(o, env, syms) for o in prog.outputs]

@@ -1,0 +1,103 @@
+"""Load generated Triton source as modules, and launch them.
+
+Sources are written under ``<cache_dir>/kernels/<key>/`` where the key hashes the source with the
+fxforge, torch and triton versions, the config and the device type; Triton's own cache then keeps
+the compiled binaries. On the CPU the kernels run through Triton's interpreter: ``triton.jit``
+decides at decoration time, so the module is imported with ``TRITON_INTERPRET=1`` set.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_lock = threading.Lock()
+_loaded: dict[tuple[str, str], object] = {}
+
+
+def interpreter_active() -> bool:
+    """Triton reads TRITON_INTERPRET when it is imported (its standard library is jit-decorated)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def versions() -> dict:
+    import triton
+
+    from fxforge import __version__
+
+    return {"fxforge": __version__, "torch": torch.__version__, "triton": triton.__version__}
+
+
+def kernel_key(source: str, device_type: str, config_id: str = "") -> str:
+    v = versions()
+    blob = "\n".join([source, device_type, config_id, v["fxforge"], v["torch"], v["triton"]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_kernel(name: str, source: str, device_type: str, cache_dir: str, config_id: str = ""):
+    """The ``@triton.jit`` function ``name`` defined by ``source``, compiled for ``device_type``."""
+    key = kernel_key(source, device_type, config_id)
+    with _lock:
+        if (key, name) in _loaded:
+            return _loaded[(key, name)]
+        d = Path(cache_dir) / "kernels" / key
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{name}.py"
+        if not path.exists() or path.read_text() != source:
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(source)
+            tmp.replace(path)
+        mod_name = f"fxforge_kernels.{key}.{name}.{device_type}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        if device_type == "cpu" and not interpreter_active():
+            from fxforge.errors import FxforgeError
+
+            raise FxforgeError("CPU tensors run Triton kernels through its interpreter: set TRITON_INTERPRET=1 before "
+                               "triton is imported (fxforge sets it itself when imported first on a machine without CUDA)")
+        spec.loader.exec_module(module)
+        sys.modules[mod_name] = module
+        fn = getattr(module, name)
+        _loaded[(key, name)] = fn
+        return fn
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def launch_config(kind: str, launch: dict, interpreted: bool) -> tuple[tuple, dict]:
+    """Grid and constexpr/launch kwargs for a kernel step, from its evaluated sizes."""
+    if kind == "pointwise":
+        xn = launch["xnumel"]
+        xb = min(next_pow2(xn), 8192 if interpreted else 1024)
+        kw = {"XBLOCK": xb}
+        if not interpreted:
+            kw["num_warps"] = 4 if xb >= 512 else 2
+        return ((xn + xb - 1) // xb,), kw
+    if kind == "reduction":
+        xn, rn = launch["xnumel"], launch["rnumel"]
+        rb = next_pow2(rn)
+        budget = 65536 if interpreted else 4096
+        xb = max(1, min(next_pow2(xn), budget // rb, 64))
+        kw = {"XBLOCK": xb, "RBLOCK": rb}
+        if not interpreted:
+            kw["num_warps"] = 8 if rb >= 2048 else 4
+        return ((xn + xb - 1) // xb,), kw
+    if kind == "matmul":
+        M, N, K, B = launch["M"], launch["N"], launch["K"], launch["batch"]
+        bm = 16 if M <= 16 else 32 if M <= 32 else 64 if (interpreted or M <= 64) else 128
+        bn = 32 if N <= 32 else 64 if (interpreted or N <= 64) else 128
+        bk = 32 if K <= 32 else 64
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "UPCAST": interpreted}
+        if not interpreted:
+            kw["num_warps"] = 8 if bm * bn >= 128 * 128 else 4
+            kw["num_stages"] = 3
+        grid = (((M + bm - 1) // bm) * ((N + bn - 1) // bn), B)
+        return grid, kw
+    raise ValueError(f"unknown kernel kind {kind!r}")
