@@ -10,6 +10,20 @@ from fxforge.runtime.program import Operand
 from .ops import TL_STORAGE, compute_dtype, val
 
 
+def tensor_sig(t: torch.Tensor):
+    """Shape, strides (eager's layout: a later view may rely on it), dtype and device of a value."""
+    from fxforge.runtime.program import TensorSig
+
+    def sz(d):
+        return size_str(d.node.expr if isinstance(d, torch.SymInt) else d)
+    return TensorSig([sz(d) for d in t.shape], str(t.dtype).replace("torch.", ""), str(t.device), [sz(d) for d in t.stride()])
+
+
+def out_val(n: fx.Node) -> torch.Tensor:
+    v = n.meta["val"]
+    return v[0] if isinstance(v, (tuple, list)) else v
+
+
 def size_str(x) -> int | str:
     """A size as stored in a Program: an int when static, else the sympy expression's string."""
     x = sympy.sympify(x)

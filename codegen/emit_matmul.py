@@ -16,9 +16,9 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxforge.runtime.program import KernelStep, Operand, TensorSig
+from fxforge.runtime.program import KernelStep
 
-from .emit_common import OperandTable, Source, decompose, header, is_static_one, load_cast, size_str, store_dtype
+from .emit_common import tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, size_str, store_dtype
 from .fusion import Group, shape_of
 from .ops import POINTWISE, ExprBuilder, compute_dtype, val
 
@@ -163,7 +163,7 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
     step = KernelStep(
         kernel=name, kind="matmul",
         loads=[op for _, op, _ in ops.loads], stores=[op for _, op, _ in ops.stores],
-        outputs={n.name: TensorSig([size_str(s) for s in shape_of(n)], str(val(n).dtype).replace("torch.", ""), str(val(n).device)) for n in outputs},
+        outputs={n.name: tensor_sig(out_val(n)) for n in outputs},
         sizes=[size_str(s) for _, s in sizes], launch=launch, nodes=[n.name for n in g.nodes],
     )
     return text, step

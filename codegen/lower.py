@@ -17,7 +17,7 @@ import torch.fx as fx
 from fxforge.runtime.memory import plan_memory
 from fxforge.runtime.program import AtenStep, Program, TensorSig
 
-from .emit_common import size_str
+from .emit_common import size_str, tensor_sig
 from .emit_matmul import emit_matmul_group
 from .emit_pointwise import emit_pointwise_group
 from .fusion import Group, fuse_graph, shape_of
@@ -28,8 +28,6 @@ def dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def tensor_sig(t: torch.Tensor) -> TensorSig:
-    return TensorSig([size_str(d.node.expr if isinstance(d, torch.SymInt) else d) for d in t.shape], dtype_name(t.dtype), str(t.device))
 
 
 def _sym_value(node: fx.Node):

@@ -163,6 +163,8 @@ pointwise(aten.ceil.default)(_unary("tl.ceil({a})"))
 pointwise(aten.trunc.default)(_unary("tl.where({a} < 0, tl.ceil({a}), tl.floor({a}))"))
 pointwise(aten.relu.default)(_unary("tl.maximum({a}, 0)"))
 pointwise(aten.bitwise_not.default)(_unary("(~{a})"))
+# A clone that survives remove_noops changes layout: the kernel writes the output's own strides.
+pointwise(aten.clone.default)(_unary("{a}"))
 
 
 @pointwise(aten.logical_not.default)
@@ -386,6 +388,11 @@ VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, ate
          aten.narrow.default, aten.detach.default}
 
 
+ATTENTION = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+             aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_flash_attention.default,
+             aten._scaled_dot_product_cudnn_attention.default}
+
+
 @dataclass(frozen=True)
 class Classified:
     kind: str  # pointwise | reduction | matmul | view | getitem | extern | sym
@@ -423,6 +430,8 @@ def classify(n: fx.Node) -> Classified:
         return Classified("reduction")
     if t in POINTWISE:
         return Classified("pointwise")
+    if t in ATTENTION:
+        return Classified("extern", "attention: no attention kernel yet, runs eager SDPA")
     if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags:
         return Classified("extern", f"random_op: {t}")
     name = str(t)

@@ -26,7 +26,7 @@ aten = torch.ops.aten
 _EXTRA_DECOMPOSE = [
     aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.gelu, aten.silu,
     aten.native_group_norm, aten.hardswish, aten.hardsigmoid, aten.mish, aten.softplus,
-    aten.native_batch_norm, aten._native_batch_norm_legit_no_training, aten.rms_norm,
+    aten.rms_norm,
 ]
 # Kept whole: an attention kernel (or the eager fallback) handles them better than their pieces.
 _KEEP = [
@@ -35,9 +35,24 @@ _KEEP = [
 ]
 
 
+def _batch_norm_inference(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Eval-mode batch norm as per-channel pointwise math: folds into one pointwise kernel, and the
+    weight-only part (scale = weight * rsqrt(var + eps)) folds to a constant at compile time."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    out = (x - running_mean.view(shape)) * scale.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    empty = x.new_zeros((0,))
+    return out, empty, empty
+
+
 def decomposition_table() -> dict:
     table = dict(torch.export.default_decompositions())
     table.update(get_decompositions(_EXTRA_DECOMPOSE))
+    table[aten._native_batch_norm_legit_no_training.default] = _batch_norm_inference
     for op in _KEEP:
         table.pop(op, None)
     return table

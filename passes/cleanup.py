@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from fxforge.pipeline import Pass
 from fxforge.registry import registry
@@ -136,12 +137,18 @@ class ConstantFold(Pass):
              aten.select.int, aten.transpose.int, aten._unsafe_view.default, aten.reshape.default}
 
     def call(self, gm: fx.GraphModule) -> bool:
+        # Backends are called while the tracer's fake mode may still be active: fold on real tensors.
+        with torch.no_grad(), unset_fake_temporarily():
+            return self._fold(gm)
+
+    def _fold(self, gm: fx.GraphModule) -> bool:
         max_bytes = self.options.get("max_bytes", 256 << 20)
         env: dict[fx.Node, object] = {}
         modified = False
         for node in list(gm.graph.nodes):
             if node.op == "get_attr":
-                env[node] = getattr(gm, node.target) if isinstance(node.target, str) else None
+                value = getattr(gm, node.target) if isinstance(node.target, str) else None
+                env[node] = None if isinstance(value, FakeTensor) else value
                 continue
             if node.op != "call_function" or is_impure(node):
                 continue
@@ -150,11 +157,10 @@ class ConstantFold(Pass):
                 continue
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
             try:
-                with torch.no_grad():
-                    value = node.target(*args, **kwargs)
+                value = node.target(*args, **kwargs)
             except Exception:
                 continue
-            if not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor):
                 continue
             env[node] = value  # later folds read it, also when this node itself stays (a view)
             if node.target in self._SKIP or value.numel() * value.element_size() > max_bytes:

@@ -37,6 +37,17 @@ def evaluate(x, env: dict):
     return int(v) if float(v).is_integer() else v
 
 
+def _shape(xs, syms) -> tuple:
+    return tuple(evaluate(s, syms) for s in xs)
+
+
+def storage_elements(shape, stride) -> int:
+    """Elements a strided tensor spans in its storage."""
+    if any(s == 0 for s in shape):
+        return 0
+    return 1 + sum((s - 1) * st for s, st in zip(shape, stride))
+
+
 def resolve_op(name: str):
     if name == "getitem":
         return operator.getitem
@@ -151,7 +162,8 @@ class Executor:
                 scalars = sizes + ([launch["xnumel"]] + ([launch["rnumel"]] if "rnumel" in launch else []) if st.kind != "matmul" else [])
                 if st.kind == "matmul":
                     scalars = [launch["M"], launch["N"], launch["K"]] + sizes
-                allocs = [(b, tuple(evaluate(s, syms) for s in sig.shape), _DTYPES[sig.dtype]) for b, sig in st.outputs.items()]
+                allocs = [(b, _shape(sig.shape, syms), _shape(sig.stride, syms) if sig.stride is not None else None, _DTYPES[sig.dtype])
+                          for b, sig in st.outputs.items()]
                 empty = (launch.get("xnumel", 1) == 0) or (st.kind == "matmul" and launch["M"] * launch["N"] * launch["batch"] == 0)
                 steps.append((self._kernel(st.kernel, device.type), grid, kw, scalars, allocs, empty))
             else:
@@ -171,12 +183,11 @@ class Executor:
             if isinstance(st, KernelStep):
                 for b, sig in st.outputs.items():
                     if b in mem.assignment:
-                        shape = tuple(evaluate(s, syms) for s in sig.shape)
+                        shape = _shape(sig.shape, syms)
                         dt = _DTYPES[sig.dtype]
-                        n = 1
-                        for s in shape:
-                            n *= s
-                        views[b] = slots[mem.assignment[b]][: n * dt.itemsize].view(dt).view(shape)
+                        stride = _shape(sig.stride, syms) if sig.stride is not None else torch.empty(shape, device="meta").stride()
+                        n = storage_elements(shape, stride)
+                        views[b] = slots[mem.assignment[b]][: n * dt.itemsize].view(dt).as_strided(shape, stride)
         return views
 
     # ---- run -----------------------------------------------------------------------------------
@@ -191,8 +202,13 @@ class Executor:
         for i, st in enumerate(prog.steps):
             if isinstance(st, KernelStep):
                 kern, grid, kw, scalars, allocs, empty = plan_steps[i]
-                for b, shape, dt in allocs:
-                    env[b] = pool[b] if pool is not None and b in pool else torch.empty(shape, dtype=dt, device=device)
+                for b, shape, stride, dt in allocs:
+                    if pool is not None and b in pool:
+                        env[b] = pool[b]
+                    elif stride is None:
+                        env[b] = torch.empty(shape, dtype=dt, device=device)
+                    else:
+                        env[b] = torch.empty_strided(shape, stride, dtype=dt, device=device)
                 if not empty:
                     ptrs, strides = [], []
                     for op in st.loads + st.stores:
@@ -203,7 +219,7 @@ class Executor:
                     kern[grid](*ptrs, *scalars, *strides, **kw)
             else:
                 args_ = _materialize(st.args, env, syms)
-                kwargs_ = _materialize(st.kwargs, env, syms)
+                kwargs_ = {k: _materialize(v, env, syms) for k, v in st.kwargs.items()}
                 env[st.outputs[0]] = self._ops[st.op](*args_, **kwargs_)
             for b in self._free_after[i]:
                 env.pop(b, None)

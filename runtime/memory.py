@@ -15,6 +15,7 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int8": 1,
 
 
 def nbytes(sig) -> sympy.Expr:
+    """Bytes the buffer spans in storage (its strides may be a permutation, never overlapping)."""
     n = sympy.Integer(_ITEMSIZE[sig.dtype])
     for s in sig.shape:
         n = n * sympy.sympify(s)

@@ -23,6 +23,7 @@ class TensorSig:
     shape: list  # of Size
     dtype: str
     device: str = "cpu"
+    stride: list | None = None  # None: contiguous
 
 
 @dataclass
