@@ -19,6 +19,7 @@ if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
     if not _torch.cuda.is_available():
         _os.environ["TRITON_INTERPRET"] = "1"
 
+from . import backend  # noqa: E402,F401  (fxforge.backend.reports / last_report)
 from .api import CompiledModel, compile  # noqa: E402
 from .artifact import load, save  # noqa: E402
 from .config import Config  # noqa: E402

@@ -10,6 +10,7 @@ The table is core ATen plus decompositions of the composite ops our codegen fuse
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,23 @@ def _const_attr_name(gm: fx.GraphModule, target: str) -> str:
     return name
 
 
+def _all_dims_dynamic(model: torch.nn.Module, example_inputs: tuple):
+    """``Dim.AUTO`` for every dim of every tensor input, shaped like ``forward``'s signature
+    (``torch.export`` wants a ``*args`` parameter's specs nested in one tuple)."""
+    specs = [{d: torch.export.Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
+             for t in example_inputs]
+    params = list(inspect.signature(model.forward).parameters.values())
+    out, i = [], 0
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            out.append(tuple(specs[i:]))
+            i = len(specs)
+        elif p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and i < len(specs):
+            out.append(specs[i])
+            i += 1
+    return tuple(out)
+
+
 def export_graph(model: torch.nn.Module, example_inputs: tuple, dynamic=False, dynamic_shapes=None) -> Captured:
     """``torch.export`` the model and decompose; weights become get_attr nodes on the graph module."""
     if not isinstance(model, torch.nn.Module):
@@ -86,10 +104,7 @@ def export_graph(model: torch.nn.Module, example_inputs: tuple, dynamic=False, d
 
         model = _Wrap()
     if dynamic and dynamic_shapes is None:
-        dynamic_shapes = tuple(
-            {d: torch.export.Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
-            for t in example_inputs
-        )
+        dynamic_shapes = _all_dims_dynamic(model, example_inputs)
     with torch.no_grad():
         ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
         ep = ep.run_decompositions(decomposition_table())

@@ -1,0 +1,116 @@
+"""Tests of generated code: how many kernels, which nodes they fuse, and the fallback report."""
+import fxforge  # noqa: F401  (first: sets up Triton's interpreter without CUDA)
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fxforge.debug import rel_err
+
+
+def compile_fn(fn, *inputs, **kw):
+    class M(nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+    return fxforge.compile(M(), inputs, **kw)
+
+
+class LnGeluLinearResidual(nn.Module):
+    def __init__(self, d=48):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc(F.gelu(self.ln(x))) + x
+
+
+def test_layernorm_gelu_linear_residual_is_two_kernels():
+    torch.manual_seed(0)
+    m, x = LnGeluLinearResidual().eval(), torch.randn(3, 7, 48)
+    c = fxforge.compile(m, (x,))
+    assert c.report.kernel_kinds() == {"reduction": 1, "matmul": 1}
+    red = next(k for k in c.report.kernels if k["kind"] == "reduction")
+    assert any("erf" in n for n in red["nodes"]), "GELU must be the layer norm kernel's epilogue"
+    mm = next(k for k in c.report.kernels if k["kind"] == "matmul")
+    assert any(n.startswith("add") for n in mm["nodes"]), "the residual add must be the matmul's epilogue"
+    assert c.report.fallbacks == []
+    assert rel_err(c(x), m.double()(x.double())) < 1e-5
+
+
+def test_softmax_is_one_kernel_with_one_read():
+    x = torch.randn(5, 33)
+    c = compile_fn(lambda x: torch.softmax(x * 0.5, dim=-1), x)
+    assert c.report.kernel_kinds() == {"reduction": 1}
+    src = next(iter(c.kernel_sources.values()))
+    assert src.count("tl.load(") == 1, "softmax must read its input once"
+    assert rel_err(c(x), torch.softmax(x.double() * 0.5, -1)) < 1e-6
+
+
+def test_pointwise_chain_is_one_kernel_and_source_has_provenance():
+    x, y = torch.randn(7, 33), torch.randn(33)
+    c = compile_fn(lambda x, y: torch.sigmoid(x * 2 + y).exp() - 1, x, y)
+    assert c.report.kernel_kinds() == {"pointwise": 1}
+    src = next(iter(c.kernel_sources.values()))
+    for op in ("aten.mul.Tensor", "aten.add.Tensor", "aten.sigmoid.default", "aten.exp.default", "aten.sub.Tensor"):
+        assert op in src, f"kernel comment must name the FX node {op}"
+
+
+def test_sibling_reductions_over_same_rows_fuse():
+    x = torch.randn(4, 9, 17)
+    c = compile_fn(lambda x: torch.softmax(x, -1) * x.sum(-1, keepdim=True) + x.pow(2).mean(-1, keepdim=True).rsqrt(), x)
+    assert c.report.kernel_kinds() == {"reduction": 1}
+    ref = torch.softmax(x.double(), -1) * x.double().sum(-1, keepdim=True) + x.double().pow(2).mean(-1, keepdim=True).rsqrt()
+    assert rel_err(c(x), ref) < 1e-6
+
+
+def test_fallback_is_reported_with_reason_and_runs():
+    x, i = torch.randn(10, 8), torch.tensor([3, 1, 4, 1, 5])
+    c = compile_fn(lambda x, i: torch.cat([x[i] * 2, x[:2]]).relu(), x, i)
+    reasons = {f["op"]: f["reason"] for f in c.report.fallbacks}
+    assert any(op.startswith("aten::index") for op in reasons)
+    assert all(r and ":" in r for r in reasons.values()), "each fallback names a typed reason"
+    assert torch.allclose(c(x, i), torch.cat([x[i] * 2, x[:2]]).relu())
+
+
+def test_no_fusion_config_gives_one_kernel_per_op():
+    x = torch.randn(7, 33)
+    fn = lambda x: (x * 2 + 1).relu()  # noqa: E731
+    fused = compile_fn(fn, x)
+    unfused = compile_fn(fn, x, config=fxforge.Config(fuse=False))
+    assert fused.report.num_kernels == 1 and unfused.report.num_kernels == 3
+    assert torch.allclose(fused(x), unfused(x))
+
+
+def test_fusion_never_creates_a_cycle():
+    # b depends on a through an extern op (cat), so a and b cannot share a kernel.
+    x = torch.randn(6, 5)
+
+    def fn(x):
+        a = x.exp()
+        mid = torch.cat([a, a], 0)[:6]
+        return a + mid.sin()
+    c = compile_fn(fn, x)
+    assert torch.allclose(c(x), fn(x), atol=1e-6)
+
+
+def test_matmul_epilogue_with_bias_activation_and_cast():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(33, 65), torch.randn(7, 65), torch.randn(7)
+    c = compile_fn(lambda x, w, b: F.silu(F.linear(x, w, b)).to(torch.bfloat16), x, w, b)
+    assert c.report.kernel_kinds() == {"matmul": 1}
+    ref = F.silu(F.linear(x.double(), w.double(), b.double()))
+    assert rel_err(c(x, w, b), ref) < 5e-3
+
+
+@pytest.mark.parametrize("shape,dim", [((1000, 3), 0), ((3, 1, 5), 1), ((2, 7, 33), 1)])
+def test_reduction_over_non_last_dim(shape, dim):
+    x = torch.randn(*shape)
+    c = compile_fn(lambda x: (x.amax(dim, keepdim=True) - x).exp().sum(dim), x)
+    assert c.report.kernel_kinds() == {"reduction": 1}
+    assert rel_err(c(x), (x.double().amax(dim, keepdim=True) - x.double()).exp().sum(dim)) < 1e-6
+
+
+def test_long_reduction_falls_back_with_reason():
+    x = torch.randn(3, 5000)
+    c = compile_fn(lambda x: x.sum(-1), x, config=fxforge.Config(max_persistent_rblock=1024))
+    assert any(f["reason"].startswith("reduction_too_long") for f in c.report.fallbacks)
+    assert rel_err(c(x), x.double().sum(-1)) < 1e-6

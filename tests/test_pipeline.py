@@ -1,0 +1,198 @@
+"""Pass infrastructure, registry, config-from-environment, debug mode, memory plan, dynamic shapes."""
+import fxforge  # noqa: F401
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from fxforge import Config, ConfigError, NumericsError, Pass, PassError, registry
+from fxforge.config import DEFAULT_PASSES, from_env
+from fxforge.debug import rel_err
+
+aten = torch.ops.aten
+
+
+class Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *a):
+        return self.fn(*a)
+
+
+def test_default_pipeline_reports_every_pass():
+    c = fxforge.compile(Fn(lambda x: (x * 2) * 2 + (x * 2)), (torch.randn(5),))
+    names = [p["name"] for p in c.report.passes]
+    assert names == list(DEFAULT_PASSES)
+    cse = next(p for p in c.report.passes if p["name"] == "cse")
+    assert cse["modified"] and cse["nodes_after"] < cse["nodes_before"]
+
+
+def test_constant_folding_of_weights_only_subgraph():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return x * (self.w.exp() * 2 + 1)
+    m, x = M().eval(), torch.randn(3, 8)
+    c = fxforge.compile(m, (x,))
+    fold = next(p for p in c.report.passes if p["name"] == "constant_fold")
+    assert fold["modified"]
+    assert c.report.num_kernels == 1 and len(c.report.kernels[0]["nodes"]) == 1  # only the mul remains
+    assert rel_err(c(x), m(x)) < 1e-6
+
+
+def test_pass_cache_id_depends_on_source_and_options():
+    a, b = registry.make_pass("constant_fold"), registry.make_pass("constant_fold", max_bytes=1)
+    assert a.cache_id() != b.cache_id() and a.cache_id() == registry.make_pass("constant_fold").cache_id()
+    assert registry.make_pass("dce").cache_id() != a.cache_id()
+
+
+def test_user_pass_registers_and_runs_and_duplicates_are_rejected():
+    @registry.register_pass
+    class ExpToExp2(Pass):
+        """before: %y = exp(%x)   after: %y = exp2(mul(%x, log2(e)))"""
+        name = "test_exp_to_exp2"
+
+        def call(self, gm):
+            modified = False
+            for n in list(gm.graph.nodes):
+                if n.target is aten.exp.default:
+                    with gm.graph.inserting_before(n):
+                        m = gm.graph.call_function(aten.mul.Tensor, (n.args[0], 1.4426950408889634))
+                        e = gm.graph.call_function(aten.exp2.default, (m,))
+                    m.meta["val"] = n.meta["val"]
+                    e.meta["val"] = n.meta["val"]
+                    n.replace_all_uses_with(e)
+                    gm.graph.erase_node(n)
+                    modified = True
+            return modified
+    try:
+        x = torch.randn(9)
+        c = fxforge.compile(Fn(torch.exp), (x,), passes=["test_exp_to_exp2", "dce"])
+        assert c.report.passes[0]["name"] == "test_exp_to_exp2" and c.report.passes[0]["modified"]
+        assert "tl.exp2" in next(iter(c.kernel_sources.values()))
+        assert rel_err(c(x), x.double().exp()) < 1e-6
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_pass(ExpToExp2)
+    finally:
+        registry.passes.pop("test_exp_to_exp2", None)
+
+
+def test_unknown_pass_and_bad_passes_argument():
+    with pytest.raises(KeyError, match="unknown pass 'nope'"):
+        fxforge.compile(Fn(torch.exp), (torch.randn(3),), passes=["nope"])
+    with pytest.raises(ConfigError):
+        fxforge.compile(Fn(torch.exp), (torch.randn(3),), passes="dce")
+
+
+def test_pass_that_drops_metadata_is_named():
+    @registry.register_pass
+    class Sloppy(Pass):
+        name = "test_sloppy"
+
+        def call(self, gm):
+            for n in gm.graph.nodes:
+                if n.op == "call_function":
+                    n.meta.pop("val", None)
+                    return True
+            return False
+    try:
+        with pytest.raises(PassError, match="after pass 'test_sloppy'"):
+            fxforge.compile(Fn(torch.exp), (torch.randn(3),), passes=["test_sloppy"])
+    finally:
+        registry.passes.pop("test_sloppy", None)
+
+
+def test_config_from_environment():
+    cfg = from_env(environ={"FXFORGE_PASSES": "dce, cse", "FXFORGE_DEBUG": "1", "FXFORGE_MAX_PERSISTENT_RBLOCK": "256"})
+    assert cfg.passes == ("dce", "cse") and cfg.debug and cfg.max_persistent_rblock == 256
+    assert cfg.cache_id() != Config().cache_id()
+    with pytest.raises(ValueError, match="FXFORGE_DEBUG"):
+        from_env(environ={"FXFORGE_DEBUG": "maybe"})
+
+
+def test_debug_mode_dumps_graphs_and_kernels_and_names_the_breaking_pass(tmp_path):
+    x = torch.randn(4, 6)
+    cfg = Config(debug=True, debug_dir=str(tmp_path / "dbg"))
+    fxforge.compile(Fn(lambda x: torch.softmax(x, -1) + 1), (x,), config=cfg)
+    files = {p.name for p in (tmp_path / "dbg").rglob("*")}
+    assert "00_captured.graph.txt" in files and any(f.endswith("_cse.graph.txt") for f in files)
+    assert any(f.startswith("fxf_reduction") and f.endswith(".py") for f in files)
+
+    @registry.register_pass
+    class Wrong(Pass):
+        name = "test_wrong_numerics"
+
+        def call(self, gm):
+            for n in gm.graph.nodes:
+                if n.target is aten.add.Tensor:
+                    n.args = (n.args[0], 2.0)
+                    return True
+            return False
+    try:
+        with pytest.raises(NumericsError, match="pass 'test_wrong_numerics' broke numerics"):
+            fxforge.compile(Fn(lambda x: torch.softmax(x, -1) + 1), (x,), passes=["test_wrong_numerics"],
+                            config=Config(debug=True, debug_dir=str(tmp_path / "dbg2")))
+    finally:
+        registry.passes.pop("test_wrong_numerics", None)
+
+
+def test_memory_plan_reuses_buffers():
+    def fn(x):
+        for _ in range(6):
+            # the transpose (a view) ends each kernel; each output dies after the next kernel
+            x = (torch.softmax(x, -1) * 2).t()
+        return x
+    x = torch.randn(32, 32)
+    c = fxforge.compile(Fn(fn), (x,))
+    m = c.report.memory
+    assert m["bytes_planned"] < m["bytes_unplanned"], m
+    assert rel_err(c(x), fn(x.double())) < 1e-6
+    y = c(x)
+    assert torch.equal(c(x), y), "outputs must not alias the reused pool"
+
+
+def test_aot_dynamic_batch():
+    x = torch.randn(4, 8, 33)
+    c = fxforge.compile(Fn(lambda x: torch.softmax(x, -1) * x.sum(-1, keepdim=True)), (x,), dynamic=True)
+    assert c.program.symbols, "dims must be symbolic"
+    for shape in [(4, 8, 33), (2, 5, 33), (1, 1, 7)]:
+        y = torch.randn(*shape)
+        ref = torch.softmax(y.double(), -1) * y.double().sum(-1, keepdim=True)
+        assert rel_err(c(y), ref) < 1e-6
+
+
+def test_jit_recompiles_on_new_shape_and_dynamic():
+    torch._dynamo.reset()
+    before = len(fxforge.backend.reports)
+    f = torch.compile(lambda x: torch.relu(x) * 2 + x.mean(-1, keepdim=True), backend="fxforge")
+    with torch.no_grad():
+        for shape in [(3, 7), (5, 7), (6, 9)]:
+            x = torch.randn(*shape)
+            assert rel_err(f(x), torch.relu(x.double()) * 2 + x.double().mean(-1, keepdim=True)) < 1e-6
+    assert len(fxforge.backend.reports) > before
+
+
+def test_jit_training_graph_runs_eagerly_and_correctly():
+    torch._dynamo.reset()
+    lin = nn.Linear(5, 3)
+    f = torch.compile(lambda x: lin(x).relu().sum(), backend="fxforge")
+    x = torch.randn(4, 5, requires_grad=True)
+    f(x).backward()
+    ref_x = x.detach().clone().requires_grad_()
+    lin(ref_x).relu().sum().backward()
+    assert torch.allclose(x.grad, ref_x.grad)
+    assert any("training_graph" in fb["reason"] for r in fxforge.backend.reports for fb in r.fallbacks)
+
+
+def test_every_node_carries_metadata_after_capture():
+    from fxforge.capture import export_graph
+    from fxforge.models import get_builtin
+    b = get_builtin("llama_block")
+    cap = export_graph(b.factory(0), b.example_inputs(1, "cpu", torch.float32))
+    for n in cap.gm.graph.nodes:
+        if n.op != "output" and not (isinstance(n.target, torch._ops.OpOverload) and not n.target._schema.returns):
+            assert "val" in n.meta, n.format_node()
