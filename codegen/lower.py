@@ -7,6 +7,7 @@ Nodes with no lowering become ``fallback`` steps with a typed reason; views beco
 """
 from __future__ import annotations
 
+import hashlib
 import re
 
 import networkx as nx
@@ -72,9 +73,17 @@ def op_name(target) -> str:
     raise TypeError(f"not an ATen op: {target}")
 
 
-def _kernel_name(g: Group, i: int) -> str:
-    hint = re.sub(r"[^0-9a-zA-Z_]", "_", g.name_hint)[:48]
-    return f"fxf_{g.kind}_{i}_{hint}"
+_PLACEHOLDER = "FXFORGE_KERNEL_NAME"
+
+
+def _named_kernel(g: Group, text: str) -> tuple[str, str]:
+    """Name a kernel by a hash of its code (not its provenance comment), so identical layers share
+    one kernel and Triton compiles it once."""
+    code = text[text.index("import triton"):]
+    digest = hashlib.sha256(code.encode()).hexdigest()[:10]
+    hint = re.sub(r"[^0-9a-zA-Z_]", "_", g.name_hint)[:40]
+    name = f"fxf_{g.kind}_{hint}_{digest}"
+    return name, text.replace(_PLACEHOLDER, name)
 
 
 def bind_symbols(placeholders: list[fx.Node]) -> dict:
@@ -140,17 +149,16 @@ def lower_graph(gm: fx.GraphModule, config, user_inputs: list[str] | None = None
             t = getattr(gm, n.target)
             if isinstance(t, torch.Tensor):
                 constants[n.name] = t
-    kidx = 0
     for u in nx.lexicographical_topological_sort(dag, key=lambda u: first[u]):
         if u[0] == "g":
             g = by_group[u[1]]
             members = set(g.nodes)
             outs = [n for n in g.nodes if n in out_nodes or any(us not in members for us in n.users)]
-            name = _kernel_name(g, kidx)
-            kidx += 1
             emit = emit_matmul_group if g.kind == "matmul" else emit_pointwise_group
-            text, step = emit(g, name, outs)
-            kernels[name] = {"source": text, "entry": name, "kind": g.kind, "nodes": step.nodes}
+            text, step = emit(g, _PLACEHOLDER, outs)
+            name, text = _named_kernel(g, text)
+            step.kernel = name
+            kernels.setdefault(name, {"source": text, "entry": name, "kind": g.kind, "nodes": step.nodes})
             steps.append(step)
             continue
         n = by_name[u[1]]

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class CompileReport:
     passes: list = field(default_factory=list)  # PassResult dicts
-    kernels: list = field(default_factory=list)  # {"name", "kind", "nodes"}
+    kernels: list = field(default_factory=list)  # one per launch: {"name", "kind", "nodes"}
+    unique_kernels: int = 0  # distinct Triton sources (identical layers share one)
     fallbacks: list = field(default_factory=list)  # {"node", "op", "reason"}
     views: int = 0
     memory: dict = field(default_factory=dict)
@@ -29,11 +30,12 @@ class CompileReport:
 
     @classmethod
     def from_program(cls, program, fallbacks, passes=None, seconds=0.0, graph_nodes=0) -> "CompileReport":
-        from fxforge.runtime.program import AtenStep
+        from fxforge.runtime.program import AtenStep, KernelStep
 
         return cls(
             passes=[p.__dict__ if hasattr(p, "__dict__") else p for p in (passes or [])],
-            kernels=[{"name": n, "kind": k["kind"], "nodes": k["nodes"]} for n, k in program.kernels.items()],
+            kernels=[{"name": s.kernel, "kind": s.kind, "nodes": s.nodes} for s in program.steps if isinstance(s, KernelStep)],
+            unique_kernels=len(program.kernels),
             fallbacks=list(fallbacks),
             views=sum(1 for s in program.steps if isinstance(s, AtenStep) and s.role in ("view", "getitem")),
             memory={"bytes_unplanned": program.memory.bytes_unplanned, "bytes_planned": program.memory.bytes_planned,
@@ -48,7 +50,7 @@ class CompileReport:
             for p in self.passes:
                 lines.append(f"  {p['name']:<16} modified={str(p['modified']):<5} nodes {p['nodes_before']}->{p['nodes_after']}  {p['seconds'] * 1e3:.1f} ms")
         kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.kernel_kinds().items()))
-        lines.append(f"kernels: {self.num_kernels} ({kinds})   view/getitem steps: {self.views}")
+        lines.append(f"kernels: {self.num_kernels} launches of {self.unique_kernels} distinct ({kinds})   view/getitem steps: {self.views}")
         for k in self.kernels:
             lines.append(f"  {k['name']:<48} {len(k['nodes'])} nodes")
         lines.append(f"fallbacks: {len(self.fallbacks)}")

@@ -1,0 +1,70 @@
+"""Shared benchmark plumbing: CUDA-event timing, relative error, and the results file format
+(DEVELOPERS.md: {"device", "torch", "triton", "date", "command", "rows": [...]} plus a markdown table)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+
+def time_cuda(fn, *args, warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds of ``fn(*args)`` over ``reps`` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn(*args)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    o, r = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    return ((o - r).norm() / r.norm()).item()
+
+
+class Results:
+    def __init__(self, name: str):
+        import triton
+
+        self.name = name
+        self.meta = {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+        }
+        self.rows: list[dict] = []
+
+    def add(self, workload: str, impl: str, metric: str, value: float, unit: str):
+        self.rows.append({"workload": workload, "impl": impl, "metric": metric, "value": value, "unit": unit})
+        print(f"{workload:<28} {impl:<10} {metric:<14} {value:>12.4g} {unit}", flush=True)
+
+    def write(self, out_dirs) -> None:
+        doc = dict(self.meta, rows=self.rows)
+        md = [f"# {self.name}", "", f"device: {self.meta['device']}; torch {self.meta['torch']}; triton {self.meta['triton']}; "
+              f"date {self.meta['date']}", f"command: `{self.meta['command']}`", "",
+              "| workload | impl | metric | value | unit |", "|---|---|---|---|---|"]
+        md += [f"| {r['workload']} | {r['impl']} | {r['metric']} | {r['value']:.4g} | {r['unit']} |" for r in self.rows]
+        for d in out_dirs:
+            if not d:
+                continue
+            d = Path(d)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{self.name}.json").write_text(json.dumps(doc, indent=1))
+            (d / f"{self.name}.md").write_text("\n".join(md) + "\n")
+
+
+def out_dirs() -> list:
+    return [Path(__file__).parent / "results", os.environ.get("OUT")]

@@ -1,0 +1,48 @@
+"""GPU checks (skipped without CUDA): the same kernels compiled for the device, against float64."""
+import fxforge  # noqa: F401
+import pytest
+import torch
+from fxforge.debug import rel_err
+from fxforge.models import BUILTIN_MODELS
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+# fp32 matmuls use IEEE dots (no TF32), so fp32 stays tight; half types are judged against eager's own error.
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(BUILTIN_MODELS))
+def test_builtin_models_on_cuda(name, dtype):
+    b = BUILTIN_MODELS[name]
+    model = b.factory(0).cuda().to(dtype)
+    x = b.example_inputs(2, "cuda", dtype)
+    ref = b.factory(0).double()(*[t.cpu().double() if t.is_floating_point() else t.cpu() for t in x])
+    with torch.no_grad():
+        eager_err = rel_err(model(*x), ref)
+        aot = fxforge.compile(model, x)
+        assert rel_err(aot(*x), ref) <= max(2 * eager_err, FLOOR[dtype])
+        torch._dynamo.reset()
+        jit = torch.compile(model, backend="fxforge")
+        assert rel_err(jit(*x), ref) <= max(2 * eager_err, FLOOR[dtype])
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 7, 33), (33, 65, 7), (129, 257, 1000), (1000, 33, 65)])
+def test_matmul_epilogue_irregular_on_cuda(m, n, k):
+    a, w, b = torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda"), torch.randn(n, device="cuda")
+
+    class M(torch.nn.Module):
+        def forward(self, a, w, b):
+            return torch.nn.functional.gelu(torch.nn.functional.linear(a, w, b)) + 1
+    c = fxforge.compile(M(), (a, w, b))
+    assert c.report.kernel_kinds() == {"matmul": 1}
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(a.double(), w.double(), b.double())) + 1
+    assert rel_err(c(a, w, b), ref) < 1e-5
+
+
+def test_artifact_roundtrip_on_cuda(tmp_path):
+    b = BUILTIN_MODELS["vit_block"]
+    model, x = b.factory(0).cuda().half(), b.example_inputs(2, "cuda", torch.float16)
+    c = fxforge.compile(model, x)
+    loaded = fxforge.load(fxforge.save(c, tmp_path / "a"))
+    assert torch.equal(loaded(*x), c(*x))
