@@ -108,9 +108,28 @@ def is_static_one(x) -> bool:
     return sympy.sympify(x) == 1
 
 
-def header(name: str, kind: str, nodes: list[fx.Node], extra: str = "") -> str:
+_TO_BF16 = '''
+
+@triton.jit
+def to_bf16(v, INTERPRETED: tl.constexpr):
+    # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even there, as the GPU does.
+    if INTERPRETED:
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        v = tl.where(v != v, v, u.to(tl.float32, bitcast=True))
+    return v.to(tl.bfloat16)
+'''
+
+
+def cast_to(expr: str, tl_dtype: str) -> str:
+    """``expr`` rounded to storage dtype ``tl_dtype`` (bf16 through ``to_bf16``, see above)."""
+    return f"to_bf16({expr}, INTERPRETED)" if tl_dtype == "tl.bfloat16" else f"{expr}.to({tl_dtype})"
+
+
+def header(name: str, kind: str, nodes: list[fx.Node], body: str = "") -> str:
     prov = "\n".join(f"#   {n.format_node()}" for n in nodes)
+    helpers = _TO_BF16 if "to_bf16(" in body else ""
     return (
-        f"# fxforge {kind} kernel {name}\n# fused FX nodes:\n{prov}\n{extra}"
-        "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+        f"# fxforge {kind} kernel {name}\n# fused FX nodes:\n{prov}\n"
+        f"import triton\nimport triton.language as tl\n{helpers}\n\n@triton.jit\n"
     )

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from fxforge.runtime.program import KernelStep
 
-from .emit_common import tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, size_str, store_dtype
+from .emit_common import cast_to, tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, size_str, store_dtype
 from .fusion import Group, shape_of
 from .ops import POINTWISE, ExprBuilder, compute_dtype, val
 
@@ -109,8 +109,13 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
     for n in outputs:
         vars_, kd, td = operand_dims(shape_of(n), shape_of(n))
         ptr = ops.store(n, kd, td)
-        off = " + ".join(f"{v} * {ptr}_s{k}" for v, k in zip(vars_, kd)) or "row * 0 + col * 0"
-        body(f"tl.store({ptr} + ({off}), {values[n]}.to({store_dtype(n)}), mask=tile_mask)")
+        off = " + ".join(f"{v} * {ptr}_s{k}" for v, k in zip(vars_, kd)) or "0"
+        # a store's pointer must have the full tile shape: add zero terms for axes it does not use
+        if "col" not in vars_:
+            off += " + col * 0"
+        if all(v == "col" for v in vars_):
+            off += " + row * 0"
+        body(f"tl.store({ptr} + ({off}), {cast_to(values[n], store_dtype(n))}, mask=tile_mask)")
 
     for j, lead in enumerate(row_shapes):
         sizes += [(f"m{j}_{d}", s) for d, s in enumerate(lead)]
@@ -141,7 +146,7 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
     src("    k_ok = rk < K - kb * BLOCK_K")
     src("    a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)")
     src("    b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)")
-    src("    if UPCAST:  # the CPU interpreter's low-precision dot is unreliable; upcast there")
+    src("    if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; upcast there")
     src("        a = a.to(tl.float32)")
     src("        b = b.to(tl.float32)")
     prec = ', input_precision="ieee"' if fp32 else ""
@@ -154,9 +159,9 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
     src("tile_mask = (rm[:, None] < M) & (rn[None, :] < N)")
     stride_args = ops.stride_args()
     params = ops.pointer_args() + ["M", "N", "K"] + [s for s, _ in sizes] + stride_args + [
-        "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr", "UPCAST: tl.constexpr"]
-    text = header(name, "matmul", g.nodes) + f"def {name}({', '.join(params)}):\n" + "\n".join(
-        [src.text(), index_lines.text(), body.text()]) + "\n"
+        "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr", "INTERPRETED: tl.constexpr"]
+    code = f"def {name}({', '.join(params)}):\n" + "\n".join([src.text(), index_lines.text(), body.text()]) + "\n"
+    text = header(name, "matmul", g.nodes, code) + code
     a_shape, b_shape = shape_of(a_node), shape_of(b_node)
     launch = {"M": size_str(a_shape[-2]), "N": size_str(b_shape[-1]), "K": size_str(a_shape[-1]),
               "batch": size_str(a_shape[0]) if bmm else 1}

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from fxforge.runtime.program import KernelStep
 
-from .emit_common import (tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, offset, size_str,
+from .emit_common import (cast_to, tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, offset, size_str,
                           store_dtype)
 from .fusion import Group, shape_of
 from .ops import POINTWISE, ExprBuilder, compute_dtype, reduction_info, val
@@ -152,7 +152,12 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
         elif not red and not kd:
             v = f"tl.broadcast_to({v}, [XBLOCK])"
         off = offset(ptr, ops.stores[-1][1], lambda k: f"i{k}") or "xindex * 0"
-        store_src(f"tl.store({ptr} + ({off}), {v}.to({store_dtype(n)}), mask={mask_for(r)})")
+        # a store's pointer must have the value's tile shape: add zero terms for axes it does not use
+        if red and not any(k < nx_ for k in kd):
+            off += " + xindex * 0"
+        if r and not any(is_r(k) for k in kd):
+            off += " + rindex * 0"
+        store_src(f"tl.store({ptr} + ({off}), {cast_to(v, store_dtype(n))}, mask={mask_for(r)})")
 
     # ---- assemble ----
     src = Source()
@@ -169,9 +174,10 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
     for k, (v, e) in enumerate(idx):
         if k in used_idx:
             src(f"{v} = {e}")
-    params = ops.pointer_args() + sizes + ["xnumel"] + (["rnumel"] if red else []) + ops.stride_args() + ["XBLOCK: tl.constexpr"] + (["RBLOCK: tl.constexpr"] if red else [])
-    text = header(name, g.kind, g.nodes) + f"def {name}({', '.join(params)}):\n" + "\n".join(
+    params = ops.pointer_args() + sizes + ["xnumel"] + (["rnumel"] if red else []) + ops.stride_args() + ["XBLOCK: tl.constexpr"] + (["RBLOCK: tl.constexpr"] if red else []) + ["INTERPRETED: tl.constexpr"]
+    code = f"def {name}({', '.join(params)}):\n" + "\n".join(
         [src.text(), loads_src.text(), body.text(), store_src.text()]).replace("\n\n", "\n") + "\n"
+    text = header(name, g.kind, g.nodes, code) + code
     F = [g.F[d] for d in korder]
     xn = [F[k] for k in range(nx_)] if red else F
     launch = {"xnumel": size_str(_prod(xn))}

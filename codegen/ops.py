@@ -37,6 +37,12 @@ def compute_dtype(dt: torch.dtype) -> str:
     return TL_STORAGE[dt]
 
 
+def cast_to(expr: str, tl_dtype: str) -> str:
+    from .emit_common import cast_to as _cast_to
+
+    return _cast_to(expr, tl_dtype)
+
+
 def literal(v) -> str:
     if isinstance(v, bool):
         return "1" if v else "0"
@@ -309,7 +315,7 @@ def _cast(e: ExprBuilder, n: fx.Node) -> str:
     if src.is_floating_point and not out_dt.is_floating_point:
         # float -> int truncates toward zero, as torch
         x = f"tl.where({x} < 0, tl.ceil({x}), tl.floor({x}))"
-    return f"{x}.to({store}).to({comp})" if store != comp else f"{x}.to({store})"
+    return f"{cast_to(x, store)}.to({comp})" if store != comp else f"{x}.to({store})"
 
 
 pointwise(aten._to_copy.default, prims.convert_element_type.default)(_cast)
@@ -317,7 +323,7 @@ pointwise(aten._to_copy.default, prims.convert_element_type.default)(_cast)
 
 @pointwise(aten.copy.default)
 def _copy(e, n):  # copy(dst, src): src broadcast into dst's shape and dtype
-    return f"{e.arg(n.args[1])}.to({TL_STORAGE[val(n).dtype]}).to({e.out(n)})"
+    return f"{cast_to(e.arg(n.args[1]), TL_STORAGE[val(n).dtype])}.to({e.out(n)})"
 
 
 @pointwise(aten.full.default, aten.full_like.default, aten.scalar_tensor.default)

@@ -76,7 +76,7 @@ def launch_config(kind: str, launch: dict, interpreted: bool) -> tuple[tuple, di
     if kind == "pointwise":
         xn = launch["xnumel"]
         xb = min(next_pow2(xn), 8192 if interpreted else 1024)
-        kw = {"XBLOCK": xb}
+        kw = {"XBLOCK": xb, "INTERPRETED": interpreted}
         if not interpreted:
             kw["num_warps"] = 4 if xb >= 512 else 2
         return ((xn + xb - 1) // xb,), kw
@@ -85,7 +85,7 @@ def launch_config(kind: str, launch: dict, interpreted: bool) -> tuple[tuple, di
         rb = next_pow2(rn)
         budget = 65536 if interpreted else 4096
         xb = max(1, min(next_pow2(xn), budget // rb, 64))
-        kw = {"XBLOCK": xb, "RBLOCK": rb}
+        kw = {"XBLOCK": xb, "RBLOCK": rb, "INTERPRETED": interpreted}
         if not interpreted:
             kw["num_warps"] = 8 if rb >= 2048 else 4
         return ((xn + xb - 1) // xb,), kw
@@ -94,7 +94,7 @@ def launch_config(kind: str, launch: dict, interpreted: bool) -> tuple[tuple, di
         bm = 16 if M <= 16 else 32 if M <= 32 else 64 if (interpreted or M <= 64) else 128
         bn = 32 if N <= 32 else 64 if (interpreted or N <= 64) else 128
         bk = 32 if K <= 32 else 64
-        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "UPCAST": interpreted}
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "INTERPRETED": interpreted}
         if not interpreted:
             kw["num_warps"] = 8 if bm * bn >= 128 * 128 else 4
             kw["num_stages"] = 3
