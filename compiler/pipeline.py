@@ -67,14 +67,30 @@ class PipelineReport:
         return [r.__dict__ for r in self.results]
 
 
+def _value_nodes(gm: fx.GraphModule):
+    for node in gm.graph.nodes:
+        t = node.target
+        if node.op == "output" or (isinstance(t, torch._ops.OpOverload) and not t._schema.returns):
+            continue  # asserts and other ops that produce no value
+        yield node
+
+
+def fill_meta(gm: fx.GraphModule, after: str) -> None:
+    """Give nodes a pass created without metadata their fake values (FakeTensorProp in the graph's
+    own fake mode); a graph that cannot be propagated is the pass's error."""
+    if all("val" in n.meta for n in _value_nodes(gm)):
+        return
+    from .capture import propagate_meta
+
+    try:
+        propagate_meta(gm)
+    except Exception as e:  # noqa: BLE001 — any propagation failure means the pass built a bad graph
+        raise PassError(f"after pass {after!r}: shape/dtype propagation failed: {type(e).__name__}: {e}") from e
+
+
 def check_meta(gm: fx.GraphModule, after: str) -> None:
     """Every value-producing node must carry a fake value in ``meta['val']`` (shape and dtype)."""
-    for node in gm.graph.nodes:
-        if node.op in ("output",):
-            continue
-        t = node.target
-        if isinstance(t, torch._ops.OpOverload) and not t._schema.returns:
-            continue  # asserts and other ops that produce no value
+    for node in _value_nodes(gm):
         if "val" not in node.meta:
             raise PassError(f"after pass {after!r}: node {node.name} ({node.op} {node.target}) lost its meta['val']")
 
@@ -113,6 +129,7 @@ class Pipeline:
             if modified:
                 gm.graph.lint()
                 gm.recompile()
+                fill_meta(gm, p.name)
             p.ensures(gm)
             check_meta(gm, p.name)
             report.results.append(PassResult(p.name, modified, time.perf_counter() - t0, before, len(gm.graph.nodes)))

@@ -88,22 +88,42 @@ def test_unknown_pass_and_bad_passes_argument():
         fxforge.compile(Fn(torch.exp), (torch.randn(3),), passes="dce")
 
 
-def test_pass_that_drops_metadata_is_named():
+def test_pass_created_nodes_get_metadata_and_bad_graphs_are_named():
     @registry.register_pass
-    class Sloppy(Pass):
-        name = "test_sloppy"
+    class AddRelu(Pass):
+        """before: %y = exp(%x)   after: %r = relu(%y) feeding the old users of %y (no meta set)"""
+        name = "test_add_relu"
 
         def call(self, gm):
             for n in gm.graph.nodes:
-                if n.op == "call_function":
-                    n.meta.pop("val", None)
+                if n.target is aten.exp.default:
+                    with gm.graph.inserting_after(n):
+                        r = gm.graph.call_function(aten.relu.default, (n,))
+                    n.replace_all_uses_with(r, delete_user_cb=lambda u: u is not r)
+                    return True
+            return False
+
+    @registry.register_pass
+    class Broken(Pass):
+        name = "test_broken_shapes"
+
+        def call(self, gm):
+            for n in gm.graph.nodes:
+                if n.target is aten.exp.default:
+                    with gm.graph.inserting_after(n):
+                        bad = gm.graph.call_function(aten.mm.default, (n, n))  # 1-D mm: invalid
+                    n.replace_all_uses_with(bad, delete_user_cb=lambda u: u is not bad)
                     return True
             return False
     try:
-        with pytest.raises(PassError, match="after pass 'test_sloppy'"):
-            fxforge.compile(Fn(torch.exp), (torch.randn(3),), passes=["test_sloppy"])
+        x = torch.randn(5)
+        c = fxforge.compile(Fn(torch.exp), (x,), passes=["test_add_relu"])
+        assert torch.allclose(c(x), x.exp().relu())
+        with pytest.raises(PassError, match="after pass 'test_broken_shapes': shape/dtype propagation failed"):
+            fxforge.compile(Fn(torch.exp), (x,), passes=["test_broken_shapes"])
     finally:
-        registry.passes.pop("test_sloppy", None)
+        registry.passes.pop("test_add_relu", None)
+        registry.passes.pop("test_broken_shapes", None)
 
 
 def test_config_from_environment():
