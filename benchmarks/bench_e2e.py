@@ -40,8 +40,8 @@ def measure(res: Results, workload: str, model: torch.nn.Module, inputs: tuple, 
     rep = compiled.report
     res.add(workload, "fxforge", "kernel_launches", rep.num_kernels, "count")
     res.add(workload, "fxforge", "fallbacks", len(rep.fallbacks), "count")
-    print(rep.render(), flush=True)
     impls["fxforge"] = compiled
+    no_graph = fxforge.compile(model, inputs, config=fxforge.Config(cuda_graphs="off"))
     times = {}
     with torch.no_grad():
         for name, fn in impls.items():
@@ -51,9 +51,13 @@ def measure(res: Results, workload: str, model: torch.nn.Module, inputs: tuple, 
             times[name] = ms
             res.add(workload, name, "latency", ms, "ms")
             res.add(workload, name, "throughput", items / (ms / 1e3), unit)
+        res.add(workload, "fxforge", "latency_no_cuda_graph", time_cuda(no_graph, *inputs, reps=reps), "ms")
+    print(rep.render(), flush=True)
+    res.add(workload, "fxforge", "matmuls_cublas_won", sum(t["winner"] == "cublas" for t in rep.autotune), "count")
+    res.add(workload, "fxforge", "matmuls_triton_won", sum(t["winner"] != "cublas" for t in rep.autotune), "count")
     for name in ("eager", "inductor"):
         res.add(workload, "fxforge", f"speedup_vs_{name}", times[name] / times["fxforge"], "x")
-    del impls, inductor, compiled
+    del impls, inductor, compiled, no_graph
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     print(f"{workload}: total {time.perf_counter() - t0:.1f}s", flush=True)

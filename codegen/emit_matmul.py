@@ -25,6 +25,16 @@ from .ops import POINTWISE, ExprBuilder, compute_dtype, val
 aten = torch.ops.aten
 
 
+def _direct_call(g: Group, outputs: list[fx.Node]) -> dict | None:
+    """When the group is the matmul alone (plus views), cuBLAS can write the output directly:
+    {"op": "mm"|"addmm"|"bmm", "beta", "alpha"}; else None (an epilogue must run after it)."""
+    views = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+    if len(outputs) != 1 or any(n is not g.anchor and n.target not in views for n in g.nodes):
+        return None
+    op = str(g.anchor.target).split(".")[-2]
+    return {"op": op, "beta": g.anchor.kwargs.get("beta", 1), "alpha": g.anchor.kwargs.get("alpha", 1)}
+
+
 def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str, KernelStep]:
     anchor = g.anchor
     bmm = anchor.target is aten.bmm.default
@@ -138,33 +148,38 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
     src("pid_n = (pid % (GROUP_M * num_pid_n)) // group_m")
     src("rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     src("rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)")
-    src("rk = tl.arange(0, BLOCK_K)")
-    src(f"a_ptrs = {a_ptr} + bid * {a_b} + rm[:, None] * {a_m} + rk[None, :] * {a_k}")
-    src(f"b_ptrs = {b_ptr} + bid * {b_b} + rk[:, None] * {b_k} + rn[None, :] * {b_n}")
-    src("acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)")
-    src("for kb in range(0, tl.cdiv(K, BLOCK_K)):")
-    src("    k_ok = rk < K - kb * BLOCK_K")
-    src("    a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)")
-    src("    b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)")
-    src("    if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; upcast there")
-    src("        a = a.to(tl.float32)")
-    src("        b = b.to(tl.float32)")
-    prec = ', input_precision="ieee"' if fp32 else ""
-    src(f"    acc = tl.dot(a, b, acc{prec})")
-    src(f"    a_ptrs += BLOCK_K * {a_k}")
-    src(f"    b_ptrs += BLOCK_K * {b_k}")
-    src("# epilogue on the fp32 tile")
     src("row = bid * M + rm[:, None]")
     src("col = rn[None, :]")
     src("tile_mask = (rm[:, None] < M) & (rn[None, :] < N)")
+    src("if EXTERNAL_ACC:")
+    src("    # cuBLAS already computed A @ B into acc_in; this launch is the fused epilogue alone")
+    src("    acc = tl.load(acc_in + bid * acc_sb + rm[:, None] * acc_sm + rn[None, :] * acc_sn, mask=tile_mask, other=0.0).to(tl.float32)")
+    src("else:")
+    src("    rk = tl.arange(0, BLOCK_K)")
+    src(f"    a_ptrs = {a_ptr} + bid * {a_b} + rm[:, None] * {a_m} + rk[None, :] * {a_k}")
+    src(f"    b_ptrs = {b_ptr} + bid * {b_b} + rk[:, None] * {b_k} + rn[None, :] * {b_n}")
+    src("    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)")
+    src("    for kb in range(0, tl.cdiv(K, BLOCK_K)):")
+    src("        k_ok = rk < K - kb * BLOCK_K")
+    src("        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)")
+    src("        b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)")
+    src("        if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; upcast there")
+    src("            a = a.to(tl.float32)")
+    src("            b = b.to(tl.float32)")
+    prec = ', input_precision="ieee"' if fp32 else ""
+    src(f"        acc = tl.dot(a, b, acc{prec})")
+    src(f"        a_ptrs += BLOCK_K * {a_k}")
+    src(f"        b_ptrs += BLOCK_K * {b_k}")
+    src("# epilogue on the fp32 tile")
     stride_args = ops.stride_args()
-    params = ops.pointer_args() + ["M", "N", "K"] + [s for s, _ in sizes] + stride_args + [
-        "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr", "INTERPRETED: tl.constexpr"]
+    params = ops.pointer_args() + ["M", "N", "K"] + [s for s, _ in sizes] + stride_args + ["acc_in", "acc_sb", "acc_sm", "acc_sn"] + [
+        "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr", "EXTERNAL_ACC: tl.constexpr", "INTERPRETED: tl.constexpr"]
     code = f"def {name}({', '.join(params)}):\n" + "\n".join([src.text(), index_lines.text(), body.text()]) + "\n"
     text = header(name, "matmul", g.nodes, code) + code
     a_shape, b_shape = shape_of(a_node), shape_of(b_node)
     launch = {"M": size_str(a_shape[-2]), "N": size_str(b_shape[-1]), "K": size_str(a_shape[-1]),
-              "batch": size_str(a_shape[0]) if bmm else 1}
+              "batch": size_str(a_shape[0]) if bmm else 1, "op": str(anchor.target).split(".")[-2],
+              "direct": _direct_call(g, outputs)}
     step = KernelStep(
         kernel=name, kind="matmul",
         loads=[op for _, op, _ in ops.loads], stores=[op for _, op, _ in ops.stores],

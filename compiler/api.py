@@ -45,7 +45,8 @@ class CompiledModel:
         self.config = cfg
         self.out_spec = out_spec
         self.in_spec = in_spec
-        self.executor = Executor(program, constants, cfg.cache_dir, cfg.cache_id())
+        self.executor = Executor(program, constants, cfg.cache_dir, cfg.cache_id(), autotune=cfg.autotune, report=report,
+                                 cuda_graphs=cfg.cuda_graphs)
 
     def __call__(self, *args, **kwargs):
         flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, (torch.Tensor, int, float, bool))]

@@ -59,7 +59,7 @@ class LoadedModel:
         from fxforge.runtime.executor import Executor
 
         self.program, self.constants, self.report = program, constants, report
-        self.executor = Executor(program, constants, cache_dir)
+        self.executor = Executor(program, constants, cache_dir, report=report)
         self.out_spec = pytree.treespec_loads(program.out_spec) if program.out_spec else None
 
     def __call__(self, *args, **kwargs):

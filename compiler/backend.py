@@ -36,7 +36,8 @@ def _inference_compiler(gm: torch.fx.GraphModule, example_inputs):
             reference = gm(*debug_inputs)
     program, constants, report = build_program(gm, cfg, None, debug_inputs, reference)
     reports.append(report)
-    executor = Executor(program, constants, cfg.cache_dir, cfg.cache_id())
+    executor = Executor(program, constants, cfg.cache_dir, cfg.cache_id(), autotune=cfg.autotune, report=report,
+                                 cuda_graphs=cfg.cuda_graphs)
 
     def run(args):
         outs = executor(*args)

@@ -30,8 +30,20 @@ class Config:
     fuse: bool = True  # False: one kernel per op (useful to bisect fusion bugs)
     matmul: bool = True  # False: mm/addmm/bmm run as eager ATen calls
     memory_plan: bool = True
+    autotune: bool = True  # GPU: time Triton configs and cuBLAS per matmul shape once, cache on disk
+    cuda_graphs: str = "auto"  # "auto"/"on": capture static-shape programs on CUDA; "off"
     # Where to run Triton: "auto" uses the Triton CPU interpreter for CPU tensors.
     debug_rtol: float = 1e-2
+
+    def __post_init__(self):
+        from .errors import ConfigError
+
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"cuda_graphs must be 'auto', 'on' or 'off', got {self.cuda_graphs!r}")
+        if self.max_persistent_rblock < 1:
+            raise ConfigError(f"max_persistent_rblock must be positive, got {self.max_persistent_rblock}")
+        if isinstance(self.passes, str):
+            raise ConfigError("passes must be a sequence of pass names, not a string")
 
     def cache_id(self) -> str:
         """Hash of every knob that changes generated code (not of paths or the debug switch)."""

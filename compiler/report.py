@@ -12,6 +12,8 @@ class CompileReport:
     fallbacks: list = field(default_factory=list)  # {"node", "op", "reason"}
     views: int = 0
     memory: dict = field(default_factory=dict)
+    autotune: list = field(default_factory=list)  # matmul winners: {"kernel", "shape", "winner", "ms"}
+    cuda_graph: str = ""  # "captured", or "disabled: <reason>"
     compile_seconds: float = 0.0
     graph_nodes: int = 0
 
@@ -56,6 +58,14 @@ class CompileReport:
         lines.append(f"fallbacks: {len(self.fallbacks)}")
         for f in self.fallbacks:
             lines.append(f"  {f['node']:<24} {f['op']:<40} {f['reason']}")
+        if self.cuda_graph:
+            lines.append(f"cuda graph: {self.cuda_graph}")
+        if self.autotune:
+            lines.append("matmul autotune (which won):")
+            for t in self.autotune:
+                best = t["ms"].get(t["winner"], float("nan"))
+                lines.append(f"  {t['kernel']:<48} BxMxNxK={'x'.join(map(str, t['shape']))}  {t['winner']} {best:.3f} ms"
+                             f"  (cublas {t['ms'].get('cublas', float('nan')):.3f} ms)")
         m = self.memory
         if m:
             lines.append(f"memory plan: {m.get('bytes_unplanned')} B of kernel outputs -> {m.get('bytes_planned')} B in {m.get('slots')} reused slots")

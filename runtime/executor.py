@@ -79,14 +79,22 @@ def _materialize(t, env: dict, syms: dict):
 
 
 class Executor:
-    def __init__(self, program: Program, constants: dict, cache_dir: str, config_id: str = "", strict_signature: bool = True):
+    def __init__(self, program: Program, constants: dict, cache_dir: str, config_id: str = "", strict_signature: bool = True,
+                 autotune: bool = True, report=None, cuda_graphs: str = "auto"):
         self.program = program
+        self.cuda_graphs = cuda_graphs
+        self._graph = None
+        self._graph_reason = None
+        self.autotune = autotune
+        self.report = report  # CompileReport: autotune winners are appended to report.autotune
+        self._tuner = None
         self.constants = constants
         self.cache_dir = cache_dir
         self.config_id = config_id
         self.strict_signature = strict_signature
         self._kernels: dict = {}
         self._plans: dict = {}
+        self._choices: dict = {}  # step index -> winning matmul variant (static shapes)
         self._ops = {}
         # After step i, drop these buffers (their last reader ran).
         last: dict[str, int] = {}
@@ -156,7 +164,7 @@ class Executor:
         steps = []
         for st in self.program.steps:
             if isinstance(st, KernelStep):
-                launch = {k: evaluate(v, syms) for k, v in st.launch.items()}
+                launch = {k: evaluate(v, syms) for k, v in st.launch.items() if k in ("xnumel", "rnumel", "M", "N", "K", "batch")}
                 grid, kw = launch_config(st.kind, launch, interp)
                 sizes = [evaluate(s, syms) for s in st.sizes]
                 scalars = sizes + ([launch["xnumel"]] + ([launch["rnumel"]] if "rnumel" in launch else []) if st.kind != "matmul" else [])
@@ -190,8 +198,114 @@ class Executor:
                         views[b] = slots[mem.assignment[b]][: n * dt.itemsize].view(dt).as_strided(shape, stride)
         return views
 
+    # ---- matmul variants -------------------------------------------------------------------------
+    def _matmul_variants(self, st, entry, env, ptrs, scalars, strides, device) -> dict:
+        """name -> zero-arg launcher: each Triton config, and cuBLAS (+ a fused-epilogue launch)."""
+        from .autotune import EPILOGUE_CONFIG, candidate_configs
+
+        kern, grid, kw, _, _, _ = entry
+        M, N, K = scalars[0], scalars[1], scalars[2]
+        B = grid[1]
+        launch = st.launch
+        dummy = ptrs[0]
+
+        def triton_launch(cfg, external=None):
+            bm, bn, bk, w, stages = cfg
+            g = (((M + bm - 1) // bm) * ((N + bn - 1) // bn), B)
+            acc = (external, external.stride(0) if external.dim() == 3 else 0, external.stride(-2), external.stride(-1)) if external is not None else (dummy, 0, 0, 0)
+            kern[g](*ptrs, *scalars, *strides, *acc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                    EXTERNAL_ACC=external is not None, INTERPRETED=False, num_warps=w, num_stages=stages)
+
+        def cublas():
+            a, b = env[st.loads[0].buf], env[st.loads[1].buf]
+            direct = launch.get("direct")
+            out = env[st.stores[0].buf]
+            if direct is not None and out.is_contiguous():
+                view = out.view(B, M, N) if direct["op"] == "bmm" else out.view(M, N)
+                if direct["op"] == "addmm":
+                    torch.addmm(env[st.loads[2].buf], a, b, beta=direct["beta"], alpha=direct["alpha"], out=view)
+                else:
+                    (torch.bmm if direct["op"] == "bmm" else torch.mm)(a, b, out=view)
+                return
+            c = torch.bmm(a, b) if launch.get("op") == "bmm" else torch.mm(a, b)
+            triton_launch(EPILOGUE_CONFIG, external=c)
+
+        variants = {f"triton_{'x'.join(map(str, c))}": (lambda c=c: triton_launch(c)) for c in candidate_configs(M, N, K)}
+        variants["cublas"] = cublas
+        return variants
+
+    def _run_matmul(self, i, st, entry, env, ptrs, scalars, strides, device):
+        kern, grid, kw, _, _, _ = entry
+        if device.type != "cuda":
+            kern[grid](*ptrs, *scalars, *strides, ptrs[0], 0, 0, 0, **kw)
+            return
+        choice = self._choices.get(i)
+        variants = self._matmul_variants(st, entry, env, ptrs, scalars, strides, device)
+        if choice is None:
+            M, N, K = scalars[:3]
+            if not self.autotune:
+                choice = next(iter(variants))
+            else:
+                from .autotune import AutotuneCache, tune
+
+                if self._tuner is None:
+                    self._tuner = AutotuneCache(self.cache_dir, device)
+                key = f"{st.kernel}|{M}x{N}x{K}x{grid[1]}|{[str(env[o.buf].dtype) for o in st.loads[:2]]}"
+                choice, info = tune(self._tuner, key, variants)
+                if self.report is not None:
+                    self.report.autotune.append({"kernel": st.kernel, "shape": [grid[1], M, N, K], "winner": choice,
+                                                 "ms": {k: round(v, 4) for k, v in info["ms"].items()}})
+            self._choices[i] = choice
+        variants[choice]()
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------
+    def _use_graph(self, args) -> bool:
+        if self.cuda_graphs == "off" or self.program.symbols or self._graph_reason is not None:
+            return False
+        return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
+    def _graph_call(self, args):
+        """Static shapes on CUDA: capture the whole step list once, then copy inputs and replay.
+        Launch overhead (Python + driver, per kernel and per fallback) disappears; outputs are
+        cloned out of the graph's static buffers so a later replay cannot overwrite them."""
+        self.bind(args)
+        if self._graph is None:
+            out = self._run(args)  # first call: autotuning and Triton compilation happen here
+            try:
+                static_in = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._run(static_in)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = self._run(static_in)
+                self._graph = (graph, static_in, static_out)
+                self._set_graph_status("captured")
+            except Exception as e:  # noqa: BLE001 — e.g. an op that synchronizes: run without graphs
+                self._graph_reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                self._set_graph_status(f"disabled: {self._graph_reason}")
+                torch.cuda.synchronize()
+            return out
+        graph, static_in, static_out = self._graph
+        for dst, src in zip(static_in, args):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return [o.clone() if isinstance(o, torch.Tensor) else o for o in static_out]
+
+    def _set_graph_status(self, status: str):
+        if self.report is not None:
+            self.report.cuda_graph = status
+
     # ---- run -----------------------------------------------------------------------------------
     def __call__(self, *args):
+        if self._use_graph(args):
+            return self._graph_call(args)
+        return self._run(args)
+
+    def _run(self, args):
         prog = self.program
         syms = self.bind(args)
         device = torch.device(prog.device) if prog.device != "cpu" else next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
@@ -216,7 +330,10 @@ class Executor:
                         ptrs.append(t)
                         shp, std = t.shape, t.stride()
                         strides += [0 if shp[d] == 1 else std[d] for d in op.tdims]
-                    kern[grid](*ptrs, *scalars, *strides, **kw)
+                    if st.kind == "matmul":
+                        self._run_matmul(i, st, plan_steps[i], env, ptrs, scalars, strides, device)
+                    else:
+                        kern[grid](*ptrs, *scalars, *strides, **kw)
             else:
                 args_ = _materialize(st.args, env, syms)
                 kwargs_ = {k: _materialize(v, env, syms) for k, v in st.kwargs.items()}

@@ -94,7 +94,7 @@ def launch_config(kind: str, launch: dict, interpreted: bool) -> tuple[tuple, di
         bm = 16 if M <= 16 else 32 if M <= 32 else 64 if (interpreted or M <= 64) else 128
         bn = 32 if N <= 32 else 64 if (interpreted or N <= 64) else 128
         bk = 32 if K <= 32 else 64
-        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "INTERPRETED": interpreted}
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EXTERNAL_ACC": False, "INTERPRETED": interpreted}
         if not interpreted:
             kw["num_warps"] = 8 if bm * bn >= 128 * 128 else 4
             kw["num_stages"] = 3

@@ -46,3 +46,21 @@ def test_artifact_roundtrip_on_cuda(tmp_path):
     c = fxforge.compile(model, x)
     loaded = fxforge.load(fxforge.save(c, tmp_path / "a"))
     assert torch.equal(loaded(*x), c(*x))
+
+
+def test_cuda_graph_replay_and_autotune_report():
+    b = BUILTIN_MODELS["mlp"]
+    model = b.factory(0).cuda().half()
+    x = b.example_inputs(8, "cuda", torch.float16)
+    c = fxforge.compile(model, x)
+    first = c(*x)
+    assert c.report.cuda_graph == "captured", c.report.cuda_graph
+    assert c.report.autotune and all(t["winner"] for t in c.report.autotune)
+    y = (torch.randn_like(x[0]),)
+    out_y = c(*y)
+    assert torch.equal(c(*x), first), "replay must reproduce the first (non-graph) run"
+    with torch.no_grad():
+        assert rel_err(out_y, model(*y)) < 1e-2
+    assert not torch.equal(out_y, first), "returned outputs must not alias the graph's static buffers"
+    off = fxforge.compile(model, x, config=fxforge.Config(cuda_graphs="off", autotune=False))
+    assert torch.allclose(off(*x), first, atol=1e-2, rtol=1e-2) and off.report.cuda_graph == ""

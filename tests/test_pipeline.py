@@ -132,6 +132,8 @@ def test_config_from_environment():
     assert cfg.cache_id() != Config().cache_id()
     with pytest.raises(ValueError, match="FXFORGE_DEBUG"):
         from_env(environ={"FXFORGE_DEBUG": "maybe"})
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        from_env(environ={"FXFORGE_CUDA_GRAPHS": "sometimes"})
 
 
 def test_debug_mode_dumps_graphs_and_kernels_and_names_the_breaking_pass(tmp_path):

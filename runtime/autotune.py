@@ -1,0 +1,84 @@
+"""Matmul autotuning: time candidate Triton configs and cuBLAS (+ a fused-epilogue launch) once per
+(kernel, sizes, device), keep the fastest, and remember it on disk so the next compile or process
+does not re-tune. The choice is recorded in the compile report ("which won").
+
+Bytes/FLOPs model of a matmul: 2·B·M·N·K FLOPs over (B·M·K + B·K·N + B·M·N)·elt bytes; at the
+H100's ~750 TFLOP/s and 3.0 TB/s, shapes with M ≳ 300 (fp16/bf16) are compute-bound.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): Hopper-friendly tiles for wgmma, plus skinny ones.
+TRITON_CONFIGS = [
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+    (32, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
+]
+EPILOGUE_CONFIG = (64, 128, 32, 4, 1)  # bandwidth-bound epilogue-only launch
+
+
+def candidate_configs(M: int, N: int, K: int) -> list[tuple]:
+    """Prune the config space by shape: no tile much taller than M or wider than N."""
+    out = []
+    for bm, bn, bk, w, s in TRITON_CONFIGS:
+        if bm > max(16, 2 * M) or bn > max(64, 2 * N) or bk > max(32, K):
+            continue
+        out.append((bm, bn, bk, w, s))
+    return out or [(16, 64, 64, 4, 3)]
+
+
+class AutotuneCache:
+    """``<cache_dir>/autotune/<device>.json``: key -> {"winner": ..., "ms": {...}}."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, cache_dir: str, device: torch.device):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        safe = "".join(c if c.isalnum() else "_" for c in name)
+        self.path = Path(cache_dir) / "autotune" / f"{safe}.json"
+        try:
+            self.table = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            self.table = {}
+
+    def get(self, key: str):
+        return self.table.get(key)
+
+    def put(self, key: str, entry: dict) -> None:
+        with self._lock:
+            self.table[key] = entry
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.table, indent=1, sort_keys=True))
+            tmp.replace(self.path)
+
+
+def bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
+
+
+def tune(cache: AutotuneCache, key: str, candidates: dict) -> tuple[str, dict]:
+    """Fastest of ``candidates`` (name -> zero-arg callable), from the cache when known."""
+    hit = cache.get(key)
+    if hit is not None and hit["winner"] in candidates:
+        return hit["winner"], hit
+    times = {}
+    for name, fn in candidates.items():
+        try:
+            times[name] = bench_ms(fn)
+        except Exception as e:  # noqa: BLE001 — a config that fails to compile (e.g. smem) just loses
+            times[name] = float("inf")
+            times[name + ":error"] = f"{type(e).__name__}"
+    finite = {k: v for k, v in times.items() if isinstance(v, float) and v != float("inf")}
+    winner = min(finite, key=finite.get)
+    entry = {"winner": winner, "ms": {k: v for k, v in times.items() if isinstance(v, float)}}
+    cache.put(key, entry)
+    return winner, entry
