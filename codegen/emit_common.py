@@ -113,6 +113,7 @@ _TO_BF16 = '''
 @triton.jit
 def to_bf16(v, INTERPRETED: tl.constexpr):
     # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even there, as the GPU does.
+    v = v.to(tl.float32)
     if INTERPRETED:
         u = v.to(tl.uint32, bitcast=True)
         u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000

@@ -54,7 +54,9 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
 
     def operand_for(x: fx.Node, consumer: fx.Node) -> tuple[list[int], list[int]]:
         """Kernel dims of external tensor ``x`` read by ``consumer``, right-aligned broadcasting."""
-        xs, cs = shape_of(x), g.dims[consumer]
+        # a reduction reads its input over the whole iteration space, whatever its own (reduced) dims
+        xs = shape_of(x)
+        cs = tuple(range(len(g.F))) if reduction_info(consumer) is not None else g.dims[consumer]
         off = len(cs) - len(xs)
         pairs = []
         for i, s in enumerate(xs):
@@ -135,6 +137,9 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
         else:
             fn = "tl.max" if info.kind == "amax" else "tl.min"
             body(f"{var} = {fn}(tl.where({m}, {src_c}, {_identity(info.kind, cd)}), 1)[:, None]")
+            if cd.startswith("tl.float"):  # torch's amax/amin propagate NaN; tl.max/min drop it
+                body(f"{var}_nan = tl.max(tl.where({m} & ({src_c} != {src_c}), 1, 0), 1)[:, None]")
+                body(f"{var} = tl.where({var}_nan > 0, float(\"nan\"), {var})")
         values[n] = var
         tile[var] = False
 

@@ -136,8 +136,25 @@ pointwise(aten.add.Tensor, aten.add.Scalar)(_binary("({a} + {b})"))
 pointwise(aten.sub.Tensor, aten.sub.Scalar)(_binary("({a} - {b})"))
 pointwise(aten.mul.Tensor, aten.mul.Scalar)(_binary("({a} * {b})"))
 pointwise(aten.div.Tensor, aten.div.Scalar)(_binary("({a} / {b})"))
-pointwise(aten.maximum.default)(_binary("tl.maximum({a}, {b})"))
-pointwise(aten.minimum.default)(_binary("tl.minimum({a}, {b})"))
+def nan_max(a: str, b: str, d: str) -> str:
+    """max/min that propagate NaN like torch (Triton's default drops it) for float compute dtypes."""
+    return f"tl.maximum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)" if d.startswith("tl.float") else f"tl.maximum({a}, {b})"
+
+
+def nan_min(a: str, b: str, d: str) -> str:
+    return f"tl.minimum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)" if d.startswith("tl.float") else f"tl.minimum({a}, {b})"
+
+
+@pointwise(aten.maximum.default)
+def _maximum(e, n):
+    d = e.out(n)
+    return nan_max(e.arg(n.args[0], d), e.arg(n.args[1], d), d)
+
+
+@pointwise(aten.minimum.default)
+def _minimum(e, n):
+    d = e.out(n)
+    return nan_min(e.arg(n.args[0], d), e.arg(n.args[1], d), d)
 pointwise(aten.bitwise_and.Tensor, aten.logical_and.default)(_binary("({a} & {b})"))
 pointwise(aten.bitwise_or.Tensor, aten.logical_or.default)(_binary("({a} | {b})"))
 pointwise(aten.bitwise_xor.Tensor, aten.logical_xor.default)(_binary("({a} ^ {b})"))
@@ -151,10 +168,12 @@ pointwise(aten.neg.default)(_unary("(-{a})"))
 pointwise(aten.abs.default)(_unary("tl.abs({a})"))
 pointwise(aten.exp.default)(_unary("tl.exp({a})"))
 pointwise(aten.exp2.default)(_unary("tl.exp2({a})"))
-pointwise(aten.expm1.default)(_unary("(tl.exp({a}) - 1.0)"))
+# Kahan's tricks keep expm1/log1p accurate for tiny |x| without libdevice (absent in the interpreter).
+pointwise(aten.expm1.default)(_unary(
+    "tl.where(tl.exp({a}) == 1.0, {a}, tl.where(tl.exp({a}) - 1.0 == -1.0, -1.0, (tl.exp({a}) - 1.0) * {a} / tl.log(tl.exp({a}))))"))
 pointwise(aten.log.default)(_unary("tl.log({a})"))
 pointwise(aten.log2.default)(_unary("tl.log2({a})"))
-pointwise(aten.log1p.default)(_unary("tl.log(1.0 + {a})"))
+pointwise(aten.log1p.default)(_unary("tl.where(1.0 + {a} == 1.0, {a}, tl.log(1.0 + {a}) * {a} / ((1.0 + {a}) - 1.0))"))
 pointwise(aten.sqrt.default)(_unary("tl.sqrt({a})"))
 pointwise(aten.rsqrt.default)(_unary("tl.rsqrt({a})"))
 pointwise(aten.reciprocal.default)(_unary("(1.0 / {a})"))
@@ -167,10 +186,15 @@ pointwise(aten.cos.default)(_unary("tl.cos({a})"))
 pointwise(aten.floor.default)(_unary("tl.floor({a})"))
 pointwise(aten.ceil.default)(_unary("tl.ceil({a})"))
 pointwise(aten.trunc.default)(_unary("tl.where({a} < 0, tl.ceil({a}), tl.floor({a}))"))
-pointwise(aten.relu.default)(_unary("tl.maximum({a}, 0)"))
 pointwise(aten.bitwise_not.default)(_unary("(~{a})"))
 # A clone that survives remove_noops changes layout: the kernel writes the output's own strides.
 pointwise(aten.clone.default)(_unary("{a}"))
+
+
+@pointwise(aten.relu.default)
+def _relu(e, n):
+    d = e.out(n)
+    return nan_max(e.arg(n.args[0], d), "0", d)
 
 
 @pointwise(aten.logical_not.default)
@@ -258,22 +282,22 @@ def _clamp(e, n):
     lo = n.args[1] if len(n.args) > 1 else n.kwargs.get("min")
     hi = n.args[2] if len(n.args) > 2 else n.kwargs.get("max")
     if lo is not None:
-        x = f"tl.maximum({x}, {e.arg(lo, d)})"
+        x = nan_max(x, e.arg(lo, d), d)
     if hi is not None:
-        x = f"tl.minimum({x}, {e.arg(hi, d)})"
+        x = nan_min(x, e.arg(hi, d), d)
     return x
 
 
 @pointwise(aten.clamp_min.default, aten.clamp_min.Tensor)
 def _clamp_min(e, n):
     d = e.out(n)
-    return f"tl.maximum({e.arg(n.args[0], d)}, {e.arg(n.args[1], d)})"
+    return nan_max(e.arg(n.args[0], d), e.arg(n.args[1], d), d)
 
 
 @pointwise(aten.clamp_max.default, aten.clamp_max.Tensor)
 def _clamp_max(e, n):
     d = e.out(n)
-    return f"tl.minimum({e.arg(n.args[0], d)}, {e.arg(n.args[1], d)})"
+    return nan_min(e.arg(n.args[0], d), e.arg(n.args[1], d), d)
 
 
 @pointwise(aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
@@ -301,7 +325,7 @@ def _hardtanh(e, n):
     d = e.out(n)
     lo = n.args[1] if len(n.args) > 1 else -1.0
     hi = n.args[2] if len(n.args) > 2 else 1.0
-    return f"tl.minimum(tl.maximum({e.arg(n.args[0], d)}, {literal(float(lo))}), {literal(float(hi))})"
+    return nan_min(nan_max(e.arg(n.args[0], d), literal(float(lo)), d), literal(float(hi)), d)
 
 
 def _cast(e: ExprBuilder, n: fx.Node) -> str:
