@@ -174,6 +174,8 @@ class Fuser:
         return dims, True
 
     def _try_join(self, g: Group, n: fx.Node, kind: str) -> bool:
+        if g.kind == "attention":
+            return False
         fit = self._fit_pointwise(g, n) if kind == "pointwise" else self._fit_reduction(g, n)
         if fit is None or not self._cycle_free(set(g.nodes), {n}):
             return False
@@ -185,7 +187,7 @@ class Fuser:
 
     def _try_merge(self, g: Group, h: Group) -> bool:
         """Merge sibling group h into g when their iteration spaces agree."""
-        if g is h or h.kind == "matmul":
+        if g is h or h.kind in ("matmul", "attention") or g.kind == "attention":
             return False
         if g.kind == "matmul":
             if h.kind != "pointwise" or not (same(h.F[-1] if h.F else 0, g.F[-1]) and same(prod(h.F[:-1]), prod(g.F[:-1]))):
@@ -231,8 +233,14 @@ class Fuser:
                 g = self.group_of.get(n.args[0])
                 if g is not None and g.kind == "matmul" and self._join_view(g, n):
                     continue
+            if c.kind == "attention":
+                self._new("attention", (), n, dims=(), anchor=n)
+                continue
             if c.kind == "getitem":
                 g = self.group_of.get(n.args[0])
+                if g is not None and g.kind == "attention":  # the output of a tuple-returning SDPA variant
+                    self._add(g, n, ())
+                    continue
                 if g is not None and g.kind == "reduction":  # var_mean's (var, mean) stay in registers
                     self._add(g, n, g.dims[n.args[0]], reduced=True)
                 continue

@@ -19,6 +19,9 @@ from fxforge.runtime.memory import plan_memory
 from fxforge.runtime.program import AtenStep, Program, TensorSig
 
 from .emit_common import size_str, tensor_sig
+from fxforge.runtime.attention import template_source
+
+from .emit_attention import emit_attention_group
 from .emit_matmul import emit_matmul_group
 from .emit_pointwise import emit_pointwise_group
 from .fusion import Group, fuse_graph, shape_of
@@ -79,7 +82,7 @@ _PLACEHOLDER = "FXFORGE_KERNEL_NAME"
 def _named_kernel(g: Group, text: str) -> tuple[str, str]:
     """Name a kernel by a hash of its code (not its provenance comment), so identical layers share
     one kernel and Triton compiles it once."""
-    code = text[text.index("import triton"):]
+    code = text[text.index("import triton"):]  # the code, not the provenance comment
     digest = hashlib.sha256(code.encode()).hexdigest()[:10]
     hint = re.sub(r"[^0-9a-zA-Z_]", "_", g.name_hint)[:40]
     name = f"fxf_{g.kind}_{hint}_{digest}"
@@ -154,8 +157,11 @@ def lower_graph(gm: fx.GraphModule, config, user_inputs: list[str] | None = None
             g = by_group[u[1]]
             members = set(g.nodes)
             outs = [n for n in g.nodes if n in out_nodes or any(us not in members for us in n.users)]
-            emit = emit_matmul_group if g.kind == "matmul" else emit_pointwise_group
-            text, step = emit(g, _PLACEHOLDER, outs)
+            if g.kind == "attention":
+                text, step = emit_attention_group(g, _PLACEHOLDER, outs, template_source())
+            else:
+                emit = emit_matmul_group if g.kind == "matmul" else emit_pointwise_group
+                text, step = emit(g, _PLACEHOLDER, outs)
             name, text = _named_kernel(g, text)
             step.kernel = name
             kernels.setdefault(name, {"source": text, "entry": name, "kind": g.kind, "nodes": step.nodes})
@@ -166,7 +172,7 @@ def lower_graph(gm: fx.GraphModule, config, user_inputs: list[str] | None = None
         reason = n.meta.get("fxforge_extern") or c.reason
         if c.kind == "sym":
             continue
-        if c.kind in ("pointwise", "reduction", "matmul") and not n.meta.get("fxforge_extern"):
+        if c.kind in ("pointwise", "reduction", "matmul", "attention") and not n.meta.get("fxforge_extern"):
             reason = "not_fused: config disabled it" if not config.matmul else "not_fused"
         role = {"view": "view", "getitem": "getitem"}.get(c.kind, "fallback")
         step = AtenStep(op=op_name(n.target), args=arg_template(list(n.args)), kwargs=arg_template(dict(n.kwargs)) or {},

@@ -425,7 +425,7 @@ ATTENTION = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product
 
 @dataclass(frozen=True)
 class Classified:
-    kind: str  # pointwise | reduction | matmul | view | getitem | extern | sym
+    kind: str  # pointwise | reduction | matmul | attention | view | getitem | extern | sym
     reason: str | None = None  # for extern: why it is not lowered
 
 
@@ -461,7 +461,10 @@ def classify(n: fx.Node) -> Classified:
     if t in POINTWISE:
         return Classified("pointwise")
     if t in ATTENTION:
-        return Classified("extern", "attention: no attention kernel yet, runs eager SDPA")
+        from .emit_attention import unsupported_reason
+
+        why = unsupported_reason(n)
+        return Classified("extern", why) if why else Classified("attention")
     if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags:
         return Classified("extern", f"random_op: {t}")
     name = str(t)

@@ -165,11 +165,13 @@ class Executor:
         for st in self.program.steps:
             if isinstance(st, KernelStep):
                 launch = {k: evaluate(v, syms) for k, v in st.launch.items() if k in ("xnumel", "rnumel", "M", "N", "K", "batch")}
-                grid, kw = launch_config(st.kind, launch, interp)
+                grid, kw = launch_config(st.kind, launch, interp) if st.kind != "attention" else (None, {})
                 sizes = [evaluate(s, syms) for s in st.sizes]
-                scalars = sizes + ([launch["xnumel"]] + ([launch["rnumel"]] if "rnumel" in launch else []) if st.kind != "matmul" else [])
+                scalars = sizes + ([launch["xnumel"]] + ([launch["rnumel"]] if "rnumel" in launch else []) if "xnumel" in launch else [])
                 if st.kind == "matmul":
                     scalars = [launch["M"], launch["N"], launch["K"]] + sizes
+                elif st.kind == "attention":
+                    scalars = []
                 allocs = [(b, _shape(sig.shape, syms), _shape(sig.stride, syms) if sig.stride is not None else None, _DTYPES[sig.dtype])
                           for b, sig in st.outputs.items()]
                 empty = (launch.get("xnumel", 1) == 0) or (st.kind == "matmul" and launch["M"] * launch["N"] * launch["batch"] == 0)
@@ -197,6 +199,13 @@ class Executor:
                         n = storage_elements(shape, stride)
                         views[b] = slots[mem.assignment[b]][: n * dt.itemsize].view(dt).as_strided(shape, stride)
         return views
+
+    def _run_attention(self, st, kern, env):
+        from .attention import launch
+
+        q, k, v = (env[o.buf] for o in st.loads[:3])
+        mask = env[st.loads[3].buf] if st.launch.get("has_mask") else None
+        launch(kern, q, k, v, mask, env[st.stores[0].buf], st.launch["scale"], st.launch["causal"])
 
     # ---- matmul variants -------------------------------------------------------------------------
     def _matmul_variants(self, st, entry, env, ptrs, scalars, strides, device) -> dict:
@@ -329,9 +338,11 @@ class Executor:
                         t = env[op.buf]
                         ptrs.append(t)
                         shp, std = t.shape, t.stride()
-                        strides += [0 if shp[d] == 1 else std[d] for d in op.tdims]
+                        strides += [0 if d < 0 or shp[d] == 1 else std[d] for d in op.tdims]
                     if st.kind == "matmul":
                         self._run_matmul(i, st, plan_steps[i], env, ptrs, scalars, strides, device)
+                    elif st.kind == "attention":
+                        self._run_attention(st, kern, env)
                     else:
                         kern[grid](*ptrs, *scalars, *strides, **kw)
             else:

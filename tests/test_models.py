@@ -29,11 +29,11 @@ TOLERANCES = {
 #: Kernel counts by kind for the built-in blocks in float32 (both front doors). These are part of
 #: the fusion contract: a change here must be deliberate.
 EXPECTED_KERNEL_KINDS = {
-    "vit_block": {"reduction": 2, "matmul": 4},
-    "llama_block": {"reduction": 2, "matmul": 7, "pointwise": 6},
+    "vit_block": {"reduction": 2, "matmul": 4, "attention": 1},
+    "llama_block": {"reduction": 2, "matmul": 7, "pointwise": 6, "attention": 1},
 }
 
-KERNEL_KINDS = {"pointwise", "reduction", "matmul"}
+KERNEL_KINDS = {"pointwise", "reduction", "matmul", "attention"}
 DTYPES = [torch.float32, torch.bfloat16]
 DOORS = ["aot", "jit"]
 BATCH = 2

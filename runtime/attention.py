@@ -1,0 +1,113 @@
+"""Launching the attention template: block layouts (FlexAttention-style BlockMask lists) and
+launch configs. ``attention(...)`` is also the direct Python entry point used by benchmarks and by
+passes that build sparse layouts (sink + window, static per-head patterns).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .kernels import load_kernel, next_pow2
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "attention.py"
+
+
+def template_source() -> str:
+    return TEMPLATE.read_text()
+
+
+def block_layout(lq: int, lk: int, block_m: int, block_n: int, causal: bool, sink: int = 0, window: int = 0,
+                 device="cpu"):
+    """Per query block, the key blocks that are FULL (every element visible, in bounds) and PARTIAL
+    (some visible); others are skipped. Visibility: k < lk, k <= q if causal, and if ``window`` > 0
+    also (q - k < window or k < sink). Returns (full_cnt, full_idx, part_cnt, part_idx, max_blocks)."""
+    nq, nk = -(-lq // block_m), -(-lk // block_n)
+    qlo = torch.arange(nq, device=device)[:, None] * block_m
+    qhi = torch.minimum(qlo + block_m, torch.tensor(lq, device=device)) - 1
+    klo = torch.arange(nk, device=device)[None, :] * block_n
+    khi_raw = klo + block_n - 1
+    khi = torch.minimum(khi_raw, torch.tensor(lk - 1, device=device))
+    any_vis = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    all_vis = (khi_raw < lk).expand(nq, nk).clone()
+    if causal:
+        any_vis &= klo <= qhi
+        all_vis &= khi <= qlo
+    if window > 0:
+        near = (qlo - khi) < window  # closest (q, k) pair with k <= q lies within the window
+        any_vis &= near | (klo < sink)
+        all_vis &= ((qhi - klo) < window) | (khi < sink)
+    full = any_vis & all_vis
+    part = any_vis & ~all_vis
+
+    def lists(sel):
+        cnt = sel.sum(1).to(torch.int32)
+        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True).to(torch.int32)
+        return cnt, order
+    fc, fi = lists(full)
+    pc, pi = lists(part)
+    maxb = max(int(fc.max()) if nq else 0, int(pc.max()) if nq else 0, 1)
+    return fc.contiguous(), fi[:, :maxb].contiguous(), pc.contiguous(), pi[:, :maxb].contiguous(), maxb
+
+
+def _mask_strides(mask: torch.Tensor | None) -> tuple:
+    if mask is None:
+        return (0, 0, 0, 0)
+    shp, st = list(mask.shape), list(mask.stride())
+    shp, st = [1] * (4 - len(shp)) + shp, [0] * (4 - len(st)) + st
+    return tuple(0 if s == 1 else x for s, x in zip(shp, st))
+
+
+def choose_blocks(lq: int, d: int, interpreted: bool) -> dict:
+    head = max(16, next_pow2(d))
+    if interpreted:
+        return {"BLOCK_M": 32 if lq > 16 else 16, "BLOCK_N": 32, "HEAD_DIM": head}
+    bm = 128 if lq > 64 else max(16, next_pow2(lq))
+    return {"BLOCK_M": bm, "BLOCK_N": 64, "HEAD_DIM": head, "num_warps": 8 if head >= 128 and bm >= 128 else 4,
+            "num_stages": 3}
+
+
+def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, window: int = 0, layout=None,
+           blocks: dict | None = None):
+    """Run the attention kernel: q [B,H,Lq,D], k/v [B,Hkv,Lk,D], optional mask broadcastable to
+    [B,H,Lq,Lk] (bool: keep where True; float: added to the scores)."""
+    interpreted = q.device.type == "cpu"
+    B, H, LQ, D = q.shape
+    HKV, LK = k.shape[1], k.shape[2]
+    if H % HKV:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HKV})")
+    cfg = dict(blocks or choose_blocks(LQ, D, interpreted))
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if window > 0 and layout is None:
+        layout = block_layout(LQ, LK, bm, bn, causal, sink, window, q.device)
+    use_layout = layout is not None
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    fc, fi, pc, pi, maxb = layout if use_layout else (dummy, dummy, dummy, dummy, 1)
+    if interpreted:
+        cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+    grid = (-(-LQ // bm), B * H)
+    if LQ == 0 or B * H == 0:
+        return out
+    kern[grid](q, k, v, mask if mask is not None else q, out, scale,
+               *q.stride(), *k.stride(), *v.stride(), *_mask_strides(mask), *out.stride(),
+               H, HKV, LQ, LK, D, sink, window, fc, fi, pc, pi, maxb,
+               CAUSAL=causal, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+               USE_LAYOUT=use_layout, OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, **cfg)
+    return out
+
+
+def _kernel(device_type: str, cache_dir: str | None = None):
+    from fxforge.config import current
+
+    src = template_source().replace("FXFORGE_KERNEL_NAME", "fxf_attention")
+    return load_kernel("fxf_attention", src, device_type, cache_dir or current().cache_dir)
+
+
+def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None, sink: int = 0, window: int = 0,
+              layout=None, blocks: dict | None = None):
+    """Direct call of the attention template (same semantics as SDPA with top-left causal
+    alignment, plus an optional sink + sliding-window restriction)."""
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return launch(_kernel(q.device.type), q, k, v, mask, out, scale, causal, sink, window, layout, blocks)

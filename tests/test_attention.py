@@ -1,0 +1,94 @@
+"""The attention template on the CPU interpreter: irregular lengths, causal or not, GQA, masks,
+sink + window layouts, and SDPA nodes lowered onto it through both front doors."""
+import math
+
+import fxforge  # noqa: F401
+import pytest
+import torch
+import torch.nn.functional as F
+from fxforge.debug import rel_err
+from fxforge.runtime.attention import attention, block_layout
+
+
+def sdpa_ref(q, k, v, dtype=torch.float64, **kw):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    mask = kw.pop("attn_mask", None)
+    mask = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
+    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, **kw)
+
+
+CASES = [  # B, H, Hkv, Lq, Lk, D, causal
+    (1, 2, 2, 1, 1, 16, False), (2, 4, 2, 7, 7, 64, True), (1, 4, 1, 33, 33, 32, True),
+    (1, 2, 2, 1, 300, 64, False), (2, 2, 1, 65, 130, 128, False), (1, 2, 2, 100, 100, 16, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}kv{}q{}k{}d{}{}".format(*c[:6], "c" if c[6] else ""))
+def test_matches_fp64_within_2x_same_precision_torch(case, dtype):
+    B, H, HKV, LQ, LK, D, causal = case
+    torch.manual_seed(1)
+    q, k, v = torch.randn(B, H, LQ, D, dtype=dtype), torch.randn(B, HKV, LK, D, dtype=dtype), torch.randn(B, HKV, LK, D, dtype=dtype)
+    out = attention(q, k, v, causal=causal)
+    ref = sdpa_ref(q, k, v, is_causal=causal)
+    same = sdpa_ref(q, k, v, dtype=dtype, is_causal=causal)
+    assert rel_err(out, ref) <= max(2 * rel_err(same, ref), 1e-6)
+
+
+def test_sink_window_equals_dense_masked_reference():
+    torch.manual_seed(0)
+    L, sink, win = 200, 8, 50
+    q, k, v = (torch.randn(1, 2, L, 32) for _ in range(3))
+    i = torch.arange(L)
+    visible = (i[None, :] <= i[:, None]) & (((i[:, None] - i[None, :]) < win) | (i[None, :] < sink))
+    out = attention(q, k, v, causal=True, sink=sink, window=win)
+    assert rel_err(out, sdpa_ref(q, k, v, attn_mask=visible)) < 1e-6
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=str)
+def test_user_masks_broadcast(mask_dtype):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 21, 16), torch.randn(2, 2, 21, 16)
+    mask = torch.rand(2, 1, 1, 21) > 0.3 if mask_dtype == torch.bool else torch.randn(9, 21)
+    if mask_dtype == torch.bool:
+        mask[..., 0] = True  # every row sees something
+    assert rel_err(attention(q, k, v, mask), sdpa_ref(q, k, v, attn_mask=mask)) < 1e-6
+
+
+def test_block_layout_counts():
+    fc, fi, pc, pi, maxb = block_layout(256, 256, 64, 64, causal=True)
+    assert fc.tolist() == [0, 1, 2, 3] and pc.tolist() == [1, 1, 1, 1]  # diagonal blocks are partial
+    assert pi[:, 0].tolist() == [0, 1, 2, 3]
+    fc, _, pc, _, _ = block_layout(1024, 1024, 128, 64, causal=True, sink=64, window=256)
+    assert int(fc.max()) <= 1 + 256 // 64 and int((fc + pc).max()) <= 2 + 256 // 64 + 2  # O(window), not O(L)
+    fc, _, pc, _, _ = block_layout(5, 70, 16, 32, causal=False)
+    assert fc.tolist() == [2] and pc.tolist() == [1]  # ragged last key block is partial
+
+
+class Attn(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+
+def test_sdpa_lowered_through_both_front_doors():
+    q, k, v = (torch.randn(2, 3, 17, 32) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True) * 2
+    c = fxforge.compile(Attn(), (q, k, v))
+    assert c.report.kernel_kinds().get("attention") == 1 and not c.report.fallbacks
+    assert rel_err(c(q, k, v), ref) < 1e-6
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(Attn(), backend="fxforge")(q, k, v)
+    assert rel_err(out, ref) < 1e-6
+    assert fxforge.backend.last_report().kernel_kinds().get("attention") == 1
+
+
+def test_dropout_attention_falls_back_with_reason():
+    class Drop(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    q = torch.randn(1, 1, 4, 16)
+    c = fxforge.compile(Drop(), (q, q, q))
+    assert any(f["reason"] == "attention: dropout_p > 0" for f in c.report.fallbacks)
+    assert math.isfinite(c(q, q, q).sum().item())
