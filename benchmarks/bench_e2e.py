@@ -53,8 +53,10 @@ def measure(res: Results, workload: str, model: torch.nn.Module, inputs: tuple, 
             res.add(workload, name, "throughput", items / (ms / 1e3), unit)
         res.add(workload, "fxforge", "latency_no_cuda_graph", time_cuda(no_graph, *inputs, reps=reps), "ms")
     print(rep.render(), flush=True)
-    res.add(workload, "fxforge", "matmuls_cublas_won", sum(t["winner"] == "cublas" for t in rep.autotune), "count")
-    res.add(workload, "fxforge", "matmuls_triton_won", sum(t["winner"] != "cublas" for t in rep.autotune), "count")
+    for kind in ("matmul", "attention"):
+        tuned = [t for t in rep.autotune if t["kernel"].startswith(f"fxf_{kind}")]
+        for winner in sorted({t["winner"].split("_")[0] for t in tuned}):
+            res.add(workload, "fxforge", f"{kind}_{winner}_won", sum(t["winner"].startswith(winner) for t in tuned), "count")
     for name in ("eager", "inductor"):
         res.add(workload, "fxforge", f"speedup_vs_{name}", times[name] / times["fxforge"], "x")
     del impls, inductor, compiled, no_graph

@@ -61,11 +61,11 @@ class CompileReport:
         if self.cuda_graph:
             lines.append(f"cuda graph: {self.cuda_graph}")
         if self.autotune:
-            lines.append("matmul autotune (which won):")
+            lines.append("autotune (which won):")
             for t in self.autotune:
                 best = t["ms"].get(t["winner"], float("nan"))
-                lines.append(f"  {t['kernel']:<48} BxMxNxK={'x'.join(map(str, t['shape']))}  {t['winner']} {best:.3f} ms"
-                             f"  (cublas {t['ms'].get('cublas', float('nan')):.3f} ms)")
+                others = ", ".join(f"{k} {v:.3f}" for k, v in t["ms"].items() if k != t["winner"])
+                lines.append(f"  {t['kernel']:<48} shape={'x'.join(map(str, t['shape']))}  {t['winner']} {best:.3f} ms  ({others})")
         m = self.memory
         if m:
             lines.append(f"memory plan: {m.get('bytes_unplanned')} B of kernel outputs -> {m.get('bytes_planned')} B in {m.get('slots')} reused slots")

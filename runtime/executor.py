@@ -94,7 +94,7 @@ class Executor:
         self.strict_signature = strict_signature
         self._kernels: dict = {}
         self._plans: dict = {}
-        self._choices: dict = {}  # step index -> winning matmul variant (static shapes)
+        self._choices: dict = {}  # (step index, shape key) -> winning variant
         self._ops = {}
         # After step i, drop these buffers (their last reader ran).
         last: dict[str, int] = {}
@@ -200,12 +200,41 @@ class Executor:
                         views[b] = slots[mem.assignment[b]][: n * dt.itemsize].view(dt).as_strided(shape, stride)
         return views
 
-    def _run_attention(self, st, kern, env):
+    def _run_attention(self, i, st, kern, env, device):
+        """The attention template, or eager SDPA where autotuning measured it faster on this GPU."""
         from .attention import launch
 
         q, k, v = (env[o.buf] for o in st.loads[:3])
         mask = env[st.loads[3].buf] if st.launch.get("has_mask") else None
-        launch(kern, q, k, v, mask, env[st.stores[0].buf], st.launch["scale"], st.launch["causal"])
+        out = env[st.stores[0].buf]
+        scale, causal = st.launch["scale"], st.launch["causal"]
+        variants = {"triton": lambda: launch(kern, q, k, v, mask, out, scale, causal)}
+        if device.type == "cuda":
+            def sdpa():
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+                env[st.stores[0].buf] = o  # the result replaces the planned buffer for later readers
+            variants["sdpa"] = sdpa
+        self._choose(i, st, variants, device, f"attention|{list(q.shape)}x{list(k.shape)}|{q.dtype}|{causal}|{mask is not None}",
+                     [*q.shape, k.shape[1], k.shape[2]])()
+
+    def _choose(self, i, st, variants: dict, device, key: str, shape: list):
+        """The winning variant for step i: measured once per key (and cached on disk) on CUDA."""
+        choice = self._choices.get((i, key))
+        if choice is None:
+            if device.type != "cuda" or not self.autotune or len(variants) == 1:
+                choice = next(iter(variants))
+            else:
+                from .autotune import AutotuneCache, tune
+
+                if self._tuner is None:
+                    self._tuner = AutotuneCache(self.cache_dir, device)
+                choice, info = tune(self._tuner, f"{st.kernel}|{key}", variants)
+                if self.report is not None:
+                    self.report.autotune.append({"kernel": st.kernel, "shape": shape, "winner": choice,
+                                                 "ms": {k: round(v, 4) for k, v in info["ms"].items()}})
+            self._choices[(i, key)] = choice
+        return variants[choice]
 
     # ---- matmul variants -------------------------------------------------------------------------
     def _matmul_variants(self, st, entry, env, ptrs, scalars, strides, device) -> dict:
@@ -248,24 +277,10 @@ class Executor:
         if device.type != "cuda":
             kern[grid](*ptrs, *scalars, *strides, ptrs[0], 0, 0, 0, **kw)
             return
-        choice = self._choices.get(i)
+        M, N, K = scalars[:3]
         variants = self._matmul_variants(st, entry, env, ptrs, scalars, strides, device)
-        if choice is None:
-            M, N, K = scalars[:3]
-            if not self.autotune:
-                choice = next(iter(variants))
-            else:
-                from .autotune import AutotuneCache, tune
-
-                if self._tuner is None:
-                    self._tuner = AutotuneCache(self.cache_dir, device)
-                key = f"{st.kernel}|{M}x{N}x{K}x{grid[1]}|{[str(env[o.buf].dtype) for o in st.loads[:2]]}"
-                choice, info = tune(self._tuner, key, variants)
-                if self.report is not None:
-                    self.report.autotune.append({"kernel": st.kernel, "shape": [grid[1], M, N, K], "winner": choice,
-                                                 "ms": {k: round(v, 4) for k, v in info["ms"].items()}})
-            self._choices[i] = choice
-        variants[choice]()
+        key = f"{M}x{N}x{K}x{grid[1]}|{[str(env[o.buf].dtype) for o in st.loads[:2]]}"
+        self._choose(i, st, variants, device, key, [grid[1], M, N, K])()
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     def _use_graph(self, args) -> bool:
@@ -342,7 +357,7 @@ class Executor:
                     if st.kind == "matmul":
                         self._run_matmul(i, st, plan_steps[i], env, ptrs, scalars, strides, device)
                     elif st.kind == "attention":
-                        self._run_attention(st, kern, env)
+                        self._run_attention(i, st, kern, env, device)
                     else:
                         kern[grid](*ptrs, *scalars, *strides, **kw)
             else:
