@@ -208,7 +208,12 @@ class Executor:
         mask = env[st.loads[3].buf] if st.launch.get("has_mask") else None
         out = env[st.stores[0].buf]
         scale, causal = st.launch["scale"], st.launch["causal"]
-        variants = {"triton": lambda: launch(kern, q, k, v, mask, out, scale, causal)}
+        from .attention import block_configs
+
+        variants = {}
+        for cfg in block_configs(q.shape[2], q.shape[3], device.type == "cpu"):
+            name = "triton_{BLOCK_M}x{BLOCK_N}".format(**cfg) + (f"_w{cfg['num_warps']}s{cfg['num_stages']}" if "num_warps" in cfg else "")
+            variants[name] = (lambda cfg=cfg: launch(kern, q, k, v, mask, out, scale, causal, blocks=cfg))
         if device.type == "cuda":
             def sdpa():
                 o = torch.nn.functional.scaled_dot_product_attention(

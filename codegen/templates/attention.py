@@ -22,16 +22,19 @@ def _round_bf16(v):
 def _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
                BLOCK_N: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-               MASK_BOOL: tl.constexpr, INTERPRETED: tl.constexpr):
+               MASK_BOOL: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < LK
     d_ok = offs_d < D
-    k = tl.load(k_base + offs_n[None, :] * k_sn + offs_d[:, None] * k_sd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+    k = tl.load(k_base + offs_n[:, None] * k_sn + offs_d[None, :] * k_sd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     v = tl.load(v_base + offs_n[:, None] * v_sn + offs_d[None, :] * v_sd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; upcast there
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, k) * qk_scale
+    if IEEE:  # fp32 inputs: full-precision dot, as eager (Triton's default would be TF32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
     if HAS_MASK:
         mv = tl.load(mask_rows + offs_n[None, :] * m_sn, mask=(offs_m[:, None] < LQ) & n_ok[None, :], other=0)
         if MASK_BOOL:
@@ -50,7 +53,10 @@ def _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_ro
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
 
@@ -62,7 +68,7 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, sm_scale,
                         FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, MAX_BLOCKS,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                        USE_LAYOUT: tl.constexpr, OUT_BF16: tl.constexpr, INTERPRETED: tl.constexpr):
+                        USE_LAYOUT: tl.constexpr, OUT_BF16: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -87,13 +93,13 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, sm_scale,
             start_n = tl.load(FULL_IDX + pid_m * MAX_BLOCKS + i) * BLOCK_N
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                                        offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, INTERPRETED)
+                                       BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, INTERPRETED)
         n_part = tl.load(PART_CNT + pid_m)
         for i in range(0, n_part):
             start_n = tl.load(PART_IDX + pid_m * MAX_BLOCKS + i) * BLOCK_N
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                                        offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, INTERPRETED)
+                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, INTERPRETED)
     else:
         if CAUSAL:  # off-band blocks (entirely at or below the diagonal) run unmasked
             full_end = tl.minimum(((pid_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N, (LK // BLOCK_N) * BLOCK_N)
@@ -104,11 +110,11 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, sm_scale,
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                                        offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, INTERPRETED)
+                                       BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, INTERPRETED)
         for start_n in range(full_end, part_end, BLOCK_N):
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                                        offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, INTERPRETED)
+                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, INTERPRETED)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     if INTERPRETED and OUT_BF16:
