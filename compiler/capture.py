@@ -110,6 +110,12 @@ def export_graph(model: torch.nn.Module, example_inputs: tuple, dynamic=False, d
         ep = ep.run_decompositions(decomposition_table())
     gm = ep.graph_module
     sig = ep.graph_signature
+    mutated = {**getattr(sig, "buffers_to_mutate", {}), **getattr(sig, "user_inputs_to_mutate", {})}
+    if mutated:
+        from .errors import FxforgeError
+
+        raise FxforgeError(f"the model mutates {sorted(mutated.values())[:4]} in place (e.g. a KV cache); the AOT "
+                           "path does not support state mutation yet — use torch.compile(backend='fxforge')")
     named = {**dict(ep.named_parameters()), **dict(ep.named_buffers()), **ep.constants}
     lifted = {}
     lifted.update(sig.inputs_to_parameters)

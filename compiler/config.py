@@ -30,7 +30,9 @@ class Config:
     fuse: bool = True  # False: one kernel per op (useful to bisect fusion bugs)
     matmul: bool = True  # False: mm/addmm/bmm run as eager ATen calls
     memory_plan: bool = True
-    autotune: bool = True  # GPU: time Triton configs and cuBLAS per matmul shape once, cache on disk
+    # GPU: time kernel variants once per shape and cache the winner on disk. "fast": cuBLAS vs one
+    # Triton config per matmul (few compiles); "max": the whole config list; "off": heuristics.
+    autotune: str = "fast"
     cuda_graphs: str = "auto"  # "auto"/"on": capture static-shape programs on CUDA; "off"
     # Where to run Triton: "auto" uses the Triton CPU interpreter for CPU tensors.
     debug_rtol: float = 1e-2
@@ -38,6 +40,11 @@ class Config:
     def __post_init__(self):
         from .errors import ConfigError
 
+        aliases = {"0": "off", "false": "off", "no": "off", "1": "fast", "true": "fast", "yes": "fast"}
+        self.autotune = aliases.get(str(self.autotune).lower(), str(self.autotune).lower()) if not isinstance(self.autotune, bool) \
+            else ("fast" if self.autotune else "off")
+        if self.autotune not in ("fast", "max", "off"):
+            raise ConfigError(f"autotune must be 'fast', 'max' or 'off', got {self.autotune!r}")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ConfigError(f"cuda_graphs must be 'auto', 'on' or 'off', got {self.cuda_graphs!r}")
         if self.max_persistent_rblock < 1:

@@ -93,7 +93,7 @@ def make_plot(path: Path, cfg, res, dtype: str, model: str) -> str | None:
     except ImportError:
         return None
     from fxforge.passes.winograd import library
-    from fxforge.passes.winograd.construct import standard_points, toom_cook
+    from fxforge.passes.winograd.construct import standard_points
     from fxforge.passes.winograd.emulate import relative_error
     from fxforge.passes.winograd.search import SearchConfig, evaluate_points
 

@@ -25,7 +25,8 @@ EPILOGUE_CONFIG = (64, 128, 32, 4, 1)  # bandwidth-bound epilogue-only launch
 
 
 def candidate_configs(M: int, N: int, K: int) -> list[tuple]:
-    """Prune the config space by shape: no tile much taller than M or wider than N."""
+    """Prune the config space by shape: no tile much taller than M or wider than N. The first is the
+    best single guess (used alone in "fast" mode): the largest tile that fits."""
     out = []
     for bm, bn, bk, w, s in TRITON_CONFIGS:
         if bm > max(16, 2 * M) or bn > max(64, 2 * N) or bk > max(32, K):

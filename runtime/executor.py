@@ -80,7 +80,7 @@ def _materialize(t, env: dict, syms: dict):
 
 class Executor:
     def __init__(self, program: Program, constants: dict, cache_dir: str, config_id: str = "", strict_signature: bool = True,
-                 autotune: bool = True, report=None, cuda_graphs: str = "auto"):
+                 autotune: str = "fast", report=None, cuda_graphs: str = "auto"):
         self.program = program
         self.cuda_graphs = cuda_graphs
         self._graph = None
@@ -211,7 +211,8 @@ class Executor:
         from .attention import block_configs
 
         variants = {}
-        for cfg in block_configs(q.shape[2], q.shape[3], device.type == "cpu"):
+        configs = block_configs(q.shape[2], q.shape[3], device.type == "cpu")
+        for cfg in configs if self.autotune == "max" else configs[:1]:
             name = "triton_{BLOCK_M}x{BLOCK_N}".format(**cfg) + (f"_w{cfg['num_warps']}s{cfg['num_stages']}" if "num_warps" in cfg else "")
             variants[name] = (lambda cfg=cfg: launch(kern, q, k, v, mask, out, scale, causal, blocks=cfg))
         if device.type == "cuda":
@@ -227,7 +228,7 @@ class Executor:
         """The winning variant for step i: measured once per key (and cached on disk) on CUDA."""
         choice = self._choices.get((i, key))
         if choice is None:
-            if device.type != "cuda" or not self.autotune or len(variants) == 1:
+            if device.type != "cuda" or self.autotune in ("off", False) or len(variants) == 1:
                 choice = next(iter(variants))
             else:
                 from .autotune import AutotuneCache, tune
@@ -273,7 +274,10 @@ class Executor:
             c = torch.bmm(a, b) if launch.get("op") == "bmm" else torch.mm(a, b)
             triton_launch(EPILOGUE_CONFIG, external=c)
 
-        variants = {f"triton_{'x'.join(map(str, c))}": (lambda c=c: triton_launch(c)) for c in candidate_configs(M, N, K)}
+        configs = candidate_configs(M, N, K)
+        if self.autotune != "max":
+            configs = configs[:1]  # "fast": one Triton compile per kernel keeps cold compiles short
+        variants = {f"triton_{'x'.join(map(str, c))}": (lambda c=c: triton_launch(c)) for c in configs}
         variants["cublas"] = cublas
         return variants
 

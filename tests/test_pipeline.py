@@ -218,3 +218,30 @@ def test_every_node_carries_metadata_after_capture():
     for n in cap.gm.graph.nodes:
         if n.op != "output" and not (isinstance(n.target, torch._ops.OpOverload) and not n.target._schema.returns):
             assert "val" in n.meta, n.format_node()
+
+
+def test_state_mutation_is_an_error_on_aot_and_correct_on_jit():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", torch.zeros(4))
+
+        def forward(self, x):
+            self.c.add_(x)
+            return self.c * 2
+    with pytest.raises(fxforge.FxforgeError, match="mutates"):
+        fxforge.compile(Counter(), (torch.ones(4),))
+    torch._dynamo.reset()
+    m = Counter()
+    f = torch.compile(m, backend="fxforge")
+    with torch.no_grad():
+        f(torch.ones(4))
+        out = f(torch.ones(4))
+    assert torch.equal(out, torch.full((4,), 4.0)) and torch.equal(m.c, torch.full((4,), 2.0))
+
+
+def test_autotune_modes():
+    assert Config(autotune="0").autotune == "off" and Config(autotune=True).autotune == "fast"
+    assert from_env(environ={"FXFORGE_AUTOTUNE": "max"}).autotune == "max"
+    with pytest.raises(ConfigError, match="autotune"):
+        Config(autotune="always")
