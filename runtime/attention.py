@@ -106,7 +106,7 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
                H, HKV, LQ, LK, D, sink, window, fc, fi, pc, pi, maxb,
                CAUSAL=causal, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
                USE_LAYOUT=use_layout, OUT_BF16=out.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-               INTERPRETED=interpreted, **cfg)
+               D_CONST=D, INTERPRETED=interpreted, **cfg)
     return out
 
 

@@ -22,12 +22,18 @@ def _round_bf16(v):
 def _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
                BLOCK_N: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-               MASK_BOOL: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+               MASK_BOOL: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, INTERPRETED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < LK
     d_ok = offs_d < D
-    k = tl.load(k_base + offs_n[:, None] * k_sn + offs_d[None, :] * k_sd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * v_sn + offs_d[None, :] * v_sd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptrs = k_base + offs_n[:, None] * k_sn + offs_d[None, :] * k_sd
+    v_ptrs = v_base + offs_n[:, None] * v_sn + offs_d[None, :] * v_sd
+    if CHECK or not EVEN_D:  # ragged key block or padded head dim: masked loads
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    else:  # full block, exact head dim: unmasked (vectorized) loads
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
     if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; upcast there
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -68,7 +74,8 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, sm_scale,
                         FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, MAX_BLOCKS,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                        USE_LAYOUT: tl.constexpr, OUT_BF16: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+                        USE_LAYOUT: tl.constexpr, OUT_BF16: tl.constexpr, IEEE: tl.constexpr, D_CONST: tl.constexpr,
+                        INTERPRETED: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -93,13 +100,13 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, sm_scale,
             start_n = tl.load(FULL_IDX + pid_m * MAX_BLOCKS + i) * BLOCK_N
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                                        offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, INTERPRETED)
+                                       BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, HEAD_DIM == D_CONST, INTERPRETED)
         n_part = tl.load(PART_CNT + pid_m)
         for i in range(0, n_part):
             start_n = tl.load(PART_IDX + pid_m * MAX_BLOCKS + i) * BLOCK_N
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                                        offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, INTERPRETED)
+                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, HEAD_DIM == D_CONST, INTERPRETED)
     else:
         if CAUSAL:  # off-band blocks (entirely at or below the diagonal) run unmasked
             full_end = tl.minimum(((pid_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N, (LK // BLOCK_N) * BLOCK_N)
@@ -110,11 +117,11 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, sm_scale,
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                                        offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, INTERPRETED)
+                                       BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, HEAD_DIM == D_CONST, INTERPRETED)
         for start_n in range(full_end, part_end, BLOCK_N):
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                                        offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, INTERPRETED)
+                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, HEAD_DIM == D_CONST, INTERPRETED)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     if INTERPRETED and OUT_BF16:
