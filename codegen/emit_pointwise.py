@@ -167,19 +167,21 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
     # ---- assemble ----
     src = Source()
     if red:
-        src("xindex = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
+        src("pid = tl.program_id(0).to(tl.int64) if INDEX64 else tl.program_id(0)  # 64-bit offsets past 2**31")
+        src("xindex = pid * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
         src("xmask = xindex < xnumel")
         src("rindex = tl.arange(0, RBLOCK)[None, :]")
         src("rmask = rindex < rnumel")
         idx = decompose("xindex", sizes[:nx_], "i") + [(f"i{nx_ + k}", e) for k, (_, e) in enumerate(decompose("rindex", sizes[nx_:], "r"))]
     else:
-        src("xindex = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)")
+        src("pid = tl.program_id(0).to(tl.int64) if INDEX64 else tl.program_id(0)  # 64-bit offsets past 2**31")
+        src("xindex = pid * XBLOCK + tl.arange(0, XBLOCK)")
         src("xmask = xindex < xnumel")
         idx = decompose("xindex", sizes, "i")
     for k, (v, e) in enumerate(idx):
         if k in used_idx:
             src(f"{v} = {e}")
-    params = ops.pointer_args() + sizes + ["xnumel"] + (["rnumel"] if red else []) + ops.stride_args() + ["XBLOCK: tl.constexpr"] + (["RBLOCK: tl.constexpr"] if red else []) + ["INTERPRETED: tl.constexpr"]
+    params = ops.pointer_args() + sizes + ["xnumel"] + (["rnumel"] if red else []) + ops.stride_args() + ["XBLOCK: tl.constexpr"] + (["RBLOCK: tl.constexpr"] if red else []) + ["INDEX64: tl.constexpr", "INTERPRETED: tl.constexpr"]
     code = f"def {name}({', '.join(params)}):\n" + "\n".join(
         [src.text(), loads_src.text(), body.text(), store_src.text()]).replace("\n\n", "\n") + "\n"
     text = header(name, g.kind, g.nodes, code) + code

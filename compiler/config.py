@@ -26,7 +26,7 @@ class Config:
     debug_dir: str = "fxforge_debug"
     cache_dir: str = field(default_factory=_default_cache_dir)
     # Largest reduction length kept whole in registers (persistent reduction); longer ones loop.
-    max_persistent_rblock: int = 4096
+    max_persistent_rblock: int = 32768
     fuse: bool = True  # False: one kernel per op (useful to bisect fusion bugs)
     matmul: bool = True  # False: mm/addmm/bmm run as eager ATen calls
     memory_plan: bool = True

@@ -12,9 +12,9 @@ import operator
 import sympy
 import torch
 
-from fxforge.errors import SignatureMismatch
+from fxforge.errors import FxforgeError, SignatureMismatch
 
-from .kernels import launch_config, load_kernel
+from .kernels import INT32_MAX, launch_config, load_kernel, max_offset
 from .memory import _ITEMSIZE, step_reads, step_writes
 from .program import AtenStep, KernelStep, Program
 
@@ -35,6 +35,15 @@ def evaluate(x, env: dict):
     names, f = _compile_expr(x)
     v = f(*(env[n] for n in names))
     return int(v) if float(v).is_integer() else v
+
+
+def grid_numel(st, scalars) -> int:
+    """Elements a pointwise/reduction launch indexes (xnumel·rnumel); 0 for other kinds."""
+    if st.kind == "pointwise":
+        return scalars[len(st.sizes)]
+    if st.kind == "reduction":
+        return scalars[len(st.sizes)] * scalars[len(st.sizes) + 1]
+    return 0
 
 
 def _shape(xs, syms) -> tuple:
@@ -200,6 +209,11 @@ class Executor:
                         views[b] = slots[mem.assignment[b]][: n * dt.itemsize].view(dt).as_strided(shape, stride)
         return views
 
+    @staticmethod
+    def _too_big(st):
+        raise FxforgeError(f"{st.kind} kernel {st.kernel}: a tensor spans more than 2**31 elements, past the "
+                           "32-bit index math of this template; compile with FXFORGE_MATMUL=0 or split the input")
+
     def _run_attention(self, i, st, kern, env, device):
         """The attention template, or eager SDPA where autotuning measured it faster on this GPU."""
         from .attention import launch
@@ -363,6 +377,11 @@ class Executor:
                         ptrs.append(t)
                         shp, std = t.shape, t.stride()
                         strides += [0 if d < 0 or shp[d] == 1 else std[d] for d in op.tdims]
+                    big = any(max_offset(t) > INT32_MAX for t in ptrs) or grid_numel(st, scalars) > INT32_MAX
+                    if big and st.kind in ("pointwise", "reduction"):
+                        kw = dict(kw, INDEX64=True)
+                    elif big:
+                        self._too_big(st)
                     if st.kind == "matmul":
                         self._run_matmul(i, st, plan_steps[i], env, ptrs, scalars, strides, device)
                     elif st.kind == "attention":

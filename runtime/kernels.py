@@ -67,6 +67,14 @@ def load_kernel(name: str, source: str, device_type: str, cache_dir: str, config
         return fn
 
 
+INT32_MAX = 2**31 - 1
+
+
+def max_offset(t) -> int:
+    """Largest element offset a kernel computes for tensor ``t`` (bounds 32-bit index math)."""
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -76,7 +84,7 @@ def launch_config(kind: str, launch: dict, interpreted: bool) -> tuple[tuple, di
     if kind == "pointwise":
         xn = launch["xnumel"]
         xb = min(next_pow2(xn), 8192 if interpreted else 1024)
-        kw = {"XBLOCK": xb, "INTERPRETED": interpreted}
+        kw = {"XBLOCK": xb, "INDEX64": False, "INTERPRETED": interpreted}
         if not interpreted:
             kw["num_warps"] = 4 if xb >= 512 else 2
         return ((xn + xb - 1) // xb,), kw
@@ -85,9 +93,9 @@ def launch_config(kind: str, launch: dict, interpreted: bool) -> tuple[tuple, di
         rb = next_pow2(rn)
         budget = 65536 if interpreted else 4096
         xb = max(1, min(next_pow2(xn), budget // rb, 64))
-        kw = {"XBLOCK": xb, "RBLOCK": rb, "INTERPRETED": interpreted}
-        if not interpreted:
-            kw["num_warps"] = 8 if rb >= 2048 else 4
+        kw = {"XBLOCK": xb, "RBLOCK": rb, "INDEX64": False, "INTERPRETED": interpreted}
+        if not interpreted:  # long rows: more warps so each thread holds at most ~64 values
+            kw["num_warps"] = 16 if rb >= 8192 else 8 if rb >= 2048 else 4
         return ((xn + xb - 1) // xb,), kw
     if kind == "matmul":
         M, N, K, B = launch["M"], launch["N"], launch["K"], launch["batch"]

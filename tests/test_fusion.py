@@ -114,3 +114,21 @@ def test_long_reduction_falls_back_with_reason():
     c = compile_fn(lambda x: x.sum(-1), x, config=fxforge.Config(max_persistent_rblock=1024))
     assert any(f["reason"].startswith("reduction_too_long") for f in c.report.fallbacks)
     assert rel_err(c(x), x.double().sum(-1)) < 1e-6
+
+
+def test_64bit_index_path_and_clear_error_for_huge_matmuls(monkeypatch):
+    import fxforge.runtime.executor as ex
+    x = torch.randn(7, 33)
+    c = compile_fn(lambda x: torch.softmax(x, -1) * 2 + x.exp(), x)
+    monkeypatch.setattr(ex, "INT32_MAX", 10)  # pretend every tensor is past 32-bit offsets
+    assert rel_err(c(x), torch.softmax(x.double(), -1) * 2 + x.double().exp()) < 1e-6
+    m = compile_fn(lambda a, b: a @ b, torch.randn(5, 6), torch.randn(6, 7))
+    with pytest.raises(fxforge.FxforgeError, match="2\\*\\*31"):
+        m(torch.randn(5, 6), torch.randn(6, 7))
+
+
+def test_long_rows_stay_persistent_by_default():
+    x = torch.randn(2, 5000)
+    c = compile_fn(lambda x: torch.softmax(x, -1), x)
+    assert c.report.kernel_kinds() == {"reduction": 1} and not c.report.fallbacks
+    assert rel_err(c(x), torch.softmax(x.double(), -1)) < 1e-6
