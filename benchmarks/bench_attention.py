@@ -41,7 +41,7 @@ def ceilings(res: Results) -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     t = ms(lambda: y.copy_(x))
-    res.add("ceiling", "copy", "hbm_bandwidth", 2 * x.numel() / t / 1e9, "GB/s")
+    res.add("ceiling", "copy", "hbm_bandwidth", 2 * x.numel() / t / 1e9, "TB/s")  # bytes / ms / 1e9 = TB/s
     return tflops
 
 

@@ -1,8 +1,12 @@
 """Winograd fidelity on a trained CNN (issue 5): fp16 / bf16 accuracy with standard vs searched
 F(m,3) points against fp32 direct convolution, emulated on the CPU.
 
-Data: scikit-learn's bundled 8x8 digits (1797 images, shipped in the wheel), upsampled to 32x32 so
-that F(8,3) tiles fit every layer (32, 16 and 8 pixel maps); stratified 1437 / 360 split, seed 0.
+Data: (1) scikit-learn's bundled 8x8 digits (1797 images, shipped in the wheel), upsampled to
+32x32 so that F(8,3) tiles fit every layer (32, 16 and 8 pixel maps); stratified 1437 / 360 split,
+seed 0. Easy: large margins, so accuracy moves only when a transform is badly broken.
+(2) Fashion-MNIST 28x28 from the Debian package dataset-fashion-mnist (60k train; the first 5000
+of the 10k test images), a harder task (~90%) whose accuracy reacts to smaller logit errors;
+skipped if /usr/share/datasets/fashion-mnist is absent (apt-get install dataset-fashion-mnist).
 Model: 6 x (conv3x3 pad 1 + BN + ReLU), channels 16-16-pool-32-32-pool-64-64, global average
 pool, linear; trained in fp32 (AdamW, OneCycle, random shifts), then BN folded into the convs.
 Inference variants: fp32 direct (reference); low-precision direct; low-precision Winograd on all
@@ -11,7 +15,7 @@ library's kappa-optimal points. In a low-precision variant every activation, wei
 rounded to the dtype (emulate.py "stage" model; "tc" rows use the tensor-core model); ReLU and
 max-pool are exact in any format. Nothing is pickled; `--save` writes safetensors.
 
-    python benchmarks/winograd_fidelity.py [--epochs 30] [--save weights.safetensors]
+    python benchmarks/winograd_fidelity.py [--workloads digits,fashion] [--save-dir DIR]
 """
 from __future__ import annotations
 
@@ -62,6 +66,30 @@ def load_data(size: int = 32, seed: int = 0):
     idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=360, random_state=seed, stratify=y)
     y = torch.tensor(y)
     return X[idx_tr], y[idx_tr], X[idx_te], y[idx_te]
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def load_fashion(n_test: int = 5000):
+    import gzip
+
+    def read(name, offset):
+        return np.frombuffer(gzip.open(FASHION / name).read(), np.uint8, offset=offset)
+
+    Xtr = torch.tensor(read("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28), dtype=torch.float32) / 255.0
+    Xte = torch.tensor(read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)[:n_test], dtype=torch.float32) / 255.0
+    ytr = torch.tensor(read("train-labels-idx1-ubyte.gz", 8).astype(np.int64))
+    yte = torch.tensor(read("t10k-labels-idx1-ubyte.gz", 8).astype(np.int64)[:n_test])
+    mu, sd = Xtr.mean(), Xtr.std()
+    return (Xtr - mu) / sd, ytr, (Xte - mu) / sd, yte
+
+
+# name -> (loader, epochs, low-precision models to run for fp16)
+WORKLOADS = {
+    "digits32_cnn6": (load_data, 30, ("stage", "tc")),
+    "fashion28_cnn6": (load_fashion, 4, ("stage",)),
+}
 
 
 def train(Xtr, ytr, epochs: int, seed: int = 0) -> CNN:
@@ -115,25 +143,8 @@ def infer(X, convs, head, conv_fn, dtype=None):
     return rd(rd(x @ rd(W).T) + rd(b))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--save", default=None, help="write the trained fp32 weights as safetensors")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    res = Results("winograd_fidelity")
-    Xtr, ytr, Xte, yte = load_data()
-    t0 = time.perf_counter()
-    model = train(Xtr, ytr, a.epochs)
-    train_s = time.perf_counter() - t0
-    if a.save:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.save)
+def evaluate(res: Results, W: str, model: CNN, Xte, yte, fp16_models) -> None:
     convs, head = fold(model)
-    W = "digits32_cnn6"
-    res.add(W, "fp32_train", "train_time", train_s, "s")
     with torch.no_grad():
         ref = infer(Xte, convs, head, lambda x, w, b: F.conv2d(x, w, b, padding=1))
         ref_pred = ref.argmax(1)
@@ -155,10 +166,37 @@ def main(argv=None) -> int:
                         "found_cond": library.found(m, 3, "cond", None)}
                 for name, entry in sets.items():
                     t = entry.transform()
-                    for model_name in (("stage", "tc") if dtype == "fp16" else ("stage",)):
+                    for model_name in (fp16_models if dtype == "fp16" else ("stage",)):
                         fn = lambda x, w, b, t=t, mo=model_name: winograd_conv2d(x, w, t, b, 1, dtype, mo)
                         suffix = "" if model_name == "stage" else "_tc"
                         record(f"{dtype}_F{m}_{name}{suffix}", infer(Xte, convs, head, fn, dtype))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="digits,fashion", help="comma list: digits, fashion")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-dir", default=None, help="write the trained fp32 weights as safetensors here")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    res = Results("winograd_fidelity")
+    wanted = [w for w in WORKLOADS if w.split("_")[0].rstrip("0123456789") in a.workloads.split(",")]
+    for W in wanted:
+        loader, epochs, fp16_models = WORKLOADS[W]
+        if W.startswith("fashion") and not FASHION.exists():
+            print(f"skipping {W}: {FASHION} not found (apt-get install dataset-fashion-mnist)")
+            continue
+        Xtr, ytr, Xte, yte = loader()
+        t0 = time.perf_counter()
+        model = train(Xtr, ytr, epochs)
+        res.add(W, "fp32_train", "train_time", time.perf_counter() - t0, "s")
+        res.add(W, "fp32_train", "epochs", float(epochs), "count")
+        if a.save_dir:
+            from safetensors.torch import save_file
+
+            Path(a.save_dir).mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(a.save_dir) / f"{W}.safetensors"))
+        evaluate(res, W, model, Xte, yte, fp16_models)
     res.write(out_dirs())
     notes = ["", "## Setup", "",
              __doc__.split("\n\n")[1].replace("\n", " "), "",
@@ -166,8 +204,9 @@ def main(argv=None) -> int:
              "Point sets (from `pointsets.json`): " + "; ".join(
                  f"F({m},3) {n}: {{{', '.join(library.standard(m).points if n == 'standard' else (library.found(m, 3, 'error', 'fp16') if n == 'found' else library.found(m, 3, 'cond', None)).points)}}}"
                  for m in (4, 6, 8) for n in ("standard", "found", "found_cond")),
-             "", "`found` = the library's fp16 (bf16 rows: bf16) error-optimal set; `found_cond` = its kappa-optimal (NOVA-objective) set. "
-             "top1 counts an image with non-finite logits as wrong. 360 test images: one image = 0.28 points."]
+             "", "`found` = the library's fp16 (bf16 rows: bf16) error-optimal set; `found_cond` = its kappa-optimal "
+             "(NOVA-objective) set; `_tc` = tensor-core precision model. top1 counts an image with non-finite logits as "
+             "wrong. digits: 360 test images (one image = 0.28 points); fashion: 5000 (0.02 points)."]
     for d in out_dirs():
         if d:
             p = Path(d) / "winograd_fidelity.md"

@@ -31,7 +31,6 @@ from fxforge.passes.winograd.emulate import make_data, relative_error  # noqa: E
 from fxforge.passes.winograd.es import CMAES  # noqa: E402
 from fxforge.passes.winograd.metrics import cond_report  # noqa: E402
 from fxforge.passes.winograd.search import Objective, SearchConfig  # noqa: E402
-from fxforge.passes.winograd.snap import expand  # noqa: E402
 
 TILES = (4, 6, 8)
 WORKLOAD = {"tiles": 512, "channels": 32, "filters": 16, "seed": 7}
