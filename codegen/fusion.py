@@ -75,8 +75,9 @@ class Group:
 
 
 class Fuser:
-    def __init__(self, gm: fx.GraphModule, fuse: bool = True, matmul: bool = True):
+    def __init__(self, gm: fx.GraphModule, fuse: bool = True, matmul: bool = True, defer_epilogues: bool = False):
         self.gm = gm
+        self.defer_epilogues = defer_epilogues
         self.fuse = fuse
         self.use_matmul = matmul
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -140,6 +141,8 @@ class Fuser:
         """How n would sit in g: (dims, reduced?) or None."""
         s = shape_of(n)
         if g.kind == "matmul":
+            if self.defer_epilogues:
+                return None
             ins = [a for a in n.all_input_nodes if self.group_of.get(a) is g]
             if len(s) and same(s[-1], g.F[-1]) and same(prod(s[:-1]), prod(g.F[:-1])) and all(same_shape(shape_of(a), s) for a in ins):
                 return s, False
@@ -190,7 +193,7 @@ class Fuser:
         if g is h or h.kind in ("matmul", "attention") or g.kind == "attention":
             return False
         if g.kind == "matmul":
-            if h.kind != "pointwise" or not (same(h.F[-1] if h.F else 0, g.F[-1]) and same(prod(h.F[:-1]), prod(g.F[:-1]))):
+            if self.defer_epilogues or h.kind != "pointwise" or not (same(h.F[-1] if h.F else 0, g.F[-1]) and same(prod(h.F[:-1]), prod(g.F[:-1]))):
                 return False
             if not all(same_shape(shape_of(m), h.F) for m in h.nodes):
                 return False
@@ -276,7 +279,7 @@ class Fuser:
         return groups
 
 
-def fuse_graph(gm: fx.GraphModule, fuse: bool = True, matmul: bool = True) -> tuple[list[Group], dict]:
-    f = Fuser(gm, fuse=fuse, matmul=matmul)
+def fuse_graph(gm: fx.GraphModule, fuse: bool = True, matmul: bool = True, defer_epilogues: bool = False) -> tuple[list[Group], dict]:
+    f = Fuser(gm, fuse=fuse, matmul=matmul, defer_epilogues=defer_epilogues)
     groups = f.run()
     return groups, f.group_of

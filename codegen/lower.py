@@ -120,7 +120,10 @@ def lower_graph(gm: fx.GraphModule, config, user_inputs: list[str] | None = None
                     r *= F[d]
                 if r.is_Integer and int(r) > config.max_persistent_rblock:
                     n.meta["fxforge_extern"] = f"reduction_too_long: {int(r)} > max_persistent_rblock={config.max_persistent_rblock}"
-    groups, group_of = fuse_graph(gm, fuse=config.fuse, matmul=config.matmul)
+    on_cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in (n.meta.get("val") for n in graph.nodes if n.op == "placeholder")) \
+        or any(isinstance(getattr(gm, n.target, None), torch.Tensor) and getattr(gm, n.target).is_cuda for n in graph.nodes if n.op == "get_attr")
+    defer = config.matmul_epilogue == "defer" or (config.matmul_epilogue == "auto" and on_cuda)
+    groups, group_of = fuse_graph(gm, fuse=config.fuse, matmul=config.matmul, defer_epilogues=defer)
 
     # Units: a kernel group, or one node that is not in a group. Order them topologically.
     unit_of = {}

@@ -29,6 +29,10 @@ class Config:
     max_persistent_rblock: int = 32768
     fuse: bool = True  # False: one kernel per op (useful to bisect fusion bugs)
     matmul: bool = True  # False: mm/addmm/bmm run as eager ATen calls
+    # "fuse": pointwise epilogues join the matmul kernel; "defer": the matmul stays bare (cuBLAS can
+    # write it directly) and its epilogue fuses forward into the next kernel (e.g. residual add into
+    # the following layer norm); "auto": defer on CUDA, where cuBLAS wins the matmul itself.
+    matmul_epilogue: str = "auto"
     memory_plan: bool = True
     # GPU: time kernel variants once per shape and cache the winner on disk. "fast": cuBLAS vs one
     # Triton config per matmul (few compiles); "max": the whole config list; "off": heuristics.
@@ -45,6 +49,8 @@ class Config:
             else ("fast" if self.autotune else "off")
         if self.autotune not in ("fast", "max", "off"):
             raise ConfigError(f"autotune must be 'fast', 'max' or 'off', got {self.autotune!r}")
+        if self.matmul_epilogue not in ("auto", "fuse", "defer"):
+            raise ConfigError(f"matmul_epilogue must be 'auto', 'fuse' or 'defer', got {self.matmul_epilogue!r}")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ConfigError(f"cuda_graphs must be 'auto', 'on' or 'off', got {self.cuda_graphs!r}")
         if self.max_persistent_rblock < 1:

@@ -1,4 +1,6 @@
 """Tests of generated code: how many kernels, which nodes they fuse, and the fallback report."""
+import re
+
 import fxforge  # noqa: F401  (first: sets up Triton's interpreter without CUDA)
 import pytest
 import torch
@@ -69,6 +71,30 @@ def test_fallback_is_reported_with_reason_and_runs():
     assert any(op.startswith("aten::index") for op in reasons)
     assert all(r and ":" in r for r in reasons.values()), "each fallback names a typed reason"
     assert torch.allclose(c(x, i), torch.cat([x[i] * 2, x[:2]]).relu())
+
+
+def test_deferred_matmul_epilogue_fuses_into_the_next_layer_norm():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self, d=48):
+            super().__init__()
+            self.fc, self.ln = nn.Linear(d, d), nn.LayerNorm(d)
+
+        def forward(self, x):
+            h = self.fc(x) + x  # residual
+            return self.ln(h), h
+    m, x = Block().eval(), torch.randn(3, 7, 48)
+    c = fxforge.compile(m, (x,), config=fxforge.Config(matmul_epilogue="defer"))
+    assert c.report.kernel_kinds() == {"matmul": 1, "reduction": 1}
+    mm = next(k for k in c.report.kernels if k["kind"] == "matmul")
+    is_add = re.compile(r"add(_\d+)?$").match
+    assert not any(is_add(n) for n in mm["nodes"]), "deferred: the residual add leaves the matmul"
+    red = next(k for k in c.report.kernels if k["kind"] == "reduction")
+    assert any(is_add(n) for n in red["nodes"]), "and becomes the layer norm's prologue"
+    out, h = c(x)
+    ref_out, ref_h = m.double()(x.double())
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(h, ref_h) < 1e-5
 
 
 def test_no_fusion_config_gives_one_kernel_per_op():
