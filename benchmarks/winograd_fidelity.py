@@ -13,7 +13,7 @@ Inference variants: fp32 direct (reference); low-precision direct; low-precision
 six 3x3 convs with the standard integer points, the library's error-optimal points, and the
 library's kappa-optimal points. In a low-precision variant every activation, weight and constant is
 rounded to the dtype (emulate.py "stage" model; "tc" rows use the tensor-core model); ReLU and
-max-pool are exact in any format. Nothing is pickled; `--save` writes safetensors.
+max-pool are exact in any format. Nothing is pickled; `--save-dir` writes safetensors.
 
     python benchmarks/winograd_fidelity.py [--workloads digits,fashion] [--save-dir DIR]
 """
@@ -172,6 +172,22 @@ def evaluate(res: Results, W: str, model: CNN, Xte, yte, fp16_models) -> None:
                         record(f"{dtype}_F{m}_{name}{suffix}", infer(Xte, convs, head, fn, dtype))
 
 
+def summary(rows) -> list[str]:
+    """Markdown pivot: one line per variant, top-1 / logit error per workload."""
+    works = list(dict.fromkeys(r["workload"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "fp32_train"))
+    val = {(r["workload"], r["impl"], r["metric"]): r["value"] for r in rows}
+    head = "| variant | " + " | ".join(f"{w} top1 % | {w} logit rel err" for w in works) + " |"
+    out = ["## Summary", "", head, "|---|" + "---|---|" * len(works)]
+    for i in impls:
+        cells = []
+        for w in works:
+            t, e = val.get((w, i, "top1")), val.get((w, i, "logit_rel_err"))
+            cells += ["-" if t is None else f"{t:.2f}", "-" if e is None else f"{e:.3g}"]
+        out.append(f"| {i} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="digits,fashion", help="comma list: digits, fashion")
@@ -198,7 +214,7 @@ def main(argv=None) -> int:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(a.save_dir) / f"{W}.safetensors"))
         evaluate(res, W, model, Xte, yte, fp16_models)
     res.write(out_dirs())
-    notes = ["", "## Setup", "",
+    notes = [""] + summary(res.rows) + ["## Setup", "",
              __doc__.split("\n\n")[1].replace("\n", " "), "",
              __doc__.split("\n\n")[2].replace("\n", " "), "",
              "Point sets (from `pointsets.json`): " + "; ".join(
