@@ -154,8 +154,11 @@ def main(argv=None) -> int:
     e.add_argument("model")
     e.add_argument("--graph", action="store_true")
     e.add_argument("--json", action="store_true")
+    from . import winograd_cli
+
+    winograd_cli.add_parser(sub)
     a = ap.parse_args(argv)
-    return {"run": cmd_run, "compile": cmd_compile, "explain": cmd_explain}[a.cmd](a)
+    return {"run": cmd_run, "compile": cmd_compile, "explain": cmd_explain, "search-winograd": winograd_cli.run}[a.cmd](a)
 
 
 if __name__ == "__main__":
