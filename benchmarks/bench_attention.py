@@ -10,7 +10,6 @@ Correctness: error against an fp32 reference at 2048 tokens, next to SDPA's own 
 """
 from __future__ import annotations
 
-import math
 import time
 
 import fxforge  # noqa: F401

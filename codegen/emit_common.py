@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from fxforge.runtime.program import Operand
 
-from .ops import TL_STORAGE, compute_dtype, val
+from .ops import TL_STORAGE, cast_to, compute_dtype, val  # noqa: F401  (cast_to re-exported)
 
 
 def tensor_sig(t: torch.Tensor):
@@ -120,11 +120,6 @@ def to_bf16(v, INTERPRETED: tl.constexpr):
         v = tl.where(v != v, v, u.to(tl.float32, bitcast=True))
     return v.to(tl.bfloat16)
 '''
-
-
-def cast_to(expr: str, tl_dtype: str) -> str:
-    """``expr`` rounded to storage dtype ``tl_dtype`` (bf16 through ``to_bf16``, see above)."""
-    return f"to_bf16({expr}, INTERPRETED)" if tl_dtype == "tl.bfloat16" else f"{expr}.to({tl_dtype})"
 
 
 def header(name: str, kind: str, nodes: list[fx.Node], body: str = "") -> str:

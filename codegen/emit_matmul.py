@@ -11,7 +11,6 @@ the tile's global row (``b·M + m``) and column.
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
@@ -20,7 +19,7 @@ from fxforge.runtime.program import KernelStep
 
 from .emit_common import cast_to, tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, size_str, store_dtype
 from .fusion import Group, shape_of
-from .ops import POINTWISE, ExprBuilder, compute_dtype, val
+from .ops import POINTWISE, ExprBuilder, val
 
 aten = torch.ops.aten
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 from fxforge.runtime.program import KernelStep
 
-from .emit_common import (cast_to, tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, offset, size_str,
-                          store_dtype)
-from .fusion import Group, shape_of
-from .ops import POINTWISE, ExprBuilder, compute_dtype, reduction_info, val
+from .emit_common import (OperandTable, Source, cast_to, decompose, header, is_static_one, load_cast, offset, out_val, size_str,
+                          store_dtype, tensor_sig)
+from .fusion import Group, prod, shape_of
+from .ops import POINTWISE, ExprBuilder, compute_dtype, reduction_info
 
 
 def _identity(kind: str, dtype: str) -> str:
@@ -187,9 +186,9 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
     text = header(name, g.kind, g.nodes, code) + code
     F = [g.F[d] for d in korder]
     xn = [F[k] for k in range(nx_)] if red else F
-    launch = {"xnumel": size_str(_prod(xn))}
+    launch = {"xnumel": size_str(prod(xn))}
     if red:
-        launch["rnumel"] = size_str(_prod(F[nx_:]))
+        launch["rnumel"] = size_str(prod(F[nx_:]))
     step = KernelStep(
         kernel=name, kind=g.kind,
         loads=[op for _, op, _ in ops.loads], stores=[op for _, op, _ in ops.stores],
@@ -197,11 +196,3 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
         sizes=[size_str(s) for s in F], launch=launch, nodes=[n.name for n in g.nodes],
     )
     return text, step
-
-
-def _prod(xs):
-    import sympy
-    p = sympy.Integer(1)
-    for x in xs:
-        p *= x
-    return p

@@ -22,7 +22,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .ops import MATMULS, classify, reduction_info, val
+from .ops import classify, reduction_info, val
 
 
 def sym_shape(t: torch.Tensor) -> tuple:

@@ -8,6 +8,7 @@ Nodes with no lowering become ``fallback`` steps with a typed reason; views beco
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 
 import networkx as nx
@@ -15,14 +16,13 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fxforge.runtime.memory import plan_memory
-from fxforge.runtime.program import AtenStep, Program, TensorSig
-
-from .emit_common import size_str, tensor_sig
 from fxforge.runtime.attention import template_source
+from fxforge.runtime.memory import buffer_refs, plan_memory, step_reads
+from fxforge.runtime.program import AtenStep, Program
 
 from .emit_attention import emit_attention_group
 from .emit_matmul import emit_matmul_group
+from .emit_common import tensor_sig
 from .emit_pointwise import emit_pointwise_group
 from .fusion import Group, fuse_graph, shape_of
 from .ops import classify, reduction_info, val
@@ -71,7 +71,7 @@ def arg_template(x):
 def op_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"{target._schema.name}.{target._overloadname}"
-    if target is __import__("operator").getitem:
+    if target is operator.getitem:
         return "getitem"
     raise TypeError(f"not an ATen op: {target}")
 
@@ -201,17 +201,8 @@ def lower_graph(gm: fx.GraphModule, config, user_inputs: list[str] | None = None
                       steps=steps, outputs=outputs, kernels=kernels, device=device)
     if config.memory_plan:
         program.memory = plan_memory(program)
-    used = {r for st in steps for r in _refs(st)} | set(_flat_bufs(outputs))
+    used = {r for st in steps for r in step_reads(st)} | set(buffer_refs(outputs))
     constants = {k: t for k, t in constants.items() if k in used}
     program.constants = {k: v for k, v in program.constants.items() if k in constants}
     return program, constants, fallbacks
 
-
-def _flat_bufs(t) -> list[str]:
-    from fxforge.runtime.memory import buffer_refs
-    return buffer_refs(t)
-
-
-def _refs(step) -> list[str]:
-    from fxforge.runtime.memory import step_reads
-    return step_reads(step)

@@ -38,9 +38,9 @@ def compute_dtype(dt: torch.dtype) -> str:
 
 
 def cast_to(expr: str, tl_dtype: str) -> str:
-    from .emit_common import cast_to as _cast_to
-
-    return _cast_to(expr, tl_dtype)
+    """``expr`` rounded to storage dtype ``tl_dtype``; bf16 goes through the kernel-module helper
+    ``to_bf16`` (emit_common), which rounds to nearest-even also under the CPU interpreter."""
+    return f"to_bf16({expr}, INTERPRETED)" if tl_dtype == "tl.bfloat16" else f"{expr}.to({tl_dtype})"
 
 
 def literal(v) -> str:

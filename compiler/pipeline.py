@@ -14,7 +14,6 @@ import inspect
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.fx as fx

@@ -1,6 +1,5 @@
 """Save → load → run, guards on the AOT path, and the documented errors for bad artifacts."""
 import json
-from pathlib import Path
 
 import fxforge  # noqa: F401
 import pytest

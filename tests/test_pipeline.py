@@ -2,7 +2,6 @@
 import fxforge  # noqa: F401
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from fxforge import Config, ConfigError, NumericsError, Pass, PassError, registry
 from fxforge.config import DEFAULT_PASSES, from_env
