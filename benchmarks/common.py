@@ -51,7 +51,8 @@ class Results:
         self.rows.append({"workload": workload, "impl": impl, "metric": metric, "value": value, "unit": unit})
         print(f"{workload:<28} {impl:<10} {metric:<14} {value:>12.4g} {unit}", flush=True)
 
-    def write(self, out_dirs) -> None:
+    def write(self, out_dirs, notes: list[str] | None = None) -> None:
+        """JSON + markdown table in each directory; ``notes`` lines are appended to the markdown."""
         doc = dict(self.meta, rows=self.rows)
         md = [f"# {self.name}", "", f"device: {self.meta['device']}; torch {self.meta['torch']}; triton {self.meta['triton']}; "
               f"date {self.meta['date']}", f"command: `{self.meta['command']}`", "",
@@ -63,7 +64,7 @@ class Results:
             d = Path(d)
             d.mkdir(parents=True, exist_ok=True)
             (d / f"{self.name}.json").write_text(json.dumps(doc, indent=1))
-            (d / f"{self.name}.md").write_text("\n".join(md) + "\n")
+            (d / f"{self.name}.md").write_text("\n".join(md + (notes or [])) + "\n")
 
 
 def out_dirs() -> list:

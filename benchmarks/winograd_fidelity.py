@@ -213,7 +213,6 @@ def main(argv=None) -> int:
             Path(a.save_dir).mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(a.save_dir) / f"{W}.safetensors"))
         evaluate(res, W, model, Xte, yte, fp16_models)
-    res.write(out_dirs())
     notes = [""] + summary(res.rows) + ["## Setup", "",
              __doc__.split("\n\n")[1].replace("\n", " "), "",
              __doc__.split("\n\n")[2].replace("\n", " "), "",
@@ -223,10 +222,7 @@ def main(argv=None) -> int:
              "", "`found` = the library's fp16 (bf16 rows: bf16) error-optimal set; `found_cond` = its kappa-optimal "
              "(NOVA-objective) set; `_tc` = tensor-core precision model. top1 counts an image with non-finite logits as "
              "wrong. digits: 360 test images (one image = 0.28 points); fashion: 5000 (0.02 points)."]
-    for d in out_dirs():
-        if d:
-            p = Path(d) / "winograd_fidelity.md"
-            p.write_text(p.read_text() + "\n".join(notes) + "\n")
+    res.write(out_dirs(), notes=notes)
     return 0
 
 

@@ -124,10 +124,7 @@ def main() -> int:
           "both direct and Winograd. Standard sets use their best scaling placement; inf = overflow to inf/NaN.",
           "",
           "Point sets (all verified exactly in 1D and 2D; infinity is the last point of each):", ""] + notes
-    for d in out_dirs():
-        if d:
-            p = Path(d) / "winograd_numerics.md"
-            p.write_text(p.read_text() + "\n".join(md) + "\n")
+    res.write(out_dirs(), notes=md)
     return 0
 
 
