@@ -177,7 +177,7 @@ def lower_graph(gm: fx.GraphModule, config, user_inputs: list[str] | None = None
             continue
         if c.kind in ("pointwise", "reduction", "matmul", "attention") and not n.meta.get("fxforge_extern"):
             reason = "not_fused: config disabled it" if not config.matmul else "not_fused"
-        role = {"view": "view", "getitem": "getitem"}.get(c.kind, "fallback")
+        role = {"view": "view", "getitem": "getitem", "library": "library"}.get(c.kind, "fallback")
         step = AtenStep(op=op_name(n.target), args=arg_template(list(n.args)), kwargs=arg_template(dict(n.kwargs)) or {},
                         outputs=[n.name], role=role, reason=reason if role == "fallback" else None, node=n.name)
         if isinstance(step.kwargs, dict) and "dict" in step.kwargs:

@@ -428,7 +428,7 @@ ATTENTION = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product
 
 @dataclass(frozen=True)
 class Classified:
-    kind: str  # pointwise | reduction | matmul | attention | view | getitem | extern | sym
+    kind: str  # pointwise | reduction | matmul | attention | library | view | getitem | extern | sym
     reason: str | None = None  # for extern: why it is not lowered
 
 
@@ -463,6 +463,8 @@ def classify(n: fx.Node) -> Classified:
         return Classified("reduction")
     if t in POINTWISE:
         return Classified("pointwise")
+    if isinstance(t, torch._ops.OpOverload) and t.namespace == "fxforge":
+        return Classified("library")  # fxforge's own kernels behind a custom op (e.g. Winograd conv)
     if t in ATTENTION:
         from .emit_attention import unsupported_reason
 

@@ -20,6 +20,7 @@ if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
         _os.environ["TRITON_INTERPRET"] = "1"
 
 from . import backend  # noqa: E402,F401  (fxforge.backend.reports / last_report)
+from .runtime import winograd as _winograd  # noqa: E402,F401  (registers the fxforge::winograd_conv2d op)
 from .api import CompiledModel, compile  # noqa: E402
 from .artifact import load, save  # noqa: E402
 from .config import Config  # noqa: E402

@@ -11,6 +11,7 @@ class CompileReport:
     unique_kernels: int = 0  # distinct Triton sources (identical layers share one)
     fallbacks: list = field(default_factory=list)  # {"node", "op", "reason"}
     views: int = 0
+    library_calls: int = 0  # fxforge custom ops run by their own kernels (e.g. Winograd convolution)
     memory: dict = field(default_factory=dict)
     autotune: list = field(default_factory=list)  # matmul winners: {"kernel", "shape", "winner", "ms"}
     cuda_graph: str = ""  # "captured", or "disabled: <reason>"
@@ -40,6 +41,7 @@ class CompileReport:
             unique_kernels=len(program.kernels),
             fallbacks=list(fallbacks),
             views=sum(1 for s in program.steps if isinstance(s, AtenStep) and s.role in ("view", "getitem")),
+            library_calls=sum(1 for s in program.steps if isinstance(s, AtenStep) and s.role == "library"),
             memory={"bytes_unplanned": program.memory.bytes_unplanned, "bytes_planned": program.memory.bytes_planned,
                     "slots": len(program.memory.slots)},
             compile_seconds=seconds, graph_nodes=graph_nodes,
@@ -52,7 +54,8 @@ class CompileReport:
             for p in self.passes:
                 lines.append(f"  {p['name']:<16} modified={str(p['modified']):<5} nodes {p['nodes_before']}->{p['nodes_after']}  {p['seconds'] * 1e3:.1f} ms")
         kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.kernel_kinds().items()))
-        lines.append(f"kernels: {self.num_kernels} launches of {self.unique_kernels} distinct ({kinds})   view/getitem steps: {self.views}")
+        lines.append(f"kernels: {self.num_kernels} launches of {self.unique_kernels} distinct ({kinds})   view/getitem steps: {self.views}"
+                     + (f"   library ops: {self.library_calls}" if self.library_calls else ""))
         for k in self.kernels:
             lines.append(f"  {k['name']:<48} {len(k['nodes'])} nodes")
         lines.append(f"fallbacks: {len(self.fallbacks)}")

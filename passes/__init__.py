@@ -1,4 +1,5 @@
 """Built-in graph passes (``fxforge.passes``). Importing this package registers them."""
 from .cleanup import CSE, ConstantFold, DeadCodeElimination, RemoveNoops
+from .winograd_conv import WinogradConv
 
-__all__ = ["CSE", "ConstantFold", "DeadCodeElimination", "RemoveNoops"]
+__all__ = ["CSE", "ConstantFold", "DeadCodeElimination", "RemoveNoops", "WinogradConv"]

@@ -12,6 +12,7 @@ the baseline that a fused (transform-in-GEMM-prologue/epilogue) kernel must beat
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -77,6 +78,67 @@ def output_transform_source(AT: np.ndarray, m: int, name: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def filter_transform(weight: torch.Tensor, transform) -> torch.Tensor:
+    """U = G g Gᵀ for every (k, c), in float64, laid out [α², K, C] for the batched GEMM."""
+    _, G, _ = transform.numpy()
+    a = transform.alpha
+    G64 = torch.tensor(G, dtype=torch.float64, device=weight.device)
+    U = G64 @ weight.double() @ G64.T  # (K, C, α, α)
+    return U.permute(2, 3, 0, 1).reshape(a * a, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def transform_kernels(m: int, points: str, scaling: str, device_type: str, cache_dir: str):
+    """(input kernel, output kernel, source, transform) for the exact, verified transform with
+    these finite points (space-separated rationals) and Lagrange-scaling placement."""
+    from fxforge.passes.winograd.construct import toom_cook
+    from fxforge.passes.winograd.verify import require_verified
+
+    transform = require_verified(toom_cook(m, 3, points.split(), scaling), dims=(1,))
+    AT, _, BT = transform.numpy()
+    tag = hashlib.sha256(np.concatenate([AT.ravel(), BT.ravel()]).tobytes()).hexdigest()[:10]
+    src = "# fxforge Winograd transforms " + transform.name + " points " + " ".join(transform.points_str()) + " inf\n"
+    src += "import triton\nimport triton.language as tl\n\n\n"
+    src += input_transform_source(BT, m, f"wino_in_{tag}") + "\n\n" + output_transform_source(AT, m, f"wino_out_{tag}")
+    k_in = load_kernel(f"wino_in_{tag}", src, device_type, cache_dir)
+    k_out = load_kernel(f"wino_out_{tag}", src, device_type, cache_dir)
+    return k_in, k_out, src, transform
+
+
+def winograd_apply(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int, points: str, padding: int,
+                   scaling: str = "G", cache_dir: str | None = None) -> torch.Tensor:
+    """conv2d(x, w, bias, padding) for U = filter_transform(w, transform(m, points, scaling))."""
+    from fxforge.config import current
+
+    k_in, k_out, _, _ = transform_kernels(m, points, scaling, x.device.type, cache_dir or current().cache_dir)
+    N, C, H, W = x.shape
+    a, K = m + 2, U.shape[1]
+    HO, WO = H + 2 * padding - 2, W + 2 * padding - 2
+    NH, NW = -(-HO // m), -(-WO // m)
+    P = N * NH * NW
+    V = torch.empty(a * a, C, P, device=x.device, dtype=x.dtype)
+    bc, bp, bk = 32, 64, 32
+    k_in[(-(-P // bp), -(-C // bc))](x, V, C, H, W, NH, NW, P, padding, *x.stride(), BLOCK_C=bc, BLOCK_P=bp)
+    M = torch.bmm(U, V)  # (α², K, P): tensor cores, fp32 accumulation
+    y = torch.empty(N, K, HO, WO, device=x.device, dtype=x.dtype)
+    k_out[(-(-P // bp), -(-K // bk))](M, y, bias if bias is not None else y, K, HO, WO, NH, NW, P, *y.stride(),
+                                      HAS_BIAS=bias is not None, BLOCK_K=bk, BLOCK_P=bp)
+    return y
+
+
+@torch.library.custom_op("fxforge::winograd_conv2d", mutates_args=())
+def winograd_conv2d(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int, points: str,
+                    padding: int, scaling: str) -> torch.Tensor:
+    """The graph-level op the ``winograd_conv`` pass writes: a 3×3 stride-1 convolution whose filter
+    was transformed at compile time (U), run by this module's kernels."""
+    return winograd_apply(x, U, bias, m, points, padding, scaling)
+
+
+@winograd_conv2d.register_fake
+def _(x, U, bias, m, points, padding, scaling):
+    return x.new_empty((x.shape[0], U.shape[1], x.shape[2] + 2 * padding - 2, x.shape[3] + 2 * padding - 2))
+
+
 class WinogradConv2d:
     """A 3×3, stride-1 convolution with fixed weights, run as Winograd F(m×m, 3×3).
 
@@ -87,35 +149,11 @@ class WinogradConv2d:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transform, padding: int, cache_dir: str | None = None):
         from fxforge.config import current
 
-        AT, G, BT = transform.numpy()
-        self.m, self.alpha, self.padding = transform.m, transform.alpha, padding
-        self.K, self.C = weight.shape[0], weight.shape[1]
-        G64 = torch.tensor(G, dtype=torch.float64, device=weight.device)
-        U = G64 @ weight.double() @ G64.T  # (K, C, α, α)
-        self.U = U.permute(2, 3, 0, 1).reshape(self.alpha ** 2, self.K, self.C).to(weight.dtype).contiguous()
-        self.bias = bias
-        tag = hashlib.sha256(np.concatenate([AT.ravel(), BT.ravel()]).tobytes()).hexdigest()[:10]
-        src = "# fxforge Winograd transforms " + transform.name + " points " + " ".join(transform.points_str()) + " inf\n"
-        src += "import triton\nimport triton.language as tl\n\n\n"
-        src += input_transform_source(BT, self.m, f"wino_in_{tag}") + "\n\n" + output_transform_source(AT, self.m, f"wino_out_{tag}")
-        self.source = src
-        dev = weight.device.type
-        cache = cache_dir or current().cache_dir
-        self.k_in = load_kernel(f"wino_in_{tag}", src, dev, cache)
-        self.k_out = load_kernel(f"wino_out_{tag}", src, dev, cache)
+        self.m, self.padding, self.bias = transform.m, padding, bias
+        self.points, self.scaling = " ".join(transform.points_str()), transform.scaling
+        self.U = filter_transform(weight, transform)
+        self.cache_dir = cache_dir or current().cache_dir
+        self.source = transform_kernels(self.m, self.points, self.scaling, weight.device.type, self.cache_dir)[2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        N, C, H, W = x.shape
-        m, a, pad = self.m, self.alpha, self.padding
-        HO, WO = H + 2 * pad - 2, W + 2 * pad - 2
-        NH, NW = -(-HO // m), -(-WO // m)
-        P = N * NH * NW
-        V = torch.empty(a * a, C, P, device=x.device, dtype=x.dtype)
-        bc, bp = 32, 64
-        self.k_in[(-(-P // bp), -(-C // bc))](x, V, C, H, W, NH, NW, P, pad, *x.stride(), BLOCK_C=bc, BLOCK_P=bp)
-        M = torch.bmm(self.U, V)  # (α², K, P): tensor cores, fp32 accumulation
-        y = torch.empty(N, self.K, HO, WO, device=x.device, dtype=x.dtype)
-        bk = 32
-        self.k_out[(-(-P // bp), -(-self.K // bk))](M, y, self.bias if self.bias is not None else y, self.K, HO, WO, NH, NW, P,
-                                                   *y.stride(), HAS_BIAS=self.bias is not None, BLOCK_K=bk, BLOCK_P=bp)
-        return y
+        return winograd_apply(x, self.U, self.bias, self.m, self.points, self.padding, self.scaling, self.cache_dir)

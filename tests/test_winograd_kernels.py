@@ -22,3 +22,18 @@ def test_winograd_matches_direct(m, shape, pad):
 def test_generated_source_unrolls_constants():
     conv = WinogradConv2d(torch.randn(2, 2, 3, 3), None, library.standard(2, 3).transform(), padding=1)
     assert "d3_3 = tl.load" in conv.source and "tl.dot" not in conv.source
+
+
+def test_winograd_pass_on_a_cnn_and_artifact_roundtrip(tmp_path):
+    from fxforge.config import DEFAULT_PASSES
+    from fxforge.models import get_builtin
+
+    b = get_builtin("cnn")
+    model, x = b.factory(0), b.example_inputs(2, "cpu", torch.float32)
+    c = fxforge.compile(model, x, passes=list(DEFAULT_PASSES) + ["winograd_conv", "dce"])
+    assert c.report.library_calls == 2, c.report.render()
+    assert not any("convolution" in f["op"] for f in c.report.fallbacks)
+    ref = b.factory(0).double()(x[0].double())
+    assert rel_err(c(*x), ref) < 1e-5
+    loaded = fxforge.load(fxforge.save(c, tmp_path / "cnn"))
+    assert torch.equal(loaded(*x), c(*x))
