@@ -74,3 +74,16 @@ def test_cuda_graph_replay_and_autotune_report():
     assert not torch.equal(out_y, first), "returned outputs must not alias the graph's static buffers"
     off = fxforge.compile(model, x, config=fxforge.Config(cuda_graphs="off", autotune=False))
     assert torch.allclose(off(*x), first, atol=1e-2, rtol=1e-2) and off.report.cuda_graph == ""
+
+
+def test_winograd_pass_on_cuda():
+    from fxforge.config import DEFAULT_PASSES
+    b = BUILTIN_MODELS["cnn"]
+    model, x = b.factory(0).cuda().half(), b.example_inputs(2, "cuda", torch.float16)
+    c = fxforge.compile(model, x, passes=list(DEFAULT_PASSES) + ["winograd_conv", "dce"])
+    assert c.report.library_calls == 2
+    ref = b.factory(0).double()(x[0].cpu().double())
+    with torch.no_grad():
+        eager_err = rel_err(model(*x), ref)
+    # F(4,3) in fp16 measured ~4.5x direct's error on a VGG layer (benchmarks/results/winograd_gpu.md)
+    assert rel_err(c(*x), ref) <= max(6 * eager_err, 5e-3)
