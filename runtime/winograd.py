@@ -32,16 +32,21 @@ def _lin(coeffs, names) -> str:
     return " + ".join(terms).replace("+ -", "- ") if terms else "0.0"
 
 
+def _tile_prologue(chan: str, count: str, block: str, m: int, offset: str) -> list[str]:
+    """Source lines shared by both transforms: a [BLOCK_<chan>, BLOCK_P] tile of (channel, tile p),
+    its bounds mask, and p's image n and top-left corner (h0, w0)."""
+    return [f"    {chan} = tl.program_id(1) * {block} + tl.arange(0, {block})[:, None]",
+            "    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]",
+            f"    ok = ({chan} < {count}) & (p < P)",
+            "    n = p // (NH * NW)",
+            f"    h0 = ((p // NW) % NH) * {m}{offset}",
+            f"    w0 = (p % NW) * {m}{offset}"]
+
+
 def input_transform_source(BT: np.ndarray, m: int, name: str) -> str:
     a = BT.shape[0]
-    L = [f"@triton.jit\ndef {name}(x, v, C, H, W, NH, NW, P, pad, sxn, sxc, sxh, sxw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):",
-         "    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]",
-         "    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]",
-         "    ok = (c < C) & (p < P)",
-         "    n = p // (NH * NW)",
-         f"    h0 = ((p // NW) % NH) * {m} - pad",
-         f"    w0 = (p % NW) * {m} - pad",
-         "    base = x + n * sxn + c * sxc"]
+    L = [f"@triton.jit\ndef {name}(x, v, C, H, W, NH, NW, P, pad, sxn, sxc, sxh, sxw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):"]
+    L += _tile_prologue("c", "C", "BLOCK_C", m, " - pad") + ["    base = x + n * sxn + c * sxc"]
     for i in range(a):
         for j in range(a):
             L.append(f"    d{i}_{j} = tl.load(base + (h0 + {i}) * sxh + (w0 + {j}) * sxw, mask=ok & (h0 + {i} >= 0) & (h0 + {i} < H)"
@@ -57,14 +62,9 @@ def input_transform_source(BT: np.ndarray, m: int, name: str) -> str:
 
 def output_transform_source(AT: np.ndarray, m: int, name: str) -> str:
     a = AT.shape[1]
-    L = [f"@triton.jit\ndef {name}(mm, y, bias, K, HO, WO, NH, NW, P, syn, syk, syh, syw, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):",
-         "    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]",
-         "    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]",
-         "    ok = (k < K) & (p < P)",
-         "    n = p // (NH * NW)",
-         f"    h0 = ((p // NW) % NH) * {m}",
-         f"    w0 = (p % NW) * {m}",
-         "    b = tl.load(bias + k, mask=k < K, other=0.0).to(tl.float32) if HAS_BIAS else 0.0"]
+    L = [f"@triton.jit\ndef {name}(mm, y, bias, K, HO, WO, NH, NW, P, syn, syk, syh, syw, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):"]
+    L += _tile_prologue("k", "K", "BLOCK_K", m, "") + [
+        "    b = tl.load(bias + k, mask=k < K, other=0.0).to(tl.float32) if HAS_BIAS else 0.0"]
     for r in range(a):
         for s in range(a):
             L.append(f"    m{r}_{s} = tl.load(mm + ({r * a + s} * K + k) * P + p, mask=ok, other=0.0).to(tl.float32)")
