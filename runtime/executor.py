@@ -65,26 +65,45 @@ def resolve_op(name: str):
     return getattr(packet, overload)
 
 
-def _materialize(t, env: dict, syms: dict):
+_CONSTANT_TAGS = {
+    "dtype": lambda v: _DTYPES[v] if v in _DTYPES else getattr(torch, v),
+    "device": torch.device,
+    "layout": lambda v: getattr(torch, v),
+    "memory_format": lambda v: getattr(torch, v),
+}
+
+
+def compile_template(t):
+    """A JSON argument template (see program.py) as a function ``(env, syms) -> value``, built once
+    per step so a call does no template walking; constant subtrees are evaluated here."""
+    const, value = _compile(t)
+    return (lambda env, syms: value) if const else value
+
+
+def _compile(t):
+    """(True, constant) or (False, getter)."""
     if isinstance(t, list):
-        return [_materialize(i, env, syms) for i in t]
+        parts = [_compile(i) for i in t]
+        if all(c for c, _ in parts):
+            return True, [v for _, v in parts]
+        getters = [(lambda env, syms, v=v: v) if c else v for c, v in parts]
+        return False, lambda env, syms: [g(env, syms) for g in getters]
     if isinstance(t, dict):
         if "buf" in t:
-            return env[t["buf"]]
+            name = t["buf"]
+            return False, lambda env, syms: env[name]
         if "sym" in t:
-            return evaluate(t["sym"], syms)
-        if "dtype" in t:
-            return _DTYPES[t["dtype"]] if t["dtype"] in _DTYPES else getattr(torch, t["dtype"])
-        if "device" in t:
-            return torch.device(t["device"])
-        if "layout" in t:
-            return getattr(torch, t["layout"])
-        if "memory_format" in t:
-            return getattr(torch, t["memory_format"])
-        if "dict" in t:
-            return {k: _materialize(v, env, syms) for k, v in t["dict"].items()}
-        return {k: _materialize(v, env, syms) for k, v in t.items()}
-    return t
+            expr = t["sym"]
+            return False, lambda env, syms: evaluate(expr, syms)
+        for tag, make in _CONSTANT_TAGS.items():
+            if tag in t:
+                return True, make(t[tag])
+        items = t["dict"] if "dict" in t else t
+        parts = {k: _compile(v) for k, v in items.items()}
+        if all(c for c, _ in parts.values()):
+            return True, {k: v for k, (_, v) in parts.items()}
+        return False, lambda env, syms: {k: (v if c else v(env, syms)) for k, (c, v) in parts.items()}
+    return True, t
 
 
 class Executor:
@@ -116,9 +135,17 @@ class Executor:
         for b, i in last.items():
             if b not in keep:
                 self._free_after[i].append(b)
-        for st in program.steps:
+        # Each ATen step as one closure over its resolved op and compiled argument getters.
+        self._aten_calls = {}
+        for i, st in enumerate(program.steps):
             if isinstance(st, AtenStep):
-                self._ops[st.op] = resolve_op(st.op)
+                op = self._ops.setdefault(st.op, resolve_op(st.op))
+                args = compile_template(st.args)
+                kwargs = {k: compile_template(v) for k, v in st.kwargs.items()}
+                self._aten_calls[i] = (lambda env, syms, op=op, args=args, kwargs=kwargs:
+                                       op(*args(env, syms), **{k: g(env, syms) for k, g in kwargs.items()}))
+        outputs = compile_template(program.outputs)
+        self._outputs = lambda env, syms: list(outputs(env, syms))  # a fresh list per call
 
     # ---- signature -----------------------------------------------------------------------------
     def expected_signature(self) -> str:
@@ -377,7 +404,8 @@ class Executor:
                         ptrs.append(t)
                         shp, std = t.shape, t.stride()
                         strides += [0 if d < 0 or shp[d] == 1 else std[d] for d in op.tdims]
-                    big = any(max_offset(t) > INT32_MAX for t in ptrs) or grid_numel(st, scalars) > INT32_MAX
+                    big = grid_numel(st, scalars) > INT32_MAX or any(
+                        t.untyped_storage().nbytes() > INT32_MAX * t.element_size() and max_offset(t) > INT32_MAX for t in ptrs)
                     if big and st.kind in ("pointwise", "reduction"):
                         kw = dict(kw, INDEX64=True)
                     elif big:
@@ -389,9 +417,7 @@ class Executor:
                     else:
                         kern[grid](*ptrs, *scalars, *strides, **kw)
             else:
-                args_ = _materialize(st.args, env, syms)
-                kwargs_ = {k: _materialize(v, env, syms) for k, v in st.kwargs.items()}
-                env[st.outputs[0]] = self._ops[st.op](*args_, **kwargs_)
+                env[st.outputs[0]] = self._aten_calls[i](env, syms)
             for b in self._free_after[i]:
                 env.pop(b, None)
-        return [_materialize(o, env, syms) for o in prog.outputs]
+        return self._outputs(env, syms)
