@@ -1,5 +1,6 @@
 """Built-in graph passes (``fxforge.passes``). Importing this package registers them."""
 from .cleanup import CSE, ConstantFold, DeadCodeElimination, RemoveNoops
+from .fuse_attention import FuseAttention
 from .winograd_conv import WinogradConv
 
-__all__ = ["CSE", "ConstantFold", "DeadCodeElimination", "RemoveNoops", "WinogradConv"]
+__all__ = ["CSE", "ConstantFold", "DeadCodeElimination", "FuseAttention", "RemoveNoops", "WinogradConv"]

@@ -92,3 +92,58 @@ def test_dropout_attention_falls_back_with_reason():
     c = fxforge.compile(Drop(), (q, q, q))
     assert any(f["reason"] == "attention: dropout_p > 0" for f in c.report.fallbacks)
     assert math.isfinite(c(q, q, q).sum().item())
+
+
+class Explicit(torch.nn.Module):
+    def __init__(self, scale_mode="mul", fp32_softmax=False):
+        super().__init__()
+        self.scale_mode, self.fp32_softmax = scale_mode, fp32_softmax
+
+    def forward(self, q, k, v, mask):
+        s = q @ k.transpose(-2, -1)
+        s = s * 0.125 if self.scale_mode == "mul" else s / 8.0
+        s = s + mask
+        p = torch.softmax(s.float(), -1).to(q.dtype) if self.fp32_softmax else torch.softmax(s, -1)
+        return p @ v
+
+
+@pytest.mark.parametrize("scale_mode,fp32_softmax,dtype", [("mul", False, torch.float32), ("div", True, torch.bfloat16)])
+def test_explicit_attention_is_fused(scale_mode, fp32_softmax, dtype):
+    from fxforge.config import DEFAULT_PASSES
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 9, 16, dtype=dtype), torch.randn(2, 3, 11, 16, dtype=dtype), torch.randn(2, 3, 11, 16, dtype=dtype)
+    mask = torch.randn(2, 1, 9, 11, dtype=dtype)
+    m = Explicit(scale_mode, fp32_softmax)
+    c = fxforge.compile(m, (q, k, v, mask), passes=list(DEFAULT_PASSES) + ["fuse_attention", "dce"])
+    assert c.report.kernel_kinds() == {"attention": 1}, c.report.render()
+    ref = sdpa_ref(q, k, v, attn_mask=mask.double(), scale=0.125)
+    same = sdpa_ref(q, k, v, dtype=dtype, attn_mask=mask, scale=0.125)
+    assert rel_err(c(q, k, v, mask), ref) <= max(2 * rel_err(same, ref), 1e-6)
+
+
+def test_explicit_attention_pass_leaves_other_patterns_alone():
+    from fxforge.config import DEFAULT_PASSES
+
+    class NotAttention(torch.nn.Module):  # softmax over the query axis: not attention
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1), -2) @ v
+    q = torch.randn(1, 2, 5, 8)
+    c = fxforge.compile(NotAttention(), (q, q, q), passes=list(DEFAULT_PASSES) + ["fuse_attention", "dce"])
+    assert "attention" not in c.report.kernel_kinds()
+    ref = torch.softmax(q.double() @ q.double().transpose(-2, -1), -2) @ q.double()
+    assert rel_err(c(q, q, q), ref) < 1e-6
+
+
+def test_hf_bert_eager_attention_is_fused():
+    transformers = pytest.importorskip("transformers")
+    from fxforge.config import DEFAULT_PASSES
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    ids, am = torch.randint(0, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    am[1, 8:] = 0
+    c = fxforge.compile(model, (ids, am), passes=list(DEFAULT_PASSES) + ["fuse_attention", "dce"])
+    assert c.report.kernel_kinds().get("attention") == 2
+    ref = model.double()(ids, am).last_hidden_state
+    assert rel_err(c(ids, am).last_hidden_state, ref) < 1e-5
