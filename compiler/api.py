@@ -33,6 +33,18 @@ def build_program(gm, cfg: Config, user_inputs=None, debug_inputs=None, referenc
     return program, constants, report
 
 
+def call_program(executor, out_spec, args: tuple, kwargs: dict):
+    """Run a program on the tensor/number leaves of ``(args, kwargs)`` and rebuild the model's
+    output structure. Extra or missing leaves are neither dropped nor padded: the executor's
+    signature check names them."""
+    flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, (torch.Tensor, int, float, bool))]
+    with torch.no_grad():
+        outs = executor(*flat)
+    if out_spec is not None:
+        return pytree.tree_unflatten(outs, out_spec)
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 class CompiledModel:
     """A compiled program with its weights; call it like the original model."""
 
@@ -49,13 +61,7 @@ class CompiledModel:
                                  cuda_graphs=cfg.cuda_graphs)
 
     def __call__(self, *args, **kwargs):
-        flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, (torch.Tensor, int, float, bool))]
-        flat = flat[: len(self.program.inputs)] if len(flat) > len(self.program.inputs) else flat
-        with torch.no_grad():
-            outs = self.executor(*flat)
-        if self.out_spec is not None:
-            return pytree.tree_unflatten(outs, self.out_spec)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return call_program(self.executor, self.out_spec, args, kwargs)
 
     @property
     def kernel_sources(self) -> dict:

@@ -63,12 +63,9 @@ class LoadedModel:
         self.out_spec = pytree.treespec_loads(program.out_spec) if program.out_spec else None
 
     def __call__(self, *args, **kwargs):
-        flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, (torch.Tensor, int, float, bool))]
-        with torch.no_grad():
-            outs = self.executor(*flat)
-        if self.out_spec is not None:
-            return pytree.tree_unflatten(outs, self.out_spec)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        from .api import call_program
+
+        return call_program(self.executor, self.out_spec, args, kwargs)
 
 
 def load(path, *, device: str | None = None, config: Config | None = None) -> LoadedModel:
