@@ -43,7 +43,7 @@ def test_wrong_shape_call_raises_signature_mismatch(compiled_vit_block):
     with pytest.raises(SignatureMismatch, match="dtype"):
         compiled(x[0].double())
     with pytest.raises(SignatureMismatch, match="expected 1 inputs, got 2"):
-        compiled.executor(x[0], x[0])
+        compiled(x[0], x[0])  # an extra argument is an error, never silently dropped
 
 
 def test_corrupt_kernel_file_is_a_checksum_error(tmp_path, compiled_vit_block):
