@@ -19,7 +19,7 @@ from fxforge.runtime.program import KernelStep
 
 from .emit_common import cast_to, tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, size_str, store_dtype
 from .fusion import Group, shape_of
-from .ops import POINTWISE, ExprBuilder, val
+from .ops import POINTWISE, RESHAPES, ExprBuilder, val
 
 aten = torch.ops.aten
 
@@ -27,8 +27,7 @@ aten = torch.ops.aten
 def _direct_call(g: Group, outputs: list[fx.Node]) -> dict | None:
     """When the group is the matmul alone (plus views), cuBLAS can write the output directly:
     {"op": "mm"|"addmm"|"bmm", "beta", "alpha"}; else None (an epilogue must run after it)."""
-    views = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-    if len(outputs) != 1 or any(n is not g.anchor and n.target not in views for n in g.nodes):
+    if len(outputs) != 1 or any(n is not g.anchor and n.target not in RESHAPES for n in g.nodes):
         return None
     op = str(g.anchor.target).split(".")[-2]
     return {"op": op, "beta": g.anchor.kwargs.get("beta", 1), "alpha": g.anchor.kwargs.get("alpha", 1)}
@@ -87,7 +86,7 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
     body = Source()
     values: dict[fx.Node, str] = {}
 
-    def load_ext(x: fx.Node, consumer_shape: tuple, used: list) -> str:
+    def load_ext(x: fx.Node, consumer_shape: tuple) -> str:
         vars_, kd, td = operand_dims(shape_of(x), consumer_shape)
         ptr, fresh = ops.load(x, kd, td)
         var = f"l{ptr[2:]}"
@@ -102,16 +101,16 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
             expr = "acc"
             if anchor.target is aten.addmm.default:
                 beta, alpha = anchor.kwargs.get("beta", 1), anchor.kwargs.get("alpha", 1)
-                bias = load_ext(anchor.args[0], shape_of(anchor), [])
+                bias = load_ext(anchor.args[0], shape_of(anchor))
                 expr = f"({'acc' if alpha == 1 else f'acc * {alpha!r}'} + {bias if beta == 1 else f'{bias} * {beta!r}'})"
             body(f"{var} = {expr}")
-        elif n.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+        elif n.target in RESHAPES:
             body(f"{var} = {values[n.args[0]]}")
         else:
             s = shape_of(n)
 
             def get(x, s=s):
-                return values[x] if x in values else load_ext(x, s, [])
+                return values[x] if x in values else load_ext(x, s)
             body(f"{var} = {POINTWISE[n.target](ExprBuilder(get, '[BLOCK_M, BLOCK_N]'), n)}")
         values[n] = var
 

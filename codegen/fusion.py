@@ -22,7 +22,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .ops import classify, reduction_info, val
+from .ops import RESHAPES, classify, reduction_info, val
 
 
 def sym_shape(t: torch.Tensor) -> tuple:
@@ -223,8 +223,6 @@ class Fuser:
 
     # ---- driver --------------------------------------------------------------------------------
     def run(self) -> list[Group]:
-        from .ops import VIEWS
-
         for n in self.gm.graph.nodes:
             c = self.kinds.get(n)
             if c is None:
@@ -232,7 +230,7 @@ class Fuser:
             if c.kind == "matmul" and self.use_matmul:
                 self._new("matmul", shape_of(n), n, dims=shape_of(n), anchor=n)
                 continue
-            if c.kind == "view" and self.fuse and n.target in (VIEWS & {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default}):
+            if c.kind == "view" and self.fuse and n.target in RESHAPES:
                 g = self.group_of.get(n.args[0])
                 if g is not None and g.kind == "matmul" and self._join_view(g, n):
                     continue

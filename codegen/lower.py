@@ -47,7 +47,7 @@ def arg_template(x):
     if isinstance(x, fx.Node):
         if isinstance(x.meta.get("val"), torch.Tensor) or isinstance(x.meta.get("val"), (tuple, list)):
             return {"buf": x.name}
-        return _sym_value(x) if not isinstance(_sym_value(x), torch.Tensor) else {"buf": x.name}
+        return _sym_value(x)
     if isinstance(x, (list, tuple)):
         return [arg_template(i) for i in x]
     if isinstance(x, torch.dtype):

@@ -119,7 +119,7 @@ def _binary(fmt: str):
     return lower
 
 
-def _unary(fmt: str, float_only: bool = False):
+def _unary(fmt: str):
     def lower(e: ExprBuilder, n: fx.Node) -> str:
         return fmt.format(a=e.arg(n.args[0], e.out(n)))
     return lower
@@ -413,6 +413,8 @@ def reduction_info(n: fx.Node) -> ReductionInfo | None:
 REDUCTIONS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
               aten.amin.default, aten.var.correction, aten.var_mean.correction}
 MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+# Views that only re-split a contiguous buffer's dims: a matmul epilogue can follow them.
+RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.t.default,
          aten.transpose.int, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
          aten.squeeze.default, aten.slice.Tensor, aten.select.int, aten.alias.default, aten.as_strided.default,

@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxforge.codegen.ops import RESHAPES
 from fxforge.pipeline import Pass
 from fxforge.registry import registry
 
 aten = torch.ops.aten
-_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
 def _val(n):
@@ -49,7 +49,7 @@ def _skip_clones(n):
 
 def _from_3d(n, shape4):
     """The 4-D tensor behind view(expand(x, shape4), [B·H, a, b]) (expand optional), or None."""
-    if not _is(n, *_VIEWS):
+    if not _is(n, *RESHAPES):
         return None
     src = _skip_clones(n.args[0])  # not casts: q/k/v must reach SDPA with the values the bmm saw
     if _is(src, aten.expand.default):
@@ -67,14 +67,14 @@ def _last_dim(dims, rank) -> bool:
 
 def match(out: fx.Node):
     """(q, k, v, mask, scale) when ``out`` is the last view of an explicit attention, else None."""
-    if not _is(out, *_VIEWS) or not _is(out.args[0], aten.bmm.default):
+    if not _is(out, *RESHAPES) or not _is(out.args[0], aten.bmm.default):
         return None
     o4 = _val(out)
     if o4 is None or o4.dim() != 4:
         return None
     B, H, L, Dv = o4.shape
     pv, vv = out.args[0].args
-    p_view_src = pv.args[0] if _is(pv, *_VIEWS) else None
+    p_view_src = pv.args[0] if _is(pv, *RESHAPES) else None
     p = _skip_copies(p_view_src.args[0] if _is(p_view_src, aten.expand.default) else p_view_src)
     v = _from_3d(vv, (B, H, _val(vv).shape[1], Dv)) if _val(vv) is not None else None
     if p is None or v is None or not _is(p, aten.div.Tensor):
@@ -96,7 +96,7 @@ def match(out: fx.Node):
     if _is(s, aten.mul.Tensor, aten.div.Tensor) and isinstance(s.args[1], (int, float)):
         scale = float(s.args[1]) if s.target is aten.mul.Tensor else 1.0 / float(s.args[1])
         s = s.args[0]
-    if not _is(s, *_VIEWS) or not _is(s.args[0], aten.bmm.default):
+    if not _is(s, *RESHAPES) or not _is(s.args[0], aten.bmm.default):
         return None
     S = _val(s).shape[-1]
     qv, kv = s.args[0].args
