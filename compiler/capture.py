@@ -110,12 +110,16 @@ def export_graph(model: torch.nn.Module, example_inputs: tuple, dynamic=False, d
         ep = ep.run_decompositions(decomposition_table())
     gm = ep.graph_module
     sig = ep.graph_signature
-    mutated = {**getattr(sig, "buffers_to_mutate", {}), **getattr(sig, "user_inputs_to_mutate", {})}
-    if mutated:
+    if getattr(sig, "user_inputs_to_mutate", None):
         from .errors import FxforgeError
 
-        raise FxforgeError(f"the model mutates {sorted(mutated.values())[:4]} in place (e.g. a KV cache); the AOT "
-                           "path does not support state mutation yet — use torch.compile(backend='fxforge')")
+        raise FxforgeError(f"the model mutates its inputs {sorted(sig.user_inputs_to_mutate.values())[:4]} in place; "
+                           "keep state such as a KV cache in module buffers (they are supported) or use "
+                           "torch.compile(backend='fxforge')")
+    # Buffer mutations (a static KV cache): export returns the new buffer values as the first graph
+    # outputs; they stay outputs (so nothing computing them is dead) and the runtime writes them
+    # back into the buffers after each call, or the reinplace pass makes the update in place.
+    mutated_targets = [sig.buffers_to_mutate[n] for n in _output_names(gm)[:len(sig.buffers_to_mutate)]]
     named = {**dict(ep.named_parameters()), **dict(ep.named_buffers()), **ep.constants}
     lifted = {}
     lifted.update(sig.inputs_to_parameters)
@@ -123,6 +127,7 @@ def export_graph(model: torch.nn.Module, example_inputs: tuple, dynamic=False, d
     lifted.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
     lifted.update(getattr(sig, "inputs_to_lifted_custom_objs", {}) or {})
     user_inputs = []
+    attr_of: dict[str, str] = {}
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "placeholder":
@@ -131,6 +136,7 @@ def export_graph(model: torch.nn.Module, example_inputs: tuple, dynamic=False, d
             target = lifted[node.name]
             value = named[target]
             attr = _const_attr_name(gm, target)
+            attr_of[target] = attr
             gm.register_buffer(attr, value.detach()) if isinstance(value, torch.Tensor) else setattr(gm, attr, value)
             with graph.inserting_before(node):
                 new = graph.get_attr(attr)
@@ -139,10 +145,20 @@ def export_graph(model: torch.nn.Module, example_inputs: tuple, dynamic=False, d
             graph.erase_node(node)
         else:
             user_inputs.append(node.name)
-    # Export graphs return user outputs plus (for training) mutated buffers; inference has only outputs.
+    gm.meta["fxforge_mutations"] = [attr_of[t] for t in mutated_targets]
     graph.lint()
     gm.recompile()
     return Captured(gm=gm, user_inputs=user_inputs, out_spec=ep.call_spec.out_spec, in_spec=ep.call_spec.in_spec)
+
+
+def _output_names(gm: fx.GraphModule) -> list[str]:
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return [a.name if isinstance(a, fx.Node) else "" for a in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+def mutated_buffers(gm: fx.GraphModule) -> list[str]:
+    """Attribute names of the buffers the graph updates; their new values are its first outputs."""
+    return list(gm.meta.get("fxforge_mutations", ()))
 
 
 class _FakeProp(FakeTensorProp):

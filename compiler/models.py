@@ -179,6 +179,61 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+class KVCacheLlama(nn.Module):
+    """Decode with a static KV cache (HF ``StaticCache`` style) around a :class:`TinyLlama`.
+
+    ``forward(input_ids [B, T], cache_pos [T] int64) -> logits [B, T, vocab]`` writes the new keys
+    and values into per-layer cache buffers ``[batch, H_kv, max_seq, head_dim]`` (B <= batch) in place
+    and attends over the whole static cache under the mask ``key_pos <= cache_pos`` (shapes never
+    change, so one compiled graph and one CUDA graph serve every step). The weights are the
+    wrapped model's (shared, not copied); cache buffers live in the model's dtype.
+    """
+
+    def __init__(self, base: TinyLlama, batch: int = 1, max_seq: int | None = None) -> None:
+        super().__init__()
+        self.base = base
+        first = base.layers[0]
+        self.max_seq = max_seq or first.max_seq
+        shape = (batch, first.n_kv_heads, self.max_seq, first.head_dim)
+        for i in range(len(base.layers)):
+            self.register_buffer(f"k_cache{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache{i}", torch.zeros(shape), persistent=False)
+        cos, sin = rope_cos_sin(self.max_seq, first.head_dim, first.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def reset(self) -> None:
+        for name, buf in self.named_buffers():
+            if "_cache" in name:
+                buf.zero_()
+
+    def forward(self, input_ids: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        b, t = input_ids.shape
+        x = base.embed(input_ids)
+        cos, sin = self.rope_cos[cache_pos].to(x.dtype), self.rope_sin[cache_pos].to(x.dtype)
+        key_pos = torch.arange(self.max_seq, device=input_ids.device)
+        mask = (key_pos[None, :] <= cache_pos[:, None])[None, None]  # [1, 1, T, max_seq]
+        rows = torch.arange(b, device=input_ids.device)[:, None]
+        for i, layer in enumerate(base.layers):
+            hd, nh, nkv = layer.head_dim, layer.n_heads, layer.n_kv_heads
+            h = layer.attn_norm(x)
+            q = layer.q_proj(h).view(b, t, nh, hd).transpose(1, 2)
+            k = layer.k_proj(h).view(b, t, nkv, hd).transpose(1, 2)
+            v = layer.v_proj(h).view(b, t, nkv, hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k_cache, v_cache = getattr(self, f"k_cache{i}"), getattr(self, f"v_cache{i}")
+            # cache[b, :, pos] = new: one in-place index_put_ on the whole buffer, any batch <= the cache's
+            k_cache[rows, :, cache_pos] = k.transpose(1, 2)
+            v_cache[rows, :, cache_pos] = v.transpose(1, 2)
+            keys, values = repeat_kv(k_cache[:b], nh // nkv), repeat_kv(v_cache[:b], nh // nkv)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            x = x + layer.o_proj(attn.transpose(1, 2).reshape(b, t, nh * hd))
+            h = layer.mlp_norm(x)
+            x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+        return base.lm_head(base.norm(x))
+
+
 # ---- ViT -------------------------------------------------------------------
 
 
@@ -338,6 +393,15 @@ def _token_input(seq_len: int, vocab: int) -> ExampleInputs:
     return make
 
 
+def _decode_input(vocab: int, position: int) -> ExampleInputs:
+    def make(batch: int, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        ids = torch.randint(0, vocab, (batch, 1), generator=_generator(seed))
+        return ids.to(device), torch.tensor([position], device=device)
+
+    return make
+
+
 _LLAMA_BLOCK_CFG: dict[str, int] = {"dim": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 172}
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -354,6 +418,12 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             description="TinyLlama: vocab 256, dim 64, 2 layers, 4 heads / 2 kv, ffn 172, seq 16",
             factory=_seeded(TinyLlama),
             example_inputs=_token_input(seq_len=16, vocab=256),
+        ),
+        BuiltinModel(
+            name="llama_decode",
+            description="TinyLlama decode step, static KV cache (batch <= 4, max_seq 32): one token at position 5",
+            factory=_seeded(lambda: KVCacheLlama(TinyLlama(), batch=4, max_seq=32)),
+            example_inputs=_decode_input(vocab=256, position=5),
         ),
         BuiltinModel(
             name="mlp",

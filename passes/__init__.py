@@ -1,6 +1,8 @@
 """Built-in graph passes (``fxforge.passes``). Importing this package registers them."""
 from .cleanup import CSE, ConstantFold, DeadCodeElimination, RemoveNoops
 from .fuse_attention import FuseAttention
+from .merge_linears import MergeLinears
+from .state import GQAAttention, ReinplaceStateUpdates
 from .winograd_conv import WinogradConv
 
-__all__ = ["CSE", "ConstantFold", "DeadCodeElimination", "FuseAttention", "RemoveNoops", "WinogradConv"]
+__all__ = ["CSE", "ConstantFold", "DeadCodeElimination", "FuseAttention", "GQAAttention", "MergeLinears", "ReinplaceStateUpdates", "RemoveNoops", "WinogradConv"]

@@ -54,6 +54,8 @@ class RemoveNoops(Pass):
                 noop = not keys and _same_meta(node, src) and node.meta["val"].device == src.meta["val"].device
             if node.target in (aten.view.default, aten.reshape.default, aten.expand.default):
                 noop = _same_meta(node, src) and src.meta["val"].is_contiguous()
+            if node.target is aten.slice.Tensor:  # a full-range slice (x[:b] with b == len)
+                noop = _same_meta(node, src) and node.meta["val"].stride() == src.meta["val"].stride()
             if noop and _same_meta(node, src) and not any(u.op == "output" for u in node.users):
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
@@ -145,10 +147,11 @@ class ConstantFold(Pass):
         max_bytes = self.options.get("max_bytes", 256 << 20)
         env: dict[fx.Node, object] = {}
         modified = False
+        mutable = set(gm.meta.get("fxforge_mutations", ()))  # state (a KV cache) is not a constant
         for node in list(gm.graph.nodes):
             if node.op == "get_attr":
                 value = getattr(gm, node.target) if isinstance(node.target, str) else None
-                env[node] = None if isinstance(value, FakeTensor) else value
+                env[node] = None if isinstance(value, FakeTensor) or node.target in mutable else value
                 continue
             if node.op != "call_function" or is_impure(node):
                 continue

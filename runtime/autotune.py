@@ -21,18 +21,30 @@ TRITON_CONFIGS = [
     (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
     (32, 64, 128, 4, 4), (16, 128, 128, 4, 4),
 ]
-EPILOGUE_CONFIG = (64, 128, 32, 4, 1)  # bandwidth-bound epilogue-only launch
+EPILOGUE_CONFIG = (64, 128, 32, 4, 1, False)  # bandwidth-bound epilogue-only launch
+
+
+# GEMV branch (M <= 4): (BLOCK_N, BLOCK_K, num_warps, num_stages), best first. From the H100 probe
+# (benchmarks/results/probe_gemv.md): 4x1024 w4 was within 8% of the best config on every decoder
+# and 4096-wide shape at M=1; 4x256 w2 at M=4.
+GEMV_CONFIGS_M1 = [(4, 1024, 4, 1), (2, 1024, 4, 1), (4, 512, 2, 1)]
+GEMV_CONFIGS = [(4, 256, 2, 1), (2, 256, 2, 1), (2, 512, 4, 1)]
 
 
 def candidate_configs(M: int, N: int, K: int) -> list[tuple]:
-    """Prune the config space by shape: no tile much taller than M or wider than N. The first is the
-    best single guess (used alone in "fast" mode): the largest tile that fits."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, gemv) candidates, best single guess first
+    (used alone in "fast" mode). GEMV configs for M <= 4; else tensor-core tiles pruned by shape:
+    none much taller than M or wider than N."""
+    from .kernels import GEMV_MAX_M, next_pow2
+
+    if M <= GEMV_MAX_M:
+        return [(next_pow2(M), bn, bk, w, s, True) for bn, bk, w, s in (GEMV_CONFIGS_M1 if M == 1 else GEMV_CONFIGS)]
     out = []
     for bm, bn, bk, w, s in TRITON_CONFIGS:
         if bm > max(16, 2 * M) or bn > max(64, 2 * N) or bk > max(32, K):
             continue
-        out.append((bm, bn, bk, w, s))
-    return out or [(16, 64, 64, 4, 3)]
+        out.append((bm, bn, bk, w, s, False))
+    return out or [(16, 64, 64, 4, 3, False)]
 
 
 class AutotuneCache:

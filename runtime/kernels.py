@@ -68,6 +68,7 @@ def load_kernel(name: str, source: str, device_type: str, cache_dir: str, config
 
 
 INT32_MAX = 2**31 - 1
+GEMV_MAX_M = 4  # matmuls with at most this many rows use the GEMV branch (decode)
 
 
 def max_offset(t) -> int:
@@ -99,13 +100,18 @@ def launch_config(kind: str, launch: dict, interpreted: bool) -> tuple[tuple, di
         return ((xn + xb - 1) // xb,), kw
     if kind == "matmul":
         M, N, K, B = launch["M"], launch["N"], launch["K"], launch["batch"]
-        bm = 16 if M <= 16 else 32 if M <= 32 else 64 if (interpreted or M <= 64) else 128
-        bn = 32 if N <= 32 else 64 if (interpreted or N <= 64) else 128
-        bk = 32 if K <= 32 else 64
-        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EXTERNAL_ACC": False, "INTERPRETED": interpreted}
+        gemv = M <= GEMV_MAX_M
+        if gemv:  # decode-sized: the CUDA-core GEMV branch (small tiles in the interpreter)
+            bm, bn, bk = next_pow2(M), 4, 32 if interpreted else (1024 if M == 1 else 256)
+        else:
+            bm = 16 if M <= 16 else 32 if M <= 32 else 64 if (interpreted or M <= 64) else 128
+            bn = 32 if N <= 32 else 64 if (interpreted or N <= 64) else 128
+            bk = 32 if K <= 32 else 64
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EXTERNAL_ACC": False, "GEMV": gemv,
+              "EVEN_K": gemv and K % bk == 0, "INTERPRETED": interpreted}
         if not interpreted:
             kw["num_warps"] = 8 if bm * bn >= 128 * 128 else 4
-            kw["num_stages"] = 3
+            kw["num_stages"] = 1 if gemv else 3
         grid = (((M + bm - 1) // bm) * ((N + bn - 1) // bn), B)
         return grid, kw
     raise ValueError(f"unknown kernel kind {kind!r}")

@@ -76,6 +76,9 @@ class Program:
     kernels: dict  # kernel name -> {"source": str, "entry": str, "kind": str, "nodes": [...]}
     memory: MemoryPlan = field(default_factory=MemoryPlan)
     out_spec: str | None = None  # pytree treespec_dumps of the user-facing output structure
+    # Constants the program updates (module buffers such as a KV cache): the first len(mutations)
+    # outputs are their new values, written back after each run (skipped where updated in place).
+    mutations: list = field(default_factory=list)
     device: str = "cpu"
 
     def to_json(self) -> dict:

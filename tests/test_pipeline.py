@@ -220,7 +220,7 @@ def test_every_node_carries_metadata_after_capture():
             assert "val" in n.meta, n.format_node()
 
 
-def test_state_mutation_is_an_error_on_aot_and_correct_on_jit():
+def test_buffer_mutation_is_written_back_on_both_front_doors():
     class Counter(nn.Module):
         def __init__(self):
             super().__init__()
@@ -229,8 +229,13 @@ def test_state_mutation_is_an_error_on_aot_and_correct_on_jit():
         def forward(self, x):
             self.c.add_(x)
             return self.c * 2
-    with pytest.raises(fxforge.FxforgeError, match="mutates"):
-        fxforge.compile(Counter(), (torch.ones(4),))
+    m = Counter()
+    compiled = fxforge.compile(m, (torch.ones(4),))
+    assert compiled.program.mutations
+    m.c.zero_()  # export ran the model once; state is shared with the compiled program
+    compiled(torch.ones(4))
+    out = compiled(torch.ones(4))
+    assert torch.equal(out, torch.full((4,), 4.0)) and torch.equal(m.c, torch.full((4,), 2.0))
     torch._dynamo.reset()
     m = Counter()
     f = torch.compile(m, backend="fxforge")
@@ -238,6 +243,38 @@ def test_state_mutation_is_an_error_on_aot_and_correct_on_jit():
         f(torch.ones(4))
         out = f(torch.ones(4))
     assert torch.equal(out, torch.full((4,), 4.0)) and torch.equal(m.c, torch.full((4,), 2.0))
+
+
+def test_input_mutation_is_a_clear_error_on_aot():
+    def bump(x):
+        x.add_(1)
+        return x * 2
+    with pytest.raises(fxforge.FxforgeError, match="mutates its inputs"):
+        fxforge.compile(bump, (torch.ones(4),))
+
+
+def test_kv_cache_decode_is_reinplaced_gqa_and_matches_eager_over_steps():
+    import copy
+
+    from fxforge.models import KVCacheLlama, TinyLlama
+
+    torch.manual_seed(0)
+    model = KVCacheLlama(TinyLlama(), batch=2, max_seq=24).eval()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (2, 9))
+    compiled = fxforge.compile(model, (ids[:, :1], torch.tensor([0])))
+    steps = compiled.program.steps
+    ops = [getattr(s, "op", "") for s in steps]
+    assert ops.count("aten::index_put_.default") == 4 and "aten::index_put.default" not in ops  # in place
+    assert not any("clone" in o or "expand" in o for o in ops)  # repeat_kv copies are gone (GQA)
+    assert sum(s.kind == "matmul" for s in steps if hasattr(s, "kind")) == 2 * 4 + 1  # qkv, o, gate|up, down; lm_head
+    model.reset()
+    ref.reset()
+    for i in range(9):
+        a = compiled(ids[:, i:i + 1], torch.tensor([i]))
+        b = ref(ids[:, i:i + 1], torch.tensor([i]))
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), i
+    assert torch.allclose(model.k_cache1, ref.k_cache1, atol=1e-6)
 
 
 def test_autotune_modes():

@@ -1,0 +1,129 @@
+"""The ``merge_linears`` pass: linear layers that read the same input (q/k/v projections, SwiGLU's
+gate and up) become one matmul over their weights concatenated at compile time.
+
+    before: %q = mm(%h, permute(get_attr[wq], [1, 0]))     # [M, 2048]
+            %k = mm(%h, permute(get_attr[wk], [1, 0]))     # [M, 512]
+            %v = mm(%h, permute(get_attr[wv], [1, 0]))     # [M, 512]
+    after:  %qkv = mm(%h, permute(get_attr[wq|wk|wv], [1, 0]))   # [M, 3072]
+            %q = slice(%qkv, 1, 0, 2048); %k = slice(%qkv, 1, 2048, 2560); %v = slice(...)
+
+Exact: each output column is the same dot product as before. It pays where the matmuls are
+launch- or bandwidth-bound (decode: one GEMV that streams all three weights instead of three short
+ones) and costs nothing elsewhere. Only weights held as constants (AOT path) are merged, never
+mutated buffers; ``addmm`` merges when every member has a constant 1-D bias and unit alpha/beta.
+A group is skipped when a view of a member's output would not be a valid view of the slice.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.fx as fx
+
+from fxforge.pipeline import Pass
+from fxforge.registry import registry
+
+aten = torch.ops.aten
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _const(gm, n) -> torch.Tensor | None:
+    if isinstance(n, fx.Node) and n.op == "get_attr" and n.target not in gm.meta.get("fxforge_mutations", ()):
+        t = getattr(gm, n.target, None)
+        return t if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor) else None
+    return None
+
+
+def _linear_parts(gm, n) -> tuple | None:
+    """(input, weight node, bias node | None) for mm(x, permute(W, [1, 0])) / addmm(b, x, permute(W)), else None."""
+    if n.target is aten.mm.default:
+        bias, x, wt = None, n.args[0], n.args[1]
+    elif n.target is aten.addmm.default and n.kwargs.get("beta", 1) == 1 and n.kwargs.get("alpha", 1) == 1:
+        bias, x, wt = n.args
+        b = _const(gm, bias)
+        if b is None or b.dim() != 1:
+            return None
+    else:
+        return None
+    if not (isinstance(wt, fx.Node) and wt.target in (aten.permute.default, aten.t.default)):
+        return None
+    if wt.target is aten.permute.default and list(wt.args[1]) != [1, 0]:
+        return None
+    w = _const(gm, wt.args[0])
+    if w is None or w.dim() != 2:
+        return None
+    return x, wt.args[0], bias
+
+
+def _views_ok(val, users, n_total: int, start: int) -> bool:
+    """Every chain of views from this member's output must stay valid on a column slice."""
+    if any(isinstance(s, torch.SymInt) for s in val.shape):
+        return False
+    sliced = torch.empty(val.shape[0], n_total, device="meta", dtype=val.dtype)[:, start:start + val.shape[1]]
+
+    def check(t, users) -> bool:
+        for u in users:
+            if u.target in _VIEWS:
+                try:
+                    nt = t.view(u.args[1])
+                except RuntimeError:
+                    return False
+                if not check(nt, u.users):
+                    return False
+        return True
+    return check(sliced, users)
+
+
+@registry.register_pass
+class MergeLinears(Pass):
+    """Linears sharing an input become one matmul plus column slices (module docstring: the graphs)."""
+
+    name = "merge_linears"
+
+    def call(self, gm: fx.GraphModule) -> bool:
+        groups: dict = {}
+        for n in gm.graph.nodes:
+            parts = _linear_parts(gm, n)
+            if parts is None:
+                continue
+            x, w, bias = parts
+            wt = getattr(gm, w.target)
+            key = (x, bias is None, wt.dtype, wt.device, wt.shape[1])
+            groups.setdefault(key, []).append((n, w, bias))
+        modified = False
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for (x, no_bias, *_), members in groups.items():
+            if len(members) < 2:
+                continue
+            weights = [getattr(gm, w.target) for _, w, _ in members]
+            n_total = sum(w.shape[0] for w in weights)
+            starts = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
+            if not all(_views_ok(m.meta["val"], m.users, n_total, s) for (m, _, _), s in zip(members, starts)):
+                continue
+            first = min((m for m, _, _ in members), key=order.__getitem__)
+            attr = self._fresh(gm, "merged_weight")
+            gm.register_buffer(attr, torch.cat(weights, 0).contiguous())
+            with gm.graph.inserting_before(first):
+                w_node = gm.graph.get_attr(attr)
+                wt = gm.graph.call_function(aten.permute.default, (w_node, [1, 0]))
+                if no_bias:
+                    merged = gm.graph.call_function(aten.mm.default, (x, wt))
+                else:
+                    battr = self._fresh(gm, "merged_bias")
+                    gm.register_buffer(battr, torch.cat([getattr(gm, b.target) for _, _, b in members], 0).contiguous())
+                    merged = gm.graph.call_function(aten.addmm.default, (gm.graph.get_attr(battr), x, wt))
+                for (m, w, _), s in zip(members, starts):
+                    piece = gm.graph.call_function(aten.slice.Tensor, (merged, 1, s, s + getattr(gm, w.target).shape[0]))
+                    m.replace_all_uses_with(piece)
+            for m, _, _ in members:
+                gm.graph.erase_node(m)
+            modified = True
+        return modified  # the old weights' get_attr/permute nodes are dead now; dce removes them
+
+    @staticmethod
+    def _fresh(gm, base: str) -> str:
+        i = 0
+        while hasattr(gm, f"{base}_{i}"):
+            i += 1
+        return f"{base}_{i}"
+
+
