@@ -155,6 +155,14 @@ def lower_graph(gm: fx.GraphModule, config, user_inputs: list[str] | None = None
             t = getattr(gm, n.target)
             if isinstance(t, torch.Tensor):
                 constants[n.name] = t
+    # Buffers the graph updates, by constant name (the get_attr node's, or the attribute's own when
+    # no node reads the old value): the runtime writes the first outputs back into them.
+    const_of = {n.target: n.name for n in graph.nodes if n.op == "get_attr"}
+    mutations = []
+    for attr in gm.meta.get("fxforge_mutations", ()):
+        name = const_of.get(attr, attr)
+        constants[name] = getattr(gm, attr)
+        mutations.append(name)
     for u in nx.lexicographical_topological_sort(dag, key=lambda u: first[u]):
         if u[0] == "g":
             g = by_group[u[1]]
@@ -198,10 +206,10 @@ def lower_graph(gm: fx.GraphModule, config, user_inputs: list[str] | None = None
     device = sorted(devices - {"cpu"})[0] if devices - {"cpu"} else "cpu"
     program = Program(inputs=inputs, symbols=bind_symbols(placeholders),
                       constants={k: tensor_sig(t) for k, t in constants.items()},
-                      steps=steps, outputs=outputs, kernels=kernels, device=device)
+                      steps=steps, outputs=outputs, kernels=kernels, device=device, mutations=mutations)
     if config.memory_plan:
         program.memory = plan_memory(program)
-    used = {r for st in steps for r in step_reads(st)} | set(buffer_refs(outputs))
+    used = {r for st in steps for r in step_reads(st)} | set(buffer_refs(outputs)) | set(mutations)
     constants = {k: t for k, t in constants.items() if k in used}
     program.constants = {k: v for k, v in program.constants.items() if k in constants}
     return program, constants, fallbacks
