@@ -66,8 +66,9 @@ class OperandTable:
         self.stores: list[tuple[str, Operand, fx.Node]] = []
         self._load_key: dict = {}
 
-    def load(self, node: fx.Node, kdims: list[int], tdims: list[int]) -> tuple[str, bool]:
-        key = (node.name, tuple(kdims), tuple(tdims))
+    def load(self, node: fx.Node, kdims: list[int], tdims: list[int], tag=None) -> tuple[str, bool]:
+        """``tag`` keeps loads apart that address the same tensor differently (a cat's shifted reads)."""
+        key = (node.name, tuple(kdims), tuple(tdims), tag)
         if key in self._load_key:
             return self._load_key[key], False
         name = f"in{len(self.loads)}"

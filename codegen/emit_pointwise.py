@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
 from fxforge.runtime.program import KernelStep
@@ -20,7 +21,9 @@ from fxforge.runtime.program import KernelStep
 from .emit_common import (OperandTable, Source, cast_to, decompose, header, is_static_one, load_cast, offset, out_val, size_str,
                           store_dtype, tensor_sig)
 from .fusion import Group, prod, shape_of
-from .ops import POINTWISE, ExprBuilder, compute_dtype, reduction_info
+from .ops import POINTWISE, ExprBuilder, cat_dim, compute_dtype, reduction_info, val
+
+aten = torch.ops.aten
 
 
 def _identity(kind: str, dtype: str) -> str:
@@ -90,6 +93,34 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
             return var
         return get
 
+    def emit_cat(n: fx.Node, var: str) -> bool:
+        """out[..., i, ...] = input j at i - start_j along the cat axis, where start_j <= i < end_j:
+        one masked load per input (masked-off lanes read nothing), selected with tl.where."""
+        d = cat_dim(n)
+        k = kpos[g.dims[n][d]]
+        used_idx.add(k)
+        parts, start = [], 0
+        r_any = is_r(k)
+        for j, x in enumerate(n.args[0]):
+            size = int(val(x).shape[d])
+            if size == 0:
+                continue
+            kd, td = operand_for(x, n)
+            ptr, _ = ops.load(x, kd, td, tag=(n.name, j))
+            used_idx.update(kd)
+            r_any = r_any or any(is_r(q) for q in kd)
+            off = offset(ptr, ops.loads[-1][1], lambda q: f"(i{q} - {start})" if q == k else f"i{q}") or "xindex * 0"
+            lv = f"l{ptr[2:]}"
+            loads_src(f"{lv} = tl.load({ptr} + ({off}), mask={mask_for(r_any)} & (i{k} >= {start}) & (i{k} < {start + size}), other=0)"
+                      f"{load_cast(x)}")
+            parts.append((lv, start + size))
+            start += size
+        expr = parts[-1][0]
+        for lv, end in reversed(parts[:-1]):
+            expr = f"tl.where(i{k} < {end}, {lv}, {expr})"
+        body(f"{var} = {expr}")
+        return red and r_any
+
     full_shape = "[XBLOCK, RBLOCK]" if red else "[XBLOCK]"
     for i, n in enumerate(g.nodes):
         var = f"v{i}"
@@ -98,6 +129,10 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
             src = values[n.args[0]]
             values[n] = f"{src}_{n.args[1]}"
             tile[values[n]] = False
+            continue
+        if n.target is aten.cat.default:
+            values[n] = var
+            tile[var] = emit_cat(n, var)
             continue
         if n.target in POINTWISE:
             shape = "[XBLOCK, 1]" if (red and reduced) else full_shape

@@ -24,6 +24,13 @@ import torch.fx as fx
 
 from .ops import RESHAPES, classify, reduction_info, val
 
+aten = torch.ops.aten
+
+
+def _cats_read_outside(nodes: set) -> bool:
+    """A cat loads its inputs at shifted indices, so they must come from memory, not registers."""
+    return all(not (n.target is aten.cat.default and any(a in nodes for a in n.all_input_nodes)) for n in nodes)
+
 
 def sym_shape(t: torch.Tensor) -> tuple:
     return tuple(d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(int(d)) for d in t.shape)
@@ -192,6 +199,8 @@ class Fuser:
         """Merge sibling group h into g when their iteration spaces agree."""
         if g is h or h.kind in ("matmul", "attention") or g.kind == "attention":
             return False
+        if not _cats_read_outside(set(g.nodes) | set(h.nodes)) or (g.kind == "matmul" and any(m.target is aten.cat.default for m in h.nodes)):
+            return False
         if g.kind == "matmul":
             if self.defer_epilogues or h.kind != "pointwise" or not (same(h.F[-1] if h.F else 0, g.F[-1]) and same(prod(h.F[:-1]), prod(g.F[:-1]))):
                 return False
@@ -248,6 +257,9 @@ class Fuser:
             if c.kind not in ("pointwise", "reduction"):
                 continue
             producers = []
+            if n.target is aten.cat.default:  # its own group: consumers may join it, producers may not
+                self._new("pointwise", shape_of(n), n)
+                continue
             if self.fuse:
                 for a in n.all_input_nodes:
                     g = self.group_of.get(a)

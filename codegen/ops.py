@@ -434,6 +434,32 @@ class Classified:
     reason: str | None = None  # for extern: why it is not lowered
 
 
+MAX_CAT_INPUTS = 8
+
+
+def cat_dim(n: fx.Node) -> int:
+    d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    return d % val(n).dim()
+
+
+def cat_unsupported_reason(n: fx.Node) -> str | None:
+    """``cat`` lowers into a pointwise kernel (each input read through a shifted, masked load) when
+    its inputs are tensors of the output's rank with static sizes along the cat axis."""
+    out = val(n)
+    xs = n.args[0]
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or not all(isinstance(x, fx.Node) for x in xs):
+        return "cat: non-tensor inputs"
+    if len(xs) > MAX_CAT_INPUTS:
+        return f"cat: more than {MAX_CAT_INPUTS} inputs"
+    d = cat_dim(n)
+    vals = [val(x) for x in xs]
+    if any(v is None or v.dim() != out.dim() or v.dtype != out.dtype for v in vals):
+        return "cat: inputs of another rank or dtype (legacy 1-D empty inputs or type promotion)"
+    if any(isinstance(v.shape[d], torch.SymInt) for v in vals):
+        return "cat: dynamic size along the cat axis"
+    return None
+
+
 def classify(n: fx.Node) -> Classified:
     v = n.meta.get("val")
     if n.meta.get("fxforge_extern"):
@@ -465,6 +491,9 @@ def classify(n: fx.Node) -> Classified:
         return Classified("reduction")
     if t in POINTWISE:
         return Classified("pointwise")
+    if t is aten.cat.default:
+        why = cat_unsupported_reason(n)
+        return Classified("extern", why) if why else Classified("pointwise")
     if isinstance(t, torch._ops.OpOverload) and t.namespace == "fxforge":
         return Classified("library")  # fxforge's own kernels behind a custom op (e.g. Winograd conv)
     if t in ATTENTION:

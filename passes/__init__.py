@@ -2,7 +2,8 @@
 from .cleanup import CSE, ConstantFold, DeadCodeElimination, RemoveNoops
 from .fuse_attention import FuseAttention
 from .merge_linears import MergeLinears
+from .simplify import CatSign
 from .state import GQAAttention, ReinplaceStateUpdates
 from .winograd_conv import WinogradConv
 
-__all__ = ["CSE", "ConstantFold", "DeadCodeElimination", "FuseAttention", "GQAAttention", "MergeLinears", "ReinplaceStateUpdates", "RemoveNoops", "WinogradConv"]
+__all__ = ["CSE", "CatSign", "ConstantFold", "DeadCodeElimination", "FuseAttention", "GQAAttention", "MergeLinears", "ReinplaceStateUpdates", "RemoveNoops", "WinogradConv"]

@@ -158,3 +158,35 @@ def test_long_rows_stay_persistent_by_default():
     c = compile_fn(lambda x: torch.softmax(x, -1), x)
     assert c.report.kernel_kinds() == {"reduction": 1} and not c.report.fallbacks
     assert rel_err(c(x), torch.softmax(x.double(), -1)) < 1e-6
+
+
+CAT_CASES = {  # name -> (fn, input shapes, expected kernels)
+    "last_dim_2": (lambda a, b: torch.cat([a, b], -1), [(3, 5, 7), (3, 5, 2)], {"pointwise": 1}),
+    "dim0_3_inputs": (lambda a, b, c: torch.cat([a, b, c], 0) * 2, [(2, 33), (1, 33), (5, 33)], {"pointwise": 1}),
+    "middle_dim_same_tensor_twice": (lambda a: torch.cat([a, a], 1) + 1, [(3, 4, 6)], {"pointwise": 1}),
+    "rotate_half_rope": (lambda x, c, s: x * c + torch.cat([-x[..., 8:], x[..., :8]], -1) * s,
+                         [(2, 3, 5, 16), (5, 16), (5, 16)], {"pointwise": 1}),
+    "softmax_over_cat": (lambda a, b: torch.cat([a, b], -1).softmax(-1), [(4, 9), (4, 30)], {"reduction": 1}),
+    "cat_of_computed": (lambda a, b: torch.cat([a.exp(), b * 3], 1), [(3, 4), (3, 5)], {"pointwise": 3}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CAT_CASES))
+def test_cat_lowers_into_pointwise_kernels(name, dtype):
+    fn, shapes, kinds = CAT_CASES[name]
+    torch.manual_seed(0)
+    xs = [torch.randn(s, dtype=dtype) for s in shapes]
+    c = compile_fn(fn, *xs)
+    assert c.report.kernel_kinds() == kinds, c.report.render()
+    assert not [f for f in c.report.fallbacks if "cat" in f["op"]]
+    ref = fn(*[x.double() for x in xs])
+    same = fn(*xs)
+    assert rel_err(c(*xs), ref) <= max(2 * rel_err(same, ref), 1e-6)
+
+
+def test_cat_with_dynamic_size_along_axis_falls_back_with_reason():
+    a, b = torch.randn(3, 5), torch.randn(3, 4)
+    c = compile_fn(lambda a, b: torch.cat([a, b], -1) + 1, a, b, dynamic=True)
+    assert any(f["reason"].startswith("cat: dynamic size") for f in c.report.fallbacks)
+    assert torch.allclose(c(a, b), torch.cat([a, b], -1) + 1)

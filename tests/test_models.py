@@ -30,11 +30,11 @@ TOLERANCES = {
 #: the fusion contract: a change here must be deliberate.
 EXPECTED_KERNEL_KINDS = {
     "vit_block": {"reduction": 2, "matmul": 4, "attention": 1},
-    "llama_block": {"reduction": 2, "matmul": 7, "pointwise": 6, "attention": 1},
+    "llama_block": {"reduction": 2, "matmul": 7, "pointwise": 4, "attention": 1},  # RoPE: one kernel each for q, k
 }
 # AOT graphs hold weights as constants, so merge_linears makes q|k|v and gate|up one matmul each
 # (and SiLU·up, no longer a matmul epilogue, one pointwise kernel).
-EXPECTED_KERNEL_KINDS_AOT = {"llama_block": {"reduction": 2, "matmul": 4, "pointwise": 5, "attention": 1}}
+EXPECTED_KERNEL_KINDS_AOT = {"llama_block": {"reduction": 2, "matmul": 4, "pointwise": 3, "attention": 1}}
 
 KERNEL_KINDS = {"pointwise", "reduction", "matmul", "attention"}
 DTYPES = [torch.float32, torch.bfloat16]
