@@ -106,6 +106,9 @@ def _compile(t):
     return True, t
 
 
+DECODE_MAX_LQ = 16  # attention with at most this many query rows also tries the split-KV decode kernel
+
+
 class Executor:
     def __init__(self, program: Program, constants: dict, cache_dir: str, config_id: str = "", strict_signature: bool = True,
                  autotune: str = "fast", report=None, cuda_graphs: str = "auto"):
@@ -252,6 +255,15 @@ class Executor:
         from .attention import block_configs
 
         variants = {}
+        if not causal and q.shape[2] <= DECODE_MAX_LQ:
+            # Decode-sized (few query rows, a long cache): the split-KV kernel, tried first.
+            from . import decode_attention as dec
+
+            k1, k2 = dec._kernels(device.type, self.cache_dir)
+            dcfgs = dec.decode_configs(q.shape[2], q.shape[1], k.shape[1], q.shape[3], device.type == "cpu", k.element_size())
+            for cfg in dcfgs if self.autotune == "max" else dcfgs[:1]:
+                name = "decode_{BLOCK_N}".format(**cfg) + (f"_w{cfg['num_warps']}s{cfg['num_stages']}" if "num_warps" in cfg else "")
+                variants[name] = (lambda cfg=cfg: dec.launch(k1, k2, q, k, v, mask, out, scale, blocks=cfg))
         configs = block_configs(q.shape[2], q.shape[3], device.type == "cpu")
         for cfg in configs if self.autotune == "max" else configs[:1]:
             name = "triton_{BLOCK_M}x{BLOCK_N}".format(**cfg) + (f"_w{cfg['num_warps']}s{cfg['num_stages']}" if "num_warps" in cfg else "")
