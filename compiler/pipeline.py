@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -81,10 +82,23 @@ def fill_meta(gm: fx.GraphModule, after: str) -> None:
         return
     from .capture import propagate_meta
 
-    try:
-        propagate_meta(gm)
-    except Exception as e:  # noqa: BLE001 — any propagation failure means the pass built a bad graph
-        raise PassError(f"after pass {after!r}: shape/dtype propagation failed: {type(e).__name__}: {e}") from e
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for _ in range(64):
+        try:
+            propagate_meta(gm)
+            return
+        except Exception as e:  # noqa: BLE001 — any propagation failure means the pass built a bad graph
+            # Export records ``view`` where eager's strides allowed one. A pass that changes a
+            # producer's layout (merged matmuls return column slices) can make such a view invalid;
+            # ``reshape`` has the same values and copies only where it must.
+            m = re.search(r"While executing %(\w+)", str(e))
+            node = by_name.get(m.group(1)) if m else None
+            if node is not None and node.target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default) \
+                    and re.search(r"view", str(e).split("While executing")[0], re.I):
+                node.target = torch.ops.aten.reshape.default
+                continue
+            raise PassError(f"after pass {after!r}: shape/dtype propagation failed: {type(e).__name__}: {e}") from e
+    raise PassError(f"after pass {after!r}: shape/dtype propagation kept failing")
 
 
 def check_meta(gm: fx.GraphModule, after: str) -> None:

@@ -282,3 +282,34 @@ def test_autotune_modes():
     assert from_env(environ={"FXFORGE_AUTOTUNE": "max"}).autotune == "max"
     with pytest.raises(ConfigError, match="autotune"):
         Config(autotune="always")
+
+
+def test_a_view_made_invalid_by_a_layout_change_becomes_a_reshape():
+    """A pass that hands a view a non-contiguous producer (merge_linears does: column slices) must
+    not break export's stride-dependent views; fill_meta turns such a view into a reshape."""
+    aten = torch.ops.aten
+
+    class TransposeThenFlatten(nn.Module):
+        def forward(self, x):
+            return (x.t().contiguous() * 2).view(-1)
+
+    @registry.register_pass
+    class DropContiguous(Pass):
+        name = "test_drop_contiguous"
+
+        def call(self, gm):
+            for n in gm.graph.nodes:
+                if n.target is aten.clone.default and n.kwargs.get("memory_format") is torch.contiguous_format:
+                    with gm.graph.inserting_after(n):
+                        alias = gm.graph.call_function(aten.permute.default, (n.args[0], [0, 1]))
+                    n.replace_all_uses_with(alias)
+                    gm.graph.erase_node(n)
+                    return True
+            return False
+    try:
+        x = torch.randn(3, 5)
+        c = fxforge.compile(TransposeThenFlatten(), (x,), passes=["test_drop_contiguous", "dce"])
+        assert torch.equal(c(x), (x.t().contiguous() * 2).view(-1))
+        assert any(getattr(s, "op", "") == "aten::reshape.default" for s in c.program.steps)
+    finally:
+        registry.passes.pop("test_drop_contiguous", None)
