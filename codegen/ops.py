@@ -491,6 +491,8 @@ def classify(n: fx.Node) -> Classified:
         return Classified("reduction")
     if t in POINTWISE:
         return Classified("pointwise")
+    if t is aten.index_put_.default:  # a state update made in place: runtime/scatter.py's kernel
+        return Classified("library")
     if t is aten.cat.default:
         why = cat_unsupported_reason(n)
         return Classified("extern", why) if why else Classified("pointwise")

@@ -79,6 +79,15 @@ def bench_ms(fn) -> float:
     return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
 
 
+GRAPH_RETIME_MS = 0.1  # below this, candidates are compared by CUDA-graph replay time
+
+
+def bench_graph_ms(fn) -> float:
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=10, return_mode="median"))
+
+
 def tune(cache: AutotuneCache, key: str, candidates: dict) -> tuple[str, dict]:
     """Fastest of ``candidates`` (name -> zero-arg callable), from the cache when known."""
     hit = cache.get(key)
@@ -92,6 +101,16 @@ def tune(cache: AutotuneCache, key: str, candidates: dict) -> tuple[str, dict]:
             times[name] = float("inf")
             times[name + ":error"] = f"{type(e).__name__}"
     finite = {k: v for k, v in times.items() if isinstance(v, float) and v != float("inf")}
+    if finite and min(finite.values()) < GRAPH_RETIME_MS:
+        # Small kernels: do_bench's timing includes the host's launch overhead (a Python launcher
+        # with a workspace allocation looked 6x slower than it runs). Programs run them inside CUDA
+        # graphs, so re-time every candidate inside one, where only GPU time counts.
+        try:
+            graph_ms = {k: bench_graph_ms(candidates[k]) for k in finite}
+            times.update({k + ":graph": v for k, v in graph_ms.items()})
+            finite = graph_ms
+        except Exception as e:  # noqa: BLE001 — a candidate that cannot be captured: keep do_bench's numbers
+            times["graph_retime:error"] = type(e).__name__
     winner = min(finite, key=finite.get)
     entry = {"winner": winner, "ms": {k: v for k, v in times.items() if isinstance(v, float)}}
     cache.put(key, entry)

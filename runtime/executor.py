@@ -106,6 +106,14 @@ def _compile(t):
     return True, t
 
 
+def _index_put_(*args, **kwargs):
+    from .scatter import index_put_
+
+    return index_put_(*args, **kwargs)
+
+
+# ATen ops a program runs through fxforge's own kernels (same signature, same semantics).
+RUNTIME_KERNELS = {"aten::index_put_.default": _index_put_}
 DECODE_MAX_LQ = 16  # attention with at most this many query rows also tries the split-KV decode kernel
 
 
@@ -142,7 +150,7 @@ class Executor:
         self._aten_calls = {}
         for i, st in enumerate(program.steps):
             if isinstance(st, AtenStep):
-                op = self._ops.setdefault(st.op, resolve_op(st.op))
+                op = self._ops.setdefault(st.op, RUNTIME_KERNELS.get(st.op) or resolve_op(st.op))
                 args = compile_template(st.args)
                 kwargs = {k: compile_template(v) for k, v in st.kwargs.items()}
                 self._aten_calls[i] = (lambda env, syms, op=op, args=args, kwargs=kwargs:
