@@ -9,7 +9,7 @@ gate and up) become one matmul over their weights concatenated at compile time.
 
 Exact: each output column is the same dot product as before. It pays where the matmuls are
 launch- or bandwidth-bound (decode: one GEMV that streams all three weights instead of three short
-ones) and costs nothing elsewhere. Only weights held as constants (AOT path) are merged, never
+ones), so only matmuls of at most ``max_rows`` (default 256) static rows are merged. Only weights held as constants (AOT path) are merged, never
 mutated buffers; ``addmm`` merges when every member has a constant 1-D bias and unit alpha/beta.
 A group is skipped when a view of a member's output would not be a valid view of the slice.
 """
@@ -24,6 +24,12 @@ from fxforge.registry import registry
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+# Merge only bandwidth-bound matmuls (few rows: decode, small batches). With many rows they are
+# compute-bound and cuBLAS tiles each shape well on its own: on the H100 the merged 2048x2048x11264
+# gate|up GEMM took 132 us against 2 x 62.7 us unmerged (benchmarks/results/profile_prefill.md).
+MAX_ROWS = 256
 
 
 def _const(gm, n) -> torch.Tensor | None:
@@ -91,8 +97,12 @@ class MergeLinears(Pass):
             groups.setdefault(key, []).append((n, w, bias))
         modified = False
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        max_rows = self.options.get("max_rows", MAX_ROWS)
         for (x, no_bias, *_), members in groups.items():
             if len(members) < 2:
+                continue
+            rows = x.meta["val"].shape[0]
+            if isinstance(rows, torch.SymInt) or rows > max_rows:
                 continue
             weights = [getattr(gm, w.target) for _, w, _ in members]
             n_total = sum(w.shape[0] for w in weights)

@@ -313,3 +313,22 @@ def test_a_view_made_invalid_by_a_layout_change_becomes_a_reshape():
         assert any(getattr(s, "op", "") == "aten::reshape.default" for s in c.program.steps)
     finally:
         registry.passes.pop("test_drop_contiguous", None)
+
+
+@pytest.mark.parametrize("rows,merged", [(3, True), (300, False)])
+def test_merge_linears_merges_bandwidth_bound_siblings_only(rows, merged):
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(32, 24, bias=False), nn.Linear(32, 8, bias=False), nn.Linear(32, 8, bias=False)
+
+        def forward(self, x):
+            return self.q(x).view(-1, 3, 8) * 2, self.k(x) + 1, self.v(x)
+    torch.manual_seed(0)
+    m, x = QKV().eval(), torch.randn(rows, 32)
+    c = fxforge.compile(m, (x,))
+    mms = sum(getattr(s, "kind", "") == "matmul" for s in c.program.steps)
+    assert mms == (1 if merged else 3)
+    assert [p["modified"] for p in c.report.passes if p["name"] == "merge_linears"] == [merged]
+    for a, b in zip(c(x), m(x)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
