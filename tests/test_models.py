@@ -232,3 +232,29 @@ def test_builtin_block_fusion(name, door):
     assert report.num_kernels == sum(expected.values())
     for f in report.fallbacks:
         assert isinstance(f["reason"], str) and f["reason"].strip(), f
+
+
+def test_vit_b16_kernel_count_per_layer():
+    """Hugging Face ViT-B/16 (12 layers, hidden 768): per layer 2 LayerNorm kernels (residual adds
+    fused in), 6 matmuls (q, k, v, o, fc1 with GELU, fc2 with the residual) and 1 attention; the
+    patch convolution is the one eager op. Compile only: nothing runs on the interpreter."""
+    from transformers import ViTConfig, ViTModel
+
+    model = ViTModel(ViTConfig(), add_pooling_layer=False).eval()
+    c = fxforge.compile(model, (torch.randn(2, 3, 224, 224),))
+    assert c.report.kernel_kinds() == {"reduction": 2 * 12 + 1, "matmul": 6 * 12, "attention": 12}, c.report.render()
+    assert [f["op"] for f in c.report.fallbacks] == ["aten::convolution.default"]
+
+
+def test_decode_step_kernel_count_per_layer():
+    """The static-cache decode step: per layer 2 RMSNorm, 4 matmuls (q|k|v, o, gate|up, down),
+    RoPE q and RoPE k, SiLU·up, 1 attention, and 2 in-place cache updates (scatter kernels)."""
+    from fxforge.models import KVCacheLlama, TinyLlama
+
+    n = 3
+    model = KVCacheLlama(TinyLlama(n_layers=n), batch=1, max_seq=32).eval()
+    c = fxforge.compile(model, (torch.randint(0, 256, (1, 1)), torch.tensor([3])))
+    kinds = c.report.kernel_kinds()
+    assert kinds == {"reduction": 2 * n + 1, "matmul": 4 * n + 1, "pointwise": 3 * n + 1, "attention": n}, c.report.render()
+    assert c.report.library_calls == 2 * n
+    assert sorted(f["op"] for f in c.report.fallbacks) == ["aten::embedding.default", "aten::index.Tensor", "aten::index.Tensor"]
