@@ -1,0 +1,301 @@
+# fxforge dequant-matmul template: y = x @ dequant(W)^T (+ bias) for a weight W [N, K] stored in a packed
+# layout of passes/quant/formats.py (codes [N, Kp * bits / 8], scales [N, nb], optional zero points
+# [N, nb] and per-tensor fp32 scale). Loaded by runtime/quant_linear.py; the kernels never materialize
+# the dequantized weight in memory: each K tile of codes is decoded in registers.
+#
+# Kernels
+#   dequant_gemv          M = 1..16 rows (decode). CUDA-core dot products, as the GEMV branch of
+#                         codegen/emit_matmul.py: each program streams BLOCK_N weight rows along K (BLOCK_KB
+#                         bytes of codes per row per step), decodes them and accumulates x·w in fp32 (a
+#                         [BLOCK_M, BLOCK_N, BLOCK_KB] accumulator reduced once at the end for M <= 4, a
+#                         per-step reduction above). Grid (N tiles, K splits, M tiles). With K splits > 1
+#                         each split writes fp32 partials [SPLITS, M, N] and dequant_splitk_reduce sums
+#                         them in split order (deterministic), adds the bias and casts.
+#   dequant_gemm          larger M: tensor cores (tl.dot). The B tile is decoded in the K loop, cast to
+#                         the activation dtype (bf16 / fp16; fp32 stays fp32 with IEEE dots) and fed to
+#                         tl.dot against x; fp32 accumulation, grouped tile order for L2 reuse.
+#   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype.
+#
+# Work is indexed in "byte columns" j of the codes: one byte holds EPB elements (1 for 8-bit codes, 2 for
+# 4-bit: element k = 2j in the low nibble, k = 2j + 1 in the high nibble). For 4-bit formats the kernels
+# load x at even and odd k separately and multiply them by the low / high nibbles, so nibbles are never
+# interleaved in registers (two tl.dot per K step in the GEMM). A scale group of G elements is GB = G / EPB
+# byte columns. When BLOCK_KB <= GB a K tile lies inside one group and the scale is one value per row;
+# otherwise the tile is viewed as [BLOCK_N, BLOCK_KB / GB, GB] and scaled per group (BLOCK_KB a multiple
+# of GB; both are powers of two).
+#
+# Decoding (all exact in fp32: integers, powers of two and small mantissas):
+#   elements  int8 (w8a16, mxint8) signed byte; uint4 nibble minus the group's integer zero point;
+#             int4 (nvint4) two's complement nibble; e2m1 (mxfp4, nvfp4) sign | 2-bit exp | 1-bit mantissa;
+#             e4m3 (w8a16_fp8, mxfp8) built from its bits (fp32 exponent = e + 120, subnormals m · 2^-9).
+#   scales    bf16 / fp32 loaded as floats; E8M0 code c -> 2^(c - 127) built as the fp32 bits c << 23
+#             (c = 0 -> 2^-127); E4M3 decoded in-kernel from the stored uint8 bits (1 byte per scale,
+#             the storage counted by metrics.bytes_per_weight: nothing is pre-decoded at pack time).
+#   per-output-channel scales (w8a16), the per-tensor scale (NV formats) and the MXINT8 element step
+#   2^-6 are applied once to the fp32 accumulator, not per element.
+#
+# Bytes model (M rows, weight N x K): bytes = N * K * bytes_per_weight(fmt, K, N) (codes with K padded to
+# the block, scales, zero points, tensor scale; passes/quant/metrics.py) + M * K * act_bytes (x) + M * N *
+# out_bytes (y) + split-K partials 2 * SPLITS * M * N * 4. Weight-only formats are bandwidth-bound up to
+# M ~ 16 on the H100 (dequant costs a few integer ops per byte). Expected time at 3.0 TB/s, M = 1, bf16 x / y:
+#   format        4096 x 4096           N x K = 14336 x 4096 (the 4096 x 14336 down projection: +-0.1%)
+#   bf16 (ref)    33.57 MB  11.19 us    117.48 MB  39.16 us
+#   w8a16         16.80 MB   5.60 us     58.79 MB  19.60 us
+#   w4a16_g128     8.80 MB   2.93 us     30.77 MB  10.26 us     (0.5 + 3/128 bytes per weight)
+#   w4a16_g64      9.19 MB   3.06 us     32.15 MB  10.72 us
+#   w4a16_g32      9.98 MB   3.33 us     34.90 MB  11.63 us
+#   mxint8        17.32 MB   5.77 us     60.59 MB  20.20 us     (mxfp8 identical)
+#   mxfp4          8.93 MB   2.98 us     31.23 MB  10.41 us
+#   nvfp4 / nvint4 9.45 MB   3.15 us     33.07 MB  11.02 us
+# runtime/quant_linear.py bytes_model() computes these for any shape.
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_bf16(v):
+    # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even first, as the GPU does.
+    u = v.to(tl.uint32, bitcast=True)
+    u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return tl.where(v != v, v, u.to(tl.float32, bitcast=True))  # noqa: PLR0124  (NaN test)
+
+
+@triton.jit
+def _e4m3_value(b):
+    # b: int32 bits of a finite float8_e4m3fn (sign bit 7, exponent bits 6..3 with bias 7, mantissa 2..0).
+    e = (b >> 3) & 15
+    m = b & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)  # subnormal: m * 2^-9
+    return tl.where((b & 128) != 0, -mag, mag)
+
+
+@triton.jit
+def _scale_value(s, SCALE: tl.constexpr):
+    # SCALE 0: bf16 / fp32 value; 1: E8M0 biased exponent; 2: E4M3 bits (positive).
+    if SCALE == 1:
+        c = s.to(tl.int32)
+        v = tl.where(c == 0, 5.877471754111438e-39, (c << 23).to(tl.float32, bitcast=True))
+    elif SCALE == 2:
+        v = _e4m3_value(s.to(tl.int32))
+    else:
+        v = s.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _nibble_value(c, ELEM: tl.constexpr):
+    # c: int32 in 0..15. ELEM 1: uint4 (zero point subtracted by the caller); 2: int4 two's complement;
+    # 3: e2m1 (magnitudes 0 .5 1 1.5 2 3 4 6; 2*|v| = m for e = 0 else (2 + m) << (e - 1)).
+    if ELEM == 1:
+        v = c.to(tl.float32)
+    elif ELEM == 2:
+        v = (c - ((c & 8) << 1)).to(tl.float32)
+    else:
+        e = (c >> 1) & 3
+        m = c & 1
+        twice = tl.where(e == 0, m, (2 + m) << tl.maximum(e - 1, 0))
+        v = tl.where((c & 8) != 0, -0.5, 0.5) * twice.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _apply_group(w, s, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.constexpr,
+                 HAS_ZERO: tl.constexpr):
+    # w [BLOCK_N, BLOCK_KB]; s, z: one value per row ([BLOCK_N], tile inside one group) or per group
+    # ([BLOCK_N, BLOCK_KB // GB]).
+    if BLOCK_KB <= GB:
+        if HAS_ZERO:
+            w = w - z[:, None]
+        w = w * s[:, None]
+    else:
+        w3 = tl.reshape(w, (BLOCK_N, BLOCK_KB // GB, GB))
+        if HAS_ZERO:
+            w3 = w3 - z[:, :, None]
+        w = tl.reshape(w3 * s[:, :, None], (BLOCK_N, BLOCK_KB))
+    return w
+
+
+@triton.jit
+def _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
+                  ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  EPB: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+    # Byte columns j0 .. j0 + BLOCK_KB of rows rn, decoded to fp32 with their group scales applied:
+    # (lo, hi) = elements k = EPB * j and (4-bit only) k = 2j + 1. Rows >= N and columns >= KB read 0.
+    rj = j0 + tl.arange(0, BLOCK_KB)
+    n_ok = rn < N
+    b = tl.load(codes + rn[:, None] * s_cn + rj[None, :], mask=n_ok[:, None] & (rj[None, :] < KB), other=0)
+    if EPB == 2:
+        bi = b.to(tl.int32)
+        lo = _nibble_value(bi & 15, ELEM)
+        hi = _nibble_value((bi >> 4) & 15, ELEM)
+    else:
+        if ELEM == 4:
+            lo = _e4m3_value(b.to(tl.int32))
+        else:
+            lo = b.to(tl.float32)  # int8 codes are signed bytes
+        hi = lo
+    if not PER_ROW:
+        if BLOCK_KB <= GB:  # the tile lies inside one group: one scale (and zero) per row
+            g = j0 // GB
+            s = _scale_value(tl.load(scales + rn * s_sn + g, mask=n_ok, other=0), SCALE)
+            z = s
+            if HAS_ZERO:
+                z = tl.load(zeros + rn * s_zn + g, mask=n_ok, other=0).to(tl.float32)
+        else:
+            rg = j0 // GB + tl.arange(0, BLOCK_KB // GB)
+            g_ok = n_ok[:, None] & (rg[None, :] < NB)
+            s = _scale_value(tl.load(scales + rn[:, None] * s_sn + rg[None, :], mask=g_ok, other=0), SCALE)
+            z = s
+            if HAS_ZERO:
+                z = tl.load(zeros + rn[:, None] * s_zn + rg[None, :], mask=g_ok, other=0).to(tl.float32)
+        lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, HAS_ZERO)
+        if EPB == 2:
+            hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, HAS_ZERO)
+        else:
+            hi = lo
+    return lo, hi
+
+
+@triton.jit
+def _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE: tl.constexpr, PER_ROW: tl.constexpr,
+                    HAS_TS: tl.constexpr, STEP: tl.constexpr):
+    # Factors constant along K, applied once to the fp32 accumulator [BLOCK_M, BLOCK_N].
+    if PER_ROW:
+        s = _scale_value(tl.load(scales + rn * s_sn, mask=rn < N, other=0), SCALE)
+        acc = acc * s[None, :]
+    if HAS_TS:
+        acc = acc * tl.load(tensor_scale)
+    if STEP != 1.0:
+        acc = acc * STEP
+    return acc
+
+
+@triton.jit
+def _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
+               INTERPRETED: tl.constexpr):
+    if HAS_BIAS:
+        acc = acc + tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if INTERPRETED and OUT_BF16:
+        acc = _round_bf16(acc)
+    tl.store(out + rm[:, None] * s_om + rn[None, :] * s_on, acc.to(out.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
+                 M, N, K, KB, NB, KB_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
+                 ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr, EPB: tl.constexpr,
+                 GB: tl.constexpr, SPLIT: tl.constexpr, ACC3: tl.constexpr, OUT_BF16: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, INTERPRETED: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    x_rows = x + rm[:, None] * s_xm
+    if ACC3:  # M <= 4: reduce over K once, at the end (no per-step shuffles)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    j_start = pid_k * KB_PER_SPLIT  # KB_PER_SPLIT is a multiple of BLOCK_KB: tiles never straddle splits
+    j_end = tl.minimum(j_start + KB_PER_SPLIT, KB)
+    for j0 in range(j_start, j_end, BLOCK_KB):
+        lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
+                               ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
+        rj = j0 + tl.arange(0, BLOCK_KB)
+        if EPB == 2:
+            ke = 2 * rj
+            xe = tl.load(x_rows + ke[None, :] * s_xk, mask=m_ok[:, None] & (ke[None, :] < K), other=0.0)
+            xo = tl.load(x_rows + (ke + 1)[None, :] * s_xk, mask=m_ok[:, None] & (ke[None, :] + 1 < K), other=0.0)
+            prod = xe.to(tl.float32)[:, None, :] * lo[None, :, :] + xo.to(tl.float32)[:, None, :] * hi[None, :, :]
+        else:
+            xv = tl.load(x_rows + rj[None, :] * s_xk, mask=m_ok[:, None] & (rj[None, :] < K), other=0.0)
+            prod = xv.to(tl.float32)[:, None, :] * lo[None, :, :]
+        if ACC3:
+            acc3 += prod
+        else:
+            acc += tl.sum(prod, 2)
+    if ACC3:
+        acc = tl.sum(acc3, 2)
+    acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, PER_ROW, HAS_TS, STEP)
+    if SPLIT:
+        tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc,
+                 mask=m_ok[:, None] & (rn[None, :] < N))
+    else:
+        _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
+
+
+@triton.jit
+def dequant_splitk_reduce(partials, bias, out, M, N, SPLITS, s_om, s_on, HAS_BIAS: tl.constexpr,
+                          OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLITS):  # fixed order: the result does not depend on scheduling
+        acc += tl.load(partials + s * M * N + offs, mask=ok, other=0.0)
+    rm = offs // N
+    rn = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias + rn, mask=ok, other=0.0).to(tl.float32)
+    if INTERPRETED and OUT_BF16:
+        acc = _round_bf16(acc)
+    tl.store(out + rm * s_om + rn * s_on, acc.to(out.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dot_wt(a, w, acc, ACT: tl.constexpr, INTERPRETED: tl.constexpr):
+    # acc += a @ w^T with a [BLOCK_M, BLOCK_KB] activations, w [BLOCK_N, BLOCK_KB] dequantized fp32.
+    # ACT 0: fp32 (IEEE dot, as eager: no TF32); 1: fp16; 2: bf16 (w rounded to the activation dtype,
+    # tensor cores). The interpreter's low-precision dot is unreliable: there w is rounded exactly as on
+    # the GPU and the dot runs in fp32.
+    if ACT == 0:
+        acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+    elif INTERPRETED:
+        if ACT == 2:
+            wr = _round_bf16(w)
+        else:
+            wr = w.to(tl.float16).to(tl.float32)
+        acc = tl.dot(a.to(tl.float32), tl.trans(wr), acc)
+    else:
+        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+    return acc
+
+
+@triton.jit
+def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out,
+                 M, N, K, KB, NB, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
+                 ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr, EPB: tl.constexpr,
+                 GB: tl.constexpr, ACT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP_M: tl.constexpr, INTERPRETED: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row-blocks share a weight tile in L2
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_m)
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    x_rows = x + rm[:, None] * s_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, KB, BLOCK_KB):
+        lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
+                               ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
+        rj = j0 + tl.arange(0, BLOCK_KB)
+        if EPB == 2:
+            ke = 2 * rj
+            xe = tl.load(x_rows + ke[None, :] * s_xk, mask=m_ok[:, None] & (ke[None, :] < K), other=0.0)
+            xo = tl.load(x_rows + (ke + 1)[None, :] * s_xk, mask=m_ok[:, None] & (ke[None, :] + 1 < K), other=0.0)
+            acc = _dot_wt(xe, lo, acc, ACT, INTERPRETED)
+            acc = _dot_wt(xo, hi, acc, ACT, INTERPRETED)
+        else:
+            xv = tl.load(x_rows + rj[None, :] * s_xk, mask=m_ok[:, None] & (rj[None, :] < K), other=0.0)
+            acc = _dot_wt(xv, lo, acc, ACT, INTERPRETED)
+    acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, PER_ROW, HAS_TS, STEP)
+    _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)

@@ -1,0 +1,256 @@
+"""The ``quantize`` pass: linear layers with constant weights -> weight-only quantized ``fxforge::quant_linear``.
+
+Configured like torchao's ``quantize_(model, config, filter_fn)``: a format (a name of
+``passes/quant/formats.FORMATS``) and a filter deciding which layers to quantize::
+
+    from fxforge.config import DEFAULT_PASSES
+    from fxforge.passes.quant.quantize_pass import Quantize
+
+    q = Quantize(format="w4a16_g128")                        # default filter (below)
+    compiled = fxforge.compile(model, inputs, passes=[*DEFAULT_PASSES, q])
+    q.layers                                                  # what it did: name, format, N, K, bytes
+
+Graph rewrite (the forms capture produces for ``nn.Linear``)::
+
+    before: %w  = get_attr[c_layers_0_up_proj_weight]              # [N, K] float
+            %wt = aten.permute(%w, [1, 0])
+            %y  = aten.mm(%x, %wt)                                 # or aten.addmm(%b, %x, %wt)
+    after:  %c  = get_attr[c_layers_0_up_proj_weight_qcodes]      # packed codes (uint8 / int8)
+            %s  = get_attr[c_layers_0_up_proj_weight_qscales]     # block / channel scales
+            %z  = get_attr[c_layers_0_up_proj_weight_qzeros]      # zero points (w4a16 only)
+            %y  = fxforge.quant_linear(%x, %c, %s, %z, None, %b | None, "w4a16_g128", K)
+
+with ``hadamard=32`` the activation is rotated first and the weight is quantized after ``w @ R``
+(passes/quant/hadamard.py; ``R = blockdiag(D H_32, ...)``, exact: ``(x R)(w R)^T = x w^T``)::
+
+            %r  = get_attr[hadamard_32_float32]                    # D H_32 [32, 32], x's dtype
+            %xr = aten.reshape(aten.mm(aten.reshape(%x, [-1, 32]), %r), [-1, K])
+            %y  = fxforge.quant_linear(%xr, ...)
+
+Options
+-------
+``format``         a FORMATS name (default ``"w8a16"``: int8 per channel, near-lossless per the literature).
+``filter``         ``(name, weight) -> bool``; ``name`` is the module path (``"layers.0.q_proj"``) from the
+                   node's ``nn_module_stack`` where capture recorded it, else the weight's attribute name
+                   (``"c_lm_head_weight"``; ``"merged_weight_0"`` for a group merge_linears formed).
+                   Default :func:`default_filter`: every 2-D weight with K >= 64 whose name contains neither
+                   ``"lm_head"`` nor ``"embed"`` (output heads and tied embeddings are the most sensitive
+                   layers and are usually kept in high precision).
+``hadamard``       ``None`` (default), a power-of-two block (e.g. 32) or ``"full"`` (one K x K rotation).
+                   Applied only where it is exact: the block divides K (``"full"``: K a power of two);
+                   other layers are quantized unrotated (their record says ``hadamard: None``).
+``hadamard_seed``  ``None``: plain Sylvester Hadamard; an int: random signs ``D`` from that seed.
+
+Never touched: weights the graph mutates (``gm.meta["fxforge_mutations"]``), non-constant weights, layers
+whose activation is not fp16 / bf16 / fp32. Per-layer records (name, node, weight, format, N, K, bytes
+before / after, hadamard) go to ``gm.meta["fxforge_quant"]`` (JSON-friendly) and ``self.layers``; the
+original float weights (references, no copies) to ``gm.meta["fxforge_quant_float"]`` for
+``report.layer_sqnr``. The float weight's get_attr / permute nodes are removed when nothing else uses them.
+"""
+from __future__ import annotations
+
+import torch
+from fxforge.errors import ConfigError
+from fxforge.pipeline import Pass
+from fxforge.registry import registry
+from fxforge.runtime import quant_linear as _quant_linear  # noqa: F401  (registers fxforge::quant_linear)
+from torch import fx
+
+from .formats import FORMATS, QuantFormat, quantize
+from .hadamard import random_signs, rotate_weight, rotation_matrix
+
+aten = torch.ops.aten
+OPTIONS = ("format", "filter", "hadamard", "hadamard_seed")
+DEFAULT_MIN_K = 64
+DEFAULT_EXCLUDE = ("lm_head", "embed")
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def default_filter(name: str, weight: torch.Tensor) -> bool:
+    """Quantize every 2-D weight with K >= 64 except those whose name contains "lm_head" or "embed"."""
+    return weight.dim() == 2 and weight.shape[1] >= DEFAULT_MIN_K and not any(s in name for s in DEFAULT_EXCLUDE)
+
+
+def _const(gm: fx.GraphModule, n) -> torch.Tensor | None:
+    """The real tensor behind a get_attr node that the graph never mutates, else None."""
+    if isinstance(n, fx.Node) and n.op == "get_attr" and n.target not in gm.meta.get("fxforge_mutations", ()):
+        t = getattr(gm, n.target, None)
+        return t if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor) else None
+    return None
+
+
+def _linear_parts(gm: fx.GraphModule, n: fx.Node) -> tuple | None:
+    """(x, weight node, bias node | None) for mm(x, permute(W, [1, 0])) / addmm(b, x, permute(W)) with constant
+    W (and b), else None. (The matcher of passes/merge_linears.py.)"""
+    if n.target is aten.mm.default:
+        bias, x, wt = None, n.args[0], n.args[1]
+    elif n.target is aten.addmm.default and n.kwargs.get("beta", 1) == 1 and n.kwargs.get("alpha", 1) == 1:
+        bias, x, wt = n.args
+        b = _const(gm, bias)
+        if b is None or b.dim() != 1:
+            return None
+    else:
+        return None
+    if not (isinstance(wt, fx.Node) and wt.target in (aten.permute.default, aten.t.default)):
+        return None
+    if wt.target is aten.permute.default and list(wt.args[1]) != [1, 0]:
+        return None
+    w = _const(gm, wt.args[0])
+    if w is None or w.dim() != 2:
+        return None
+    return x, wt.args[0], bias
+
+
+def _layer_name(n: fx.Node, w_node: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0]
+    return str(w_node.target)
+
+
+def _fresh(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _resolve_format(fmt) -> QuantFormat:
+    if isinstance(fmt, QuantFormat):
+        if FORMATS.get(fmt.name) != fmt:
+            raise ConfigError(f"quantize: format {fmt.name!r} is not one of the registered FORMATS (the kernels "
+                              f"run those): {', '.join(FORMATS)}")
+        return fmt
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ConfigError(f"quantize: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+@registry.register_pass
+class Quantize(Pass):
+    """Weight-only quantization of linear layers (module docstring: options and the graphs)."""
+
+    name = "quantize"
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"quantize: unknown option(s) {unknown}; options: {list(OPTIONS)}")
+        self.format = _resolve_format(options.get("format", "w8a16"))
+        self.filter = options.get("filter", default_filter)
+        if not callable(self.filter):
+            raise ConfigError(f"quantize: filter must be a callable (name, weight) -> bool, got {self.filter!r}")
+        self.hadamard = options.get("hadamard")
+        h = self.hadamard
+        if h is not None and h != "full" and not (isinstance(h, int) and not isinstance(h, bool) and h >= 2
+                                                  and h & (h - 1) == 0):
+            raise ConfigError(f"quantize: hadamard must be None, 'full' or a power-of-two block >= 2, got {h!r}")
+        self.seed = options.get("hadamard_seed")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ConfigError(f"quantize: hadamard_seed must be None or an int, got {self.seed!r}")
+        self.layers: list[dict] = []
+
+    def __repr__(self) -> str:
+        return f"Quantize(format={self.format.name}, hadamard={self.hadamard}, hadamard_seed={self.seed})"
+
+    def _rotation_block(self, k: int) -> int | None:
+        """The Hadamard block for reduction dim ``k`` where the rotation is exact, else None."""
+        if self.hadamard is None:
+            return None
+        b = k if self.hadamard == "full" else self.hadamard
+        return b if b >= 2 and b & (b - 1) == 0 and k % b == 0 else None
+
+    def _signs(self, b: int) -> torch.Tensor | None:
+        return None if self.seed is None else random_signs(b, self.seed)
+
+    def call(self, gm: fx.GraphModule) -> bool:
+        fmt = self.format
+        packed: dict[tuple, tuple] = {}  # (weight attr, rotation block) -> packed get_attr targets (tied weights)
+        rotations: dict[tuple, str] = {}  # (block, dtype) -> attr of the [b, b] rotation
+        rotated: dict[tuple, fx.Node] = {}  # (x node, block) -> rotated x (q/k/v share one rotation)
+        self.layers = []
+        records = gm.meta.setdefault("fxforge_quant", [])
+        floats = gm.meta.setdefault("fxforge_quant_float", {})
+        for n in list(gm.graph.nodes):
+            parts = _linear_parts(gm, n)
+            if parts is None:
+                continue
+            x, w_node, bias = parts
+            weight = getattr(gm, w_node.target)
+            xval = x.meta.get("val") if isinstance(x, fx.Node) else None
+            if not isinstance(xval, torch.Tensor) or xval.dtype not in _ACT_DTYPES or not weight.is_floating_point():
+                continue
+            name = _layer_name(n, w_node)
+            if not self.filter(name, weight):
+                continue
+            N, K = weight.shape
+            block = self._rotation_block(K)
+            key = (w_node.target, block)
+            if key not in packed:
+                w64 = weight.detach().double()
+                if block is not None:
+                    w64 = rotate_weight(w64, block, self._signs(block))
+                qt = quantize(w64, fmt)
+                attrs = []
+                for part in ("codes", "scales", "zeros", "tensor_scale"):
+                    t = getattr(qt, part)
+                    if t is None:
+                        attrs.append(None)
+                        continue
+                    attr = _fresh(gm, f"{w_node.target}_q{part}")
+                    gm.register_buffer(attr, t.to(weight.device))
+                    attrs.append(attr)
+                packed[key] = (attrs, qt.nbytes())
+            attrs, nbytes = packed[key]
+            with gm.graph.inserting_before(n):
+                x_in = x
+                if block is not None:
+                    x_in = self._rotate(gm, x, K, block, xval.dtype, rotations, rotated)
+                args = [gm.graph.get_attr(a) if a is not None else None for a in attrs]
+                new = gm.graph.call_function(torch.ops.fxforge.quant_linear.default,
+                                             (x_in, *args, bias, fmt.name, int(K)))
+            new.meta = dict(n.meta)  # same output value ([M, N], x's dtype)
+            wt = n.args[2] if n.target is aten.addmm.default else n.args[1]
+            n.replace_all_uses_with(new)
+            gm.graph.erase_node(n)
+            self._drop_if_dead(gm, wt)
+            info = {"name": name, "node": new.name, "weight": str(w_node.target), "format": fmt.name, "N": int(N),
+                    "K": int(K), "bytes_before": weight.numel() * weight.element_size(), "bytes_after": int(nbytes),
+                    "hadamard": block, "hadamard_seed": self.seed if block is not None else None,
+                    "input": x.name, "bias": bias is not None}
+            records.append(info)
+            self.layers.append(info)
+            floats[new.name] = (weight, _const(gm, bias) if bias is not None else None)
+        return bool(self.layers)
+
+    def _rotate(self, gm, x: fx.Node, k: int, block: int, dtype, rotations: dict, rotated: dict) -> fx.Node:
+        """x @ blockdiag(D H_b, ...) as reshape -> mm with the [b, b] block -> reshape (inserted at the cursor)."""
+        if (x, block) in rotated:
+            return rotated[(x, block)]
+        if (block, dtype) not in rotations:
+            attr = _fresh(gm, f"hadamard_{block}_{str(dtype).split('.')[-1]}")
+            r = rotation_matrix(block, block, self._signs(block)).to(dtype=dtype, device=x.meta["val"].device)
+            gm.register_buffer(attr, r)
+            rotations[(block, dtype)] = attr
+        g = gm.graph
+        rows = g.call_function(aten.reshape.default, (x, [-1, block]))
+        mixed = g.call_function(aten.mm.default, (rows, g.get_attr(rotations[(block, dtype)])))
+        out = g.call_function(aten.reshape.default, (mixed, [-1, k]))
+        rotated[(x, block)] = out
+        return out
+
+    @staticmethod
+    def _drop_if_dead(gm: fx.GraphModule, wt: fx.Node) -> None:
+        """Remove the float weight's permute and get_attr (and the attribute itself) once nothing uses them."""
+        if wt.users:
+            return
+        w_node = wt.args[0]
+        gm.graph.erase_node(wt)
+        if w_node.users:
+            return
+        target = w_node.target
+        gm.graph.erase_node(w_node)
+        if not any(m.op == "get_attr" and m.target == target for m in gm.graph.nodes) and target in gm._buffers:
+            del gm._buffers[target]

@@ -1,0 +1,276 @@
+"""Weight-only quantized linear layers: ``y = x @ dequant(W)^T + bias`` run by the dequant-matmul Triton
+kernels of ``codegen/templates/dequant_matmul.py`` (GPU, or the CPU interpreter).
+
+``W [N, K]`` is stored in a packed layout of ``passes/quant/formats.py`` (``quantize(w, fmt)``): codes,
+scales, optional integer zero points and an optional fp32 per-tensor scale. The graph-level op is
+
+    fxforge::quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? tensor_scale,
+                          Tensor? bias, str fmt, int K) -> Tensor
+
+written by the ``quantize`` pass (passes/quant/quantize_pass.py) and registered when fxforge is imported.
+``x [..., K]`` is fp16 / bf16 / fp32; the output has x's dtype and shape ``[..., N]``.
+
+Dispatch: M = rows of x. M <= GEMV_MAX_M: ``dequant_gemv`` (CUDA-core dot products, optional split-K with
+a deterministic reduce launch); larger M: ``dequant_gemm`` (tl.dot, the weight tile decoded in the K loop).
+Every format of ``FORMATS`` runs in the kernels: w8a16, w8a16_fp8, w4a16_g32/g64/g128, mxint8, mxfp8,
+mxfp4, nvfp4, nvint4. CPU tensors without the Triton interpreter (a CUDA machine working on a CPU copy)
+fall back to ``dequantize`` + an fp32 matmul.
+
+Configs (``gemv_configs`` / ``gemm_configs``, first = default): small lists with a GPU default chosen
+from the bf16 GEMV measured on the H100 (codegen/emit_matmul.py: 4 rows x 1024 elements per step,
+4 warps, 2.2-2.9 TB/s) and an interpreter default with tiny blocks (every tile path runs in CPU tests).
+The GPU defaults are untuned guesses for the quantized kernels until the H100 run measures them.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from .kernels import interpreter_active, load_kernel, next_pow2
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_matmul.py"
+KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce")
+GEMV_MAX_M = 16  # rows up to this use the GEMV kernel (weight-only: bandwidth-bound there on the H100)
+CPU_SMS = 4  # stand-in SM count for the interpreter (split-K heuristics see a tiny GPU)
+REDUCE_BLOCK = 1024
+HBM_TBPS = 3.0  # H100 SXM achievable HBM bandwidth used by the bytes model
+_ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# Element / scale kinds of the template (see its header).
+_ELEM = {"int8": 0, "mxint8": 0, "uint4": 1, "int4": 2, "fp4_e2m1": 3, "fp8_e4m3": 4}
+_SCALE = {"bf16": 0, "fp32": 0, "e8m0": 1, "e4m3": 2}
+_CODE_DTYPES = {"int8": torch.int8, "mxint8": torch.int8, "fp8_e4m3": torch.uint8}
+_SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "e8m0": torch.uint8, "e4m3": torch.uint8}
+
+
+def template_source() -> str:
+    return TEMPLATE.read_text()
+
+
+@functools.lru_cache(maxsize=8)
+def _kernels(device_type: str, cache_dir: str) -> dict:
+    src = template_source()
+    return {name: load_kernel(name, src, device_type, cache_dir) for name in KERNELS}
+
+
+def kernels_for(device_type: str) -> dict:
+    from fxforge.config import current
+
+    return _kernels(device_type, current().cache_dir)
+
+
+@functools.lru_cache(maxsize=64)
+def kernel_format(fmt) -> dict:
+    """The template's constexprs for a format (a FORMATS name or QuantFormat): element / scale kind,
+    per-row or grouped scales, zero points, tensor scale, element step, elements per byte (EPB) and the
+    group in byte columns (GB)."""
+    from fxforge.passes.quant.formats import get_format
+
+    f = get_format(fmt)
+    epb = 2 if f.bits == 4 else 1
+    return {"ELEM": _ELEM[f.elem], "SCALE": _SCALE[f.scale], "PER_ROW": f.block is None, "HAS_ZERO": f.zero_point,
+            "HAS_TS": f.tensor_scale, "STEP": f.spec.step, "EPB": epb, "GB": (f.block or 2) // epb}
+
+
+# ------------------------------------------------------------------------------------------- bytes model
+def bytes_model(fmt: str, N: int, K: int, M: int = 1, act_bytes: int = 2, splits: int = 1) -> dict:
+    """Bytes a launch moves: the packed weight (``metrics.bytes_per_weight``; fmt "bf16"/"fp16"/"fp32" =
+    an unquantized reference), x, y and split-K partials, with the time at ``HBM_TBPS``."""
+    from fxforge.passes.quant.metrics import bytes_per_weight
+
+    dense = {"bf16": 2, "fp16": 2, "fp32": 4}
+    weights = N * K * dense[fmt] if fmt in dense else bytes_per_weight(fmt, K, N) * N * K
+    acts = M * K * act_bytes + M * N * act_bytes + (2 * splits * M * N * 4 if splits > 1 else 0)
+    total = weights + acts
+    return {"format": fmt, "N": N, "K": K, "M": M, "weight_bytes": round(weights), "act_bytes": acts,
+            "total_bytes": round(total), "expected_us": total / (HBM_TBPS * 1e12) * 1e6}
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
+    """GEMV launch configs, default first: BLOCK_M (rows of x per program, next_pow2(M)), BLOCK_N (weight
+    rows), BLOCK_KB (code bytes per row per step) and, on the GPU, num_warps / num_stages."""
+    kf = kernel_format(fmt)
+    bm = next_pow2(max(M, 1))
+    if interpreted:  # the interpreter's cost is per program and per op: few, small-but-not-tiny programs
+        return [{"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_KB": 32}]
+    per_row = 1024 // kf["EPB"]  # 1024 elements of K per row per step, like the bf16 GEMV
+    if bm > 4:  # per-step reduction over a [BLOCK_M, BLOCK_N, BLOCK_KB] product: keep it in registers
+        per_row = max(64, per_row * 4 // bm)
+    else:
+        per_row = max(64, per_row // bm)
+    out = []
+    for bn, kb, w, st in ((4, per_row, 4, 1), (8, per_row // 2, 4, 1), (4, per_row // 2, 2, 1), (8, per_row, 8, 1),
+                          (4, per_row, 4, 3)):
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KB": max(kb, 16), "num_warps": w, "num_stages": st}
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
+    """Tensor-core launch configs for M > GEMV_MAX_M, default first (tl.dot needs 16+ on every side)."""
+    if interpreted:
+        return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_KB": 32, "GROUP_M": 8}]
+    kb = 64  # code bytes per step: two dots of K=64 for 4-bit codes, one for 8-bit
+    bm = 32 if M <= 32 else 64 if M <= 64 else 128
+    bn = 64 if N <= 64 else 128
+    out = []
+    for m_, n_, k_, w, st in ((bm, bn, kb, 4 if bm * bn < 128 * 128 else 8, 3), (bm, 64, kb, 4, 4),
+                              (min(bm, 64), 128, 2 * kb, 4, 3), (bm, bn, kb // 2, 4, 4)):
+        cfg = {"BLOCK_M": m_, "BLOCK_N": n_, "BLOCK_KB": k_, "GROUP_M": 8, "num_warps": w, "num_stages": st}
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_SMS
+
+
+def auto_split_k(programs: int, kb: int, block_kb: int, device: torch.device) -> int:
+    """K splits for the GEMV: none when the (N, M) tiles already fill the SMs twice over; else enough to
+    reach that, keeping at least 4 steps of BLOCK_KB per split."""
+    sms = _sm_count(device)
+    if programs >= 2 * sms:
+        return 1
+    steps = -(-kb // block_kb)
+    return max(1, min(-(-2 * sms // max(programs, 1)), steps // 4))
+
+
+# -------------------------------------------------------------------------------------------- checking
+def check_inputs(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K: int) -> None:
+    """ValueError naming what does not match the packed layout of ``fmt``."""
+    from fxforge.passes.quant.formats import FORMATS
+
+    if fmt not in FORMATS:
+        raise ValueError(f"quant_linear: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    f = FORMATS[fmt]
+    if x.dtype not in _ACT_DTYPES:
+        raise ValueError(f"quant_linear: x dtype {x.dtype} not supported (float16, bfloat16, float32)")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"quant_linear: x must be [..., K={K}], got shape {tuple(x.shape)}")
+    kp, nb = f.padded_k(K), f.n_blocks(K)
+    kb = kp * f.bits // 8
+    want_codes = _CODE_DTYPES.get(f.elem, torch.uint8)
+    if codes.dim() != 2 or codes.shape[1] != kb or codes.dtype != want_codes:
+        raise ValueError(f"quant_linear[{fmt}]: codes must be {want_codes} [N, {kb}] for K={K}, got "
+                         f"{codes.dtype} {tuple(codes.shape)}")
+    n = codes.shape[0]
+    if tuple(scales.shape) != (n, nb) or scales.dtype != _SCALE_DTYPES[f.scale]:
+        raise ValueError(f"quant_linear[{fmt}]: scales must be {_SCALE_DTYPES[f.scale]} [{n}, {nb}], got "
+                         f"{scales.dtype} {tuple(scales.shape)}")
+    if f.zero_point != (zeros is not None):
+        raise ValueError(f"quant_linear[{fmt}]: zero points {'required' if f.zero_point else 'not used'}")
+    if zeros is not None and (tuple(zeros.shape) != (n, nb) or zeros.dtype != torch.uint8):
+        raise ValueError(f"quant_linear[{fmt}]: zeros must be uint8 [{n}, {nb}], got {zeros.dtype} {tuple(zeros.shape)}")
+    if f.tensor_scale != (tensor_scale is not None):
+        raise ValueError(f"quant_linear[{fmt}]: a per-tensor scale is {'required' if f.tensor_scale else 'not used'}")
+    if tensor_scale is not None and (tensor_scale.numel() != 1 or tensor_scale.dtype != torch.float32):
+        raise ValueError(f"quant_linear[{fmt}]: tensor_scale must be one float32, got {tensor_scale.dtype} "
+                         f"{tuple(tensor_scale.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or not bias.is_floating_point()):
+        raise ValueError(f"quant_linear: bias must be a float [{n}] vector, got {bias.dtype} {tuple(bias.shape)}")
+    devs = {t.device for t in (x, codes, scales, zeros, tensor_scale, bias) if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"quant_linear: tensors on different devices {sorted(map(str, devs))}")
+
+
+def reference(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K: int) -> torch.Tensor:
+    """``x @ dequantize(W)^T + bias`` in fp32 through formats.dequantize (no kernels), in x's dtype."""
+    from fxforge.passes.quant.formats import FORMATS, QuantizedTensor, dequantize
+
+    qt = QuantizedTensor(FORMATS[fmt], (codes.shape[0], K), codes, scales, zeros, tensor_scale)
+    y = x.float() @ dequantize(qt).to(x.device).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# -------------------------------------------------------------------------------------------- launching
+def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K: int, *, config: dict | None = None,
+                       split_k: int | None = None, check: bool = True) -> torch.Tensor:
+    """Run the kernels. ``config``: a dict from gemv_configs / gemm_configs (default: their first);
+    ``split_k``: GEMV K splits (None: ``auto_split_k``). Benchmarks call this directly to try configs."""
+    if check:
+        check_inputs(x, codes, scales, zeros, tensor_scale, bias, fmt, K)
+    n = codes.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = torch.empty((M, n), dtype=x.dtype, device=x.device)
+    if M == 0 or n == 0:
+        return out.reshape(*lead, n)
+    if x.device.type == "cpu" and not interpreter_active():
+        return reference(x, codes, scales, zeros, tensor_scale, bias, fmt, K)
+    interpreted = x.device.type == "cpu"
+    codes, scales = codes.contiguous(), scales.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    kf = kernel_format(fmt)
+    KB, NB = codes.shape[1], scales.shape[1]
+    dummy = scales
+    common = dict(kf, HAS_BIAS=bias is not None, OUT_BF16=x.dtype == torch.bfloat16, INTERPRETED=interpreted)
+    ptrs = (x2, codes, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
+            bias if bias is not None else dummy, out)
+    strides = (x2.stride(0), x2.stride(1), codes.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
+               out.stride(0), out.stride(1))
+    ks = kernels_for(x.device.type)
+    gemv = M <= GEMV_MAX_M
+    cfg = dict(config or (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)[0])
+    if interpreted:
+        cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+    _check_blocks(cfg, kf, gemv)
+    if not gemv:
+        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
+        ks["dequant_gemm"][grid](*ptrs, M, n, K, KB, NB, *strides, ACT=_ACT_DTYPES[x.dtype], **common, **cfg)
+        return out.reshape(*lead, n)
+    bkb = cfg["BLOCK_KB"]
+    m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
+    splits = split_k if split_k is not None else auto_split_k(m_tiles * n_tiles, KB, bkb, x.device)
+    if splits < 1:
+        raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
+    per_split = _cdiv(_cdiv(KB, splits), bkb) * bkb
+    splits = _cdiv(KB, per_split)  # no empty split
+    partials = torch.empty((splits, M, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    ks["dequant_gemv"][(n_tiles, splits, m_tiles)](*ptrs, partials, M, n, K, KB, NB, per_split, *strides,
+                                                     SPLIT=splits > 1, ACC3=cfg["BLOCK_M"] <= 4, **common, **cfg)
+    if splits > 1:
+        kw = {} if interpreted else {"num_warps": 4}
+        ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
+            partials, ptrs[5], out, M, n, splits, out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+            OUT_BF16=x.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK, INTERPRETED=interpreted, **kw)
+    return out.reshape(*lead, n)
+
+
+def _check_blocks(cfg: dict, kf: dict, gemv: bool) -> None:
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_KB"):
+        v = cfg[key]
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"quant_linear: {key} must be a power of two, got {v}")
+    gb = kf["GB"]
+    if not kf["PER_ROW"] and cfg["BLOCK_KB"] > gb and cfg["BLOCK_KB"] % gb:
+        raise ValueError(f"quant_linear: BLOCK_KB {cfg['BLOCK_KB']} must divide or be a multiple of the group ({gb} bytes)")
+    if not gemv and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_KB"]) < 16:
+        raise ValueError(f"quant_linear: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_KB >= 16, got {cfg}")
+
+
+# ------------------------------------------------------------------------------------------- the graph op
+@torch.library.custom_op("fxforge::quant_linear", mutates_args=())
+def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 tensor_scale: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, K: int) -> torch.Tensor:
+    """``x @ dequant(W)^T + bias`` for ``W [N, K]`` packed in format ``fmt`` (the quantize pass's op)."""
+    return quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt, K)
+
+
+@quant_linear.register_fake
+def _(x, codes, scales, zeros, tensor_scale, bias, fmt, K):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
