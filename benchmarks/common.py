@@ -28,6 +28,30 @@ def time_cuda(fn, *args, warmup: int = 3, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def graph_time_us(fn, launches: int = 20, reps: int = 10) -> float:
+    """Median per-launch microseconds of ``fn(i)`` for i in range(launches), captured in one CUDA
+    graph (decode-sized kernels run inside graphs, so host launch overhead is excluded)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(launches):
+            fn(i)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / launches)
+    return statistics.median(times)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     o, r = out.detach().double(), ref.detach().double()
     if not torch.isfinite(o).all():

@@ -15,7 +15,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
-from common import Results, out_dirs
+from common import Results, graph_time_us, out_dirs
 
 
 @triton.jit
@@ -63,30 +63,6 @@ def gemv_splitk(X, W, Y32, M, N, K, sxm, swn, sym, K_PER,
         x_ptrs += BLOCK_K
     y = tl.sum(acc, 2)
     tl.atomic_add(Y32 + rm[:, None] * sym + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N), sem="relaxed")
-
-
-def graph_time_us(fn, launches: int = 20, reps: int = 10) -> float:
-    """Median per-launch time of ``launches`` calls captured in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(launches):
-            fn(i)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / launches)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main() -> None:
@@ -152,7 +128,6 @@ def main() -> None:
                 print(f"{wl} splitk n{bn}k{bk}s{split}: {type(e).__name__}", flush=True)
         top = sorted(best.items(), key=lambda kv: kv[1])[:6]
         print(f"{wl}: cublas {best.get('cublas', 0):.1f} us; best " + ", ".join(f"{k} {v:.1f}" for k, v in top), flush=True)
-        del ws
         torch.cuda.empty_cache()
     res.write(out_dirs())
 

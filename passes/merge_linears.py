@@ -22,6 +22,8 @@ import torch.fx as fx
 from fxforge.pipeline import Pass
 from fxforge.registry import registry
 
+from .patterns import linear_parts as _linear_parts
+
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
@@ -30,34 +32,6 @@ _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 # compute-bound and cuBLAS tiles each shape well on its own: on the H100 the merged 2048x2048x11264
 # gate|up GEMM took 132 us against 2 x 62.7 us unmerged (benchmarks/results/profile_prefill.md).
 MAX_ROWS = 256
-
-
-def _const(gm, n) -> torch.Tensor | None:
-    if isinstance(n, fx.Node) and n.op == "get_attr" and n.target not in gm.meta.get("fxforge_mutations", ()):
-        t = getattr(gm, n.target, None)
-        return t if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor) else None
-    return None
-
-
-def _linear_parts(gm, n) -> tuple | None:
-    """(input, weight node, bias node | None) for mm(x, permute(W, [1, 0])) / addmm(b, x, permute(W)), else None."""
-    if n.target is aten.mm.default:
-        bias, x, wt = None, n.args[0], n.args[1]
-    elif n.target is aten.addmm.default and n.kwargs.get("beta", 1) == 1 and n.kwargs.get("alpha", 1) == 1:
-        bias, x, wt = n.args
-        b = _const(gm, bias)
-        if b is None or b.dim() != 1:
-            return None
-    else:
-        return None
-    if not (isinstance(wt, fx.Node) and wt.target in (aten.permute.default, aten.t.default)):
-        return None
-    if wt.target is aten.permute.default and list(wt.args[1]) != [1, 0]:
-        return None
-    w = _const(gm, wt.args[0])
-    if w is None or w.dim() != 2:
-        return None
-    return x, wt.args[0], bias
 
 
 def _views_ok(val, users, n_total: int, start: int) -> bool:

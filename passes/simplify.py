@@ -44,7 +44,7 @@ class CatSign(Pass):
                 s_node = gm.graph.get_attr(attr)
             with gm.graph.inserting_after(n):
                 mul = gm.graph.call_function(aten.mul.Tensor, (n, s_node))
-            n.replace_all_uses_with(mul, delete_user_cb=lambda u: u is not mul)
+            n.replace_all_uses_with(mul, delete_user_cb=lambda u, mul=mul: u is not mul)
             n.args = ([x.args[0] if _is_neg(x) else x for x in n.args[0]],) + tuple(n.args[1:])
             modified = True
         return modified  # negations no one reads any more are removed by the next dce

@@ -44,6 +44,8 @@ def test_constant_folding_of_weights_only_subgraph():
 
 
 def test_pass_cache_id_depends_on_source_and_options():
+    import fxforge.passes  # noqa: F401  (registers the built-in passes; a fresh xdist worker may not have)
+
     a, b = registry.make_pass("constant_fold"), registry.make_pass("constant_fold", max_bytes=1)
     assert a.cache_id() != b.cache_id() and a.cache_id() == registry.make_pass("constant_fold").cache_id()
     assert registry.make_pass("dce").cache_id() != a.cache_id()

@@ -56,6 +56,8 @@ from fxforge.registry import registry
 from fxforge.runtime import quant_linear as _quant_linear  # noqa: F401  (registers fxforge::quant_linear)
 from torch import fx
 
+from ..patterns import constant as _const
+from ..patterns import linear_parts as _linear_parts
 from .formats import FORMATS, QuantFormat, quantize
 from .hadamard import random_signs, rotate_weight, rotation_matrix
 
@@ -69,36 +71,6 @@ _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def default_filter(name: str, weight: torch.Tensor) -> bool:
     """Quantize every 2-D weight with K >= 64 except those whose name contains "lm_head" or "embed"."""
     return weight.dim() == 2 and weight.shape[1] >= DEFAULT_MIN_K and not any(s in name for s in DEFAULT_EXCLUDE)
-
-
-def _const(gm: fx.GraphModule, n) -> torch.Tensor | None:
-    """The real tensor behind a get_attr node that the graph never mutates, else None."""
-    if isinstance(n, fx.Node) and n.op == "get_attr" and n.target not in gm.meta.get("fxforge_mutations", ()):
-        t = getattr(gm, n.target, None)
-        return t if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor) else None
-    return None
-
-
-def _linear_parts(gm: fx.GraphModule, n: fx.Node) -> tuple | None:
-    """(x, weight node, bias node | None) for mm(x, permute(W, [1, 0])) / addmm(b, x, permute(W)) with constant
-    W (and b), else None. (The matcher of passes/merge_linears.py.)"""
-    if n.target is aten.mm.default:
-        bias, x, wt = None, n.args[0], n.args[1]
-    elif n.target is aten.addmm.default and n.kwargs.get("beta", 1) == 1 and n.kwargs.get("alpha", 1) == 1:
-        bias, x, wt = n.args
-        b = _const(gm, bias)
-        if b is None or b.dim() != 1:
-            return None
-    else:
-        return None
-    if not (isinstance(wt, fx.Node) and wt.target in (aten.permute.default, aten.t.default)):
-        return None
-    if wt.target is aten.permute.default and list(wt.args[1]) != [1, 0]:
-        return None
-    w = _const(gm, wt.args[0])
-    if w is None or w.dim() != 2:
-        return None
-    return x, wt.args[0], bias
 
 
 def _layer_name(n: fx.Node, w_node: fx.Node) -> str:

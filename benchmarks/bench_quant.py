@@ -1,0 +1,85 @@
+"""Weight-only quantized GEMV/GEMM on the GPU (issue 4's speed rows), every format against bf16 cuBLAS
+and torch's own int8 weight-only kernel (``torch._weight_int8pack_mm``), same run.
+
+Workloads: ``gemv_4096x4096_m1``, ``gemv_4096x14336_m1`` (x [1, 4096] times W^T, W [N, 4096]) and
+``gemm_4096x4096_m64``. Each launch is timed inside a CUDA graph of 20 launches with the weights
+rotating over enough copies (> 200 MB) that every launch reads HBM, as a decode step does. For every
+format: the default config and the best of the config list (``runtime.quant_linear.gemv_configs`` /
+``gemm_configs``), the bytes model (packed weight + scales + activations) and the achieved fraction of
+3.0 TB/s, and the speedup over bf16. Usage: ``python benchmarks/bench_quant.py`` -> results/quant_gpu.*
+"""
+from __future__ import annotations
+
+import torch
+from common import Results, graph_time_us, out_dirs, rel_err
+
+from fxforge.passes.quant.formats import quantize
+from fxforge.runtime.quant_linear import GEMV_MAX_M, bytes_model, gemm_configs, gemv_configs, quant_linear_apply
+
+FORMATS = {"w8a16": "w8a16", "w4a16": "w4a16_g128", "mxint8": "mxint8", "mxfp4": "mxfp4", "nvfp4": "nvfp4", "nvint4": "nvint4"}
+WORKLOADS = {"gemv_4096x4096_m1": (1, 4096, 4096), "gemv_4096x14336_m1": (1, 14336, 4096), "gemm_4096x4096_m64": (64, 4096, 4096)}
+
+
+def main() -> None:
+    res = Results("quant_gpu")
+    torch.manual_seed(0)
+    for wl, (M, N, K) in WORKLOADS.items():
+        copies = max(2, -(-200_000_000 // (N * K * 2)))
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ ws[0].double().t()
+        times = {}
+
+        def add(impl, us, out, fmt_for_bytes):
+            bm = bytes_model(fmt_for_bytes, N, K, M)
+            res.add(wl, impl, "time", us, "us")
+            res.add(wl, impl, "bandwidth", bm["total_bytes"] / (us * 1e-6) / 1e12, "TB/s")
+            res.add(wl, impl, "fraction_of_hbm", bm["expected_us"] / us, "ratio")
+            res.add(wl, impl, "bytes", bm["total_bytes"], "bytes")
+            res.add(wl, impl, "rel_err_vs_fp64_bf16_weights", rel_err(out, ref), "rel_err")
+            times[impl] = us
+
+        y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        add("bf16", graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y)), torch.mm(x, ws[0].t()), "bf16")
+        # torch's own int8 weight-only path (per-channel scales), as torchao uses on CUDA
+        try:
+            scales = [w.abs().amax(1).float() / 127 for w in ws]
+            w8 = [torch.round(w.float() / s[:, None]).to(torch.int8) for w, s in zip(ws, scales)]
+            sc = [s.to(torch.bfloat16) for s in scales]
+            us = graph_time_us(lambda i: torch._weight_int8pack_mm(x, w8[i % copies], sc[i % copies]))
+            add("torch_int8", us, torch._weight_int8pack_mm(x, w8[0], sc[0]), "w8a16")
+        except Exception as e:  # noqa: BLE001 — not every build ships the CUDA kernel
+            print(f"{wl} torch_int8: {type(e).__name__}: {e}", flush=True)
+        for impl, fmt in FORMATS.items():
+            qts = [quantize(w, fmt) for w in ws]
+            args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
+            cfgs = gemv_configs(M, N, K, fmt, False) if M <= GEMV_MAX_M else gemm_configs(M, N, K, fmt, False)
+            best = None
+            for j, cfg in enumerate(cfgs):
+                def run(i, cfg=cfg):
+                    c, s, z, t = args[i % copies]
+                    return quant_linear_apply(x, c, s, z, t, None, fmt, K, config=cfg, check=False)
+                try:
+                    us = graph_time_us(run)
+                except Exception as e:  # noqa: BLE001 — a config that does not compile loses
+                    print(f"{wl} {impl} cfg{j}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                if j == 0:
+                    res.add(wl, impl, "time_default_config", us, "us")
+                if best is None or us < best[0]:
+                    best = (us, cfg)
+            if best is None:
+                continue
+            c, s, z, t = args[0]
+            out = quant_linear_apply(x, c, s, z, t, None, fmt, K, config=best[1])
+            add(impl, best[0], out, fmt)
+            print(f"{wl} {impl}: best {best[0]:.2f} us with {best[1]}", flush=True)
+        for impl, us in times.items():
+            if impl != "bf16":
+                res.add(wl, impl, "speedup_vs_bf16", times["bf16"] / us, "x")
+        torch.cuda.empty_cache()
+    res.write(out_dirs())
+
+
+if __name__ == "__main__":
+    main()
