@@ -1,0 +1,201 @@
+# fxforge KIVI decode-attention template: split-KV ("flash-decoding") attention for a few query tokens
+# against a KIVI-quantized KV cache (passes/quant/kv.py), decoding the 2/4-bit codes in registers.
+# SDPA semantics with GQA (query head h reads kv head h // (H // H_KV)), no mask, no causal masking.
+#
+# Cache segments: tokens [0, NQ) are quantized (keys per channel in groups of G tokens, values per
+# token in groups of GV channels, code·scale + min), tokens [NQ, S) are the full-precision residual
+# window (R ≤ S - NQ < R + G tokens, read as ordinary tiles).
+#
+# Kernel 1 (FXFORGE_KERNEL_NAME_split), grid (SPLITS, B·H_KV, ceil(Gq / BLOCK_M)): one program owns the
+# Gq = (H // H_KV)·LQ query rows of one kv head packed into one BLOCK_M tile (GQA reuse: each code tile
+# is decoded once for the whole group) and one chunk [split·CHUNK, min(split·CHUNK + CHUNK, NQ)) of the
+# quantized tokens (CHUNK a multiple of BLOCK_N). The last split also reads the residual window after
+# its chunk, so both segments meet in one online softmax (base 2). Per BLOCK_N tokens it loads
+#   K: the packed bytes k_codes[d, t0/PER : t0/PER + BLOCK_N/PER] as a [HEAD_DIM, BLOCK_N/PER] uint8
+#      tile, unpacks it (shift + mask, tl.join tree, reshape) into a [HEAD_DIM, BLOCK_N] K^T tile in
+#      token order, applies k_scale/k_min [d, t // G] (loaded once per group and broadcast when G is a
+#      power of two dividing BLOCK_N, else gathered per element) and computes q @ K^T directly;
+#   V: the bytes v_codes[t, 0 : D/PER] as [BLOCK_N, HEAD_DIM/PER], unpacked along channels to
+#      [BLOCK_N, HEAD_DIM], v_scale/v_min [t, d // GV] (broadcast when GV is a power of two, else
+#      gathered), then P @ V.
+# It writes the unnormalized partial output and (m, l) to the workspace; with SPLITS == 1 (SINGLE) it
+# normalizes and writes the output itself. Kernel 2 is decode_attention's combine kernel (the
+# workspace layout is the same: acc [B, H, LQ, SPLITS, D] then (m, l) [B, H, LQ, SPLITS, 2], fp32).
+#
+# Bytes model (memory-bound; the dequant is ~4 integer/fp ops per cached element, the dots ~4·H·LQ·S·D
+# FLOPs): bytes = B·H_KV·(NQ·kivi_bytes_per_token(bits, D, G, GV) + (S - NQ)·2·D·elt_residual)
+#   + q and out (B·H·LQ·D·elt each) + workspace (B·H·LQ·SPLITS·(D + 2)·4, written once, read once),
+# kivi_bytes_per_token = 2·D·bits/8 (codes) + 2·D·sb/G (key scale+min) + 2·(D/GV)·sb (value scale+min).
+# B=1, H_KV=8, S=32768, D=128, G=GV=32, R=32, fp16 scales (sb=2), bf16 residual, H=32, LQ=1, 16 splits:
+#   bf16 cache (plain decode_attention): 2·S·D·2·H_KV = 134.2 MB → 44.7 µs at 3.0 TB/s;
+#   KIVI-2: 96 B/token/head (64 codes + 16 + 16) → NQ = 32736 tokens: 25.14 MB + residual 32 tokens
+#           0.13 MB = 25.27 MB (5.31× smaller than bf16) + 0.55 MB q/out/workspace → 25.8 MB → 8.6 µs;
+#   KIVI-4: 160 B/token/head (128 + 16 + 16) → 42.03 MB (3.19× smaller) → 42.6 MB total → 14.2 µs.
+# At that size two launches (~1.2 µs each in a CUDA graph) and the in-register unpacking matter: the
+# issue's target is ≥ 2× faster than bf16 SDPA decode (64.7 µs on the H100) — not yet measured.
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_bf16(v):
+    # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even first, as the GPU does.
+    u = v.to(tl.uint32, bitcast=True)
+    u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return tl.where(v != v, v, u.to(tl.float32, bitcast=True))  # noqa: PLR0124  (NaN test)
+
+
+@triton.jit
+def _unpack(b, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
+    """uint8 [ROWS, COLS] packed codes -> float32 [ROWS, COLS·8/BITS], element j·PER + i of a row taken
+    from bits i·BITS of byte j (pack_bits' order)."""
+    if BITS == 4:
+        c = tl.join(b & 15, b >> 4)  # [ROWS, COLS, 2]: sub-index i
+    else:  # join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3 per byte
+        c = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
+    return tl.reshape(c, (ROWS, COLS * (8 // BITS))).to(tl.float32)
+
+
+@triton.jit
+def _group_param(base, s_row, s_grp, offs_r, r_ok, offs_c, c_ok, g0, lim, GRP: tl.constexpr, BCAST: tl.constexpr,
+                 ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A [ROWS, COLS] float32 tile of ``base[r, c // GRP]`` (0 where masked), groups along the columns.
+    BCAST (GRP a power of two dividing COLS, offs_c = g0·GRP + arange(COLS)): one load per group,
+    broadcast over its GRP members, groups starting at or after ``lim`` masked. Else one (cached)
+    load per element, for any group size."""
+    if BCAST:
+        NG: tl.constexpr = COLS // GRP
+        g = g0 + tl.arange(0, NG)
+        x = tl.load(base + offs_r[:, None] * s_row + g[None, :] * s_grp, mask=r_ok[:, None] & (g * GRP < lim)[None, :],
+                    other=0.0).to(tl.float32)
+        x = tl.reshape(tl.broadcast_to(x[:, :, None], (ROWS, NG, GRP)), (ROWS, COLS))
+    else:
+        x = tl.load(base + offs_r[:, None] * s_row + (offs_c // GRP)[None, :] * s_grp,
+                    mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _update(acc, l_i, m_i, q, kt, v, n_ok, qk_scale, CHECK: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step (base 2) over a [HEAD_DIM, BLOCK_N] K^T tile and a [BLOCK_N, HEAD_DIM] V tile."""
+    if IEEE:  # fp32 q: full-precision dots, as eager (Triton's default would be TF32)
+        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, kt.to(q.dtype)) * qk_scale
+    if CHECK:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
+                vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D, qk_scale,
+                BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, CHECK: tl.constexpr,
+                IEEE: tl.constexpr):
+    """Tokens [t0, min(t0 + BLOCK_N, hi)) of the quantized segment (t0 a multiple of BLOCK_N and of G)."""
+    PER: tl.constexpr = 8 // BITS
+    offs_t = t0 + tl.arange(0, BLOCK_N)
+    t_ok = offs_t < hi
+    # K^T: packed along tokens; hi is a multiple of G (so of PER): a byte is all valid or all padding
+    offs_kb = t0 // PER + tl.arange(0, BLOCK_N // PER)
+    kb = tl.load(kc_base + offs_d[:, None] * kc_sd + offs_kb[None, :] * kc_st,
+                 mask=d_ok[:, None] & (offs_kb * PER < hi)[None, :], other=0)
+    kt = _unpack(kb, HEAD_DIM, BLOCK_N // PER, BITS)
+    kt = (kt * _group_param(ks_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, t0 // G, hi, G, K_BCAST, HEAD_DIM, BLOCK_N)
+          + _group_param(km_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, t0 // G, hi, G, K_BCAST, HEAD_DIM, BLOCK_N))
+    # V: packed along channels (D is a multiple of PER)
+    offs_vb = tl.arange(0, HEAD_DIM // PER)
+    vb = tl.load(vc_base + offs_t[:, None] * vc_st + offs_vb[None, :] * vc_sd,
+                 mask=t_ok[:, None] & (offs_vb * PER < D)[None, :], other=0)
+    v = _unpack(vb, BLOCK_N, HEAD_DIM // PER, BITS)
+    v = (v * _group_param(vs_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM)
+         + _group_param(vm_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM))
+    return _update(acc, l_i, m_i, q, kt, v, t_ok, qk_scale, CHECK, IEEE)
+
+
+@triton.jit
+def _residual_step(acc, l_i, m_i, q, kr_base, kr_sn, kr_sd, vr_base, vr_sn, vr_sd, n0, NR, offs_d, d_ok, qk_scale,
+                   BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Tokens [n0, min(n0 + BLOCK_N, NR)) of the full-precision residual window."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < NR
+    kt = tl.load(kr_base + offs_d[:, None] * kr_sd + offs_n[None, :] * kr_sn, mask=d_ok[:, None] & n_ok[None, :],
+                 other=0.0).to(tl.float32)
+    v = tl.load(vr_base + offs_n[:, None] * vr_sn + offs_d[None, :] * vr_sd, mask=n_ok[:, None] & d_ok[None, :],
+                other=0.0).to(tl.float32)
+    return _update(acc, l_i, m_i, q, kt, v, n_ok, qk_scale, True, IEEE)
+
+
+@triton.jit
+def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_scale,
+                              q_sb, q_sh, q_sm, q_sd, kc_sb, kc_sh, kc_sd, kc_st, ks_sb, ks_sh, ks_sd, ks_sg,
+                              vc_sb, vc_sh, vc_st, vc_sd, vs_sb, vs_sh, vs_st, vs_sg,
+                              kr_sb, kr_sh, kr_sn, kr_sd, vr_sb, vr_sh, vr_sn, vr_sd, o_sb, o_sh, o_sm, o_sd,
+                              H, H_KV, LQ, NQ, NR, D, CHUNK, SPLITS,
+                              BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, SINGLE: tl.constexpr,
+                              OUT_BF16: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+    split = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // H_KV).to(tl.int64)
+    hk = (bhk % H_KV).to(tl.int64)
+    grp = H // H_KV
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (query head in group, token)
+    row_ok = rows < grp * LQ
+    h = hk * grp + rows // LQ
+    t = rows % LQ
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * q_sb + h[:, None] * q_sh + t[:, None] * q_sm + offs_d[None, :] * q_sd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; compute in fp32 there
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x·log2 e)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    kc_base = KC + b * kc_sb + hk * kc_sh
+    ks_base, km_base = KS + b * ks_sb + hk * ks_sh, KM + b * ks_sb + hk * ks_sh
+    vc_base = VC + b * vc_sb + hk * vc_sh
+    vs_base, vm_base = VS + b * vs_sb + hk * vs_sh, VM + b * vs_sb + hk * vs_sh
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, NQ)
+    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # only the chunk's last block is ragged
+    for t0 in range(lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
+                                    vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
+                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, False, IEEE)
+    for t0 in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
+                                    vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
+                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, True, IEEE)
+    # the last split also reads the full-precision residual window [NQ, S)
+    r_hi = tl.where(split == SPLITS - 1, NR, 0)
+    kr_base = KR + b * kr_sb + hk * kr_sh
+    vr_base = VR + b * vr_sb + hk * vr_sh
+    for n0 in range(0, r_hi, BLOCK_N):
+        acc, l_i, m_i = _residual_step(acc, l_i, m_i, q, kr_base, kr_sn, kr_sd, vr_base, vr_sn, vr_sd, n0, NR,
+                                       offs_d, d_ok, qk_scale, BLOCK_N, IEEE)
+    if SINGLE:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        if INTERPRETED and OUT_BF16:
+            out = _round_bf16(out)
+        tl.store(O + b * o_sb + h[:, None] * o_sh + t[:, None] * o_sm + offs_d[None, :] * o_sd,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        ws_row = ((b * H + h) * LQ + t) * SPLITS + split  # workspace row of (b, h, t, split)
+        tl.store(ACC + ws_row[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(ML + ws_row * 2, m_i, mask=row_ok)
+        tl.store(ML + ws_row * 2 + 1, l_i, mask=row_ok)

@@ -1,0 +1,156 @@
+"""KIVI decode attention (split-KV over a 2/4-bit quantized cache plus its full-precision residual
+window) on the CPU interpreter: against float64 SDPA over ``kivi_dequantize(cache)`` (the same quantized
+math), irregular cache lengths, residual-only caches, GQA, explicit and automatic splits, power-of-two
+and gathered group sizes, the bytes model, and input validation."""
+import dataclasses
+
+import fxforge  # noqa: F401
+import pytest
+import torch
+import torch.nn.functional as F
+from fxforge.debug import rel_err
+from fxforge.passes.quant.kv import kivi_bytes_per_token, kivi_dequantize, kivi_quantize
+from fxforge.runtime.kivi_attention import kivi_configs, kivi_decode_attention, kivi_traffic_bytes
+
+
+def sdpa(q, k, v, dtype, scale=None):
+    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale, enable_gqa=True)
+
+
+def check(out, q, cache, scale=None, floor=1e-6):
+    """Error vs float64 SDPA over the dequantized cache at most 2× that of the same SDPA done by torch in
+    q's dtype (the dequantized cache cast to it), with an absolute floor for float32."""
+    k, v = kivi_dequantize(cache)
+    ref = sdpa(q, k, v, torch.float64, scale)
+    same = sdpa(q, k, v, q.dtype, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    err, base = rel_err(out, ref), rel_err(same, ref)
+    assert err <= max(2 * base, floor), (err, base)
+    return err
+
+
+def make(B, H, HKV, TQ, S, D, bits, group, v_group, dtype, residual=None, cache_dtype=None):
+    q = torch.randn(B, H, TQ, D, dtype=dtype)
+    k = torch.randn(B, HKV, S, D, dtype=cache_dtype or dtype)
+    v = torch.randn(B, HKV, S, D, dtype=cache_dtype or dtype)
+    k[..., 3] += 4.0  # a channel-aligned key outlier, as KIVI assumes
+    cache = kivi_quantize(k, v, bits=bits, group=group, residual=group if residual is None else residual,
+                          v_group=v_group)
+    return q, cache
+
+
+CASES = [  # B, Hq, Hkv, Tq, S, D, bits, group, v_group, num_splits (None: automatic)
+    (1, 2, 2, 1, 37, 64, 2, 16, 16, 1),  # GQA 1; 16 quantized tokens + 21 residual
+    (2, 8, 2, 3, 100, 64, 2, 16, 16, 2),  # GQA 4, Tq 3; 80 + 20
+    (1, 8, 2, 1, 200, 64, 4, 16, 16, None),  # 176 + 24, automatic splits
+    (2, 4, 4, 3, 100, 64, 4, 16, 16, None),
+    (1, 4, 1, 3, 200, 80, 2, 24, 20, 2),  # groups not powers of two (gathered scales), padded head dim
+    (1, 8, 2, 1, 200, 128, 2, 32, 32, 3),  # D=128, G=32: 160 + 40
+    (1, 4, 1, 1, 10, 64, 2, 16, 16, None),  # residual only (S < group)
+    (1, 8, 2, 3, 12, 32, 4, 16, 16, 2),  # residual only, splits requested
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}kv{}q{}S{}d{}b{}g{}gv{}s{}".format(*c))
+def test_matches_fp64_over_dequantized_cache(case, dtype):
+    B, H, HKV, TQ, S, D, bits, g, gv, ns = case
+    torch.manual_seed(hash(case) % 1000)
+    q, cache = make(B, H, HKV, TQ, S, D, bits, g, gv, dtype)
+    assert 0 < S - cache.n_quant < 2 * g and (cache.n_quant > 0) == (S > g)
+    check(kivi_decode_attention(q, cache, num_splits=ns), q, cache)
+
+
+def test_no_residual_window_fp16_custom_scale():
+    """residual=0 and S a multiple of the group: every token quantized, nothing in full precision."""
+    torch.manual_seed(1)
+    q, cache = make(1, 4, 2, 2, 64, 64, 2, 16, 16, torch.float16, residual=0)
+    assert cache.n_quant == 64 and cache.k_residual.shape[2] == 0
+    check(kivi_decode_attention(q, cache, scale=0.05, num_splits=2), q, cache, scale=0.05)
+
+
+def test_large_head_dim_and_mixed_dtypes():
+    """D = 256 with 4-bit codes; float32 q over a bfloat16 cache (bf16 residual window)."""
+    torch.manual_seed(2)
+    q, cache = make(1, 2, 1, 1, 40, 256, 4, 16, 32, torch.float32, cache_dtype=torch.bfloat16)
+    assert cache.k_residual.dtype == torch.bfloat16
+    check(kivi_decode_attention(q, cache, num_splits=2), q, cache)
+
+
+def test_strided_q_and_out():
+    torch.manual_seed(3)
+    _, cache = make(2, 4, 2, 3, 70, 64, 2, 16, 16, torch.float32)
+    q = torch.randn(2, 3, 4, 64).transpose(1, 2)
+    out = torch.empty(2, 3, 4, 64).transpose(1, 2)
+    assert kivi_decode_attention(q, cache, num_splits=2, out=out) is out
+    check(out, q, cache)
+
+
+def test_empty_cache_gives_zeros():
+    q, cache = make(1, 2, 1, 1, 0, 16, 2, 16, 16, torch.float32)
+    assert (kivi_decode_attention(q, cache) == 0).all()
+
+
+def test_bytes_model_32k():
+    """The template's numbers: B=1, Hkv=8, S=32768, D=128, KIVI-2/4 with G=Gv=R=32 and fp16 scales."""
+    B, HKV, S, D, G = 1, 8, 32768, 128, 32
+    bf16 = 2 * B * HKV * S * D * 2
+    assert bf16 == 134_217_728  # → 44.7 µs at 3.0 TB/s
+    for bits, per_tok, total in ((2, 96, 25_821_184), (4, 160, 42_582_016)):
+        assert kivi_bytes_per_token(bits, D, G) == per_tok
+        nq = (S - G) // G * G
+        e = torch.empty
+        cache = dataclasses.replace(
+            kivi_quantize(torch.zeros(1, 1, 0, D), torch.zeros(1, 1, 0, D), bits=bits), seq_len=S, n_quant=nq,
+            k_codes=e(B, HKV, D, nq * bits // 8, dtype=torch.uint8), k_scale=e(B, HKV, D, nq // G, dtype=torch.float16),
+            k_min=e(B, HKV, D, nq // G, dtype=torch.float16), v_codes=e(B, HKV, nq, D * bits // 8, dtype=torch.uint8),
+            v_scale=e(B, HKV, nq, D // G, dtype=torch.float16), v_min=e(B, HKV, nq, D // G, dtype=torch.float16),
+            k_residual=e(B, HKV, S - nq, D, dtype=torch.bfloat16), v_residual=e(B, HKV, S - nq, D, dtype=torch.bfloat16))
+        assert kivi_traffic_bytes(cache, hq=32, tq=1, splits=16) == total
+        assert bf16 / cache.nbytes() >= (5 if bits == 2 else 3)  # 5.31× and 3.19× smaller KV memory
+
+
+def test_configs():
+    cfg = kivi_configs(1, 32, 8, 128, 32, interpreted=False)
+    assert cfg[0]["BLOCK_M"] == 16 and cfg[0]["HEAD_DIM"] == 128 and all(c["BLOCK_N"] % 32 == 0 for c in cfg)
+    assert all(c["BLOCK_N"] >= 128 for c in kivi_configs(1, 8, 8, 64, 128, interpreted=False))
+    assert kivi_configs(3, 8, 2, 80, 24, interpreted=True) == [{"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 128}]
+    assert kivi_configs(1, 4, 4, 64, 32, interpreted=True)[0]["BLOCK_N"] == 32
+
+
+def _bad(**changes):
+    def build():
+        q, cache = make(1, 4, 2, 1, 40, 16, 2, 8, 8, torch.float32)
+        q = changes.get("q", lambda q: q)(q)
+        return q, dataclasses.replace(cache, **{k: f(cache) for k, f in changes.items() if k != "q"})
+    return build
+
+
+@pytest.mark.parametrize("build,match", [
+    (_bad(q=lambda q: q[0]), "4-D"),
+    (_bad(q=lambda q: q.long()), "not supported"),
+    (_bad(q=lambda q: q.repeat(1, 1, 1, 2)), "head dim of q"),
+    (_bad(q=lambda q: q[:, :3]), "multiple of key/value heads"),
+    (_bad(q=lambda q: q.repeat(2, 1, 1, 1)), "batch of q"),
+    (_bad(bits=lambda c: 3), "bits must be 2 or 4"),
+    (_bad(k_codes=lambda c: c.k_codes[..., :-1]), "cache.k_codes has shape"),
+    (_bad(v_codes=lambda c: c.v_codes.to(torch.int32)), "cache.v_codes dtype"),
+    (_bad(v_min=lambda c: c.v_min[:, :, :-1]), "cache.v_min has shape"),
+    (_bad(k_residual=lambda c: c.k_residual.to(torch.int32)), "cache.k_residual dtype"),
+    (_bad(n_quant=lambda c: c.n_quant + 1), "n_quant"),
+    (_bad(v_group=lambda c: 6), "v_group"),
+])
+def test_input_validation(build, match):
+    q, cache = build()
+    with pytest.raises(ValueError, match=match):
+        kivi_decode_attention(q, cache)
+
+
+def test_other_validation():
+    q, cache = make(1, 4, 2, 1, 40, 16, 2, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match="KIVICache"):
+        kivi_decode_attention(q, (cache.k_residual, cache.v_residual))
+    with pytest.raises(ValueError, match="num_splits"):
+        kivi_decode_attention(q, cache, num_splits=0)
+    with pytest.raises(ValueError, match="out must be"):
+        kivi_decode_attention(q, cache, out=torch.empty(1, 4, 1, 16, dtype=torch.float16))
