@@ -177,7 +177,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
         *q.stride(), *kc.stride(), *ks.stride(), *vc.stride(), *vs.stride(), *kr.stride(), *vr.stride(),
         *out.stride(), H, HKV, LQ, NQ, NR, D, chunk, splits,
         BITS=cache.bits, G=cache.group, GV=cache.v_group, K_BCAST=k_bcast, V_BCAST=v_bcast, SINGLE=splits == 1,
-        OUT_BF16=out_bf16, IEEE=q.dtype == torch.float32, INTERPRETED=interpreted, **cfg)
+        OUT_BF16=out_bf16, IEEE=q.dtype == torch.float32, D_CONST=D, INTERPRETED=interpreted, **cfg)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4 if head >= 128 else 2}
         kern2[(B * H * LQ,)](acc_ws, ml_ws, out, *out.stride(), H, LQ, D, splits,

@@ -154,3 +154,33 @@ def test_other_validation():
         kivi_decode_attention(q, cache, num_splits=0)
     with pytest.raises(ValueError, match="out must be"):
         kivi_decode_attention(q, cache, out=torch.empty(1, 4, 1, 16, dtype=torch.float16))
+
+
+GPU_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("case", [(1, 32, 8, 1, 4099, 128, 32, 32), (3, 16, 8, 4, 2048, 64, 32, 32),
+                                  (2, 8, 1, 3, 777, 80, 24, 20), (1, 16, 2, 16, 1000, 256, 64, 64)],
+                         ids=lambda c: "B{}H{}kv{}q{}S{}d{}g{}gv{}".format(*c))
+def test_all_configs_on_cuda(case, bits, dtype):
+    """Every launch config (bf16; the default one for the other dtypes), automatic and explicit splits."""
+    from fxforge.runtime.kivi_attention import _kernels, launch
+    B, H, HKV, TQ, S, D, g, gv = case
+    torch.manual_seed(0)
+    k, v = (torch.randn(B, HKV, S, D, device="cuda", dtype=dtype) for _ in range(2))
+    cache = kivi_quantize(k, v, bits=bits, group=g, residual=g, v_group=gv)
+    q = torch.randn(B, H, TQ, D, device="cuda", dtype=dtype)
+    kd, vd = kivi_dequantize(cache)
+    ref = sdpa(q, kd, vd, torch.float64)
+    floor = max(2 * rel_err(sdpa(q, kd, vd, dtype), ref), GPU_FLOOR[dtype])
+    k1, k2 = _kernels("cuda")
+    cfgs = kivi_configs(TQ, H, HKV, D, g, interpreted=False)
+    for cfg in cfgs if dtype == torch.bfloat16 else cfgs[:1]:
+        for ns in (None, 1, 7):
+            out = torch.full_like(q, float("nan"))
+            launch(k1, k2, q, cache, out, D ** -0.5, ns, cfg)
+            assert rel_err(out, ref) <= floor, (cfg, ns)

@@ -58,16 +58,19 @@ def _unpack(b, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _group_param(base, s_row, s_grp, offs_r, r_ok, offs_c, c_ok, g0, lim, GRP: tl.constexpr, BCAST: tl.constexpr,
-                 ROWS: tl.constexpr, COLS: tl.constexpr):
+                 ROWS: tl.constexpr, COLS: tl.constexpr, FULL: tl.constexpr):
     """A [ROWS, COLS] float32 tile of ``base[r, c // GRP]`` (0 where masked), groups along the columns.
     BCAST (GRP a power of two dividing COLS, offs_c = g0·GRP + arange(COLS)): one load per group,
     broadcast over its GRP members, groups starting at or after ``lim`` masked. Else one (cached)
-    load per element, for any group size."""
+    load per element, for any group size. FULL: every element is in range (unmasked loads)."""
     if BCAST:
         NG: tl.constexpr = COLS // GRP
         g = g0 + tl.arange(0, NG)
-        x = tl.load(base + offs_r[:, None] * s_row + g[None, :] * s_grp, mask=r_ok[:, None] & (g * GRP < lim)[None, :],
-                    other=0.0).to(tl.float32)
+        ptrs = base + offs_r[:, None] * s_row + g[None, :] * s_grp
+        if FULL:
+            x = tl.load(ptrs).to(tl.float32)
+        else:
+            x = tl.load(ptrs, mask=r_ok[:, None] & (g * GRP < lim)[None, :], other=0.0).to(tl.float32)
         x = tl.reshape(tl.broadcast_to(x[:, :, None], (ROWS, NG, GRP)), (ROWS, COLS))
     else:
         x = tl.load(base + offs_r[:, None] * s_row + (offs_c // GRP)[None, :] * s_grp,
@@ -101,25 +104,36 @@ def _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd
                 vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D, qk_scale,
                 BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, CHECK: tl.constexpr,
-                IEEE: tl.constexpr):
-    """Tokens [t0, min(t0 + BLOCK_N, hi)) of the quantized segment (t0 a multiple of BLOCK_N and of G)."""
+                EVEN_D: tl.constexpr, IEEE: tl.constexpr):
+    """Tokens [t0, min(t0 + BLOCK_N, hi)) of the quantized segment (t0 a multiple of BLOCK_N and of G).
+    CHECK: a ragged block (token masks); with neither CHECK nor a padded head dim the loads are unmasked."""
     PER: tl.constexpr = 8 // BITS
+    FULL: tl.constexpr = EVEN_D and not CHECK
     offs_t = t0 + tl.arange(0, BLOCK_N)
     t_ok = offs_t < hi
     # K^T: packed along tokens; hi is a multiple of G (so of PER): a byte is all valid or all padding
     offs_kb = t0 // PER + tl.arange(0, BLOCK_N // PER)
-    kb = tl.load(kc_base + offs_d[:, None] * kc_sd + offs_kb[None, :] * kc_st,
-                 mask=d_ok[:, None] & (offs_kb * PER < hi)[None, :], other=0)
+    kb_ptrs = kc_base + offs_d[:, None] * kc_sd + offs_kb[None, :] * kc_st
+    if FULL:
+        kb = tl.load(kb_ptrs)
+    else:
+        kb = tl.load(kb_ptrs, mask=d_ok[:, None] & (offs_kb * PER < hi)[None, :], other=0)
     kt = _unpack(kb, HEAD_DIM, BLOCK_N // PER, BITS)
-    kt = (kt * _group_param(ks_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, t0 // G, hi, G, K_BCAST, HEAD_DIM, BLOCK_N)
-          + _group_param(km_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, t0 // G, hi, G, K_BCAST, HEAD_DIM, BLOCK_N))
+    g0 = t0 // G
+    k_sc = _group_param(ks_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, g0, hi, G, K_BCAST, HEAD_DIM, BLOCK_N, FULL)
+    k_mn = _group_param(km_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, g0, hi, G, K_BCAST, HEAD_DIM, BLOCK_N, FULL)
+    kt = kt * k_sc + k_mn
     # V: packed along channels (D is a multiple of PER)
     offs_vb = tl.arange(0, HEAD_DIM // PER)
-    vb = tl.load(vc_base + offs_t[:, None] * vc_st + offs_vb[None, :] * vc_sd,
-                 mask=t_ok[:, None] & (offs_vb * PER < D)[None, :], other=0)
+    vb_ptrs = vc_base + offs_t[:, None] * vc_st + offs_vb[None, :] * vc_sd
+    if FULL:
+        vb = tl.load(vb_ptrs)
+    else:
+        vb = tl.load(vb_ptrs, mask=t_ok[:, None] & (offs_vb * PER < D)[None, :], other=0)
     v = _unpack(vb, BLOCK_N, HEAD_DIM // PER, BITS)
-    v = (v * _group_param(vs_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM)
-         + _group_param(vm_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM))
+    v_sc = _group_param(vs_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM, FULL)
+    v_mn = _group_param(vm_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM, FULL)
+    v = v * v_sc + v_mn
     return _update(acc, l_i, m_i, q, kt, v, t_ok, qk_scale, CHECK, IEEE)
 
 
@@ -145,7 +159,8 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
                               BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                               K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, SINGLE: tl.constexpr,
-                              OUT_BF16: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+                              OUT_BF16: tl.constexpr, IEEE: tl.constexpr, D_CONST: tl.constexpr,
+                              INTERPRETED: tl.constexpr):
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)
@@ -172,14 +187,15 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, NQ)
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # only the chunk's last block is ragged
+    EVEN_D: tl.constexpr = HEAD_DIM == D_CONST
     for t0 in range(lo, full_end, BLOCK_N):
         acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
                                     vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
-                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, False, IEEE)
+                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, False, EVEN_D, IEEE)
     for t0 in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
                                     vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
-                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, True, IEEE)
+                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, True, EVEN_D, IEEE)
     # the last split also reads the full-precision residual window [NQ, S)
     r_hi = tl.where(split == SPLITS - 1, NR, 0)
     kr_base = KR + b * kr_sb + hk * kr_sh
