@@ -46,6 +46,7 @@ CASES = [  # B, Hq, Hkv, Tq, S, D, bits, group, v_group, num_splits (None: autom
     (2, 4, 4, 3, 100, 64, 4, 16, 16, None),
     (1, 4, 1, 3, 200, 80, 2, 24, 20, 2),  # groups not powers of two (gathered scales), padded head dim
     (1, 8, 2, 1, 200, 128, 2, 32, 32, 3),  # D=128, G=32: 160 + 40
+    (1, 8, 2, 16, 60, 64, 4, 16, 16, 2),  # Tq 16: 64 packed rows; 32 + 28
     (1, 4, 1, 1, 10, 64, 2, 16, 16, None),  # residual only (S < group)
     (1, 8, 2, 3, 12, 32, 4, 16, 16, 2),  # residual only, splits requested
 ]

@@ -4,7 +4,7 @@
 #
 # Cache segments: tokens [0, NQ) are quantized (keys per channel in groups of G tokens, values per
 # token in groups of GV channels, code·scale + min), tokens [NQ, S) are the full-precision residual
-# window (R ≤ S - NQ < R + G tokens, read as ordinary tiles).
+# window (S - NQ < R + G tokens, all S when S ≤ R; read as ordinary tiles in its own dtype).
 #
 # Kernel 1 (FXFORGE_KERNEL_NAME_split), grid (SPLITS, B·H_KV, ceil(Gq / BLOCK_M)): one program owns the
 # Gq = (H // H_KV)·LQ query rows of one kv head packed into one BLOCK_M tile (GQA reuse: each code tile
