@@ -1,0 +1,75 @@
+"""Decode attention over a 32K KV cache (issue 4 row ``kv_decode_32k``): bf16 SDPA (eager, GQA) vs
+fxforge's split-KV kernel on the bf16 cache vs the KIVI 2-/4-bit kernels that decode the quantized
+cache in registers. B=1, 32 query / 8 KV heads, head dim 128, one query token, bf16.
+
+Each impl is timed as CUDA-graph replay (``common.graph_time_us``). Bytes model: bf16 cache
+B·Hkv·S·D·2·2 = 134 MB (44.7 µs at 3.0 TB/s); KIVI from ``kivi_traffic_bytes``. Error: against an
+fp64 SDPA over the same cache (bf16, or the dequantized KIVI cache).
+Usage: ``python benchmarks/bench_kv_decode.py`` -> results/kv_decode_gpu.{json,md}
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from common import Results, graph_time_us, out_dirs, rel_err
+
+from fxforge.passes.quant.kv import kivi_dequantize, kivi_quantize
+from fxforge.runtime.decode_attention import decode_attention
+from fxforge.runtime.kivi_attention import kivi_configs, kivi_decode_attention, kivi_traffic_bytes
+
+B, HQ, HKV, S, D = 1, 32, 8, 32768, 128
+WL = "kv_decode_32k"
+
+
+def ref64(q, k, v):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+
+
+def main() -> None:
+    res = Results("kv_decode_gpu")
+    torch.manual_seed(0)
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16)
+    bf16_bytes = k.numel() * 2 * 2
+    times = {}
+
+    def add(impl, us, out, ref, nbytes, kv_bytes):
+        res.add(WL, impl, "time", us, "us")
+        res.add(WL, impl, "bandwidth", nbytes / (us * 1e-6) / 1e12, "TB/s")
+        res.add(WL, impl, "fraction_of_hbm", nbytes / 3.0e12 / (us * 1e-6), "ratio")
+        res.add(WL, impl, "kv_bytes", kv_bytes, "bytes")
+        res.add(WL, impl, "rel_err_vs_fp64_same_cache", rel_err(out, ref), "rel_err")
+        times[impl] = us
+
+    r = ref64(q, k, v)
+    add("sdpa", graph_time_us(lambda i: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True), r, bf16_bytes, bf16_bytes)
+    add("bf16", graph_time_us(lambda i: decode_attention(q, k, v)), decode_attention(q, k, v), r, bf16_bytes, bf16_bytes)
+    for bits in (2, 4):
+        cache = kivi_quantize(k, v, bits=bits, group=32, residual=32)
+        kd, vd = kivi_dequantize(cache)
+        r = ref64(q, kd, vd)
+        best = None
+        for cfg in kivi_configs(1, HQ, HKV, D, 32, False):
+            try:
+                us = graph_time_us(lambda i, cfg=cfg: kivi_decode_attention(q, cache, blocks=cfg))
+            except Exception as e:  # noqa: BLE001 — a config that fails to compile loses
+                print(f"kivi{bits} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                continue
+            print(f"kivi{bits} {cfg}: {us:.2f} us", flush=True)
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        if best is None:
+            continue
+        out = kivi_decode_attention(q, cache, blocks=best[1])
+        add(f"kivi{bits}", best[0], out, r, kivi_traffic_bytes(cache, HQ, 1), cache.nbytes())
+        res.add(WL, f"kivi{bits}", "kv_memory_reduction_vs_bf16", bf16_bytes / cache.nbytes(), "x")
+    for impl, us in times.items():
+        if impl != "sdpa":
+            res.add(WL, impl, "speedup_vs_sdpa", times["sdpa"] / us, "x")
+    res.write(out_dirs())
+
+
+if __name__ == "__main__":
+    main()
