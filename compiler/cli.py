@@ -3,6 +3,8 @@
     fxforge run [--model vit|llama|...] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
     fxforge compile MODEL -o DIR        # MODEL: a built-in name or ``package.module:attr``
     fxforge explain MODEL               # graph, fusion groups, fallbacks; runs nothing
+    fxforge quantize MODEL --format w4a16_g128 [--hadamard 32] [--json report.json]
+                                        # per-layer SQNR, sizes, output error vs the float model
 """
 from __future__ import annotations
 
@@ -136,6 +138,33 @@ def cmd_explain(a) -> int:
     return 0
 
 
+def cmd_quantize(a) -> int:
+    """Model-level quantization report: weight bytes before/after, per-layer SQNR on the example
+    inputs, and the compiled quantized model's output error against the float model."""
+    from fxforge.config import DEFAULT_PASSES
+    from fxforge.passes.quant.quantize_pass import Quantize
+    from fxforge.passes.quant.report import layer_sqnr
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, inputs = resolve_model(a.model, a.batch, device, DTYPES[a.dtype])
+    options = {"format": a.format} | ({"hadamard": a.hadamard if a.hadamard == "full" else int(a.hadamard)} if a.hadamard else {})
+    with _progress() as p:
+        p.add_task(f"quantizing {a.model} to {a.format}", total=None)
+        report = layer_sqnr(model, inputs, **options)
+        compiled = fxforge.compile(model, inputs, passes=[*DEFAULT_PASSES, Quantize(**options)])
+        with torch.no_grad():
+            out, ref = flat_tensors(compiled(*inputs)), flat_tensors(model(*inputs))
+    err = max(rel_err(o, r) for o, r in zip(out, ref))
+    console.print(report.render())
+    console.print(f"output rel err vs the float model: {err:.3e}")
+    if a.json:
+        doc = dict(report.to_json(), model=a.model, output_rel_err=err)
+        with open(a.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        console.print(f"report written to {a.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fxforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -154,11 +183,17 @@ def main(argv=None) -> int:
     e.add_argument("model")
     e.add_argument("--graph", action="store_true")
     e.add_argument("--json", action="store_true")
+    q = sub.add_parser("quantize", parents=[common], help="quantize linear layers: per-layer SQNR, sizes, output error")
+    q.add_argument("model")
+    q.add_argument("--format", default="w8a16", help="a format of fxforge.passes.quant.FORMATS")
+    q.add_argument("--hadamard", default=None, help="rotation block (a power of two) or 'full'")
+    q.add_argument("--json", default=None, help="also write the report as JSON to this path")
     from . import winograd_cli
 
     winograd_cli.add_parser(sub)
     a = ap.parse_args(argv)
-    return {"run": cmd_run, "compile": cmd_compile, "explain": cmd_explain, "search-winograd": winograd_cli.run}[a.cmd](a)
+    return {"run": cmd_run, "compile": cmd_compile, "explain": cmd_explain, "quantize": cmd_quantize,
+            "search-winograd": winograd_cli.run}[a.cmd](a)
 
 
 if __name__ == "__main__":

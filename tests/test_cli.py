@@ -40,3 +40,14 @@ def test_search_winograd_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["search-winograd", "--m", "4", "--r", "3", "--dtype", "fp16"]) == 0
     assert any(p.suffix == ".json" for p in tmp_path.iterdir())
+
+
+def test_quantize_prints_and_writes_the_model_report(tmp_path, capsys):
+    path = tmp_path / "q.json"
+    assert main(["quantize", "mlp", "--format", "w8a16", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "output rel err vs the float model" in out
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "w8a16" and doc["layers"] and doc["output_rel_err"] < 0.02
+    assert doc["weight_bytes_after"] < doc["weight_bytes_before"]
+    assert all(layer["sqnr_db"] > 35 for layer in doc["layers"])  # int8 per-channel
