@@ -1,0 +1,114 @@
+# fxforge W8A8 template (issue 4): dynamic per-token int8 activation quantization and an int8 x int8 -> int32
+# tensor-core GEMM with a per-token / per-channel rescale epilogue. Run by runtime/w8a8.py as the custom op
+# fxforge::w8a8_linear(x, w_codes, w_scale, smooth, bias).
+#
+#   w8a8_quantize_act  x [M, K] (fp16 / bf16 / fp32) -> codes int8 [M, K] + scale fp32 [M]. Per row m:
+#                      xs = x / smooth (fp32, only with SmoothQuant factors s [K]), scale = amax|xs| / 127,
+#                      code = clamp(rint(xs / scale), -127, 127) (symmetric range, no -128, as formats.py's
+#                      int8). An all-zero row gets scale 0 and codes 0 (its output is then just the bias).
+#                      Two passes over the row (amax, then codes): x is read twice but stays in L2.
+#                      Divisions are IEEE round-to-nearest (tl.div_rn, not the fast approximate '/'), and rint
+#                      is round-half-even, so codes are bit-identical to runtime/w8a8.py's reference.
+#   w8a8_gemm          acc[m, n] = sum_k a[m, k] * w[n, k] in int32 (tl.dot on int8 tiles: exact up to K =
+#                      2^31 / 127^2 = 133,000), then y = acc * x_scale[m] * w_scale[n] (+ bias[n]) in fp32,
+#                      cast to the output dtype (x's). Grouped tile order for L2 reuse of the weight tiles.
+#
+# Bytes model (runtime/w8a8.py bytes_model computes it for any shape), M tokens, weight N x K, bf16 x / y:
+#   weights  N*K (int8 codes) + 4*N (fp32 per-channel scales) [+ 4*K SmoothQuant factors, + 2*N bias]
+#   acts     2*M*K (x read) + M*K + 4*M (codes + scales written) + M*K + 4*M (read back by the GEMM)
+#            + 2*M*N (y written)
+#   compute  2*M*N*K int8 ops against the H100 SXM dense int8 tensor-core peak (~1,979 TOPS spec sheet with
+#            boost clocks; ~1,500 TOPS is the achievable figure used here).
+#   shape                  bytes       @ 3.0 TB/s   int8 ops @ 1,500 TOPS   bound
+#   4096 x 4096, M = 1     16.82 MB    5.61 us      0.022 us                HBM (weights: 16.79 MB)
+#   4096 x 4096, M = 64    18.37 MB    6.12 us      1.43 us                 HBM (weights); 4.3x headroom
+# (smooth + bias add 24.6 KB: +0.15%). Against bf16 (33.57 MB, 11.19 us at M = 1) that is 2.0x less
+# traffic. W8A8 turns compute-bound only near M ~ 400 (2*M*N*K / 1.5e15 s = bytes / 3e12 s), where the
+# per-token quantize pass (3 bytes per activation element) starts to matter too.
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_bf16(v):
+    # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even first, as the GPU does.
+    u = v.to(tl.uint32, bitcast=True)
+    u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return tl.where(v != v, v, u.to(tl.float32, bitcast=True))  # noqa: PLR0124  (NaN test)
+
+
+@triton.jit
+def _rint(v):
+    # Round half to even for |v| < 2^22 (here |v| <= 127.5): adding 1.5 * 2^23 pushes the fraction bits out
+    # of the fp32 mantissa, which rounds to nearest even; subtracting it back is exact. Works identically
+    # on the GPU and in the interpreter (libdevice.rint has no interpreter implementation).
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH: tl.constexpr):
+    ok = (rm[:, None] < M) & (rk[None, :] < K)
+    v = tl.load(x + rm[:, None] * s_xm + rk[None, :] * s_xk, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        s = tl.load(smooth + rk, mask=rk < K, other=1.0)
+        v = tl.div_rn(v, s[None, :])
+    return v, ok
+
+
+@triton.jit
+def w8a8_quantize_act(x, smooth, codes, scales, M, K, s_xm, s_xk, s_cm,
+                      HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), 1))
+    scale = tl.div_rn(amax, tl.full((BLOCK_M,), 127.0, tl.float32))
+    nonzero = scale > 0
+    safe = tl.where(nonzero, scale, 1.0)  # all-zero rows: codes 0, scale 0 (no 0 / 0)
+    tl.store(scales + rm, scale, mask=rm < M)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH)
+        q = _rint(tl.div_rn(v, safe[:, None]))
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        q = tl.where(nonzero[:, None], q, 0.0)
+        tl.store(codes + rm[:, None] * s_cm + rk[None, :], q.to(tl.int8), mask=ok)
+
+
+@triton.jit
+def w8a8_gemm(a, a_scale, w, w_scale, bias, out, M, N, K, s_am, s_wn, s_om, s_on,
+              HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRETED: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row-blocks share a weight tile in L2
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_m)
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        # masked lanes load code 0, which adds nothing to the integer sum
+        at = tl.load(a + rm[:, None] * s_am + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        # the weight tile read as [BLOCK_K, BLOCK_N] (w is [N, K] row-major: K-contiguous columns)
+        wt = tl.load(w + rn[None, :] * s_wn + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
+        acc = tl.dot(at, wt, acc, out_dtype=tl.int32)
+    xs = tl.load(a_scale + rm, mask=m_ok, other=0.0)
+    ws = tl.load(w_scale + rn, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if INTERPRETED and OUT_BF16:
+        y = _round_bf16(y)
+    tl.store(out + rm[:, None] * s_om + rn[None, :] * s_on, y.to(out.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
