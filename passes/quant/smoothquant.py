@@ -35,7 +35,9 @@ __all__ = ["DEFAULT_ALPHAS", "W8A8_WEIGHT", "W8A8Linear", "calibrate_smoothquant
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EPS = 1e-5  # floor of max|X_j|, max|W_j| and s_j (the reference implementation's clamp)
-MAX_CALIB_ROWS = 4096  # calibration rows kept per layer for the alpha search (amax uses every row)
+# Calibration rows kept per layer for the alpha search (amax uses every row). They are kept on the CPU in
+# the activation dtype: 1024 x 4096 bf16 = 8 MB per layer; the search itself runs on the layer's device.
+MAX_CALIB_ROWS = 1024
 # int8 symmetric per output channel with an fp32 scale: formats.py's conventions (s = amax / 127 in fp32,
 # codes round-half-even, clamped to [-127, 127]); the scale stays fp32 because the GEMM epilogue is fp32.
 W8A8_WEIGHT = QuantFormat("w8a8_weight", "int8", None, "fp32", note="W8A8 weights: int8 per channel, fp32 scale")
@@ -154,10 +156,10 @@ def calibrate_smoothquant(model: nn.Module, batches: Iterable, alphas: Iterable[
         rec = recorders[name]
         if rec.amax is None or not rec.rows:
             continue  # never called on these batches: left unsmoothed
-        x = torch.cat(rec.rows).float()
-        w = m.weight.detach().float().cpu()
+        w = m.weight.detach().float()
+        x = torch.cat(rec.rows).to(device=w.device, dtype=torch.float32)
         ref = x.double() @ w.double().T  # the bias cancels in the error
-        w_amax = w.abs().amax(dim=0)
+        w_amax = w.abs().amax(dim=0).cpu()
         errors = {}
         for a in alphas:
             s = smoothing_factors(rec.amax, w_amax, a)
