@@ -228,3 +228,26 @@ def test_swapped_model_compiles_and_matches_float(tmp_path):
     xb = x.to(torch.bfloat16)
     compiled_bf16 = fxforge.compile(model, (xb,))
     assert rel_err(compiled_bf16(xb), ref) < 0.03
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m, n, k", [(1, 4096, 4096), (17, 33, 129), (64, 4096, 4096), (300, 1024, 4096)])
+def test_every_gpu_config_on_cuda(m, n, k):
+    """Every GPU config compiles and gives the reference's codes (torch's CUDA division is IEEE too) and an
+    output within the kernel bound."""
+    w, b, s = _weights(n, k, seed=7)
+    w_codes, w_scale, smooth, bias = (t.cuda() for t in w8a8_quantize_linear(w, b, s))
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    x2 = x.reshape(-1, k)
+    ref_codes, ref_scale = w8a8.reference_quantize_activations(x2, smooth)
+    for qcfg in w8a8.quantize_configs(m, k, interpreted=False):
+        codes, scale = w8a8.quantize_activations(x2, smooth, config=qcfg)
+        assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale), qcfg
+    ref = w8a8.reference_float64(ref_codes, ref_scale, w_codes, w_scale, bias)
+    mag = w8a8.reference_float64(ref_codes.abs(), ref_scale, w_codes.abs(), w_scale, None) + bias.double().abs()
+    for cfg in w8a8.gemm_configs(m, n, k, interpreted=False):
+        y = w8a8.w8a8_linear_apply(x, w_codes, w_scale, smooth, bias, config=cfg)
+        bound = 2.0 ** -21 * mag + HALF_ULP[torch.bfloat16] * ref.abs() + 1e-30
+        assert ((y.double() - ref).abs() / bound).max().item() <= 1.0, cfg

@@ -22,6 +22,7 @@
 #   shape                  bytes       @ 3.0 TB/s   int8 ops @ 1,500 TOPS   bound
 #   4096 x 4096, M = 1     16.82 MB    5.61 us      0.022 us                HBM (weights: 16.79 MB)
 #   4096 x 4096, M = 64    18.37 MB    6.12 us      1.43 us                 HBM (weights); 4.3x headroom
+#   14336 x 4096, M = 1    58.82 MB   19.61 us      0.078 us                HBM (4096 x 14336: 58.80 MB)
 # (smooth + bias add 24.6 KB: +0.15%). Against bf16 (33.57 MB, 11.19 us at M = 1) that is 2.0x less
 # traffic. W8A8 turns compute-bound only near M ~ 400 (2*M*N*K / 1.5e15 s = bytes / 3e12 s), where the
 # per-token quantize pass (3 bytes per activation element) starts to matter too.
