@@ -18,6 +18,9 @@ rest in float64):
     a[m, k] = clamp(rint(xs / x_scale), -127, 127) int8
     y = (a @ w_codes^T)[int32] * x_scale[m] * w_scale[n] + bias[n]
 
+Launches: M > FUSED_MAX_M: ``w8a8_quantize_act`` (codes + scales to memory) then ``w8a8_gemm``; smaller M
+(decode): ``w8a8_gemm`` alone, each program quantizing its x rows itself (same code, bit-identical codes).
+
 Configs (``gemm_configs``, first = default): a few tensor-core tiles for the GPU (untuned guesses until the
 H100 run measures them; small M uses BLOCK_M = 16, the smallest int8 tl.dot tile, and narrow N tiles so
 a 4096-wide layer still spreads over the 132 SMs) and one tiny-tile config for the interpreter.
@@ -35,6 +38,7 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "i
 KERNELS = ("w8a8_quantize_act", "w8a8_gemm")
 HBM_TBPS = 3.0  # H100 SXM achievable HBM bandwidth used by the bytes model
 INT8_TOPS = 1500.0  # H100 SXM dense int8 tensor-core throughput assumed achievable (spec sheet: 1,979)
+FUSED_MAX_M = 16  # up to this many rows the GEMM quantizes x itself (one launch; x is re-read from L2)
 MAX_K = 2**31 // 127**2  # int32 accumulation of 127 * 127 products is exact up to this K
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,15 +60,18 @@ def kernels_for(device_type: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- bytes model
-def bytes_model(N: int, K: int, M: int = 1, act_bytes: int = 2, smooth: bool = False, bias: bool = False) -> dict:
-    """Bytes the two launches move (header of the template) and the expected time at ``HBM_TBPS`` and at
-    ``INT8_TOPS``; the slower of the two is the bound."""
+def bytes_model(N: int, K: int, M: int = 1, act_bytes: int = 2, smooth: bool = False, bias: bool = False,
+                fused: bool | None = None) -> dict:
+    """HBM bytes the launches move (header of the template) and the expected time at ``HBM_TBPS`` and at
+    ``INT8_TOPS``; the slower of the two is the bound. ``fused`` (default M <= FUSED_MAX_M): x quantized
+    inside the GEMM, so no int8 codes / scales round trip through memory (x re-reads hit L2)."""
+    fused = M <= FUSED_MAX_M if fused is None else fused
     weights = N * K + 4 * N + (4 * K if smooth else 0) + (act_bytes * N if bias else 0)
-    acts = act_bytes * M * K + 2 * (M * K + 4 * M) + act_bytes * M * N
+    acts = act_bytes * M * K + (0 if fused else 2 * (M * K + 4 * M)) + act_bytes * M * N
     total = weights + acts
     mem_us = total / (HBM_TBPS * 1e12) * 1e6
     compute_us = 2 * M * N * K / (INT8_TOPS * 1e12) * 1e6
-    return {"format": "w8a8", "N": N, "K": K, "M": M, "weight_bytes": weights, "act_bytes": acts,
+    return {"format": "w8a8", "N": N, "K": K, "M": M, "fused": fused, "weight_bytes": weights, "act_bytes": acts,
             "total_bytes": total, "expected_us": max(mem_us, compute_us), "memory_us": mem_us,
             "compute_us": compute_us, "bound": "memory" if mem_us >= compute_us else "compute"}
 
@@ -180,9 +187,10 @@ def quantize_activations(x2: torch.Tensor, smooth: torch.Tensor | None, *, confi
 
 
 def w8a8_linear_apply(x, w_codes, w_scale, smooth=None, bias=None, *, config: dict | None = None,
-                      quant_config: dict | None = None, check: bool = True) -> torch.Tensor:
-    """Run the two kernels. ``config``: a dict from ``gemm_configs`` (default: its first); ``quant_config``:
-    one from ``quantize_configs``. Benchmarks call this directly to try configs."""
+                      quant_config: dict | None = None, fuse: bool | None = None, check: bool = True) -> torch.Tensor:
+    """Run the kernels. ``config``: a dict from ``gemm_configs`` (default: its first); ``quant_config``: one
+    from ``quantize_configs``; ``fuse``: quantize x inside the GEMM (one launch) instead of a separate
+    ``w8a8_quantize_act`` launch (None: for M <= FUSED_MAX_M). Benchmarks call this directly to try both."""
     if check:
         check_inputs(x, w_codes, w_scale, smooth, bias)
     n, k = w_codes.shape
@@ -195,8 +203,13 @@ def w8a8_linear_apply(x, w_codes, w_scale, smooth=None, bias=None, *, config: di
     if x.device.type == "cpu" and not interpreter_active():
         return reference(x, w_codes, w_scale, smooth, bias)
     interpreted = x.device.type == "cpu"
-    codes, x_scale = quantize_activations(x2, smooth, config=quant_config)
+    fuse = M <= FUSED_MAX_M if fuse is None else fuse
+    if fuse:
+        codes, x_scale = torch.empty((1, 1), dtype=torch.int8, device=x.device), w_scale  # unused placeholders
+    else:
+        codes, x_scale = quantize_activations(x2, smooth, config=quant_config)
     w_codes, w_scale = w_codes.contiguous(), w_scale.contiguous()
+    smooth = smooth.contiguous() if smooth is not None else None
     bias = bias.contiguous() if bias is not None else None
     cfg = dict(config or gemm_configs(M, n, k, interpreted)[0])
     if interpreted:
@@ -207,9 +220,10 @@ def w8a8_linear_apply(x, w_codes, w_scale, smooth=None, bias=None, *, config: di
             raise ValueError(f"w8a8_linear: {key} must be a power of two >= 16 (int8 tl.dot), got {v}")
     grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
     kernels_for(x.device.type)["w8a8_gemm"][grid](
-        codes, x_scale, w_codes, w_scale, bias if bias is not None else w_scale, out, M, n, k,
-        codes.stride(0), w_codes.stride(0), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
-        OUT_BF16=x.dtype == torch.bfloat16, INTERPRETED=interpreted, **cfg)
+        codes, x_scale, x2, smooth if smooth is not None else w_scale, w_codes, w_scale,
+        bias if bias is not None else w_scale, out, M, n, k, codes.stride(0), x2.stride(0), x2.stride(1),
+        w_codes.stride(0), out.stride(0), out.stride(1), FUSE_QUANT=fuse, HAS_SMOOTH=smooth is not None,
+        HAS_BIAS=bias is not None, OUT_BF16=x.dtype == torch.bfloat16, INTERPRETED=interpreted, **cfg)
     return out.reshape(*lead, n)
 
 

@@ -9,20 +9,23 @@
 #                      Two passes over the row (amax, then codes): x is read twice but stays in L2.
 #                      Divisions are IEEE round-to-nearest (tl.div_rn, not the fast approximate '/'), and rint
 #                      is round-half-even, so codes are bit-identical to runtime/w8a8.py's reference.
-#   w8a8_gemm          acc[m, n] = sum_k a[m, k] * w[n, k] in int32 (tl.dot on int8 tiles: exact up to K =
+#   w8a8_gemm          (FUSE_QUANT, small M: each program first quantizes its own x rows with the same code
+#                      as w8a8_quantize_act, reading x from L2, so one launch does it all.)
+#                      acc[m, n] = sum_k a[m, k] * w[n, k] in int32 (tl.dot on int8 tiles: exact up to K =
 #                      2^31 / 127^2 = 133,000), then y = acc * x_scale[m] * w_scale[n] (+ bias[n]) in fp32,
 #                      cast to the output dtype (x's). Grouped tile order for L2 reuse of the weight tiles.
 #
 # Bytes model (runtime/w8a8.py bytes_model computes it for any shape), M tokens, weight N x K, bf16 x / y:
 #   weights  N*K (int8 codes) + 4*N (fp32 per-channel scales) [+ 4*K SmoothQuant factors, + 2*N bias]
-#   acts     2*M*K (x read) + M*K + 4*M (codes + scales written) + M*K + 4*M (read back by the GEMM)
-#            + 2*M*N (y written)
+#   acts     2*M*K (x read) + 2*M*N (y written); M > 16 (separate quantize launch) adds the int8 codes and
+#            fp32 scales written and read back: + 2*(M*K + 4*M). For M <= 16 the GEMM quantizes x itself
+#            (FUSE_QUANT); every program re-reads the x rows, but from L2 (8 KB per row at K = 4096).
 #   compute  2*M*N*K int8 ops against the H100 SXM dense int8 tensor-core peak (~1,979 TOPS spec sheet with
 #            boost clocks; ~1,500 TOPS is the achievable figure used here).
 #   shape                  bytes       @ 3.0 TB/s   int8 ops @ 1,500 TOPS   bound
-#   4096 x 4096, M = 1     16.82 MB    5.61 us      0.022 us                HBM (weights: 16.79 MB)
+#   4096 x 4096, M = 1     16.81 MB    5.60 us      0.022 us                HBM (weights: 16.79 MB)
 #   4096 x 4096, M = 64    18.37 MB    6.12 us      1.43 us                 HBM (weights); 4.3x headroom
-#   14336 x 4096, M = 1    58.82 MB   19.61 us      0.078 us                HBM (4096 x 14336: 58.80 MB)
+#   14336 x 4096, M = 1    58.81 MB   19.60 us      0.078 us                HBM (4096 x 14336: 58.77 MB)
 # (smooth + bias add 24.6 KB: +0.15%). Against bf16 (33.57 MB, 11.19 us at M = 1) that is 2.0x less
 # traffic. W8A8 turns compute-bound only near M ~ 400 (2*M*N*K / 1.5e15 s = bytes / 3e12 s), where the
 # per-token quantize pass (3 bytes per activation element) starts to matter too.
@@ -57,30 +60,43 @@ def _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH: tl.constex
 
 
 @triton.jit
-def w8a8_quantize_act(x, smooth, codes, scales, M, K, s_xm, s_xk, s_cm,
-                      HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _row_scales(x, smooth, rm, M, K, s_xm, s_xk, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    # per-row scale = amax|x / smooth| / 127 (fp32, IEEE division), and a safe divisor for all-zero rows
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH)
         amax = tl.maximum(amax, tl.max(tl.abs(v), 1))
     scale = tl.div_rn(amax, tl.full((BLOCK_M,), 127.0, tl.float32))
-    nonzero = scale > 0
-    safe = tl.where(nonzero, scale, 1.0)  # all-zero rows: codes 0, scale 0 (no 0 / 0)
+    safe = tl.where(scale > 0, scale, 1.0)  # all-zero rows: codes 0, scale 0 (no 0 / 0)
+    return scale, safe
+
+
+@triton.jit
+def _codes(v, scale, safe):
+    # v [BLOCK_M, BLOCK_K] smoothed fp32 activations -> int8 codes (round half even, symmetric clamp)
+    q = _rint(tl.div_rn(v, safe[:, None]))
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    q = tl.where(scale[:, None] > 0, q, 0.0)
+    return q.to(tl.int8)
+
+
+@triton.jit
+def w8a8_quantize_act(x, smooth, codes, scales, M, K, s_xm, s_xk, s_cm,
+                      HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    scale, safe = _row_scales(x, smooth, rm, M, K, s_xm, s_xk, HAS_SMOOTH, BLOCK_M, BLOCK_K)
     tl.store(scales + rm, scale, mask=rm < M)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH)
-        q = _rint(tl.div_rn(v, safe[:, None]))
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        q = tl.where(nonzero[:, None], q, 0.0)
-        tl.store(codes + rm[:, None] * s_cm + rk[None, :], q.to(tl.int8), mask=ok)
+        tl.store(codes + rm[:, None] * s_cm + rk[None, :], _codes(v, scale, safe), mask=ok)
 
 
 @triton.jit
-def w8a8_gemm(a, a_scale, w, w_scale, bias, out, M, N, K, s_am, s_wn, s_om, s_on,
-              HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def w8a8_gemm(a, a_scale, x, smooth, w, w_scale, bias, out, M, N, K, s_am, s_xm, s_xk, s_wn, s_om, s_on,
+              FUSE_QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, INTERPRETED: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -95,16 +111,23 @@ def w8a8_gemm(a, a_scale, w, w_scale, bias, out, M, N, K, s_am, s_wn, s_om, s_on
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
+    if FUSE_QUANT:  # small M: quantize x rows in this program (x is tiny and L2-resident; no codes round trip)
+        xs, safe = _row_scales(x, smooth, rm, M, K, s_xm, s_xk, HAS_SMOOTH, BLOCK_M, BLOCK_K)
+    else:
+        xs = tl.load(a_scale + rm, mask=m_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
-        # masked lanes load code 0, which adds nothing to the integer sum
-        at = tl.load(a + rm[:, None] * s_am + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        # masked lanes hold code 0, which adds nothing to the integer sum
+        if FUSE_QUANT:
+            v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH)
+            at = _codes(v, xs, safe)
+        else:
+            at = tl.load(a + rm[:, None] * s_am + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
         # the weight tile read as [BLOCK_K, BLOCK_N] (w is [N, K] row-major: K-contiguous columns)
         wt = tl.load(w + rn[None, :] * s_wn + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
         acc = tl.dot(at, wt, acc, out_dtype=tl.int32)
-    xs = tl.load(a_scale + rm, mask=m_ok, other=0.0)
     ws = tl.load(w_scale + rn, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
     if HAS_BIAS:
