@@ -13,9 +13,9 @@ and fxforge runs it as a library op.
 
 The math (``reference`` computes it with the activation quantization in fp32, as the kernel does, and the
 rest in float64):
-    xs = x.float() / smooth                 (IEEE fp32 division; skipped without smoothing)
+    xs = x.float() * (1 / smooth)           (fp32, reciprocal by IEEE division; skipped without smoothing)
     x_scale[m] = amax_k |xs[m, k]| / 127    (fp32; 0 for an all-zero row)
-    a[m, k] = clamp(rint(xs / x_scale), -127, 127) int8
+    a[m, k] = clamp(rint(xs * (127 / amax_k |xs[m, k]|)), -127, 127) int8   (0 for an all-zero row)
     y = (a @ w_codes^T)[int32] * x_scale[m] * w_scale[n] + bias[n]
 
 Launches: M > FUSED_MAX_M: ``w8a8_quantize_act`` (codes + scales to memory) then ``w8a8_gemm``; smaller M
@@ -134,14 +134,14 @@ def check_inputs(x, w_codes, w_scale, smooth, bias) -> None:
 # ------------------------------------------------------------------------------------------- references
 def reference_quantize_activations(x2: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 codes [M, K] and fp32 scales [M] of ``x2 [M, K]``, in fp32 exactly as the kernel rounds
-    (IEEE divisions, round half to even), so codes are bit-identical to ``w8a8_quantize_act``'s."""
+    (IEEE products and reciprocals, round half to even), so codes are bit-identical to the kernels'."""
     xs = x2.float()
     if smooth is not None:
-        xs = xs / smooth.float()
-    scale = xs.abs().amax(dim=1) / 127.0 if xs.shape[1] else xs.new_zeros(xs.shape[0])
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(xs / safe[:, None]).clamp(-127, 127)
-    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q))
+        xs = xs * (1.0 / smooth.float())
+    amax = xs.abs().amax(dim=1) if xs.shape[1] else xs.new_zeros(xs.shape[0])
+    scale = amax / 127.0
+    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
+    q = torch.round(xs * inv[:, None]).clamp(-127, 127)
     return q.to(torch.int8), scale
 
 
@@ -182,7 +182,7 @@ def quantize_activations(x2: torch.Tensor, smooth: torch.Tensor | None, *, confi
     smooth_arg = smooth.contiguous() if smooth is not None else scales
     kernels_for(x2.device.type)["w8a8_quantize_act"][(_cdiv(M, cfg["BLOCK_M"]),)](
         x2, smooth_arg, codes, scales, M, K, x2.stride(0), x2.stride(1), codes.stride(0),
-        HAS_SMOOTH=smooth is not None, **cfg)
+        HAS_SMOOTH=smooth is not None, INTERPRETED=interpreted, **cfg)
     return codes, scales
 
 

@@ -3,12 +3,15 @@
 # fxforge::w8a8_linear(x, w_codes, w_scale, smooth, bias).
 #
 #   w8a8_quantize_act  x [M, K] (fp16 / bf16 / fp32) -> codes int8 [M, K] + scale fp32 [M]. Per row m:
-#                      xs = x / smooth (fp32, only with SmoothQuant factors s [K]), scale = amax|xs| / 127,
-#                      code = clamp(rint(xs / scale), -127, 127) (symmetric range, no -128, as formats.py's
-#                      int8). An all-zero row gets scale 0 and codes 0 (its output is then just the bias).
+#                      xs = x * (1 / smooth) (fp32, only with SmoothQuant factors s [K]),
+#                      scale = amax|xs| / 127, code = clamp(rint(xs * (127 / amax)), -127, 127) (symmetric
+#                      range, no -128, as formats.py's int8). Multiplying by reciprocals keeps the per-element
+#                      work at two fp32 products (a correctly rounded division is ~10 instructions); the
+#                      reciprocals themselves are IEEE divisions (tl.div_rn, once per row / per channel).
+#                      An all-zero row gets scale 0 and codes 0 (its output is then just the bias).
 #                      Two passes over the row (amax, then codes): x is read twice but stays in L2.
-#                      Divisions are IEEE round-to-nearest (tl.div_rn, not the fast approximate '/'), and rint
-#                      is round-half-even, so codes are bit-identical to runtime/w8a8.py's reference.
+#                      rint is round-half-even (libdevice on the GPU: cvt.rni, never contracted into an FMA),
+#                      so codes are bit-identical to runtime/w8a8.py's reference.
 #   w8a8_gemm          (FUSE_QUANT, small M: each program first quantizes its own x rows with the same code
 #                      as w8a8_quantize_act, reading x from L2, so one launch does it all.)
 #                      acc[m, n] = sum_k a[m, k] * w[n, k] in int32 (tl.dot on int8 tiles: exact up to K =
@@ -31,6 +34,7 @@
 # per-token quantize pass (3 bytes per activation element) starts to matter too.
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -42,56 +46,60 @@ def _round_bf16(v):
 
 
 @triton.jit
-def _rint(v):
-    # Round half to even for |v| < 2^22 (here |v| <= 127.5): adding 1.5 * 2^23 pushes the fraction bits out
-    # of the fp32 mantissa, which rounds to nearest even; subtracting it back is exact. Works identically
-    # on the GPU and in the interpreter (libdevice.rint has no interpreter implementation).
-    return (v + 12582912.0) - 12582912.0
+def _rint(v, INTERPRETED: tl.constexpr):
+    # Round half to even. libdevice.rint has no interpreter implementation; there, adding 1.5 * 2^23 pushes
+    # the fraction bits out of the fp32 mantissa (round to nearest even, |v| < 2^22) and subtracting it is
+    # exact. Not used on the GPU, where the add could be contracted with the preceding product into an FMA.
+    if INTERPRETED:
+        r = (v + 12582912.0) - 12582912.0
+    else:
+        r = libdevice.rint(v)
+    return r
 
 
 @triton.jit
-def _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH: tl.constexpr):
+def _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
     ok = (rm[:, None] < M) & (rk[None, :] < K)
     v = tl.load(x + rm[:, None] * s_xm + rk[None, :] * s_xk, mask=ok, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         s = tl.load(smooth + rk, mask=rk < K, other=1.0)
-        v = tl.div_rn(v, s[None, :])
+        v = v * tl.div_rn(tl.full((BLOCK_K,), 1.0, tl.float32), s)[None, :]
     return v, ok
 
 
 @triton.jit
 def _row_scales(x, smooth, rm, M, K, s_xm, s_xk, HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_K: tl.constexpr):
-    # per-row scale = amax|x / smooth| / 127 (fp32, IEEE division), and a safe divisor for all-zero rows
+    # per-row scale = amax|xs| / 127 and its inverse 127 / amax (0 for all-zero rows), IEEE divisions
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH)
+        v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH, BLOCK_K)
         amax = tl.maximum(amax, tl.max(tl.abs(v), 1))
     scale = tl.div_rn(amax, tl.full((BLOCK_M,), 127.0, tl.float32))
-    safe = tl.where(scale > 0, scale, 1.0)  # all-zero rows: codes 0, scale 0 (no 0 / 0)
-    return scale, safe
+    inv = tl.div_rn(tl.full((BLOCK_M,), 127.0, tl.float32), tl.where(amax > 0, amax, 1.0))
+    inv = tl.where(amax > 0, inv, 0.0)  # all-zero rows: codes 0, scale 0 (no 0 / 0)
+    return scale, inv
 
 
 @triton.jit
-def _codes(v, scale, safe):
+def _codes(v, inv, INTERPRETED: tl.constexpr):
     # v [BLOCK_M, BLOCK_K] smoothed fp32 activations -> int8 codes (round half even, symmetric clamp)
-    q = _rint(tl.div_rn(v, safe[:, None]))
+    q = _rint(v * inv[:, None], INTERPRETED)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    q = tl.where(scale[:, None] > 0, q, 0.0)
     return q.to(tl.int8)
 
 
 @triton.jit
-def w8a8_quantize_act(x, smooth, codes, scales, M, K, s_xm, s_xk, s_cm,
-                      HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def w8a8_quantize_act(x, smooth, codes, scales, M, K, s_xm, s_xk, s_cm, HAS_SMOOTH: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    scale, safe = _row_scales(x, smooth, rm, M, K, s_xm, s_xk, HAS_SMOOTH, BLOCK_M, BLOCK_K)
+    scale, inv = _row_scales(x, smooth, rm, M, K, s_xm, s_xk, HAS_SMOOTH, BLOCK_M, BLOCK_K)
     tl.store(scales + rm, scale, mask=rm < M)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH)
-        tl.store(codes + rm[:, None] * s_cm + rk[None, :], _codes(v, scale, safe), mask=ok)
+        v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH, BLOCK_K)
+        tl.store(codes + rm[:, None] * s_cm + rk[None, :], _codes(v, inv, INTERPRETED), mask=ok)
 
 
 @triton.jit
@@ -112,7 +120,7 @@ def w8a8_gemm(a, a_scale, x, smooth, w, w_scale, bias, out, M, N, K, s_am, s_xm,
     m_ok = rm < M
     n_ok = rn < N
     if FUSE_QUANT:  # small M: quantize x rows in this program (x is tiny and L2-resident; no codes round trip)
-        xs, safe = _row_scales(x, smooth, rm, M, K, s_xm, s_xk, HAS_SMOOTH, BLOCK_M, BLOCK_K)
+        xs, inv = _row_scales(x, smooth, rm, M, K, s_xm, s_xk, HAS_SMOOTH, BLOCK_M, BLOCK_K)
     else:
         xs = tl.load(a_scale + rm, mask=m_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -121,8 +129,8 @@ def w8a8_gemm(a, a_scale, x, smooth, w, w_scale, bias, out, M, N, K, s_am, s_xm,
         k_ok = rk < K
         # masked lanes hold code 0, which adds nothing to the integer sum
         if FUSE_QUANT:
-            v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH)
-            at = _codes(v, xs, safe)
+            v, ok = _scaled_row_tile(x, smooth, rm, rk, M, K, s_xm, s_xk, HAS_SMOOTH, BLOCK_K)
+            at = _codes(v, inv, INTERPRETED)
         else:
             at = tl.load(a + rm[:, None] * s_am + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
         # the weight tile read as [BLOCK_K, BLOCK_N] (w is [N, K] row-major: K-contiguous columns)
