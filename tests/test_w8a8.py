@@ -94,6 +94,16 @@ def test_all_zero_rows_leading_dims_strided_input_and_the_registered_op():
     assert OP(torch.randn(0, 129), w_codes, w_scale, None, None).shape == (0, 33)
 
 
+def test_rounding_is_half_to_even_and_clamped():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, -127.0, 126.5]])  # amax 127: scale 1, codes = rint(x)
+    for fuse in (False, True):
+        codes, scale = w8a8.quantize_activations(x, None)
+        assert scale.item() == 1.0 and codes.tolist() == [[127, 0, 2, 2, 0, -2, -127, 126]]
+        eye = torch.eye(8, dtype=torch.int8)  # y = codes: the fused path quantizes the same way
+        y = w8a8.w8a8_linear_apply(x, eye, torch.ones(8), fuse=fuse)
+        assert y.tolist() == [[127.0, 0.0, 2.0, 2.0, 0.0, -2.0, -127.0, 126.0]]
+
+
 def test_int8_extremes_accumulate_exactly():
     k = 300  # 127 * 127 * 300 = 4.8e6: the int32 sum is exact, fp32 of it too (< 2^24)
     w_codes = torch.full((16, k), -127, dtype=torch.int8)
@@ -172,6 +182,7 @@ def test_alpha_search_picks_smoothing_and_lowers_the_w8a8_error():
     alpha, s = smoothing["0"]
     assert alpha > 0 and s.shape == (64,) and s.dtype == torch.float32
     assert history["0"]["mse"][alpha] < history["0"]["mse_unsmoothed"]
+    assert history["0"]["sqnr_db"] > history["0"]["sqnr_db_unsmoothed"]
     # on held-out inputs, through the kernels
     x = _outlier_batches(64, 1, seed=2)[0]
     lin = model[0]

@@ -22,6 +22,7 @@ the float64 layer on those inputs.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -126,7 +127,8 @@ def calibrate_smoothquant(model: nn.Module, batches: Iterable, alphas: Iterable[
     ``nn.Linear`` accepted by ``filter(name, module)``, the alpha of ``alphas`` minimizing the output MSE of
     the W8A8-simulated layer against float64 on the recorded inputs. Returns ``{name: (alpha, s)}`` with s a
     float32 [K] tensor on the layer's device. ``history`` (a dict) receives ``{name: {"mse": {alpha: mse},
-    "mse_unsmoothed": mse}}``. Ties keep the smaller alpha."""
+    "mse_unsmoothed": mse, "alpha", "sqnr_db", "sqnr_db_unsmoothed"}}`` (output SQNR vs float64).
+    Ties keep the smaller alpha."""
     alphas = tuple(float(a) for a in alphas)
     if not alphas:
         raise ValueError("calibrate_smoothquant: alphas is empty")
@@ -168,7 +170,10 @@ def calibrate_smoothquant(model: nn.Module, batches: Iterable, alphas: Iterable[
         result[name] = (best, smoothing_factors(rec.amax, w_amax, best).to(m.weight.device))
         if history is not None:
             base = (simulate_w8a8(x, w, None, None) - ref).pow(2).mean().item()
-            history[name] = {"mse": errors, "mse_unsmoothed": base, "alpha": best}
+            signal = ref.pow(2).mean().item()
+            history[name] = {"mse": errors, "mse_unsmoothed": base, "alpha": best,
+                             "sqnr_db": 10 * math.log10(signal / errors[best]) if errors[best] > 0 else math.inf,
+                             "sqnr_db_unsmoothed": 10 * math.log10(signal / base) if base > 0 else math.inf}
     return result
 
 
