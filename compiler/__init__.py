@@ -22,6 +22,7 @@ if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
 from . import backend  # noqa: E402,F401  (fxforge.backend.reports / last_report)
 from .runtime import winograd as _winograd  # noqa: E402,F401  (registers the fxforge::winograd_conv2d op)
 from .runtime import quant_linear as _quant_linear  # noqa: E402,F401  (registers the fxforge::quant_linear op)
+from .runtime import w8a8 as _w8a8  # noqa: E402,F401  (registers the fxforge::w8a8_linear op)
 from .api import CompiledModel, compile  # noqa: E402
 from .artifact import load, save  # noqa: E402
 from .config import Config  # noqa: E402
