@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import load_kernel, next_pow2
+from .kernels import next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "attention.py"
 
@@ -113,8 +113,7 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
 def _kernel(device_type: str, cache_dir: str | None = None):
     from fxforge.config import current
 
-    src = template_source().replace("FXFORGE_KERNEL_NAME", "fxf_attention")
-    return load_kernel("fxf_attention", src, device_type, cache_dir or current().cache_dir)
+    return template_kernels(str(TEMPLATE), ("fxf_attention",), device_type, cache_dir or current().cache_dir, "fxf_attention")[0]
 
 
 def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None, sink: int = 0, window: int = 0,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import load_kernel, next_pow2
+from .kernels import next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "decode_attention.py"
 NAME = "fxf_decode_attention"
@@ -26,18 +26,12 @@ SMEM_BUDGET = 200 * 1024  # bytes of shared memory for the pipelined K/V tiles (
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def template_source() -> str:
-    return TEMPLATE.read_text()
-
-
 def _kernels(device_type: str, cache_dir: str | None = None):
     """(split kernel, combine kernel) for ``device_type``."""
     from fxforge.config import current
 
-    src = template_source().replace("FXFORGE_KERNEL_NAME", NAME)
-    cache = cache_dir or current().cache_dir
-    return (load_kernel(f"{NAME}_split", src, device_type, cache),
-            load_kernel(f"{NAME}_combine", src, device_type, cache))
+    return template_kernels(str(TEMPLATE), (f"{NAME}_split", f"{NAME}_combine"), device_type,
+                            cache_dir or current().cache_dir, NAME)
 
 
 @functools.cache

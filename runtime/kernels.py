@@ -7,6 +7,7 @@ decides at decoration time, so the module is imported with ``TRITON_INTERPRET=1`
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -37,6 +38,17 @@ def kernel_key(source: str, device_type: str, config_id: str = "") -> str:
     v = versions()
     blob = "\n".join([source, device_type, config_id, v["fxforge"], v["torch"], v["triton"]])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=64)
+def template_kernels(template: str, names: tuple, device_type: str, cache_dir: str, kernel_name: str | None = None) -> tuple:
+    """The ``@triton.jit`` functions ``names`` of a kernel template file (``FXFORGE_KERNEL_NAME`` replaced
+    by ``kernel_name`` when given), loaded once per (template, device, cache): callers on hot paths
+    (an executor step, a custom op call) neither re-read the file nor re-hash its source."""
+    src = Path(template).read_text()
+    if kernel_name is not None:
+        src = src.replace("FXFORGE_KERNEL_NAME", kernel_name)
+    return tuple(load_kernel(n, src, device_type, cache_dir) for n in names)
 
 
 def load_kernel(name: str, source: str, device_type: str, cache_dir: str, config_id: str = ""):

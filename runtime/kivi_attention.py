@@ -17,7 +17,7 @@ import torch
 
 from ..passes.quant.kv import KIVICache, kivi_bytes_per_token
 from . import decode_attention as da
-from .kernels import load_kernel, next_pow2
+from .kernels import next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "kivi_attention.py"
 NAME = "fxf_kivi_attention"
@@ -27,17 +27,12 @@ _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 __all__ = ["kivi_configs", "kivi_decode_attention", "kivi_traffic_bytes", "launch", "check_inputs"]
 
 
-def template_source() -> str:
-    return TEMPLATE.read_text()
-
-
 def _kernels(device_type: str, cache_dir: str | None = None):
     """(split kernel, combine kernel) for ``device_type``; the combine kernel is decode_attention's."""
     from fxforge.config import current
 
-    src = template_source().replace("FXFORGE_KERNEL_NAME", NAME)
     cache = cache_dir or current().cache_dir
-    return load_kernel(f"{NAME}_split", src, device_type, cache), da._kernels(device_type, cache_dir)[1]
+    return template_kernels(str(TEMPLATE), (f"{NAME}_split",), device_type, cache, NAME)[0], da._kernels(device_type, cache)[1]
 
 
 def _pow2(n: int) -> bool:

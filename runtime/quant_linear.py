@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import interpreter_active, load_kernel, next_pow2
+from .kernels import interpreter_active, next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_matmul.py"
 KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce")
@@ -49,16 +49,10 @@ def template_source() -> str:
     return TEMPLATE.read_text()
 
 
-@functools.lru_cache(maxsize=8)
-def _kernels(device_type: str, cache_dir: str) -> dict:
-    src = template_source()
-    return {name: load_kernel(name, src, device_type, cache_dir) for name in KERNELS}
-
-
 def kernels_for(device_type: str) -> dict:
     from fxforge.config import current
 
-    return _kernels(device_type, current().cache_dir)
+    return dict(zip(KERNELS, template_kernels(str(TEMPLATE), KERNELS, device_type, current().cache_dir)))
 
 
 @functools.lru_cache(maxsize=64)

@@ -27,12 +27,11 @@ a 4096-wide layer still spreads over the 132 SMs) and one tiny-tile config for t
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
-from .kernels import interpreter_active, load_kernel, next_pow2
+from .kernels import interpreter_active, next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "int8_matmul.py"
 KERNELS = ("w8a8_quantize_act", "w8a8_gemm")
@@ -47,16 +46,10 @@ def template_source() -> str:
     return TEMPLATE.read_text()
 
 
-@functools.lru_cache(maxsize=8)
-def _kernels(device_type: str, cache_dir: str) -> dict:
-    src = template_source()
-    return {name: load_kernel(name, src, device_type, cache_dir) for name in KERNELS}
-
-
 def kernels_for(device_type: str) -> dict:
     from fxforge.config import current
 
-    return _kernels(device_type, current().cache_dir)
+    return dict(zip(KERNELS, template_kernels(str(TEMPLATE), KERNELS, device_type, current().cache_dir)))
 
 
 # ------------------------------------------------------------------------------------------- bytes model

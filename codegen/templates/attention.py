@@ -8,14 +8,7 @@
 # (Lq + 2·Lk·ceil(Lq/BLOCK_M))·D·elt — compute-bound for Lq ≥ a few hundred on the H100.
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _round_bf16(v):
-    # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even first, as the GPU does.
-    u = v.to(tl.uint32, bitcast=True)
-    u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-    return tl.where(v != v, v, u.to(tl.float32, bitcast=True))
+from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
 
 
 @triton.jit

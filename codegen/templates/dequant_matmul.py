@@ -50,14 +50,7 @@
 # runtime/quant_linear.py bytes_model() computes these for any shape.
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _round_bf16(v):
-    # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even first, as the GPU does.
-    u = v.to(tl.uint32, bitcast=True)
-    u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-    return tl.where(v != v, v, u.to(tl.float32, bitcast=True))  # noqa: PLR0124  (NaN test)
+from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
 
 
 @triton.jit
