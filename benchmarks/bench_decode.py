@@ -25,10 +25,10 @@ POS = 1024
 MAX_SEQ = 2048
 
 
-def build(dtype):
+def build(dtype, batch: int = 1):
     torch.manual_seed(0)
     base = TinyLlama(**llama_decoder_853m()).eval()
-    model = KVCacheLlama(base, batch=1, max_seq=MAX_SEQ).cuda().to(dtype).eval()
+    model = KVCacheLlama(base, batch=batch, max_seq=MAX_SEQ).cuda().to(dtype).eval()
     # A filled cache: positions < POS hold random keys/values, as after a prefill.
     g = torch.Generator(device="cuda").manual_seed(1)
     for name, buf in model.named_buffers():
