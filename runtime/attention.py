@@ -64,20 +64,62 @@ def choose_blocks(lq: int, d: int, interpreted: bool) -> dict:
     return block_configs(lq, d, interpreted)[0]
 
 
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+# GPU launch configs for long queries, best guess first (the executor tries only the first unless
+# autotune="max"; bench_attention times them all). (BLOCK_M, BLOCK_N, warps, stages, TMA, LPT, WS).
+# Each entry differs in (BLOCK_M, BLOCK_N, warps, stages): the executor names variants by those.
+# Before the TMA probe the measured best was 128x64 w8 s3 with pointer loads (benchmarks/NOTES.md);
+# reorder from benchmarks/results/probe_attention.md.
+LONG_CONFIGS = [
+    (128, 64, 8, 3, 2, True, False), (128, 128, 8, 3, 2, True, False), (128, 128, 8, 2, 2, True, False),
+    (128, 64, 4, 4, 2, True, False), (64, 64, 4, 3, 0, True, False),
+]
+
+
 def block_configs(lq: int, d: int, interpreted: bool) -> list[dict]:
-    """Launch configs to try (the first is the default): (BLOCK_M, BLOCK_N, warps, stages)."""
+    """Launch configs to try (the first is the default): tiles, warps, stages and the template's
+    TMA / LPT / WS options (codegen/templates/attention.py header)."""
     head = max(16, next_pow2(d))
     if interpreted:
         return [{"BLOCK_M": 32 if lq > 16 else 16, "BLOCK_N": 32, "HEAD_DIM": head}]
     if lq <= 64:
         bm = max(16, next_pow2(lq))
         return [{"BLOCK_M": bm, "BLOCK_N": 64, "HEAD_DIM": head, "num_warps": 4, "num_stages": 3}]
+    hopper = _hopper()
     out = []
-    for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)):
+    for bm, bn, w, s, tma, lpt, ws in LONG_CONFIGS:
         if head >= 256 and bn > 64:
             continue
-        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "num_warps": w, "num_stages": s})
+        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "num_warps": w, "num_stages": s,
+                    "TMA": tma if hopper else 0, "LPT": lpt, "WS": ws and hopper})
     return out
+
+
+def _rows_view(t: torch.Tensor, head: int):
+    """Row count of ``t`` [B, H, L, D] seen as a 2-D [rows, D] matrix with row stride t.stride(2),
+    or None where a tensor descriptor cannot address it (see the template header)."""
+    B, H, L, D = t.shape
+    sb, sh, sm, sd = t.stride()
+    esz = t.element_size()
+    if D != head or (sd != 1 and D > 1) or sm <= 0 or (sm * esz) % 16 or sb % sm or sh % sm or t.data_ptr() % 16:
+        return None
+    return ((B - 1) * sb + (H - 1) * sh) // sm + L
+
+
+_ALLOCATOR_SET = False
+
+
+def _device_descriptor_allocator():
+    """In-kernel descriptors (TMA=1) need scratch memory from a Triton allocator."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        import triton
+
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
 
 
 def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, window: int = 0, layout=None,
@@ -90,7 +132,8 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
     if H % HKV:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HKV})")
     cfg = dict(blocks or choose_blocks(LQ, D, interpreted))
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    bm, bn, head = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEAD_DIM"]
+    tma, lpt, ws = int(cfg.pop("TMA", 0)), bool(cfg.pop("LPT", False)), bool(cfg.pop("WS", False))
     if window > 0 and layout is None:
         layout = block_layout(LQ, LK, bm, bn, causal, sink, window, q.device)
     use_layout = layout is not None
@@ -98,15 +141,28 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
     fc, fi, pc, pi, maxb = layout if use_layout else (dummy, dummy, dummy, dummy, 1)
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
-    grid = (-(-LQ // bm), B * H)
+    rows = [_rows_view(t, head) for t in (q, k, v)] if tma else [None]
+    if any(r is None for r in rows):  # layout a descriptor cannot address: pointer loads
+        tma, rows = 0, [0, 0, 0]
+    descs = (dummy, dummy, dummy)
+    if tma == 2:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        descs = tuple(TensorDescriptor(t, [r, head], [t.stride(2), 1], [b_, head])
+                      for t, r, b_ in zip((q, k, v), rows, (bm, bn, bn)))
+    elif tma == 1 and not interpreted:
+        _device_descriptor_allocator()
+    nq = -(-LQ // bm)
+    lpt = lpt and nq <= 65535  # grid axis 1 limit
+    grid = (B * H, nq) if lpt else (nq, B * H)
     if LQ == 0 or B * H == 0:
         return out
-    kern[grid](q, k, v, mask if mask is not None else q, out, scale,
+    kern[grid](q, k, v, mask if mask is not None else q, out, *descs, scale,
                *q.stride(), *k.stride(), *v.stride(), *_mask_strides(mask), *out.stride(),
-               H, HKV, LQ, LK, D, sink, window, fc, fi, pc, pi, maxb,
+               H, HKV, LQ, LK, D, sink, window, *rows, fc, fi, pc, pi, maxb,
                CAUSAL=causal, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
                USE_LAYOUT=use_layout, OUT_BF16=out.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-               D_CONST=D, INTERPRETED=interpreted, **cfg)
+               D_CONST=D, TMA=tma, LPT=lpt, WS=ws, SCALE_POS=scale > 0, INTERPRETED=interpreted, **cfg)
     return out
 
 

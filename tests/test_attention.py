@@ -2,7 +2,7 @@
 sink + window layouts, and SDPA nodes lowered onto it through both front doors."""
 import math
 
-import fxforge  # noqa: F401
+import fxforge
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,13 +57,66 @@ def test_user_masks_broadcast(mask_dtype):
 
 
 def test_block_layout_counts():
-    fc, fi, pc, pi, maxb = block_layout(256, 256, 64, 64, causal=True)
+    fc, _, pc, pi, _ = block_layout(256, 256, 64, 64, causal=True)
     assert fc.tolist() == [0, 1, 2, 3] and pc.tolist() == [1, 1, 1, 1]  # diagonal blocks are partial
     assert pi[:, 0].tolist() == [0, 1, 2, 3]
     fc, _, pc, _, _ = block_layout(1024, 1024, 128, 64, causal=True, sink=64, window=256)
     assert int(fc.max()) <= 1 + 256 // 64 and int((fc + pc).max()) <= 2 + 256 // 64 + 2  # O(window), not O(L)
     fc, _, pc, _, _ = block_layout(5, 70, 16, 32, causal=False)
     assert fc.tolist() == [2] and pc.tolist() == [1]  # ragged last key block is partial
+
+
+OPTIONS = [  # template launch options (codegen/templates/attention.py header), interpreted at small tiles
+    {"TMA": 2}, {"TMA": 1}, {"LPT": True}, {"TMA": 2, "LPT": True, "WS": True}, {"TMA": 1, "WS": True},
+]
+OPT_CASES = [  # B, H, Hkv, Lq, Lk, D, causal: ragged blocks, GQA, Lq != Lk
+    (2, 4, 2, 45, 45, 32, True), (1, 2, 1, 37, 70, 16, False), (1, 2, 2, 64, 64, 32, True),
+]
+
+
+def _opt_id(o):
+    return "-".join(f"{k}{int(v)}" for k, v in o.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=_opt_id)
+def test_launch_options_match_reference(opts, dtype):
+    torch.manual_seed(2)
+    for B, H, HKV, LQ, LK, D, causal in OPT_CASES:
+        q, k, v = torch.randn(B, H, LQ, D, dtype=dtype), torch.randn(B, HKV, LK, D, dtype=dtype), torch.randn(B, HKV, LK, D, dtype=dtype)
+        blocks = {"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": D, **opts}
+        out = attention(q, k, v, causal=causal, blocks=blocks)
+        ref = sdpa_ref(q, k, v, is_causal=causal)
+        same = sdpa_ref(q, k, v, dtype=dtype, is_causal=causal)
+        assert rel_err(out, ref) <= max(2 * rel_err(same, ref), 1e-6), (opts, LQ, LK, causal)
+
+
+@pytest.mark.parametrize("opts", OPTIONS[:3], ids=_opt_id)
+def test_launch_options_sink_window_and_mask(opts):
+    torch.manual_seed(0)
+    L, sink, win = 90, 8, 30
+    q, k, v = (torch.randn(1, 2, L, 32) for _ in range(3))
+    i = torch.arange(L)
+    visible = (i[None, :] <= i[:, None]) & (((i[:, None] - i[None, :]) < win) | (i[None, :] < sink))
+    blocks = {"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 32, **opts}
+    out = attention(q, k, v, causal=True, sink=sink, window=win, blocks=blocks)
+    assert rel_err(out, sdpa_ref(q, k, v, attn_mask=visible)) < 1e-6
+    mask = torch.randn(L, L)
+    assert rel_err(attention(q, k, v, mask, blocks=blocks), sdpa_ref(q, k, v, attn_mask=mask)) < 1e-6
+
+
+def test_tma_falls_back_where_descriptors_cannot_address():
+    from fxforge.runtime.attention import _rows_view
+    torch.manual_seed(0)
+    x = torch.randn(2, 19, 3, 32)  # [B, L, H, D] viewed as [B, H, L, D]: rows are not uniformly strided
+    q = k = v = x.transpose(1, 2)
+    assert _rows_view(q, 32) is None and _rows_view(torch.randn(1, 2, 5, 24), 32) is None
+    assert _rows_view(torch.randn(2, 3, 7, 32), 32) == 42
+    for t, d in ((q, 32), (torch.randn(1, 2, 21, 24), 24)):
+        blocks = {"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 32, "TMA": 2, "LPT": True}
+        out = attention(t, t if d == 24 else k, t if d == 24 else v, causal=True, blocks=blocks)
+        kk = t if d == 24 else k
+        assert rel_err(out, sdpa_ref(t, kk, kk, is_causal=True)) < 1e-6
 
 
 class Attn(torch.nn.Module):
