@@ -85,38 +85,57 @@ def bytes_model(fmt: str, N: int, K: int, M: int = 1, act_bytes: int = 2, splits
 # ---------------------------------------------------------------------------------------------- configs
 def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     """GEMV launch configs, default first: BLOCK_M (rows of x per program, next_pow2(M)), BLOCK_N (weight
-    rows), BLOCK_KB (code bytes per row per step) and, on the GPU, num_warps / num_stages."""
+    rows), BLOCK_KB (code bytes per row per step), POST (grouped formats: scale per group after the
+    partial dot) and, on the GPU, num_warps / num_stages. Wider tiles than the bf16 GEMV's 4 x 1024: the
+    first H100 run had the int8 GEMV at 0.48-0.61 of HBM with 4 rows x 1024 bytes (too few bytes in
+    flight per SM) and 4-bit decoding ALU-bound with per-element scales."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
     if interpreted:  # the interpreter's cost is per program and per op: few, small-but-not-tiny programs
         return [{"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_KB": 32}]
-    per_row = 1024 // kf["EPB"]  # 1024 elements of K per row per step, like the bf16 GEMV
-    if bm > 4:  # per-step reduction over a [BLOCK_M, BLOCK_N, BLOCK_KB] product: keep it in registers
-        per_row = max(64, per_row * 4 // bm)
+    if kf["EPB"] == 1:  # (BLOCK_N, BLOCK_KB, warps, stages); 8 x 1024 bytes = the bf16 GEMV's 8 KB per step
+        cands = [(8, 1024, 4, 1), (16, 512, 4, 1), (8, 512, 4, 2), (4, 2048, 8, 1), (16, 1024, 8, 1),
+                 (8, 1024, 8, 2), (4, 1024, 4, 1)]
     else:
-        per_row = max(64, per_row // bm)
+        cands = [(8, 512, 4, 1), (8, 256, 4, 1), (16, 256, 4, 1), (16, 512, 8, 1), (4, 512, 4, 1),
+                 (8, 256, 4, 2), (32, 128, 8, 1)]
+    shrink = max(1, bm // 4)  # keep the [BLOCK_M, BLOCK_N, BLOCK_KB] product in registers for M > 4
     out = []
-    for bn, kb, w, st in ((4, per_row, 4, 1), (8, per_row // 2, 4, 1), (4, per_row // 2, 2, 1), (8, per_row, 8, 1),
-                          (4, per_row, 4, 3)):
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KB": max(kb, 16), "num_warps": w, "num_stages": st}
+    for bn, kb, w, st in cands:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KB": max(kb // shrink, 16), "POST": True, "num_warps": w,
+               "num_stages": st}
         if cfg not in out:
             out.append(cfg)
     return out
 
 
 def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
-    """Tensor-core launch configs for M > GEMV_MAX_M, default first (tl.dot needs 16+ on every side)."""
+    """Tensor-core launch configs for M > GEMV_MAX_M, default first (tl.dot needs 16+ on every side).
+    BLOCK_M covers up to 64 rows, so each weight tile is decoded once per K step for all of them; narrow
+    N tiles plus split-K (SPLIT_K None: ``auto_split_k_gemm``) fill the SMs at M = 64 (the first H100
+    run had 32 programs of 64 x 128). Grouped formats: BLOCK_KB = the group (POST: the scale is applied
+    to the partial accumulator) when the group is >= 16 bytes, else per-element scaling over 32 bytes."""
+    kf = kernel_format(fmt)
     if interpreted:
         return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_KB": 32, "GROUP_M": 8}]
-    kb = 64  # code bytes per step: two dots of K=64 for 4-bit codes, one for 8-bit
     bm = 32 if M <= 32 else 64 if M <= 64 else 128
-    bn = 64 if N <= 64 else 128
+    if kf["PER_ROW"]:
+        kb, post = 128 // kf["EPB"], True
+    elif kf["GB"] >= 16:
+        kb, post = min(kf["GB"], 128 // kf["EPB"]), True
+    else:
+        kb, post = 32, False
+    big = M > 256
+    cands = ([(bm, 128, kb, 8, 3), (bm, 64, kb, 4, 3)] if big else
+             [(bm, 64, kb, 4, 3), (bm, 32, kb, 4, 4), (bm, 128, kb, 8, 3), (bm, 64, kb, 4, 4)])
     out = []
-    for m_, n_, k_, w, st in ((bm, bn, kb, 4 if bm * bn < 128 * 128 else 8, 3), (bm, 64, kb, 4, 4),
-                              (min(bm, 64), 128, 2 * kb, 4, 3), (bm, bn, kb // 2, 4, 4)):
-        cfg = {"BLOCK_M": m_, "BLOCK_N": n_, "BLOCK_KB": k_, "GROUP_M": 8, "num_warps": w, "num_stages": st}
+    for m_, n_, k_, w, st in cands:
+        cfg = {"BLOCK_M": m_, "BLOCK_N": n_, "BLOCK_KB": k_, "GROUP_M": 8, "POST": post, "SPLIT_K": None,
+               "num_warps": w, "num_stages": st}
         if cfg not in out:
             out.append(cfg)
+    if not kf["PER_ROW"] and post:  # per-element scaling over a wider tile, for comparison
+        out.append(dict(out[0], BLOCK_KB=128 // kf["EPB"] if kf["GB"] < 128 // kf["EPB"] else kf["GB"] * 2, POST=False))
     return out
 
 
@@ -128,6 +147,16 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return CPU_SMS
+
+
+def auto_split_k_gemm(programs: int, kb: int, block_kb: int, device: torch.device) -> int:
+    """K splits for the tensor-core GEMM at small M: enough (M, N) tiles x splits to cover the SMs once
+    (M = 64, N = 4096 with 64-wide N tiles: 64 tiles -> 2-3 splits), each split >= 4 steps of BLOCK_KB."""
+    sms = _sm_count(device)
+    if programs >= sms:
+        return 1
+    steps = -(-kb // block_kb)
+    return max(1, min(-(-sms // max(programs, 1)), steps // 4))
 
 
 def auto_split_k(programs: int, kb: int, block_kb: int, device: torch.device) -> int:
@@ -222,21 +251,30 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     cfg = dict(config or (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)[0])
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+    cfg_split = cfg.pop("SPLIT_K", None)
     _check_blocks(cfg, kf, gemv)
-    if not gemv:
-        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
-        ks["dequant_gemm"][grid](*ptrs, M, n, K, KB, NB, *strides, ACT=_ACT_DTYPES[x.dtype], **common, **cfg)
-        return out.reshape(*lead, n)
     bkb = cfg["BLOCK_KB"]
-    m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
-    splits = split_k if split_k is not None else auto_split_k(m_tiles * n_tiles, KB, bkb, x.device)
+    if gemv:
+        m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
+        splits = split_k if split_k is not None else cfg_split
+        if splits is None:
+            splits = auto_split_k(m_tiles * n_tiles, KB, bkb, x.device)
+    else:
+        m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
+        splits = split_k if split_k is not None else cfg_split
+        if splits is None:
+            splits = auto_split_k_gemm(m_tiles * n_tiles, KB, bkb, x.device)
     if splits < 1:
         raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
     per_split = _cdiv(_cdiv(KB, splits), bkb) * bkb
     splits = _cdiv(KB, per_split)  # no empty split
     partials = torch.empty((splits, M, n), dtype=torch.float32, device=x.device) if splits > 1 else out
-    ks["dequant_gemv"][(n_tiles, splits, m_tiles)](*ptrs, partials, M, n, K, KB, NB, per_split, *strides,
-                                                     SPLIT=splits > 1, ACC3=cfg["BLOCK_M"] <= 4, **common, **cfg)
+    if gemv:
+        ks["dequant_gemv"][(n_tiles, splits, m_tiles)](*ptrs, partials, M, n, K, KB, NB, per_split, *strides,
+                                                         SPLIT=splits > 1, ACC3=cfg["BLOCK_M"] <= 4, **common, **cfg)
+    else:
+        ks["dequant_gemm"][(m_tiles * n_tiles, splits)](*ptrs, partials, M, n, K, KB, NB, per_split, *strides,
+                                                         ACT=_ACT_DTYPES[x.dtype], SPLIT=splits > 1, **common, **cfg)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4}
         ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
@@ -253,8 +291,8 @@ def _check_blocks(cfg: dict, kf: dict, gemv: bool) -> None:
     gb = kf["GB"]
     if not kf["PER_ROW"] and cfg["BLOCK_KB"] > gb and cfg["BLOCK_KB"] % gb:
         raise ValueError(f"quant_linear: BLOCK_KB {cfg['BLOCK_KB']} must divide or be a multiple of the group ({gb} bytes)")
-    if not gemv and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_KB"]) < 16:
-        raise ValueError(f"quant_linear: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_KB >= 16, got {cfg}")
+    if not gemv and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_KB"] * kf["EPB"]) < 16:
+        raise ValueError(f"quant_linear: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_KB * elements per byte >= 16, got {cfg}")
 
 
 # ------------------------------------------------------------------------------------------- the graph op

@@ -132,7 +132,14 @@ def test_every_tile_path_of_grouped_formats(fmt):
     g = torch.Generator().manual_seed(1)
     for m, cfg, split in [(1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_KB": max(gb // 2, 1)}, 1),
                           (5, {"BLOCK_M": 8, "BLOCK_N": 4, "BLOCK_KB": 4 * gb}, 4),
-                          (20, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KB": max(16, 2 * gb), "GROUP_M": 2}, None)]:
+                          (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_KB": 4 * gb, "POST": False}, 2),
+                          (5, {"BLOCK_M": 8, "BLOCK_N": 4, "BLOCK_KB": max(gb // 2, 1), "POST": False}, 1),
+                          (20, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KB": max(16, 2 * gb), "GROUP_M": 2}, None),
+                          # GEMM: tile = one group (scale on the partial accumulator), explicit K splits
+                          (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "SPLIT_K": 3}, None),
+                          (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "POST": False}, 2)]:
+        if m > ql.GEMV_MAX_M and cfg["BLOCK_KB"] * ql.kernel_format(fmt)["EPB"] < 16:
+            continue
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         y = ql.quant_linear_apply(x, *_args(qt, None, fmt, k), config=cfg, split_k=split)
         _check_kernel(y, x, qt, None, gemm=m > ql.GEMV_MAX_M)

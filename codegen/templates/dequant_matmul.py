@@ -110,14 +110,11 @@ def _apply_group(w, s, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.
 
 
 @triton.jit
-def _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
-                  ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
-                  EPB: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
-    # Byte columns j0 .. j0 + BLOCK_KB of rows rn, decoded to fp32 with their group scales applied:
+def _load_codes(codes, rn, j0, N, KB, s_cn, ELEM: tl.constexpr, EPB: tl.constexpr, BLOCK_KB: tl.constexpr):
+    # Byte columns j0 .. j0 + BLOCK_KB of rows rn decoded to fp32 *unscaled* element values:
     # (lo, hi) = elements k = EPB * j and (4-bit only) k = 2j + 1. Rows >= N and columns >= KB read 0.
     rj = j0 + tl.arange(0, BLOCK_KB)
-    n_ok = rn < N
-    b = tl.load(codes + rn[:, None] * s_cn + rj[None, :], mask=n_ok[:, None] & (rj[None, :] < KB), other=0)
+    b = tl.load(codes + rn[:, None] * s_cn + rj[None, :], mask=(rn < N)[:, None] & (rj[None, :] < KB), other=0)
     if EPB == 2:
         bi = b.to(tl.int32)
         lo = _nibble_value(bi & 15, ELEM)
@@ -128,26 +125,59 @@ def _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
         else:
             lo = b.to(tl.float32)  # int8 codes are signed bytes
         hi = lo
+    return lo, hi
+
+
+@triton.jit
+def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  GB: tl.constexpr, BLOCK_KB: tl.constexpr):
+    # Scale (decoded, fp32) and zero point of the groups a K tile touches: [BLOCK_N] when the tile lies
+    # inside one group (BLOCK_KB <= GB), else [BLOCK_N, BLOCK_KB // GB].
+    n_ok = rn < N
+    if BLOCK_KB <= GB:
+        g = j0 // GB
+        s = _scale_value(tl.load(scales + rn * s_sn + g, mask=n_ok, other=0), SCALE)
+        z = s
+        if HAS_ZERO:
+            z = tl.load(zeros + rn * s_zn + g, mask=n_ok, other=0).to(tl.float32)
+    else:
+        rg = j0 // GB + tl.arange(0, BLOCK_KB // GB)
+        g_ok = n_ok[:, None] & (rg[None, :] < NB)
+        s = _scale_value(tl.load(scales + rn[:, None] * s_sn + rg[None, :], mask=g_ok, other=0), SCALE)
+        z = s
+        if HAS_ZERO:
+            z = tl.load(zeros + rn[:, None] * s_zn + rg[None, :], mask=g_ok, other=0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
+                  ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  EPB: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+    # The tile of _load_codes with its group scales (and zero points) applied per element.
+    lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
     if not PER_ROW:
-        if BLOCK_KB <= GB:  # the tile lies inside one group: one scale (and zero) per row
-            g = j0 // GB
-            s = _scale_value(tl.load(scales + rn * s_sn + g, mask=n_ok, other=0), SCALE)
-            z = s
-            if HAS_ZERO:
-                z = tl.load(zeros + rn * s_zn + g, mask=n_ok, other=0).to(tl.float32)
-        else:
-            rg = j0 // GB + tl.arange(0, BLOCK_KB // GB)
-            g_ok = n_ok[:, None] & (rg[None, :] < NB)
-            s = _scale_value(tl.load(scales + rn[:, None] * s_sn + rg[None, :], mask=g_ok, other=0), SCALE)
-            z = s
-            if HAS_ZERO:
-                z = tl.load(zeros + rn[:, None] * s_zn + rg[None, :], mask=g_ok, other=0).to(tl.float32)
+        s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
         lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, HAS_ZERO)
         if EPB == 2:
             hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, HAS_ZERO)
         else:
             hi = lo
     return lo, hi
+
+
+@triton.jit
+def _load_x(x_rows, m_ok, j0, K, s_xk, EPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KB: tl.constexpr):
+    # x [BLOCK_M, EPB * BLOCK_KB] for byte columns j0 .. j0 + BLOCK_KB, loaded contiguously; for 4-bit codes
+    # split into the even (low nibble) and odd (high nibble) elements. fp32.
+    rk = EPB * j0 + tl.arange(0, EPB * BLOCK_KB)
+    xv = tl.load(x_rows + rk[None, :] * s_xk, mask=m_ok[:, None] & (rk[None, :] < K), other=0.0).to(tl.float32)
+    if EPB == 2:
+        xe, xo = tl.split(tl.reshape(xv, (BLOCK_M, BLOCK_KB, 2)))
+    else:
+        xe = xv
+        xo = xv
+    return xe, xo
 
 
 @triton.jit
@@ -181,37 +211,70 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
                  ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr, EPB: tl.constexpr,
                  GB: tl.constexpr, SPLIT: tl.constexpr, ACC3: tl.constexpr, OUT_BF16: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, INTERPRETED: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, INTERPRETED: tl.constexpr,
+                 POST: tl.constexpr = True):
+    # POST (grouped formats): the group scale is applied once per (row, group) to the partial dot of the
+    # unscaled codes, and a zero point z through sum(x·(q - z)) = sum(x·q) - z·sum(x): per element only
+    # the decode and one FMA remain. Else the tile is scaled per element before the dot (old path).
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     x_rows = x + rm[:, None] * s_xm
+    GROUPED_POST: tl.constexpr = POST and not PER_ROW
+    NG: tl.constexpr = BLOCK_KB // GB if BLOCK_KB > GB else 1
     if ACC3:  # M <= 4: reduce over K once, at the end (no per-step shuffles)
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KB), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GROUPED_POST:
+            acc3 = tl.zeros((BLOCK_M, BLOCK_N, NG), dtype=tl.float32)
+        else:
+            acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     j_start = pid_k * KB_PER_SPLIT  # KB_PER_SPLIT is a multiple of BLOCK_KB: tiles never straddle splits
     j_end = tl.minimum(j_start + KB_PER_SPLIT, KB)
     for j0 in range(j_start, j_end, BLOCK_KB):
-        lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
-                               ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
-        rj = j0 + tl.arange(0, BLOCK_KB)
-        if EPB == 2:
-            ke = 2 * rj
-            xe = tl.load(x_rows + ke[None, :] * s_xk, mask=m_ok[:, None] & (ke[None, :] < K), other=0.0)
-            xo = tl.load(x_rows + (ke + 1)[None, :] * s_xk, mask=m_ok[:, None] & (ke[None, :] + 1 < K), other=0.0)
-            prod = xe.to(tl.float32)[:, None, :] * lo[None, :, :] + xo.to(tl.float32)[:, None, :] * hi[None, :, :]
+        xe, xo = _load_x(x_rows, m_ok, j0, K, s_xk, EPB, BLOCK_M, BLOCK_KB)
+        if GROUPED_POST:
+            lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
         else:
-            xv = tl.load(x_rows + rj[None, :] * s_xk, mask=m_ok[:, None] & (rj[None, :] < K), other=0.0)
-            prod = xv.to(tl.float32)[:, None, :] * lo[None, :, :]
-        if ACC3:
+            lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
+                                   ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
+        if EPB == 2:
+            prod = xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :]
+        else:
+            prod = xe[:, None, :] * lo[None, :, :]
+        if GROUPED_POST:
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+            if BLOCK_KB <= GB:
+                part = tl.sum(prod, 2)
+                if HAS_ZERO:
+                    if EPB == 2:
+                        xs = tl.sum(xe + xo, 1)
+                    else:
+                        xs = tl.sum(xe, 1)
+                    part = part - xs[:, None] * z[None, :]
+                part = part * s[None, :]
+                acc += part
+            else:
+                part = tl.sum(tl.reshape(prod, (BLOCK_M, BLOCK_N, NG, GB)), 3)
+                if HAS_ZERO:
+                    if EPB == 2:
+                        xsum = xe + xo
+                    else:
+                        xsum = xe
+                    xs = tl.sum(tl.reshape(xsum, (BLOCK_M, NG, GB)), 2)
+                    part = part - xs[:, None, :] * z[None, :, :]
+                part = part * s[None, :, :]
+                if ACC3:
+                    acc3 += part
+                else:
+                    acc += tl.sum(part, 2)
+        elif ACC3:
             acc3 += prod
         else:
             acc += tl.sum(prod, 2)
     if ACC3:
-        acc = tl.sum(acc3, 2)
+        acc += tl.sum(acc3, 2)
     acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, PER_ROW, HAS_TS, STEP)
     if SPLIT:
         tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc,
@@ -257,13 +320,19 @@ def _dot_wt(a, w, acc, ACT: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out,
-                 M, N, K, KB, NB, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
+def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
+                 M, N, K, KB, NB, KB_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
                  ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr, EPB: tl.constexpr,
                  GB: tl.constexpr, ACT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP_M: tl.constexpr, INTERPRETED: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP_M: tl.constexpr, INTERPRETED: tl.constexpr,
+                 SPLIT: tl.constexpr = False, POST: tl.constexpr = True):
+    # Grid (M tiles x N tiles, K splits). 4-bit tiles are interleaved back to element order (tl.join) so
+    # one dot of K = 2 * BLOCK_KB runs against contiguous x. POST with a tile inside one scale group
+    # (BLOCK_KB <= GB): the dot runs on the unscaled codes (exact in bf16 / fp16) and the group's scale
+    # (and zero point, via sum(x)) is applied to the [BLOCK_M, BLOCK_N] partial: no per-element scaling.
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # grouped ordering: GROUP_M row-blocks share a weight tile in L2
@@ -276,19 +345,34 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     x_rows = x + rm[:, None] * s_xm
+    GROUPED_POST: tl.constexpr = POST and (not PER_ROW) and BLOCK_KB <= GB
+    KE: tl.constexpr = EPB * BLOCK_KB  # elements of K per step
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, KB, BLOCK_KB):
-        lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
-                               ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
-        rj = j0 + tl.arange(0, BLOCK_KB)
-        if EPB == 2:
-            ke = 2 * rj
-            xe = tl.load(x_rows + ke[None, :] * s_xk, mask=m_ok[:, None] & (ke[None, :] < K), other=0.0)
-            xo = tl.load(x_rows + (ke + 1)[None, :] * s_xk, mask=m_ok[:, None] & (ke[None, :] + 1 < K), other=0.0)
-            acc = _dot_wt(xe, lo, acc, ACT, INTERPRETED)
-            acc = _dot_wt(xo, hi, acc, ACT, INTERPRETED)
+    j_start = pid_k * KB_PER_SPLIT
+    j_end = tl.minimum(j_start + KB_PER_SPLIT, KB)
+    for j0 in range(j_start, j_end, BLOCK_KB):
+        if GROUPED_POST:
+            lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
         else:
-            xv = tl.load(x_rows + rj[None, :] * s_xk, mask=m_ok[:, None] & (rj[None, :] < K), other=0.0)
-            acc = _dot_wt(xv, lo, acc, ACT, INTERPRETED)
+            lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
+                                   ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
+        if EPB == 2:
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE))
+        else:
+            w = lo
+        rk = EPB * j0 + tl.arange(0, KE)
+        xv = tl.load(x_rows + rk[None, :] * s_xk, mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
+        if GROUPED_POST:
+            part = _dot_wt(xv, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), ACT, INTERPRETED)
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+            if HAS_ZERO:
+                part = part - tl.sum(xv.to(tl.float32), 1)[:, None] * z[None, :]
+            acc += part * s[None, :]
+        else:
+            acc = _dot_wt(xv, w, acc, ACT, INTERPRETED)
     acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, PER_ROW, HAS_TS, STEP)
-    _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
+    if SPLIT:
+        tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc,
+                 mask=m_ok[:, None] & (rn[None, :] < N))
+    else:
+        _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
