@@ -54,12 +54,19 @@ from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
 
 
 @triton.jit
+def _u2f(i):
+    # int32 i in [0, 2^23) -> float32 exactly without an I2F conversion (1/8-rate on the H100): the bits
+    # 0x4B000000 | i are the float 2^23 + i; subtracting 2^23 leaves i. Full-rate OR + FADD.
+    return (i | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _e4m3_value(b):
     # b: int32 bits of a finite float8_e4m3fn (sign bit 7, exponent bits 6..3 with bias 7, mantissa 2..0).
     e = (b >> 3) & 15
     m = b & 7
     normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)  # subnormal: m * 2^-9
+    mag = tl.where(e == 0, _u2f(m) * 0.001953125, normal)  # subnormal: m * 2^-9
     return tl.where((b & 128) != 0, -mag, mag)
 
 
@@ -78,17 +85,17 @@ def _scale_value(s, SCALE: tl.constexpr):
 
 @triton.jit
 def _nibble_value(c, ELEM: tl.constexpr):
-    # c: int32 in 0..15. ELEM 1: uint4 (zero point subtracted by the caller); 2: int4 two's complement;
-    # 3: e2m1 (magnitudes 0 .5 1 1.5 2 3 4 6; 2*|v| = m for e = 0 else (2 + m) << (e - 1)).
+    # c: int32 in 0..15, decoded with integer bit operations only (no I2F). ELEM 1: uint4 (zero point
+    # subtracted by the caller); 2: int4 two's complement (c ^ 8 is the offset-binary code, minus 8);
+    # 3: e2m1 (magnitudes 0 .5 1 1.5 2 3 4 6): for e > 0 the fp32 bits ((e + 126) << 23) | (m << 22),
+    # i.e. ((c & 7) << 22) + (126 << 23); e = 0: 0.5 * m; sign bit 3 moved to bit 31.
     if ELEM == 1:
-        v = c.to(tl.float32)
+        v = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     elif ELEM == 2:
-        v = (c - ((c & 8) << 1)).to(tl.float32)
+        v = ((c ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     else:
-        e = (c >> 1) & 3
-        m = c & 1
-        twice = tl.where(e == 0, m, (2 + m) << tl.maximum(e - 1, 0))
-        v = tl.where((c & 8) != 0, -0.5, 0.5) * twice.to(tl.float32)
+        mag = tl.where((c & 6) == 0, (c & 1) * 0x3F000000, ((c & 7) << 22) + 0x3F000000)
+        v = (mag | ((c & 8) << 28)).to(tl.float32, bitcast=True)
     return v
 
 
@@ -122,8 +129,8 @@ def _load_codes(codes, rn, j0, N, KB, s_cn, ELEM: tl.constexpr, EPB: tl.constexp
     else:
         if ELEM == 4:
             lo = _e4m3_value(b.to(tl.int32))
-        else:
-            lo = b.to(tl.float32)  # int8 codes are signed bytes
+        else:  # signed bytes: 2^23 + (c + 128) built from bits, minus 2^23 + 128 (no I2F)
+            lo = ((b.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
         hi = lo
     return lo, hi
 
