@@ -17,11 +17,14 @@ the tile's global row (``b·M + m``) and column.
 from __future__ import annotations
 
 
+import sympy
 import torch
 import torch.fx as fx
 
+from fxforge.runtime.kernels import GEMV_MAX_M
 from fxforge.runtime.program import KernelStep
 
+from .emit_matmul_tma import emit_tma_function
 from .emit_common import cast_to, tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, size_str, store_dtype
 from .fusion import Group, shape_of
 from .ops import POINTWISE, RESHAPES, ExprBuilder, val
@@ -97,7 +100,11 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
         var = f"l{ptr[2:]}"
         if fresh:
             off = " + ".join(f"{v} * {ptr}_s{k}" for v, k in zip(vars_, kd)) or "row * 0 + col * 0"
-            body(f"{var} = tl.load({ptr} + ({off}), mask=tile_mask, other=0){load_cast(x)}")
+            # A bias-like operand (columns only) or a per-row one is loaded as a [1, BLOCK_N] or
+            # [BLOCK_M, 1] tile and broadcast in registers, not re-loaded for every element of the tile.
+            mask = "tile_mask" if not vars_ else "col < N" if all(v == "col" for v in vars_) else \
+                "tile_mask" if "col" in vars_ else "rm[:, None] < M"
+            body(f"{var} = tl.load({ptr} + ({off}), mask={mask}, other=0){load_cast(x)}")
         return var
 
     for i, n in enumerate(g.nodes):
@@ -198,11 +205,17 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
         "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr", "EXTERNAL_ACC: tl.constexpr", "GEMV: tl.constexpr", "EVEN_K: tl.constexpr",
         "INTERPRETED: tl.constexpr"]
     code = f"def {name}({', '.join(params)}):\n" + "\n".join([src.text(), index_lines.text(), body.text()]) + "\n"
-    text = header(name, "matmul", g.nodes, code) + code
+    # The Hopper TMA twin (same epilogue lines) for 2-D matmuls; bmm and decode-sized (M <= 4,
+    # GEMV) matmuls keep the regular kernel alone.
     a_shape, b_shape = shape_of(a_node), shape_of(b_node)
+    tma = not bmm and not (sympy.sympify(a_shape[-2]).is_Integer and int(a_shape[-2]) <= GEMV_MAX_M)
+    if tma:
+        runtime_params = ops.pointer_args() + ["M", "N", "K"] + [s for s, _ in sizes] + stride_args
+        code += "\n\n@triton.jit\n" + emit_tma_function(name, runtime_params, index_lines.text(), body.text(), fp32)
+    text = header(name, "matmul", g.nodes, code) + code
     launch = {"M": size_str(a_shape[-2]), "N": size_str(b_shape[-1]), "K": size_str(a_shape[-1]),
               "batch": size_str(a_shape[0]) if bmm else 1, "op": str(anchor.target).split(".")[-2],
-              "direct": _direct_call(g, outputs)}
+              "direct": _direct_call(g, outputs), "tma": tma}
     step = KernelStep(
         kernel=name, kind="matmul",
         loads=[op for _, op, _ in ops.loads], stores=[op for _, op, _ in ops.stores],

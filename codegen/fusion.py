@@ -81,10 +81,26 @@ class Group:
         return "_".join(ops[:4])
 
 
+# Matmul epilogue policy (``defer_epilogues``):
+#   False / "fuse": every pointwise consumer that fits joins the matmul kernel as its epilogue.
+#   True / "defer": none does; the matmul stays bare (cuBLAS writes it directly) and the chain
+#       fuses forward into the next kernel.
+#   "norm" (matmul_epilogue="auto" on CUDA): defer exactly the epilogue nodes that feed, through
+#       pointwise ops and views only, a reduction (a layer/RMS norm, softmax): that reduction kernel
+#       absorbs them as its prologue, so deferring costs no extra launch or round trip and lets
+#       cuBLAS write the matmul directly (the residual add -> next LayerNorm; measured faster).
+#       Every other epilogue (bias+GELU before fc2, SiLU*up before the down projection) would become
+#       a pointwise kernel of its own if deferred, re-reading the whole matmul output: deferring buys
+#       nothing there, so it stays in the group and autotuning compares "TMA Triton matmul with the
+#       epilogue fused" against "cuBLAS + the epilogue as one launch" (EXTERNAL_ACC).
+_FEEDS_REDUCTION_LIMIT = 64  # nodes visited per query: epilogue chains are short
+
+
 class Fuser:
-    def __init__(self, gm: fx.GraphModule, fuse: bool = True, matmul: bool = True, defer_epilogues: bool = False):
+    def __init__(self, gm: fx.GraphModule, fuse: bool = True, matmul: bool = True, defer_epilogues: bool | str = False):
         self.gm = gm
-        self.defer_epilogues = defer_epilogues
+        self.defer_epilogues = {"fuse": False, "defer": True}.get(defer_epilogues, defer_epilogues)
+        self._feeds: dict = {}
         self.fuse = fuse
         self.use_matmul = matmul
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -111,6 +127,29 @@ class Fuser:
 
     def _cycle_free(self, a: set, b: set) -> bool:
         return not self._reaches_via_outside(a, b) and not self._reaches_via_outside(b, a)
+
+    # ---- epilogue policy -----------------------------------------------------------------------
+    def _feeds_reduction(self, n: fx.Node) -> bool:
+        """Does n reach a reduction through pointwise ops and views only?"""
+        if n not in self._feeds:
+            stack, seen, hit = [n], {n}, False
+            while stack and not hit and len(seen) < _FEEDS_REDUCTION_LIMIT:
+                for u in stack.pop().users:
+                    kind = getattr(self.kinds.get(u), "kind", None)
+                    if kind == "reduction":
+                        hit = True
+                        break
+                    if u not in seen and (kind == "pointwise" or (kind == "view" and u.target in RESHAPES)):
+                        seen.add(u)
+                        stack.append(u)
+            self._feeds[n] = hit
+        return self._feeds[n]
+
+    def _defer(self, nodes) -> bool:
+        """Keep ``nodes`` out of a matmul group's epilogue? (see the policy above)"""
+        if self.defer_epilogues == "norm":
+            return any(self._feeds_reduction(m) for m in nodes)
+        return bool(self.defer_epilogues)
 
     # ---- membership rules ----------------------------------------------------------------------
     def _new(self, kind, F, n, rdims=(), dims=None, anchor=None) -> Group:
@@ -148,7 +187,7 @@ class Fuser:
         """How n would sit in g: (dims, reduced?) or None."""
         s = shape_of(n)
         if g.kind == "matmul":
-            if self.defer_epilogues:
+            if self._defer([n]):
                 return None
             ins = [a for a in n.all_input_nodes if self.group_of.get(a) is g]
             if len(s) and same(s[-1], g.F[-1]) and same(prod(s[:-1]), prod(g.F[:-1])) and all(same_shape(shape_of(a), s) for a in ins):
@@ -202,7 +241,7 @@ class Fuser:
         if not _cats_read_outside(set(g.nodes) | set(h.nodes)) or (g.kind == "matmul" and any(m.target is aten.cat.default for m in h.nodes)):
             return False
         if g.kind == "matmul":
-            if self.defer_epilogues or h.kind != "pointwise" or not (same(h.F[-1] if h.F else 0, g.F[-1]) and same(prod(h.F[:-1]), prod(g.F[:-1]))):
+            if h.kind != "pointwise" or self._defer(h.nodes) or not (same(h.F[-1] if h.F else 0, g.F[-1]) and same(prod(h.F[:-1]), prod(g.F[:-1]))):
                 return False
             if not all(same_shape(shape_of(m), h.F) for m in h.nodes):
                 return False
@@ -289,7 +328,7 @@ class Fuser:
         return groups
 
 
-def fuse_graph(gm: fx.GraphModule, fuse: bool = True, matmul: bool = True, defer_epilogues: bool = False) -> tuple[list[Group], dict]:
+def fuse_graph(gm: fx.GraphModule, fuse: bool = True, matmul: bool = True, defer_epilogues: bool | str = False) -> tuple[list[Group], dict]:
     f = Fuser(gm, fuse=fuse, matmul=matmul, defer_epilogues=defer_epilogues)
     groups = f.run()
     return groups, f.group_of

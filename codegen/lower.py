@@ -122,7 +122,9 @@ def lower_graph(gm: fx.GraphModule, config, user_inputs: list[str] | None = None
                     n.meta["fxforge_extern"] = f"reduction_too_long: {int(r)} > max_persistent_rblock={config.max_persistent_rblock}"
     on_cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in (n.meta.get("val") for n in graph.nodes if n.op == "placeholder")) \
         or any(isinstance(getattr(gm, n.target, None), torch.Tensor) and getattr(gm, n.target).is_cuda for n in graph.nodes if n.op == "get_attr")
-    defer = config.matmul_epilogue == "defer" or (config.matmul_epilogue == "auto" and on_cuda)
+    # Epilogue policy (codegen/fusion.py): "auto" on CUDA defers only what a following reduction
+    # (norm) absorbs and fuses the rest into the matmul; on the CPU everything fuses.
+    defer = {"defer": True, "fuse": False}.get(config.matmul_epilogue, "norm" if on_cuda else False)
     groups, group_of = fuse_graph(gm, fuse=config.fuse, matmul=config.matmul, defer_epilogues=defer)
 
     # Units: a kernel group, or one node that is not in a group. Order them topologically.

@@ -47,6 +47,82 @@ def candidate_configs(M: int, N: int, K: int) -> list[tuple]:
     return out or [(16, 64, 64, 4, 3, False)]
 
 
+# ---- Hopper TMA variant (codegen/emit_matmul_tma.py) -------------------------------------------------
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), best first. 128x256 w8 holds a 128-register
+# fp32 accumulator per thread and reuses each A tile over 256 columns (wgmma's best shape); 128x128
+# w8 leaves registers for a heavy epilogue (GELU's erf) and has 2x the tiles for short-N shapes
+# (N = 768: 594 tiles over 132 SMs). Every config is a compile at first use: keep the list short.
+TMA_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)]
+TMA_DTYPES = (torch.float16, torch.bfloat16)  # fp32 (IEEE, no TF32) stays with cuBLAS / the regular kernel
+TMA_MIN_CC = 9  # TMA and wgmma: sm_90+
+
+
+def tma_configs(M: int, N: int, K: int, fast: bool, epilogue: bool) -> list[tuple]:
+    """TMA candidates for an M x N x K matmul, best guess first. "fast" autotune keeps two where an
+    epilogue is fused (the case this variant exists for: it must beat cuBLAS + an epilogue launch)
+    and one for a bare matmul (cuBLAS writes it directly and usually wins)."""
+    wide = [c for c in TMA_CONFIGS if c[0] <= max(64, M) and c[1] <= max(128, N)]
+    if N < 2048:  # few column tiles: the narrower tile first (more tiles per wave)
+        wide.sort(key=lambda c: c[1] != 128)
+    if not wide:
+        return []
+    return wide[: (2 if epilogue else 1)] if fast else wide
+
+
+def _tma_view(t: torch.Tensor):
+    """(2-D view whose last stride is 1, transposed?) or a reason string: TMA needs a unit inner
+    stride, 16-byte aligned outer strides and a 16-byte aligned base."""
+    if t.dim() != 2:
+        return f"{t.dim()}-D operand"
+    if t.data_ptr() % 16:
+        return "base pointer not 16-byte aligned"
+    if t.stride(1) == 1:
+        view, transposed = t, False
+    elif t.stride(0) == 1:
+        view, transposed = t.t(), True
+    else:
+        return f"no unit stride (strides {tuple(t.stride())})"
+    if (view.stride(0) * t.element_size()) % 16:
+        return f"outer stride {view.stride(0)} x {t.element_size()} B is not a multiple of 16 bytes"
+    return view, transposed
+
+
+def tma_refusal(a: torch.Tensor, b: torch.Tensor, batch: int, M: int, dtypes=TMA_DTYPES) -> str | None:
+    """Why the TMA variant cannot (or should not) run A @ B; None when it can."""
+    from .kernels import GEMV_MAX_M
+
+    if batch != 1 or a.dim() != 2 or b.dim() != 2:
+        return "bmm (batched): no TMA variant"
+    if M <= GEMV_MAX_M:
+        return f"M={M} <= {GEMV_MAX_M}: the GEMV branch"
+    if a.dtype not in dtypes or b.dtype not in dtypes:
+        return f"dtype {a.dtype}/{b.dtype}: TMA variant offered for {', '.join(str(d) for d in dtypes)}"
+    for name, t in (("A", a), ("B", b)):
+        v = _tma_view(t)
+        if isinstance(v, str):
+            return f"{name}: {v}"
+    return None
+
+
+def tma_launch(kern, a, b, ptrs, scalars, strides, cfg, num_sms: int, interpreted: bool = False, flatten: bool = True):
+    """Launch ``<kernel>_tma`` (the TMA twin of a matmul step) for config ``cfg``: host-side tensor
+    descriptors over A and B (a CPU-only encoding the launcher passes by value, so capture-safe in a
+    CUDA graph), min(#SM, #tiles) persistent programs. Call ``tma_refusal`` first."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bm, bn, bk, w, s = cfg[:5]
+    (av, a_t), (bv, b_t) = _tma_view(a), _tma_view(b)
+    a_desc = TensorDescriptor(av, list(av.shape), list(av.stride()), [bk, bm] if a_t else [bm, bk])
+    b_desc = TensorDescriptor(bv, list(bv.shape), list(bv.stride()), [bn, bk] if b_t else [bk, bn])
+    M, N = scalars[0], scalars[1]
+    tiles = -(-M // bm) * -(-N // bn)
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": num_sms, "A_T": a_t, "B_T": b_t,
+          "FLATTEN": flatten, "INTERPRETED": interpreted}
+    if not interpreted:
+        kw.update(num_warps=w, num_stages=s)
+    kern[(max(1, min(num_sms, tiles)),)](a_desc, b_desc, *ptrs, *scalars, *strides, **kw)
+
+
 class AutotuneCache:
     """``<cache_dir>/autotune/<device>.json``: key -> {"winner": ..., "ms": {...}}."""
 

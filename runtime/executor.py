@@ -117,6 +117,16 @@ RUNTIME_KERNELS = {"aten::index_put_.default": _index_put_}
 DECODE_MAX_LQ = 16  # attention with at most this many query rows also tries the split-KV decode kernel
 
 
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 class Executor:
     def __init__(self, program: Program, constants: dict, cache_dir: str, config_id: str = "", strict_signature: bool = True,
                  autotune: str = "fast", report=None, cuda_graphs: str = "auto"):
@@ -134,6 +144,8 @@ class Executor:
         self._kernels: dict = {}
         self._plans: dict = {}
         self._choices: dict = {}  # (step index, shape key) -> winning variant
+        self.force_tma = None  # tests/probes: a TMA config tuple runs every matmul it can through the TMA twin
+        self._tma_note = None
         self._ops = {}
         # After step i, drop these buffers (their last reader ran).
         last: dict[str, int] = {}
@@ -285,7 +297,7 @@ class Executor:
         self._choose(i, st, variants, device, f"attention|{list(q.shape)}x{list(k.shape)}|{q.dtype}|{causal}|{mask is not None}",
                      [*q.shape, k.shape[1], k.shape[2]])()
 
-    def _choose(self, i, st, variants: dict, device, key: str, shape: list):
+    def _choose(self, i, st, variants: dict, device, key: str, shape: list, note: str | None = None):
         """The winning variant for step i: measured once per key (and cached on disk) on CUDA."""
         choice = self._choices.get((i, key))
         if choice is None:
@@ -299,7 +311,7 @@ class Executor:
                 choice, info = tune(self._tuner, f"{st.kernel}|{key}", variants)
                 if self.report is not None:
                     self.report.autotune.append({"kernel": st.kernel, "shape": shape, "winner": choice,
-                                                 "ms": {k: round(v, 4) for k, v in info["ms"].items()}})
+                                                 "ms": {k: round(v, 4) for k, v in info["ms"].items()}, **({"note": note} if note else {})})
             self._choices[(i, key)] = choice
         return variants[choice]
 
@@ -337,21 +349,61 @@ class Executor:
             triton_launch(EPILOGUE_CONFIG, external=c)
 
         configs = candidate_configs(M, N, K)
+        tma = self._tma_variants(st, env, ptrs, scalars, strides, device)
         if self.autotune != "max":
-            configs = configs[:1]  # "fast": one Triton compile per kernel keeps cold compiles short
+            # "fast": one Triton compile per kernel keeps cold compiles short; where the TMA twin
+            # is offered (sm_90+) it replaces the regular kernel's tile configs
+            configs = configs[:1] if not tma or configs[0][5] else []
         variants = {("gemv_" if c[5] else "triton_") + "x".join(map(str, c[:5])): (lambda c=c: triton_launch(c)) for c in configs}
+        variants.update(tma)
         variants["cublas"] = cublas
         return variants
 
+    def _tma_variants(self, st, env, ptrs, scalars, strides, device) -> dict:
+        """The TMA twin's configs (codegen/emit_matmul_tma.py) where the GPU and operands allow it;
+        otherwise {} and the reason is kept for the autotune report."""
+        from .autotune import TMA_MIN_CC, tma_configs, tma_launch, tma_refusal
+
+        a, b = env[st.loads[0].buf], env[st.loads[1].buf]
+        M, N, K = scalars[:3]
+        why = "no TMA twin emitted (bmm or M <= 4)" if not st.launch.get("tma") else None
+        if why is None and _capability(device)[0] < TMA_MIN_CC:
+            why = "GPU below sm_90"
+        why = why or tma_refusal(a, b, 1, M)
+        self._tma_note = why
+        if why is not None:
+            return {}
+        kern = self._kernel_entry(st.kernel, "_tma", device.type)
+        sms = _sm_count(device)
+        cfgs = tma_configs(M, N, K, self.autotune != "max", epilogue=st.launch.get("direct") is None)
+        return {"tma_" + "x".join(map(str, c)): (lambda c=c: tma_launch(kern, a, b, ptrs, scalars, strides, c, sms)) for c in cfgs}
+
+    def _kernel_entry(self, name: str, suffix: str, device_type: str):
+        """Another ``@triton.jit`` function of a kernel's source (e.g. the matmul's ``_tma`` twin)."""
+        key = (name + suffix, device_type)
+        if key not in self._kernels:
+            k = self.program.kernels[name]
+            self._kernels[key] = load_kernel(k["entry"] + suffix, k["source"], device_type, self.cache_dir, self.config_id)
+        return self._kernels[key]
+
     def _run_matmul(self, i, st, entry, env, ptrs, scalars, strides, device):
         kern, grid, kw, _, _, _ = entry
+        if self.force_tma is not None and st.launch.get("tma"):  # tests/probes: the TMA twin where allowed
+            from .autotune import tma_launch, tma_refusal
+
+            a, b = env[st.loads[0].buf], env[st.loads[1].buf]
+            if tma_refusal(a, b, 1, scalars[0], dtypes=(a.dtype,)) is None:
+                cpu = device.type == "cpu"
+                tma_launch(self._kernel_entry(st.kernel, "_tma", device.type), a, b, ptrs, scalars, strides,
+                           self.force_tma, num_sms=3 if cpu else _sm_count(device), interpreted=cpu)
+                return
         if device.type != "cuda":
             kern[grid](*ptrs, *scalars, *strides, ptrs[0], 0, 0, 0, **kw)
             return
         M, N, K = scalars[:3]
         variants = self._matmul_variants(st, entry, env, ptrs, scalars, strides, device)
         key = f"{M}x{N}x{K}x{grid[1]}|{[str(env[o.buf].dtype) for o in st.loads[:2]]}"
-        self._choose(i, st, variants, device, key, [grid[1], M, N, K])()
+        self._choose(i, st, variants, device, key, [grid[1], M, N, K], note=self._tma_note and f"tma not offered: {self._tma_note}")()
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     def _use_graph(self, args) -> bool:

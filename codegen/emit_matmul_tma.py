@@ -1,0 +1,88 @@
+"""A Hopper-tuned twin of the generated matmul kernel: TMA tensor descriptors for A and B, a
+persistent tile loop over #SM programs, and the SAME fused epilogue text as codegen/emit_matmul.py.
+
+Emitted next to the regular kernel in the same source (``<name>_tma``), so artifacts carry it and
+autotuning (runtime/autotune.py) can time it against cuBLAS + an epilogue launch.
+
+Bytes/FLOPs model: 2·M·N·K FLOPs; bytes ≈ (M·K + K·N)·elt (A/B, re-read from L2 per tile row/col:
+GROUP_M row-blocks share each B tile) + epilogue inputs + outputs, each once. For ViT fc1
+(12608×3072×768 fp16): 59.5 GFLOP → 79 µs at 750 TFLOP/s; its 77 MB output at 3.0 TB/s is 26 µs,
+which is why fusing bias+GELU here (one write instead of write + read + write + read) is the win.
+
+Why each piece:
+- TMA loads (host-side ``triton.tools.tensor_descriptor.TensorDescriptor``): hardware address
+  generation and zero-fill of out-of-bounds rows/cols/K, so the K loop has no masks and the
+  pipeliner can issue async bulk copies. Host descriptors are encoded by the launcher into kernel
+  parameters (a CPU call, no device allocation), so CUDA-graph capture records them by value.
+- persistent loop (``tl.range(..., flatten=FLATTEN)``): #SM programs walk the tiles; flattening lets
+  the next tile's loads overlap this tile's epilogue. A separate epilogue tile counter keeps the
+  flattened loop's prologue and epilogue independent (as in Triton's persistent tutorial).
+- the epilogue runs on the fp32 accumulator with plain masked stores (any output strides, several
+  outputs, casts), exactly as the non-TMA kernel does.
+
+Requirements (checked at run time by runtime/autotune.tma_refusal, which records why a matmul is
+not offered this variant): 2-D mm/addmm, A and B each with one unit stride (row- or column-major),
+the other stride ·elt a multiple of 16 bytes, 16-byte aligned base pointers.
+"""
+from __future__ import annotations
+
+TMA_CONSTEXPRS = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "NUM_SMS", "A_T", "B_T", "FLATTEN", "INTERPRETED"]
+
+
+def _indent(text: str, levels: int) -> str:
+    pad = "    " * levels
+    return "\n".join(pad + line if line.strip() else line for line in text.splitlines())
+
+
+def emit_tma_function(name: str, params: list[str], index_text: str, body_text: str, fp32: bool) -> str:
+    """Source of ``@triton.jit def <name>_tma(a_desc, b_desc, *params, <TMA_CONSTEXPRS>)``.
+
+    ``params``: the regular kernel's runtime parameters (pointers, M, N, K, row sizes, strides) in
+    the same order, so one argument list launches either kernel; the A/B pointers go unused here.
+    ``index_text``/``body_text``: the epilogue lines of the regular kernel (indent 1), which read
+    ``acc``, ``row``, ``col`` and ``tile_mask``.
+    """
+    prec = ', input_precision="ieee"' if fp32 else ""
+    sig = ", ".join(["a_desc", "b_desc"] + params + [f"{c}: tl.constexpr" for c in TMA_CONSTEXPRS])
+    lines = [
+        f"def {name}_tma({sig}):",
+        "    start = tl.program_id(0)",
+        "    num_pid_m = tl.cdiv(M, BLOCK_M)",
+        "    num_pid_n = tl.cdiv(N, BLOCK_N)",
+        "    num_tiles = num_pid_m * num_pid_n",
+        "    k_tiles = tl.cdiv(K, BLOCK_K)",
+        "    group_tiles = GROUP_M * num_pid_n",
+        "    tile_e = start - NUM_SMS  # the epilogue's own tile counter (independent of the loads')",
+        "    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):",
+        "        # grouped ordering: GROUP_M row-blocks in flight share each B tile in L2",
+        "        first_m = (tile // group_tiles) * GROUP_M",
+        "        group_m = tl.minimum(num_pid_m - first_m, GROUP_M)",
+        "        off_m = (first_m + tile % group_m) * BLOCK_M",
+        "        off_n = ((tile % group_tiles) // group_m) * BLOCK_N",
+        "        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "        for kb in range(k_tiles):",
+        "            off_k = kb * BLOCK_K",
+        "            # TMA zero-fills past M, N and K: no masks, and the K tail adds zeros",
+        "            if A_T:",
+        "                a = a_desc.load([off_k, off_m]).T",
+        "            else:",
+        "                a = a_desc.load([off_m, off_k])",
+        "            if B_T:",
+        "                b = b_desc.load([off_n, off_k]).T",
+        "            else:",
+        "                b = b_desc.load([off_k, off_n])",
+        "            if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; upcast there",
+        "                a = a.to(tl.float32)",
+        "                b = b.to(tl.float32)",
+        f"            acc = tl.dot(a, b, acc{prec})",
+        "        tile_e += NUM_SMS",
+        "        first_e = (tile_e // group_tiles) * GROUP_M",
+        "        group_e = tl.minimum(num_pid_m - first_e, GROUP_M)",
+        "        rm = (first_e + tile_e % group_e) * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "        rn = ((tile_e % group_tiles) // group_e) * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "        row = rm[:, None]",
+        "        col = rn[None, :]",
+        "        tile_mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        "        # epilogue on the fp32 tile (the same lines as the non-TMA kernel)",
+    ]
+    return "\n".join(lines + [_indent(index_text, 1), _indent(body_text, 1)]) + "\n"
