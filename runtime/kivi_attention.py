@@ -40,24 +40,44 @@ def _pow2(n: int) -> bool:
 
 
 def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bool) -> list[dict]:
-    """Launch configs to try (the first is the default): BLOCK_M, BLOCK_N, HEAD_DIM and, on CUDA,
+    """Launch configs to try (the first is the default): BLOCK_M, BLOCK_N, HEAD_DIM, FOLD_K and, on CUDA,
     num_warps / num_stages. BLOCK_N is a multiple of the key group when that is a power of two (then
-    key scales are loaded once per group), ≥ 16 for ``tl.dot``. The CUDA list is a first guess, not
-    yet measured: code tiles are 4-8× smaller than bf16 tiles, so larger BLOCK_N fit the pipeline."""
+    key scales are loaded once per group), ≥ 16 for ``tl.dot``. FOLD_K (BLOCK_N == group): key scales
+    folded into q, key mins into one per-row term (the K tile is only decoded codes). The first H100 run
+    (BLOCK_N 128, 16 splits: one 4-warp program per SM) was ALU/latency-bound at 0.09-0.16 of HBM, so
+    the CUDA list starts with one-group tiles and ``auto_splits`` gives several programs per SM."""
     head = max(16, next_pow2(d))
     bm = da.block_m(tq, hq, hkv)
     g = group if _pow2(group) else 1
+    fold = _pow2(group) and group >= 16
     if interpreted:  # tiny blocks: the interpreter's cost is per element; small tests still see several blocks
-        return [{"BLOCK_M": bm, "BLOCK_N": max(16, g), "HEAD_DIM": head}]
+        return [{"BLOCK_M": bm, "BLOCK_N": max(16, g), "HEAD_DIM": head, "FOLD_K": fold}]
     if head >= 256:  # keep the fp32 accumulator and the decoded [HEAD_DIM, BLOCK_N] K tile within registers
         bm = min(bm, 64)
     out = []
-    for bn, w, st in ((128, 4, 3), (64, 4, 3), (256, 8, 3), (128, 8, 2), (64, 4, 4), (256, 4, 2)):
-        bn = min(bn, 64) if head >= 256 else bn
-        cfg = {"BLOCK_M": bm, "BLOCK_N": max(bn, g), "HEAD_DIM": head, "num_warps": w, "num_stages": st}
+    cands = [(g, 4, 3, True), (g, 4, 4, True), (g, 8, 3, True), (64, 4, 3, False), (128, 4, 3, False),
+             (128, 8, 2, False), (256, 8, 3, False)]
+    for bn, w, st, fk in cands:
+        bn = max(min(bn, 64) if head >= 256 else bn, g, 16)
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FOLD_K": fk and fold and bn == group,
+               "num_warps": w, "num_stages": st}
         if cfg not in out:
             out.append(cfg)
     return out
+
+
+PROGRAMS_PER_SM = 4  # KIVI's decode is ALU-heavy: several programs per SM hide the unpack latency
+MIN_SPLIT_TOKENS = 256
+
+
+def auto_splits(n_quant: int, programs: int, block_n: int, device) -> int:
+    """Splits of the quantized tokens on CUDA: about PROGRAMS_PER_SM programs per SM, each split at least
+    MIN_SPLIT_TOKENS tokens (B=1, Hkv=8, 32K: 64 splits of 512 tokens)."""
+    sms = da.sm_count(device)
+    want = -(-PROGRAMS_PER_SM * sms // max(programs, 1))
+    cap = max(1, n_quant // max(MIN_SPLIT_TOKENS, block_n))
+    ns = max(1, min(want, cap))
+    return 1 << (ns.bit_length() - 1) if ns > 1 else 1  # a power of two: equal chunks of a power-of-two cache
 
 
 def kivi_traffic_bytes(cache: KIVICache, hq: int, tq: int, q_elt: int = 2, splits: int = 1) -> int:
@@ -152,7 +172,10 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     bm, bn, head = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEAD_DIM"]
     k_bcast = _pow2(cache.group) and bn % cache.group == 0
     v_bcast = _pow2(cache.v_group) and cache.v_group <= head
+    fold = bool(cfg.pop("FOLD_K", False)) and bn == cache.group and k_bcast
     row_tiles = -(-((H // HKV) * LQ) // bm)
+    if num_splits is None and not interpreted and NQ:
+        num_splits = auto_splits(NQ, B * HKV * row_tiles, bn, q.device)
     splits, chunk = da.split_plan(NQ, B * HKV * row_tiles, bn, q.device, num_splits) if NQ else (1, bn)
     need = da.workspace_numel(B, H, LQ, D, splits)
     if need:
@@ -172,7 +195,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
         *q.stride(), *kc.stride(), *ks.stride(), *vc.stride(), *vs.stride(), *kr.stride(), *vr.stride(),
         *out.stride(), H, HKV, LQ, NQ, NR, D, chunk, splits,
         BITS=cache.bits, G=cache.group, GV=cache.v_group, K_BCAST=k_bcast, V_BCAST=v_bcast, SINGLE=splits == 1,
-        OUT_BF16=out_bf16, IEEE=q.dtype == torch.float32, D_CONST=D, INTERPRETED=interpreted, **cfg)
+        OUT_BF16=out_bf16, IEEE=q.dtype == torch.float32, D_CONST=D, INTERPRETED=interpreted, FOLD_K=fold, **cfg)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4 if head >= 128 else 2}
         kern2[(B * H * LQ,)](acc_ws, ml_ws, out, *out.stride(), H, LQ, D, splits,

@@ -111,12 +111,31 @@ def test_bytes_model_32k():
         assert bf16 / cache.nbytes() >= (5 if bits == 2 else 3)  # 5.31× and 3.19× smaller KV memory
 
 
+def test_folded_key_scales_and_explicit_configs():
+    """FOLD_K (key scales in q, mins as one term) against the unfolded path, 2 and 4 bits, ragged chunks."""
+    for bits, dtype in ((2, torch.float32), (4, torch.bfloat16)):
+        torch.manual_seed(bits)
+        q, cache = make(1, 8, 2, 1, 150, 64, bits, 16, 16, dtype)
+        for fold in (True, False):
+            out = kivi_decode_attention(q, cache, num_splits=3,
+                                        blocks={"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 64, "FOLD_K": fold})
+            check(out, q, cache)
+
+
 def test_configs():
     cfg = kivi_configs(1, 32, 8, 128, 32, interpreted=False)
     assert cfg[0]["BLOCK_M"] == 16 and cfg[0]["HEAD_DIM"] == 128 and all(c["BLOCK_N"] % 32 == 0 for c in cfg)
     assert all(c["BLOCK_N"] >= 128 for c in kivi_configs(1, 8, 8, 64, 128, interpreted=False))
-    assert kivi_configs(3, 8, 2, 80, 24, interpreted=True) == [{"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 128}]
+    assert cfg[0]["BLOCK_N"] == 32 and cfg[0]["FOLD_K"] and not any(c["FOLD_K"] for c in cfg if c["BLOCK_N"] != 32)
+    assert kivi_configs(3, 8, 2, 80, 24, interpreted=True) == [{"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 128,
+                                                                 "FOLD_K": False}]
     assert kivi_configs(1, 4, 4, 64, 32, interpreted=True)[0]["BLOCK_N"] == 32
+    # several programs per SM on CUDA: B=1, Hkv=8, 32K tokens on 132 SMs -> 64 splits of 512 tokens
+    from fxforge.runtime import decode_attention as da
+    from fxforge.runtime.kivi_attention import auto_splits
+    sms = da.sm_count(torch.device("cpu"))
+    assert auto_splits(32736, 8, 32, torch.device("cpu")) == 1 << ((-(-4 * sms // 8)).bit_length() - 1)
+    assert auto_splits(512, 8, 32, torch.device("cpu")) <= 2
 
 
 def _bad(**changes):

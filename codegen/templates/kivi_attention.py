@@ -41,12 +41,15 @@ from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
 @triton.jit
 def _unpack(b, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
     """uint8 [ROWS, COLS] packed codes -> float32 [ROWS, COLS·8/BITS], element j·PER + i of a row taken
-    from bits i·BITS of byte j (pack_bits' order)."""
+    from bits i·BITS of byte j (pack_bits' order). The int -> float step is bit arithmetic (the float
+    2^23 + c minus 2^23), not an I2F conversion (1/8 of the FP32 rate on the H100)."""
+    bi = b.to(tl.int32)
     if BITS == 4:
-        c = tl.join(b & 15, b >> 4)  # [ROWS, COLS, 2]: sub-index i
+        c = tl.join(bi & 15, bi >> 4)  # [ROWS, COLS, 2]: sub-index i
     else:  # join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3 per byte
-        c = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
-    return tl.reshape(c, (ROWS, COLS * (8 // BITS))).to(tl.float32)
+        c = tl.join(tl.join(bi & 3, (bi >> 4) & 3), tl.join((bi >> 2) & 3, bi >> 6))
+    c = tl.reshape(c, (ROWS, COLS * (8 // BITS)))
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -72,12 +75,8 @@ def _group_param(base, s_row, s_grp, offs_r, r_ok, offs_c, c_ok, g0, lim, GRP: t
 
 
 @triton.jit
-def _update(acc, l_i, m_i, q, kt, v, n_ok, qk_scale, CHECK: tl.constexpr, IEEE: tl.constexpr):
-    """One online-softmax step (base 2) over a [HEAD_DIM, BLOCK_N] K^T tile and a [BLOCK_N, HEAD_DIM] V tile."""
-    if IEEE:  # fp32 q: full-precision dots, as eager (Triton's default would be TF32)
-        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-    else:
-        s = tl.dot(q, kt.to(q.dtype)) * qk_scale
+def _softmax_pv(acc, l_i, m_i, s, v, n_ok, DOT_DTYPE, CHECK: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step (base 2) from scaled scores s [BLOCK_M, BLOCK_N] and a [BLOCK_N, HEAD_DIM] V tile."""
     if CHECK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -88,18 +87,30 @@ def _update(acc, l_i, m_i, q, kt, v, n_ok, qk_scale, CHECK: tl.constexpr, IEEE: 
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
     return acc, l_i, m_new
 
 
 @triton.jit
-def _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
+def _update(acc, l_i, m_i, q, kt, v, n_ok, qk_scale, CHECK: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step (base 2) over a [HEAD_DIM, BLOCK_N] K^T tile and a [BLOCK_N, HEAD_DIM] V tile."""
+    if IEEE:  # fp32 q: full-precision dots, as eager (Triton's default would be TF32)
+        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, kt.to(q.dtype)) * qk_scale
+    return _softmax_pv(acc, l_i, m_i, s, v, n_ok, q.dtype, CHECK, IEEE)
+
+
+@triton.jit
+def _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
                 vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D, qk_scale,
                 BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, CHECK: tl.constexpr,
-                EVEN_D: tl.constexpr, IEEE: tl.constexpr):
+                EVEN_D: tl.constexpr, IEEE: tl.constexpr, FOLD_K: tl.constexpr):
     """Tokens [t0, min(t0 + BLOCK_N, hi)) of the quantized segment (t0 a multiple of BLOCK_N and of G).
-    CHECK: a ragged block (token masks); with neither CHECK nor a padded head dim the loads are unmasked."""
+    CHECK: a ragged block (token masks); with neither CHECK nor a padded head dim the loads are unmasked.
+    FOLD_K (BLOCK_N == G: one key group per tile): the per-channel key scales go into q and the key mins
+    into one term per query row, q·k_t = (q∘s)·c_t + q·m, so the K tile is only the decoded codes."""
     PER: tl.constexpr = 8 // BITS
     FULL: tl.constexpr = EVEN_D and not CHECK
     offs_t = t0 + tl.arange(0, BLOCK_N)
@@ -113,9 +124,27 @@ def _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd
         kb = tl.load(kb_ptrs, mask=d_ok[:, None] & (offs_kb * PER < hi)[None, :], other=0)
     kt = _unpack(kb, HEAD_DIM, BLOCK_N // PER, BITS)
     g0 = t0 // G
-    k_sc = _group_param(ks_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, g0, hi, G, K_BCAST, HEAD_DIM, BLOCK_N, FULL)
-    k_mn = _group_param(km_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, g0, hi, G, K_BCAST, HEAD_DIM, BLOCK_N, FULL)
-    kt = kt * k_sc + k_mn
+    if FOLD_K:
+        # t0 < hi inside the loops and hi is a multiple of G = BLOCK_N: the group is always in range
+        k_sc = tl.load(ks_base + offs_d * ks_sd + g0 * ks_sg, mask=d_ok, other=0.0).to(tl.float32)
+        k_mn = tl.load(km_base + offs_d * ks_sd + g0 * ks_sg, mask=d_ok, other=0.0).to(tl.float32)
+        qs = q32 * k_sc[None, :]
+        qm = tl.sum(q32 * k_mn[None, :], 1)
+        if IEEE:
+            s = tl.dot(qs, kt, input_precision="ieee")
+        else:
+            s = tl.dot(qs.to(q.dtype), kt.to(q.dtype))
+        s = (s + qm[:, None]) * qk_scale
+    else:
+        k_sc = _group_param(ks_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, g0, hi, G, K_BCAST, HEAD_DIM, BLOCK_N,
+                            FULL)
+        k_mn = _group_param(km_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, g0, hi, G, K_BCAST, HEAD_DIM, BLOCK_N,
+                            FULL)
+        kt = kt * k_sc + k_mn
+        if IEEE:  # fp32 q: full-precision dots, as eager (Triton's default would be TF32)
+            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, kt.to(q.dtype)) * qk_scale
     # V: packed along channels (D is a multiple of PER)
     offs_vb = tl.arange(0, HEAD_DIM // PER)
     vb_ptrs = vc_base + offs_t[:, None] * vc_st + offs_vb[None, :] * vc_sd
@@ -127,7 +156,7 @@ def _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd
     v_sc = _group_param(vs_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM, FULL)
     v_mn = _group_param(vm_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM, FULL)
     v = v * v_sc + v_mn
-    return _update(acc, l_i, m_i, q, kt, v, t_ok, qk_scale, CHECK, IEEE)
+    return _softmax_pv(acc, l_i, m_i, s, v, t_ok, q.dtype, CHECK, IEEE)
 
 
 @triton.jit
@@ -153,7 +182,7 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                               K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, SINGLE: tl.constexpr,
                               OUT_BF16: tl.constexpr, IEEE: tl.constexpr, D_CONST: tl.constexpr,
-                              INTERPRETED: tl.constexpr):
+                              INTERPRETED: tl.constexpr, FOLD_K: tl.constexpr = False):
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)
@@ -169,6 +198,7 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; compute in fp32 there
         q = q.to(tl.float32)
+    q32 = q.to(tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x·log2 e)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -182,13 +212,13 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # only the chunk's last block is ragged
     EVEN_D: tl.constexpr = HEAD_DIM == D_CONST
     for t0 in range(lo, full_end, BLOCK_N):
-        acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
+        acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
                                     vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
-                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, False, EVEN_D, IEEE)
+                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, False, EVEN_D, IEEE, FOLD_K)
     for t0 in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
+        acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
                                     vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
-                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, True, EVEN_D, IEEE)
+                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, True, EVEN_D, IEEE, FOLD_K)
     # the last split also reads the full-precision residual window [NQ, S)
     r_hi = tl.where(split == SPLITS - 1, NR, 0)
     kr_base = KR + b * kr_sb + hk * kr_sh
