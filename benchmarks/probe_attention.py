@@ -40,17 +40,20 @@ OUT = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
 # tile/stage sweeps with host descriptors, in-kernel descriptors, and warp specialization last.
 VARIANTS = [
     (128, 64, 8, 3, 0, False, False),   # previous default: reproduces 441 / 492 TFLOP/s
-    (128, 64, 8, 3, 2, True, False),    # current default guess
+    (128, 64, 8, 3, 2, True, False),    # current default guess (LONG_CONFIGS[0])
+    (128, 128, 8, 3, 2, True, False),
+    (64, 64, 4, 3, 2, True, False),     # one warpgroup, ~2 CTAs/SM: CTAs overlap softmax and MMA
     (128, 64, 8, 3, 0, True, False),    # LPT alone
     (128, 64, 8, 3, 2, False, False),   # TMA alone
-    (128, 128, 8, 3, 2, True, False),
     (128, 128, 8, 2, 2, True, False),
+    (64, 128, 4, 2, 2, True, False),
     (128, 64, 8, 4, 2, True, False),
+    (64, 64, 4, 4, 2, True, False),
     (128, 64, 8, 2, 2, True, False),
-    (128, 64, 4, 4, 2, True, False),
-    (128, 128, 8, 3, 0, True, False),
     (128, 64, 8, 3, 1, True, False),    # in-kernel descriptors
+    (128, 128, 8, 3, 0, True, False),
     (128, 128, 8, 2, 1, True, False),
+    (128, 64, 4, 4, 2, True, False),
 ]
 WS_VARIANTS = [  # warp specialization (Hopper: with in-kernel descriptors only)
     (128, 128, 8, 2, 1, True, True), (128, 64, 4, 3, 1, True, True), (128, 128, 4, 2, 1, True, True),
@@ -223,6 +226,13 @@ def main() -> None:
     print("\nSUMMARY (causal: TFLOP/s (x SDPA); sink+window: kernel ms)")
     for nm, row in p.summary.items():
         print(f"{nm:<30} " + "  ".join(f"{k}: {v}" for k, v in row.items()))
+    by_name = {name(v): v for v in VARIANTS + WS_VARIANTS}
+    for wl in ("attn_causal_8k", "attn_causal_32k", "attn_sink_window_32k"):
+        lat = {r["impl"][len("fxforge_"):]: r["value"] for r in p.res.rows
+               if r["workload"] == wl and r["impl"].startswith("fxforge_") and r["metric"] == "latency"}
+        if lat:
+            w = min(lat, key=lat.get)
+            print(f"best for {wl}: {w} {lat[w]:.3f} ms -> LONG_CONFIGS tuple {by_name[w]}")
     print(f"total {elapsed():.0f}s; results in {OUT}/probe_attention.json", flush=True)
 
 
