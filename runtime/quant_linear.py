@@ -98,7 +98,7 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
                  (8, 1024, 8, 2), (4, 1024, 4, 1)]
     else:
         cands = [(8, 512, 4, 1), (8, 256, 4, 1), (16, 256, 4, 1), (16, 512, 8, 1), (4, 512, 4, 1),
-                 (8, 256, 4, 2), (32, 128, 8, 1)]
+                 (8, 256, 4, 2), (32, 128, 8, 1), (32, 64, 4, 1), (64, 64, 8, 1)]  # last two: tile <= a g128 group
     shrink = max(1, bm // 4)  # keep the [BLOCK_M, BLOCK_N, BLOCK_KB] product in registers for M > 4
     out = []
     for bn, kb, w, st in cands:
