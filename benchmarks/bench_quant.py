@@ -1,5 +1,5 @@
 """Weight-only quantized GEMV/GEMM on the GPU (issue 4's speed rows), every format against bf16 cuBLAS
-and torch's own int8 weight-only kernel (``torch._weight_int8pack_mm``), same run.
+and torch's own int8 weight-only kernel (``torch._weight_int8pack_mm``), same run; W8A8 (runtime/w8a8.py) too.
 
 Workloads: ``gemv_4096x4096_m1``, ``gemv_4096x14336_m1`` (x [1, 4096] times W^T, W [N, 4096]) and
 ``gemm_4096x4096_m64``. Each launch is timed inside a CUDA graph of 20 launches with the weights
@@ -74,6 +74,33 @@ def main() -> None:
             out = quant_linear_apply(x, c, s, z, t, None, fmt, K, config=best[1])
             add(impl, best[0], out, fmt)
             print(f"{wl} {impl}: best {best[0]:.2f} us with {best[1]}", flush=True)
+        # W8A8 (SmoothQuant-style int8 x int8 tensor cores; x quantized per row inside the GEMM at small M)
+        try:
+            from fxforge.passes.quant.smoothquant import w8a8_quantize_linear
+            from fxforge.runtime import w8a8 as w8
+            packs = [w8a8_quantize_linear(w.float())[:2] for w in ws]
+            best = None
+            for cfg in w8.gemm_configs(M, N, K, False):
+                try:
+                    us = graph_time_us(lambda i, cfg=cfg: w8.w8a8_linear_apply(x, *packs[i % copies], config=cfg,
+                                                                               check=False))
+                except Exception as e:  # noqa: BLE001 — a config that does not compile loses
+                    print(f"{wl} w8a8 {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                if best is None or us < best[0]:
+                    best = (us, cfg)
+            if best is not None:
+                out = w8.w8a8_linear_apply(x, *packs[0], config=best[1])
+                bm = w8.bytes_model(N, K, M)
+                res.add(wl, "w8a8", "time", best[0], "us")
+                res.add(wl, "w8a8", "bandwidth", bm["total_bytes"] / (best[0] * 1e-6) / 1e12, "TB/s")
+                res.add(wl, "w8a8", "fraction_of_hbm", bm["expected_us"] / best[0], "ratio")
+                res.add(wl, "w8a8", "bytes", bm["total_bytes"], "bytes")
+                res.add(wl, "w8a8", "rel_err_vs_fp64_bf16_weights", rel_err(out, ref), "rel_err")
+                times["w8a8"] = best[0]
+                print(f"{wl} w8a8: best {best[0]:.2f} us with {best[1]}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{wl} w8a8: {type(e).__name__}: {e}", flush=True)
         for impl, us in times.items():
             if impl != "bf16":
                 res.add(wl, impl, "speedup_vs_bf16", times["bf16"] / us, "x")
