@@ -21,6 +21,7 @@ from pathlib import Path
 T0 = time.perf_counter()
 
 import fxforge  # noqa: F401
+import fxforge.runtime.attention as fx_attn
 import torch
 import torch.nn.functional as F
 from common import Results, rel_err
@@ -205,6 +206,7 @@ class Probe:
 
 
 def main() -> None:
+    fx_attn.STRICT = True  # a TMA/WS config that fails must fail here, not fall back to pointer loads
     p = Probe()
     # Phase deadlines are fractions of BUDGET after which a phase starts no further variant.
     p.causal(N_SHORT, "attn_causal_8k", VARIANTS, 0.30)

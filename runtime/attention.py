@@ -5,6 +5,7 @@ passes that build sparse layouts (sink + window, static per-head patterns).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,7 +110,19 @@ def _rows_view(t: torch.Tensor, head: int):
     return ((B - 1) * sb + (H - 1) * sh) // sm + L
 
 
+_DUMMIES: dict = {}
+
+
+def _dummy(device):
+    """Placeholder for unused pointer/descriptor arguments (cached: no allocation + fill per launch)."""
+    if device not in _DUMMIES:
+        _DUMMIES[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _DUMMIES[device]
+
+
 _ALLOCATOR_SET = False
+STRICT = False  # True (the probe): a TMA/WS config that fails to compile raises instead of falling back
+_FAILED: set = set()  # launch keys whose TMA/WS compile failed in this process
 
 
 def _device_descriptor_allocator():
@@ -137,32 +150,48 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
     if window > 0 and layout is None:
         layout = block_layout(LQ, LK, bm, bn, causal, sink, window, q.device)
     use_layout = layout is not None
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy = _dummy(q.device)
     fc, fi, pc, pi, maxb = layout if use_layout else (dummy, dummy, dummy, dummy, 1)
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
-    rows = [_rows_view(t, head) for t in (q, k, v)] if tma else [None]
-    if any(r is None for r in rows):  # layout a descriptor cannot address: pointer loads
-        tma, rows = 0, [0, 0, 0]
-    descs = (dummy, dummy, dummy)
-    if tma == 2:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        descs = tuple(TensorDescriptor(t, [r, head], [t.stride(2), 1], [b_, head])
-                      for t, r, b_ in zip((q, k, v), rows, (bm, bn, bn)))
-    elif tma == 1 and not interpreted:
-        _device_descriptor_allocator()
+    if LQ == 0 or B * H == 0:
+        return out
+    key = (tuple(sorted(cfg.items())), tma, ws, use_layout, causal, mask is not None, q.dtype, D)
+    if key in _FAILED:
+        tma, ws = 0, False
     nq = -(-LQ // bm)
     lpt = lpt and nq <= 65535  # grid axis 1 limit
     grid = (B * H, nq) if lpt else (nq, B * H)
-    if LQ == 0 or B * H == 0:
+
+    def run(tma: int, ws: bool):
+        rows = [_rows_view(t, head) for t in (q, k, v)] if tma else [None]
+        if any(r is None for r in rows):  # layout a descriptor cannot address: pointer loads
+            tma, rows = 0, [0, 0, 0]
+        descs = (dummy, dummy, dummy)
+        if tma == 2:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            descs = tuple(TensorDescriptor(t, [r, head], [t.stride(2), 1], [b_, head])
+                          for t, r, b_ in zip((q, k, v), rows, (bm, bn, bn)))
+        elif tma == 1 and not interpreted:
+            _device_descriptor_allocator()
+        kern[grid](q, k, v, mask if mask is not None else q, out, *descs, scale,
+                   *q.stride(), *k.stride(), *v.stride(), *_mask_strides(mask), *out.stride(),
+                   H, HKV, LQ, LK, D, sink, window, *rows, fc, fi, pc, pi, maxb,
+                   CAUSAL=causal, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+                   USE_LAYOUT=use_layout, OUT_BF16=out.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+                   D_CONST=D, TMA=tma, LPT=lpt, WS=ws, SCALE_POS=scale > 0, INTERPRETED=interpreted, **cfg)
+
+    if not (tma or ws) or STRICT:
+        run(tma, ws)
         return out
-    kern[grid](q, k, v, mask if mask is not None else q, out, *descs, scale,
-               *q.stride(), *k.stride(), *v.stride(), *_mask_strides(mask), *out.stride(),
-               H, HKV, LQ, LK, D, sink, window, *rows, fc, fi, pc, pi, maxb,
-               CAUSAL=causal, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
-               USE_LAYOUT=use_layout, OUT_BF16=out.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-               D_CONST=D, TMA=tma, LPT=lpt, WS=ws, SCALE_POS=scale > 0, INTERPRETED=interpreted, **cfg)
+    try:
+        run(tma, ws)
+    except Exception as e:  # noqa: BLE001 — a Triton without TMA / warp specialization for this kernel
+        _FAILED.add(key)
+        warnings.warn(f"attention TMA={tma} WS={ws} failed ({type(e).__name__}: {str(e)[:200]}); "
+                      "using pointer loads", stacklevel=2)
+        run(0, False)
     return out
 
 

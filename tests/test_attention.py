@@ -119,6 +119,31 @@ def test_tma_falls_back_where_descriptors_cannot_address():
         assert rel_err(out, sdpa_ref(t, kk, kk, is_causal=True)) < 1e-6
 
 
+def test_tma_compile_failure_falls_back_unless_strict(monkeypatch):
+    import fxforge.runtime.attention as A
+
+    real = A._kernel("cpu")
+
+    class NoTMA:  # a Triton that cannot compile descriptor loads
+        def __getitem__(self, grid):
+            def call(*args, **kw):
+                if kw["TMA"]:
+                    raise RuntimeError("no TMA here")
+                return real[grid](*args, **kw)
+            return call
+    q = torch.randn(1, 2, 20, 16)
+    out = torch.empty_like(q)
+    blocks = {"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 16, "TMA": 2, "LPT": True}
+    monkeypatch.setattr(A, "_FAILED", set())
+    with pytest.warns(UserWarning, match="TMA=2"):
+        A.launch(NoTMA(), q, q, q, None, out, 0.25, True, blocks=blocks)
+    assert rel_err(out, sdpa_ref(q, q, q, is_causal=True, scale=0.25)) < 1e-6
+    monkeypatch.setattr(A, "_FAILED", set())
+    monkeypatch.setattr(A, "STRICT", True)
+    with pytest.raises(RuntimeError, match="no TMA"):
+        A.launch(NoTMA(), q, q, q, None, out, 0.25, True, blocks=blocks)
+
+
 class Attn(torch.nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
