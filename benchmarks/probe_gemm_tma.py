@@ -100,7 +100,7 @@ def make_case(M, K, N, dtype, epilogue, bare: bool):
 class Case:
     """One compiled module and its recorded matmul step."""
 
-    def __init__(self, fn, inputs):
+    def __init__(self, fn, inputs, first=None):
         class Mod(torch.nn.Module):
             def forward(self, *a):
                 return fn(*a)
@@ -113,11 +113,12 @@ class Case:
             box.append((st, entry, dict(env), list(ptrs), list(scalars), list(strides), device))
             return orig(i, st, entry, env, ptrs, scalars, strides, device)
         ex._run_matmul = spy
+        ex.force_tma = first or CONFIGS[0][0]  # the first call runs a config timed anyway (no extra compile)
         try:
             with torch.no_grad():
                 self.compiled(*inputs)
         finally:
-            ex._run_matmul = orig
+            ex._run_matmul, ex.force_tma = orig, None
         if len(box) != 1 or self.compiled.report.num_kernels != 1:
             raise RuntimeError(f"expected one matmul kernel, got {self.compiled.report.kernel_kinds()}")
         self.st, self.entry, self.env, self.ptrs, self.scalars, self.strides, self.device = box[0]
@@ -169,17 +170,18 @@ def kernel_jobs(only):
 def compile_worker(shard: int, nshards: int, only) -> None:
     """Fill Triton's cache: launch each (kernel, config) of this shard once; no timing."""
     pairs = [(job, k) for job in kernel_jobs(only) for k in range(len(CONFIGS))]
+    lo, hi = shard * len(pairs) // nshards, (shard + 1) * len(pairs) // nshards  # contiguous: few cases per worker
     cases = {}
-    for n, ((i, bare), k) in enumerate(pairs):
-        if n % nshards != shard:
-            continue
+    for (i, bare), k in pairs[lo:hi]:
         _, M, K, N, dt, epi = SHAPES[i]
         try:
             if (i, bare) not in cases:
-                cases[(i, bare)] = Case(*make_case(M, K, N, dt, epi, bare))
-                cases[(i, bare)].cublas_epilogue()()
+                cases[(i, bare)] = Case(*make_case(M, K, N, dt, epi, bare), first=CONFIGS[k][0])
+                if k == 0:  # one worker per kernel compiles the cuBLAS variant's epilogue launch
+                    cases[(i, bare)].cublas_epilogue()()
             cases[(i, bare)].tma(*CONFIGS[k])()
-            torch.cuda.synchronize()
+            if not DRY:
+                torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 — the timing phase reports it
             print(f"[worker {shard}] {SHAPES[i][0]} {cfg_name(*CONFIGS[k])}: {type(e).__name__}: {str(e)[:200]}", flush=True)
 

@@ -11,6 +11,11 @@ products, reduced over K once. Bytes ≈ N·K·elt (the weight, read once); at 3
 bf16 weight takes 15.4 µs. Measured on the H100 (benchmarks/results/probe_gemv.md): 2.2–2.9 TB/s
 for weights ≥ 11 MB, 10–20% faster than cuBLAS's GEMV.
 
+TMA twin: for 2-D mm/addmm the same source also defines ``<name>_tma`` (codegen/emit_matmul_tma.py),
+a persistent Hopper kernel with TMA loads and these same epilogue lines; autotuning offers it on
+sm_90+. Operands indexed by columns only (a bias) or rows only are loaded as [1, BLOCK_N] /
+[BLOCK_M, 1] tiles and broadcast in registers, not once per tile element.
+
 Epilogue members have a last dim N and prod(leading dims) = B·M, so every member is addressed from
 the tile's global row (``b·M + m``) and column.
 """

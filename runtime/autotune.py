@@ -1,6 +1,9 @@
 """Matmul autotuning: time candidate Triton configs and cuBLAS (+ a fused-epilogue launch) once per
 (kernel, sizes, device), keep the fastest, and remember it on disk so the next compile or process
-does not re-tune. The choice is recorded in the compile report ("which won").
+does not re-tune. The choice is recorded in the compile report ("which won"; ``note`` says why the
+TMA variant was not offered where it was not). On sm_90+ the candidates include the TMA twin
+(``tma_<BMxBNxBKxWxS>``, codegen/emit_matmul_tma.py) with its epilogue fused, which is what
+must beat "cuBLAS + epilogue launch" for an epilogue to pay for staying in the matmul group.
 
 Bytes/FLOPs model of a matmul: 2·B·M·N·K FLOPs over (B·M·K + B·K·N + B·M·N)·elt bytes; at the
 H100's ~750 TFLOP/s and 3.0 TB/s, shapes with M ≳ 300 (fp16/bf16) are compute-bound.

@@ -367,6 +367,8 @@ class Executor:
         a, b = env[st.loads[0].buf], env[st.loads[1].buf]
         M, N, K = scalars[:3]
         why = "no TMA twin emitted (bmm or M <= 4)" if not st.launch.get("tma") else None
+        if why is None and self.autotune in ("off", False):  # untuned: the regular kernel, as before
+            why = "autotune off"
         if why is None and _capability(device)[0] < TMA_MIN_CC:
             why = "GPU below sm_90"
         why = why or tma_refusal(a, b, 1, M)

@@ -147,7 +147,7 @@ VIT = {"qkv": (768, 2304, False), "proj": (768, 768, True), "fc1": (768, 3072, F
 @pytest.mark.parametrize("name", list(VIT))
 @pytest.mark.parametrize("cfg", autotune.TMA_CONFIGS[:2], ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.gpu
-def test_tma_twin_vit_shapes_on_cuda(name, cfg):
+def test_tma_twin_vit_shapes_on_cuda(name, cfg, monkeypatch):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs an sm_90+ GPU")
     torch.manual_seed(0)
@@ -155,15 +155,19 @@ def test_tma_twin_vit_shapes_on_cuda(name, cfg):
     lin = nn.Linear(k, n).cuda().half()
     x = torch.randn(64, 197, k, device="cuda", dtype=torch.float16)
     r = torch.randn(64, 197, n, device="cuda", dtype=torch.float16)
-    fn = (lambda x, r: lin(x) + r) if residual else (lambda x, r: F.gelu(lin(x)) * (r * 0 + 1))
+
+    def fn(x, r, lin=lin):  # proj/fc2: bias + residual; qkv/fc1: bias + GELU (r unused but an input)
+        y = F.linear(x, lin.weight.to(x.dtype), lin.bias.to(x.dtype))
+        return y + r if residual else F.gelu(y) + 0 * r
     c = fxforge.compile(lambda_module(fn), (x, r), config=fxforge.Config(autotune="off", cuda_graphs="off"))
+    calls = _count_tma(monkeypatch)
     c.executor.force_tma = cfg
     with torch.no_grad():
-        xd, rd = x.double(), r.double()
-        y = F.linear(xd, lin.weight.double(), lin.bias.double())
-        ref = y + rd if residual else F.gelu(y) * (rd * 0 + 1)
+        out = c(x, r)
+        ref = fn(x.double(), r.double())
         eager_err = rel_err(fn(x, r), ref)
-        assert rel_err(c(x, r), ref) <= max(2 * eager_err, 1e-3)
+    assert len(calls) == 1
+    assert rel_err(out, ref) <= max(2 * eager_err, 1e-3)
 
 
 @pytest.mark.gpu
