@@ -44,6 +44,7 @@ VARIANTS = [
     (128, 64, 8, 3, 2, True, False),    # current default guess (LONG_CONFIGS[0])
     (128, 128, 8, 3, 2, True, False),
     (64, 64, 4, 3, 2, True, False),     # one warpgroup, ~2 CTAs/SM: CTAs overlap softmax and MMA
+    (64, 64, 4, 2, 2, True, False),     # same, less shared memory per CTA
     (128, 64, 8, 3, 0, True, False),    # LPT alone
     (128, 64, 8, 3, 2, False, False),   # TMA alone
     (128, 128, 8, 2, 2, True, False),
