@@ -225,3 +225,36 @@ def test_hf_bert_eager_attention_is_fused():
     assert c.report.kernel_kinds().get("attention") == 2
     ref = model.double()(ids, am).last_hidden_state
     assert rel_err(c(ids, am).last_hidden_state, ref) < 1e-5
+
+
+GPU_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_block_configs(dtype, monkeypatch):
+    """Every long-sequence launch config (bf16; the first one for other dtypes) in strict mode (a
+    TMA/WS compile failure raises), on ragged lengths, GQA, a [B, L, H, D] view (pointer fallback),
+    a padded head dim, and sink + window."""
+    import fxforge.runtime.attention as A
+    monkeypatch.setattr(A, "STRICT", True)
+    torch.manual_seed(0)
+    cases = [(2, 8, 2, 1000, 1000, 128, True), (1, 4, 4, 333, 777, 64, False), (1, 4, 1, 257, 257, 80, True)]
+    cfgs = A.block_configs(1000, 128, interpreted=False)
+    for cfg in cfgs if dtype == torch.bfloat16 else cfgs[:1]:
+        for B, H, HKV, LQ, LK, D, causal in cases:
+            q = torch.randn(B, LQ, H, D, device="cuda", dtype=dtype).transpose(1, 2) if D == 64 else \
+                torch.randn(B, H, LQ, D, device="cuda", dtype=dtype)
+            k, v = (torch.randn(B, HKV, LK, D, device="cuda", dtype=dtype) for _ in range(2))
+            blocks = dict(cfg, HEAD_DIM=max(16, 1 << (D - 1).bit_length()))
+            ref = sdpa_ref(q, k, v, is_causal=causal)
+            floor = max(2 * rel_err(sdpa_ref(q, k, v, dtype=dtype, is_causal=causal), ref), GPU_FLOOR[dtype])
+            assert rel_err(attention(q, k, v, causal=causal, blocks=blocks), ref) <= floor, (cfg, D)
+        L, sink, win = 1500, 64, 300
+        q, k, v = (torch.randn(1, 4, L, 128, device="cuda", dtype=dtype) for _ in range(3))
+        i = torch.arange(L, device="cuda")
+        vis = (i[None, :] <= i[:, None]) & (((i[:, None] - i[None, :]) < win) | (i[None, :] < sink))
+        ref = sdpa_ref(q, k, v, attn_mask=vis)
+        floor = max(2 * rel_err(sdpa_ref(q, k, v, dtype=dtype, attn_mask=vis), ref), GPU_FLOOR[dtype])
+        assert rel_err(attention(q, k, v, causal=True, sink=sink, window=win, blocks=cfg), ref) <= floor, cfg
