@@ -84,10 +84,13 @@ def gemm_configs(M: int, N: int, K: int, interpreted: bool) -> list[dict]:
     if interpreted:
         return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}]
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    bn = 32 if M <= 16 else 64 if M <= 64 else 128  # small M: more N tiles to fill the SMs
+    bn = 32 if M <= 64 else 128  # small M: more N tiles to fill the SMs
     out = []
-    for m_, n_, k_, w, st in ((bm, bn, 128, 4, 4), (bm, 2 * bn, 128, 4, 3), (bm, bn, 256, 4, 3),
-                              (bm, max(bn // 2, 16), 256, 4, 4), (max(bm, 64), 128, 128, 8, 3)):
+    # M <= 64 (one M tile): 4096 / 32 = 128 programs, 256-byte K steps (the first H100 list had 64 x 64
+    # tiles at M = 64: 64 programs for 132 SMs); narrower still (16) as the last small-M option
+    cands = ((bm, bn, 256, 4, 4), (bm, bn, 128, 4, 4), (bm, 2 * bn, 128, 4, 3), (bm, max(bn // 2, 16), 256, 4, 4),
+             (max(bm, 64), 128, 128, 8, 3))
+    for m_, n_, k_, w, st in cands:
         cfg = {"BLOCK_M": m_, "BLOCK_N": n_, "BLOCK_K": k_, "GROUP_M": 8, "num_warps": w, "num_stages": st}
         if cfg not in out:
             out.append(cfg)
