@@ -11,23 +11,29 @@
 #                         per-step reduction above). Grid (N tiles, K splits, M tiles). With K splits > 1
 #                         each split writes fp32 partials [SPLITS, M, N] and dequant_splitk_reduce sums
 #                         them in split order (deterministic), adds the bias and casts.
-#   dequant_gemm          larger M: tensor cores (tl.dot). The B tile is decoded in the K loop, cast to
-#                         the activation dtype (bf16 / fp16; fp32 stays fp32 with IEEE dots) and fed to
-#                         tl.dot against x; fp32 accumulation, grouped tile order for L2 reuse.
+#   dequant_gemm          larger M: tensor cores (tl.dot). Grid (M tiles x N tiles, K splits; split-K
+#                         partials reduced as for the GEMV). The B tile is decoded once per K step for all
+#                         BLOCK_M rows, cast to the activation dtype (bf16 / fp16; fp32 stays fp32 with IEEE
+#                         dots) and fed to tl.dot against x; fp32 accumulation, grouped tile order.
 #   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype.
 #
 # Work is indexed in "byte columns" j of the codes: one byte holds EPB elements (1 for 8-bit codes, 2 for
-# 4-bit: element k = 2j in the low nibble, k = 2j + 1 in the high nibble). For 4-bit formats the kernels
-# load x at even and odd k separately and multiply them by the low / high nibbles, so nibbles are never
-# interleaved in registers (two tl.dot per K step in the GEMM). A scale group of G elements is GB = G / EPB
-# byte columns. When BLOCK_KB <= GB a K tile lies inside one group and the scale is one value per row;
-# otherwise the tile is viewed as [BLOCK_N, BLOCK_KB / GB, GB] and scaled per group (BLOCK_KB a multiple
-# of GB; both are powers of two).
+# 4-bit: element k = 2j in the low nibble, k = 2j + 1 in the high nibble). x is loaded contiguously per K
+# step ([BLOCK_M, EPB * BLOCK_KB]) and, for 4-bit codes, split into even / odd elements (GEMV) or the
+# decoded nibbles are joined back into element order (GEMM: one tl.dot of K = 2 * BLOCK_KB). A scale group
+# of G elements is GB = G / EPB byte columns; BLOCK_KB <= GB: the tile lies inside one group (one scale per
+# row), else the tile is viewed as [BLOCK_N, BLOCK_KB / GB, GB] (BLOCK_KB a multiple of GB).
 #
-# Decoding (all exact in fp32: integers, powers of two and small mantissas):
-#   elements  int8 (w8a16, mxint8) signed byte; uint4 nibble minus the group's integer zero point;
-#             int4 (nvint4) two's complement nibble; e2m1 (mxfp4, nvfp4) sign | 2-bit exp | 1-bit mantissa;
-#             e4m3 (w8a16_fp8, mxfp8) built from its bits (fp32 exponent = e + 120, subnormals m · 2^-9).
+# Group scales (POST, default): applied after the partial dot of the *unscaled* codes, once per (row,
+# group): GEMV sum over each group then x scale; GEMM (tile inside one group) acc += dot(x, q) * s. A zero
+# point z enters as sum(x·(q - z)) = sum(x·q) - z·sum(x). POST=False scales every element before the dot.
+#
+# Decoding (exact, integer bit operations only: int -> float conversions are 1/8 of the FP32 rate on the
+# H100, so codes become floats as the bits of 2^23 + c minus 2^23):
+#   elements  int8 (w8a16, mxint8) signed byte; uint4 nibble (minus the group's integer zero point);
+#             int4 (nvint4) two's complement nibble; e2m1 (mxfp4, nvfp4) sign | 2-bit exp | 1-bit mantissa
+#             assembled as fp32 bits; e4m3 (w8a16_fp8, mxfp8) built from its bits (exponent e + 120,
+#             subnormals m · 2^-9).
 #   scales    bf16 / fp32 loaded as floats; E8M0 code c -> 2^(c - 127) built as the fp32 bits c << 23
 #             (c = 0 -> 2^-127); E4M3 decoded in-kernel from the stored uint8 bits (1 byte per scale,
 #             the storage counted by metrics.bytes_per_weight: nothing is pre-decoded at pack time).
