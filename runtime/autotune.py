@@ -51,7 +51,7 @@ def candidate_configs(M: int, N: int, K: int) -> list[tuple]:
 
 
 # ---- Hopper TMA variant (codegen/emit_matmul_tma.py) -------------------------------------------------
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), best first. 128x256 w8 holds a 128-register
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flatten=True]), best first. 128x256 w8 holds a 128-register
 # fp32 accumulator per thread and reuses each A tile over 256 columns (wgmma's best shape); 128x128
 # w8 leaves registers for a heavy epilogue (GELU's erf) and has 2x the tiles for short-N shapes
 # (N = 768: 594 tiles over 132 SMs). Every config is a compile at first use: keep the list short.
@@ -70,6 +70,11 @@ def tma_configs(M: int, N: int, K: int, fast: bool, epilogue: bool) -> list[tupl
     if not wide:
         return []
     return wide[: (2 if epilogue else 1)] if fast else wide
+
+
+def tma_name(cfg) -> str:
+    """Variant name of a TMA config, e.g. ``tma_128x256x64x8x3`` (``_nf``: loop nest not flattened)."""
+    return "tma_" + "x".join(map(str, cfg[:5])) + ("_nf" if len(cfg) > 5 and not cfg[5] else "")
 
 
 def _tma_view(t: torch.Tensor):
@@ -114,6 +119,7 @@ def tma_launch(kern, a, b, ptrs, scalars, strides, cfg, num_sms: int, interprete
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bm, bn, bk, w, s = cfg[:5]
+    flatten = bool(cfg[5]) if len(cfg) > 5 else flatten  # a 6th entry: flatten the persistent loop nest?
     (av, a_t), (bv, b_t) = _tma_view(a), _tma_view(b)
     a_desc = TensorDescriptor(av, list(av.shape), list(av.stride()), [bk, bm] if a_t else [bm, bk])
     b_desc = TensorDescriptor(bv, list(bv.shape), list(bv.stride()), [bn, bk] if b_t else [bk, bn])

@@ -362,7 +362,7 @@ class Executor:
     def _tma_variants(self, st, env, ptrs, scalars, strides, device) -> dict:
         """The TMA twin's configs (codegen/emit_matmul_tma.py) where the GPU and operands allow it;
         otherwise {} and the reason is kept for the autotune report."""
-        from .autotune import TMA_MIN_CC, tma_configs, tma_launch, tma_refusal
+        from .autotune import TMA_MIN_CC, tma_configs, tma_launch, tma_name, tma_refusal
 
         a, b = env[st.loads[0].buf], env[st.loads[1].buf]
         M, N, K = scalars[:3]
@@ -378,7 +378,7 @@ class Executor:
         kern = self._kernel_entry(st.kernel, "_tma", device.type)
         sms = _sm_count(device)
         cfgs = tma_configs(M, N, K, self.autotune != "max", epilogue=st.launch.get("direct") is None)
-        return {"tma_" + "x".join(map(str, c)): (lambda c=c: tma_launch(kern, a, b, ptrs, scalars, strides, c, sms)) for c in cfgs}
+        return {tma_name(c): (lambda c=c: tma_launch(kern, a, b, ptrs, scalars, strides, c, sms)) for c in cfgs}
 
     def _kernel_entry(self, name: str, suffix: str, device_type: str):
         """Another ``@triton.jit`` function of a kernel's source (e.g. the matmul's ``_tma`` twin)."""

@@ -56,7 +56,8 @@ def test_tma_twin_transposed_a_and_row_major_b(monkeypatch):
     a, b, r = torch.randn(24, 52), torch.randn(24, 36), torch.randn(52, 36)  # A = a.T: column-major
     c = fxforge.compile(lambda_module(lambda a, b, r: torch.sigmoid(a.t() @ b) * r), (a, b, r))
     calls = _count_tma(monkeypatch)
-    c.executor.force_tma = SMALL_CFG
+    c.executor.force_tma = (*SMALL_CFG, False)  # a 6th entry: the persistent loop nest not flattened
+    assert autotune.tma_name(c.executor.force_tma) == "tma_32x32x16x4x1_nf"
     out = c(a, b, r)
     assert len(calls) == 1
     assert rel_err(out, torch.sigmoid(a.double().t() @ b.double()) * r.double()) < 1e-6
