@@ -173,6 +173,8 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     k_bcast = _pow2(cache.group) and bn % cache.group == 0
     v_bcast = _pow2(cache.v_group) and cache.v_group <= head
     fold = bool(cfg.pop("FOLD_K", False)) and bn == cache.group and k_bcast
+    # K_MAGIC (bf16 q, folded keys): codes -> bf16 from their bits, offset removed per row (template)
+    k_magic = bool(cfg.pop("K_MAGIC", True)) and fold and q.dtype == torch.bfloat16
     row_tiles = -(-((H // HKV) * LQ) // bm)
     if num_splits is None and not interpreted and NQ:
         num_splits = auto_splits(NQ, B * HKV * row_tiles, bn, q.device)
@@ -195,7 +197,8 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
         *q.stride(), *kc.stride(), *ks.stride(), *vc.stride(), *vs.stride(), *kr.stride(), *vr.stride(),
         *out.stride(), H, HKV, LQ, NQ, NR, D, chunk, splits,
         BITS=cache.bits, G=cache.group, GV=cache.v_group, K_BCAST=k_bcast, V_BCAST=v_bcast, SINGLE=splits == 1,
-        OUT_BF16=out_bf16, IEEE=q.dtype == torch.float32, D_CONST=D, INTERPRETED=interpreted, FOLD_K=fold, **cfg)
+        OUT_BF16=out_bf16, IEEE=q.dtype == torch.float32, D_CONST=D, INTERPRETED=interpreted, FOLD_K=fold,
+        K_MAGIC=k_magic, **cfg)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4 if head >= 128 else 2}
         kern2[(B * H * LQ,)](acc_ws, ml_ws, out, *out.stride(), H, LQ, D, splits,

@@ -113,12 +113,13 @@ def test_bytes_model_32k():
 
 def test_folded_key_scales_and_explicit_configs():
     """FOLD_K (key scales in q, mins as one term) against the unfolded path, 2 and 4 bits, ragged chunks."""
-    for bits, dtype in ((2, torch.float32), (4, torch.bfloat16)):
+    for bits, dtype in ((2, torch.float32), (4, torch.bfloat16), (2, torch.bfloat16)):
         torch.manual_seed(bits)
         q, cache = make(1, 8, 2, 1, 150, 64, bits, 16, 16, dtype)
-        for fold in (True, False):
-            out = kivi_decode_attention(q, cache, num_splits=3,
-                                        blocks={"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 64, "FOLD_K": fold})
+        # bf16 + FOLD_K: K_MAGIC (codes as bf16 128 + c, offset removed per row) unless turned off
+        for fold, magic in ((True, True), (True, False), (False, False)):
+            out = kivi_decode_attention(q, cache, num_splits=3, blocks={"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 64,
+                                                                        "FOLD_K": fold, "K_MAGIC": magic})
             check(out, q, cache)
 
 

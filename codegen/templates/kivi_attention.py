@@ -39,16 +39,22 @@ from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
 
 
 @triton.jit
-def _unpack(b, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
-    """uint8 [ROWS, COLS] packed codes -> float32 [ROWS, COLS·8/BITS], element j·PER + i of a row taken
-    from bits i·BITS of byte j (pack_bits' order). The int -> float step is bit arithmetic (the float
-    2^23 + c minus 2^23), not an I2F conversion (1/8 of the FP32 rate on the H100)."""
+def _unpack_codes(b, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
+    """uint8 [ROWS, COLS] packed codes -> int32 codes [ROWS, COLS·8/BITS], element j·PER + i of a row taken
+    from bits i·BITS of byte j (pack_bits' order)."""
     bi = b.to(tl.int32)
     if BITS == 4:
         c = tl.join(bi & 15, bi >> 4)  # [ROWS, COLS, 2]: sub-index i
     else:  # join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3 per byte
         c = tl.join(tl.join(bi & 3, (bi >> 4) & 3), tl.join((bi >> 2) & 3, bi >> 6))
-    c = tl.reshape(c, (ROWS, COLS * (8 // BITS)))
+    return tl.reshape(c, (ROWS, COLS * (8 // BITS)))
+
+
+@triton.jit
+def _unpack(b, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
+    """The codes of _unpack_codes as float32. The int -> float step is bit arithmetic (the float 2^23 + c
+    minus 2^23), not an I2F conversion (1/8 of the FP32 rate on the H100)."""
+    c = _unpack_codes(b, ROWS, COLS, BITS)
     return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
@@ -106,7 +112,8 @@ def _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, 
                 vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D, qk_scale,
                 BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, CHECK: tl.constexpr,
-                EVEN_D: tl.constexpr, IEEE: tl.constexpr, FOLD_K: tl.constexpr):
+                EVEN_D: tl.constexpr, IEEE: tl.constexpr, FOLD_K: tl.constexpr, K_MAGIC: tl.constexpr,
+                INTERPRETED: tl.constexpr):
     """Tokens [t0, min(t0 + BLOCK_N, hi)) of the quantized segment (t0 a multiple of BLOCK_N and of G).
     CHECK: a ragged block (token masks); with neither CHECK nor a padded head dim the loads are unmasked.
     FOLD_K (BLOCK_N == G: one key group per tile): the per-channel key scales go into q and the key mins
@@ -122,18 +129,34 @@ def _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, 
         kb = tl.load(kb_ptrs)
     else:
         kb = tl.load(kb_ptrs, mask=d_ok[:, None] & (offs_kb * PER < hi)[None, :], other=0)
-    kt = _unpack(kb, HEAD_DIM, BLOCK_N // PER, BITS)
+    if not K_MAGIC:
+        kt = _unpack(kb, HEAD_DIM, BLOCK_N // PER, BITS)
     g0 = t0 // G
     if FOLD_K:
         # t0 < hi inside the loops and hi is a multiple of G = BLOCK_N: the group is always in range
         k_sc = tl.load(ks_base + offs_d * ks_sd + g0 * ks_sg, mask=d_ok, other=0.0).to(tl.float32)
         k_mn = tl.load(km_base + offs_d * ks_sd + g0 * ks_sg, mask=d_ok, other=0.0).to(tl.float32)
         qs = q32 * k_sc[None, :]
-        qm = tl.sum(q32 * k_mn[None, :], 1)
-        if IEEE:
-            s = tl.dot(qs, kt, input_precision="ieee")
+        if K_MAGIC:
+            # bf16 q: the codes become bf16 straight from their bits, 0x4300 | c = 128 + c (no float
+            # conversion at all), and the offset leaves through the per-row term: with qs rounded to bf16
+            # once, q·k_t = qs·(128 + c_t) - 128·sum(qs) + q·m, the 128·sum(qs) parts cancelling exactly
+            # up to fp32 accumulation error (~2^-24·128·sum|qs|, far below bf16 rounding).
+            kc = _unpack_codes(kb, HEAD_DIM, BLOCK_N // PER, BITS)
+            if INTERPRETED:  # the interpreter's bf16 dot is unreliable: the same values in fp32
+                qs16 = _round_bf16(qs)
+                s = tl.dot(qs16, ((kc + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0)
+            else:
+                qs_b = qs.to(tl.bfloat16)
+                qs16 = qs_b.to(tl.float32)
+                s = tl.dot(qs_b, (kc | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True))
+            qm = tl.sum(q32 * k_mn[None, :] - 128.0 * qs16, 1)
         else:
-            s = tl.dot(qs.to(q.dtype), kt.to(q.dtype))
+            qm = tl.sum(q32 * k_mn[None, :], 1)
+            if IEEE:
+                s = tl.dot(qs, kt, input_precision="ieee")
+            else:
+                s = tl.dot(qs.to(q.dtype), kt.to(q.dtype))
         s = (s + qm[:, None]) * qk_scale
     else:
         k_sc = _group_param(ks_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, g0, hi, G, K_BCAST, HEAD_DIM, BLOCK_N,
@@ -182,7 +205,8 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                               K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, SINGLE: tl.constexpr,
                               OUT_BF16: tl.constexpr, IEEE: tl.constexpr, D_CONST: tl.constexpr,
-                              INTERPRETED: tl.constexpr, FOLD_K: tl.constexpr = False):
+                              INTERPRETED: tl.constexpr, FOLD_K: tl.constexpr = False,
+                              K_MAGIC: tl.constexpr = False):
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)
@@ -214,11 +238,13 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
     for t0 in range(lo, full_end, BLOCK_N):
         acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
                                     vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
-                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, False, EVEN_D, IEEE, FOLD_K)
+                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, False, EVEN_D, IEEE, FOLD_K,
+                                    K_MAGIC, INTERPRETED)
     for t0 in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
                                     vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
-                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, True, EVEN_D, IEEE, FOLD_K)
+                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, True, EVEN_D, IEEE, FOLD_K,
+                                    K_MAGIC, INTERPRETED)
     # the last split also reads the full-precision residual window [NQ, S)
     r_hi = tl.where(split == SPLITS - 1, NR, 0)
     kr_base = KR + b * kr_sb + hk * kr_sh
