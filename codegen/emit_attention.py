@@ -10,9 +10,8 @@ import math
 import operator
 
 import torch
-import torch.fx as fx
-
 from fxforge.runtime.program import KernelStep, Operand
+from torch import fx
 
 from .emit_common import size_str, tensor_sig
 from .ops import val
@@ -54,9 +53,9 @@ def unsupported_reason(n: fx.Node) -> str | None:
         return f"attention: dtype {q.dtype}"
     if isinstance(q.shape[-1], torch.SymInt) or int(q.shape[-1]) > 256 or q.shape[-1] != v.shape[-1]:
         return "attention: head dim must be static, <= 256, equal for q and v"
-    if isinstance(n.meta.get("val"), (tuple, list)):
-        if any(u.target is not operator.getitem or u.args[1] != 0 for u in n.users):
-            return "attention: a logsumexp/aux output is used"
+    if isinstance(n.meta.get("val"), (tuple, list)) and any(
+            u.target is not operator.getitem or u.args[1] != 0 for u in n.users):
+        return "attention: a logsumexp/aux output is used"
     mask = args["mask"]
     if mask is not None and not isinstance(mask, fx.Node):
         return "attention: non-tensor mask"
