@@ -73,7 +73,7 @@ def cfg_str(cfg) -> str:
     if not cfg:
         return "-"
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_KB": "kb", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s",
-             "SPLIT_K": "sk", "POST": "post", "GROUP_M": "gm", "HEAD_DIM": "d", "FOLD_K": "fold", "K_MAGIC": "kmagic",
+             "SPLIT_K": "sk", "POST": "post", "GROUP_M": "gm", "HEAD_DIM": "d", "FOLD_K": "fold", "K_MAGIC": "kmagic", "V_TF32": "vtf32",
              "splits": "splits"}
     return " ".join(f"{short.get(k, k)}{int(v) if isinstance(v, bool) else v}" for k, v in cfg.items()
                     if k not in ("GROUP_M", "HEAD_DIM"))
@@ -264,7 +264,8 @@ def section_kivi(p):
         del kd, vd
         nbytes = kivi_traffic_bytes(cache, HQ, 1)
         cfgs = kivi_configs(1, HQ, HKV, D, 32, CPU)
-        cfgs = cfgs[:1] + [dict(cfgs[0], K_MAGIC=False)] + cfgs[1:]  # folded keys with fp32-decoded codes
+        # folded keys with fp32-decoded codes; P @ V as a TF32 dot (no bf16 conversions of V)
+        cfgs = cfgs[:1] + [dict(cfgs[0], K_MAGIC=False), dict(cfgs[0], V_TF32=True)] + cfgs[1:]
         split_opts = (None, 32, 128) if not CPU else (None, 3)
         for cfg in cfgs:
             for ns in split_opts:

@@ -175,6 +175,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     fold = bool(cfg.pop("FOLD_K", False)) and bn == cache.group and k_bcast
     # K_MAGIC (bf16 q, folded keys): codes -> bf16 from their bits, offset removed per row (template)
     k_magic = bool(cfg.pop("K_MAGIC", True)) and fold and q.dtype == torch.bfloat16
+    v_tf32 = bool(cfg.pop("V_TF32", False)) and q.dtype != torch.float32  # P @ V as a TF32 dot (template)
     row_tiles = -(-((H // HKV) * LQ) // bm)
     if num_splits is None and not interpreted and NQ:
         num_splits = auto_splits(NQ, B * HKV * row_tiles, bn, q.device)
@@ -198,7 +199,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
         *out.stride(), H, HKV, LQ, NQ, NR, D, chunk, splits,
         BITS=cache.bits, G=cache.group, GV=cache.v_group, K_BCAST=k_bcast, V_BCAST=v_bcast, SINGLE=splits == 1,
         OUT_BF16=out_bf16, IEEE=q.dtype == torch.float32, D_CONST=D, INTERPRETED=interpreted, FOLD_K=fold,
-        K_MAGIC=k_magic, **cfg)
+        K_MAGIC=k_magic, V_TF32=v_tf32, **cfg)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4 if head >= 128 else 2}
         kern2[(B * H * LQ,)](acc_ws, ml_ws, out, *out.stride(), H, LQ, D, splits,

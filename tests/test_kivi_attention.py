@@ -117,9 +117,9 @@ def test_folded_key_scales_and_explicit_configs():
         torch.manual_seed(bits)
         q, cache = make(1, 8, 2, 1, 150, 64, bits, 16, 16, dtype)
         # bf16 + FOLD_K: K_MAGIC (codes as bf16 128 + c, offset removed per row) unless turned off
-        for fold, magic in ((True, True), (True, False), (False, False)):
+        for fold, magic, tf32 in ((True, True, False), (True, False, False), (False, False, False), (True, True, True)):
             out = kivi_decode_attention(q, cache, num_splits=3, blocks={"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 64,
-                                                                        "FOLD_K": fold, "K_MAGIC": magic})
+                                                                        "FOLD_K": fold, "K_MAGIC": magic, "V_TF32": tf32})
             check(out, q, cache)
 
 

@@ -81,8 +81,11 @@ def _group_param(base, s_row, s_grp, offs_r, r_ok, offs_c, c_ok, g0, lim, GRP: t
 
 
 @triton.jit
-def _softmax_pv(acc, l_i, m_i, s, v, n_ok, DOT_DTYPE, CHECK: tl.constexpr, IEEE: tl.constexpr):
-    """One online-softmax step (base 2) from scaled scores s [BLOCK_M, BLOCK_N] and a [BLOCK_N, HEAD_DIM] V tile."""
+def _softmax_pv(acc, l_i, m_i, s, v, n_ok, DOT_DTYPE, CHECK: tl.constexpr, IEEE: tl.constexpr,
+                V_TF32: tl.constexpr = False):
+    """One online-softmax step (base 2) from scaled scores s [BLOCK_M, BLOCK_N] and a [BLOCK_N, HEAD_DIM] V tile.
+    V_TF32: P @ V as a TF32 dot of the fp32 P and decoded V (10-bit mantissas, finer than bf16's 7): no
+    fp32 -> bf16 conversions of the V tile (those run at 1/8 of the FP32 rate on the H100)."""
     if CHECK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -92,6 +95,8 @@ def _softmax_pv(acc, l_i, m_i, s, v, n_ok, DOT_DTYPE, CHECK: tl.constexpr, IEEE:
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    elif V_TF32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="tf32")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
     return acc, l_i, m_new
@@ -113,7 +118,7 @@ def _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, 
                 BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, CHECK: tl.constexpr,
                 EVEN_D: tl.constexpr, IEEE: tl.constexpr, FOLD_K: tl.constexpr, K_MAGIC: tl.constexpr,
-                INTERPRETED: tl.constexpr):
+                INTERPRETED: tl.constexpr, V_TF32: tl.constexpr):
     """Tokens [t0, min(t0 + BLOCK_N, hi)) of the quantized segment (t0 a multiple of BLOCK_N and of G).
     CHECK: a ragged block (token masks); with neither CHECK nor a padded head dim the loads are unmasked.
     FOLD_K (BLOCK_N == G: one key group per tile): the per-channel key scales go into q and the key mins
@@ -179,7 +184,7 @@ def _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, 
     v_sc = _group_param(vs_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM, FULL)
     v_mn = _group_param(vm_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM, FULL)
     v = v * v_sc + v_mn
-    return _softmax_pv(acc, l_i, m_i, s, v, t_ok, q.dtype, CHECK, IEEE)
+    return _softmax_pv(acc, l_i, m_i, s, v, t_ok, q.dtype, CHECK, IEEE, V_TF32)
 
 
 @triton.jit
@@ -206,7 +211,7 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
                               K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, SINGLE: tl.constexpr,
                               OUT_BF16: tl.constexpr, IEEE: tl.constexpr, D_CONST: tl.constexpr,
                               INTERPRETED: tl.constexpr, FOLD_K: tl.constexpr = False,
-                              K_MAGIC: tl.constexpr = False):
+                              K_MAGIC: tl.constexpr = False, V_TF32: tl.constexpr = False):
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)
@@ -239,12 +244,12 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
         acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
                                     vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
                                     qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, False, EVEN_D, IEEE, FOLD_K,
-                                    K_MAGIC, INTERPRETED)
+                                    K_MAGIC, INTERPRETED, V_TF32)
     for t0 in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
                                     vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
                                     qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, True, EVEN_D, IEEE, FOLD_K,
-                                    K_MAGIC, INTERPRETED)
+                                    K_MAGIC, INTERPRETED, V_TF32)
     # the last split also reads the full-precision residual window [NQ, S)
     r_hi = tl.where(split == SPLITS - 1, NR, 0)
     kr_base = KR + b * kr_sb + hk * kr_sh
