@@ -18,6 +18,16 @@
 #   V: the bytes v_codes[t, 0 : D/PER] as [BLOCK_N, HEAD_DIM/PER], unpacked along channels to
 #      [BLOCK_N, HEAD_DIM], v_scale/v_min [t, d // GV] (broadcast when GV is a power of two, else
 #      gathered), then P @ V.
+# Variants (constexprs; runtime/kivi_attention.kivi_configs lists them, first = default):
+#   FOLD_K  (BLOCK_N == G, one key group per tile) the per-channel key scales are folded into q and the
+#           key mins into one per-row term: q·k_t = (q∘s_g)·c_t + q·m_g; the K tile is only decoded codes.
+#   K_MAGIC (bf16 q with FOLD_K) codes become bf16 straight from their bits (0x4300 | c = 128 + c) with
+#           the 128 offset removed in the per-row term: no float conversion of K at all.
+#   V_TF32  P @ V as a TF32 dot on fp32 P / V (no fp32 -> bf16 conversions of the V tile).
+# Code -> float decoding everywhere is bit arithmetic (2^23 + c minus 2^23): int -> float and
+# fp32 -> bf16 conversions run at 1/8 of the FP32 rate on the H100, and the first GPU run (BLOCK_N 128,
+# 16 splits: one 4-warp program per SM) was ALU/latency-bound at 0.09-0.16 of HBM; on CUDA the runtime
+# now picks ~4 programs per SM (kivi_attention.auto_splits: 64 splits at B=1, Hkv=8, 32K).
 # It writes the unnormalized partial output and (m, l) to the workspace; with SPLITS == 1 (SINGLE) it
 # normalizes and writes the output itself. Kernel 2 is decode_attention's combine kernel (the
 # workspace layout is the same: acc [B, H, LQ, SPLITS, D] then (m, l) [B, H, LQ, SPLITS, 2], fp32).
