@@ -62,15 +62,16 @@ SHAPES = [
 ]
 # The autotune list first, then candidates this probe decides on: (cfg, flatten)
 CONFIGS = [(c, True) for c in autotune.TMA_CONFIGS] + [
-    ((128, 256, 64, 8, 4), True), ((256, 128, 64, 8, 3), True), ((128, 128, 128, 8, 3), True),
-    (autotune.TMA_CONFIGS[0], False), (autotune.TMA_CONFIGS[1], False)]
+    ((64, 256, 64, 4, 4), True), ((256, 128, 64, 8, 3), True), ((128, 128, 128, 8, 3), True),
+    (autotune.TMA_CONFIGS[0], False), (autotune.TMA_CONFIGS[1], False),
+    ((*autotune.TMA_CONFIGS[0], True, 1), True)]  # 128x256 w8 with a whole-tile epilogue (spills; for comparison)
 if DRY:
     SHAPES = [(n, 70, 48 if k < 3000 else 56, 40, dt, epi) for n, _, k, _, dt, epi in SHAPES]
     CONFIGS = [((32, 32, 16, 4, 1), True), ((16, 32, 32, 4, 1), False)]
 
 
 def cfg_name(cfg, flatten) -> str:
-    return "x".join(map(str, cfg)) + ("" if flatten else "_nf")
+    return autotune.tma_name((*cfg[:5], flatten, *cfg[6:]) if len(cfg) > 5 or not flatten else cfg)[4:]
 
 
 def left() -> float:

@@ -26,7 +26,8 @@ the other stride ·elt a multiple of 16 bytes, 16-byte aligned base pointers.
 """
 from __future__ import annotations
 
-TMA_CONSTEXPRS = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "NUM_SMS", "A_T", "B_T", "FLATTEN", "INTERPRETED"]
+TMA_CONSTEXPRS = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "NUM_SMS", "A_T", "B_T", "FLATTEN", "EPI_SPLIT", "EPI_N",
+                  "INTERPRETED"]
 
 
 def _indent(text: str, levels: int) -> str:
@@ -79,10 +80,28 @@ def emit_tma_function(name: str, params: list[str], index_text: str, body_text: 
         "        first_e = (tile_e // group_tiles) * GROUP_M",
         "        group_e = tl.minimum(num_pid_m - first_e, GROUP_M)",
         "        rm = (first_e + tile_e % group_e) * BLOCK_M + tl.arange(0, BLOCK_M)",
-        "        rn = ((tile_e % group_tiles) // group_e) * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "        n0 = ((tile_e % group_tiles) // group_e) * BLOCK_N",
         "        row = rm[:, None]",
-        "        col = rn[None, :]",
-        "        tile_mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        "        # epilogue on the fp32 tile (the same lines as the non-TMA kernel)",
+        "        # epilogue on the fp32 tile (the same lines as the non-TMA kernel), on the whole tile or",
+        "        # (EPI_SPLIT = 2, big tiles) on its two column halves in turn: the epilogue's temporaries",
+        "        # (a residual tile, GELU's intermediates) then need half the registers, which keeps a",
+        "        # 128x256 tile with 8 warps from spilling",
+        "        if EPI_SPLIT == 1:",
     ]
-    return "\n".join(lines + [_indent(index_text, 1), _indent(body_text, 1)]) + "\n"
+    # the epilogue's full-tile shapes become [BLOCK_M, EPI_N] (EPI_N = BLOCK_N // EPI_SPLIT)
+    epi = _indent(index_text + "\n" + body_text.replace("[BLOCK_M, BLOCK_N]", "[BLOCK_M, EPI_N]"), 2)
+    half = [
+        "            col = rn[None, :]",
+        "            tile_mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        epi,
+    ]
+    lines += ["            rn = n0 + tl.arange(0, BLOCK_N)"] + half + [
+        "        else:",
+        "            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, EPI_N)), (0, 2, 1)))",
+        "            acc = acc_lo",
+        "            rn = n0 + tl.arange(0, EPI_N)",
+    ] + half + [
+        "            acc = acc_hi",
+        "            rn = n0 + EPI_N + tl.arange(0, EPI_N)",
+    ] + half
+    return "\n".join(lines) + "\n"

@@ -55,7 +55,9 @@ def candidate_configs(M: int, N: int, K: int) -> list[tuple]:
 # fp32 accumulator per thread and reuses each A tile over 256 columns (wgmma's best shape); 128x128
 # w8 leaves registers for a heavy epilogue (GELU's erf) and has 2x the tiles for short-N shapes
 # (N = 768: 594 tiles over 132 SMs). Every config is a compile at first use: keep the list short.
-TMA_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)]
+# 64x128 w4 is for short matmuls (M <= 64 keeps only 64-row tiles); 64x256 w4 spilled 448 B/thread
+# with a residual epilogue even in halves (sm_90 compile, triton 3.9), so it is a probe-only extra.
+TMA_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
 TMA_DTYPES = (torch.float16, torch.bfloat16)  # fp32 (IEEE, no TF32) stays with cuBLAS / the regular kernel
 TMA_MIN_CC = 9  # TMA and wgmma: sm_90+
 
@@ -74,7 +76,7 @@ def tma_configs(M: int, N: int, K: int, fast: bool, epilogue: bool) -> list[tupl
 
 def tma_name(cfg) -> str:
     """Variant name of a TMA config, e.g. ``tma_128x256x64x8x3`` (``_nf``: loop nest not flattened)."""
-    return "tma_" + "x".join(map(str, cfg[:5])) + ("_nf" if len(cfg) > 5 and not cfg[5] else "")
+    return "tma_" + "x".join(map(str, cfg[:5])) + ("_nf" if len(cfg) > 5 and not cfg[5] else "") + (f"_e{cfg[6]}" if len(cfg) > 6 else "")
 
 
 def _tma_view(t: torch.Tensor):
@@ -120,13 +122,17 @@ def tma_launch(kern, a, b, ptrs, scalars, strides, cfg, num_sms: int, interprete
 
     bm, bn, bk, w, s = cfg[:5]
     flatten = bool(cfg[5]) if len(cfg) > 5 else flatten  # a 6th entry: flatten the persistent loop nest?
+    # Epilogue in two column halves when the fp32 accumulator takes >= 128 registers per thread
+    # (128x256 with 8 warps, 128x128 with 4): measured by compiling for sm_90, whole-tile epilogues
+    # there hit 255 registers and spill (GELU: 232 B, residual add: 600 B of stack per thread).
+    split = int(cfg[6]) if len(cfg) > 6 else (2 if bm * bn // (32 * w) >= 128 and not interpreted else 1)
     (av, a_t), (bv, b_t) = _tma_view(a), _tma_view(b)
     a_desc = TensorDescriptor(av, list(av.shape), list(av.stride()), [bk, bm] if a_t else [bm, bk])
     b_desc = TensorDescriptor(bv, list(bv.shape), list(bv.stride()), [bn, bk] if b_t else [bk, bn])
     M, N = scalars[0], scalars[1]
     tiles = -(-M // bm) * -(-N // bn)
     kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": num_sms, "A_T": a_t, "B_T": b_t,
-          "FLATTEN": flatten, "INTERPRETED": interpreted}
+          "FLATTEN": flatten, "EPI_SPLIT": split, "EPI_N": bn // split, "INTERPRETED": interpreted}
     if not interpreted:
         kw.update(num_warps=w, num_stages=s)
     kern[(max(1, min(num_sms, tiles)),)](a_desc, b_desc, *ptrs, *scalars, *strides, **kw)

@@ -44,11 +44,12 @@ def test_tma_twin_matches_float64_with_fused_epilogues(dtype, monkeypatch):
     assert c.report.kernel_kinds() == {"matmul": 2}
     assert all("_tma(a_desc, b_desc" in src for src in c.kernel_sources.values())
     calls = _count_tma(monkeypatch)
-    c.executor.force_tma = SMALL_CFG
-    out = c(x.to(dtype))
-    assert len(calls) == 2, "both matmuls must run through the TMA twin"
     ref = m.double()(x.double())
-    assert rel_err(out, ref) < TOL[dtype]
+    for cfg in (SMALL_CFG, (*SMALL_CFG, True, 2)):  # whole-tile epilogue, then in two column halves
+        c.executor.force_tma = cfg
+        out = c(x.to(dtype))
+        assert rel_err(out, ref) < TOL[dtype], cfg
+    assert len(calls) == 4, "both matmuls must run through the TMA twin"
 
 
 def test_tma_twin_transposed_a_and_row_major_b(monkeypatch):
@@ -56,8 +57,9 @@ def test_tma_twin_transposed_a_and_row_major_b(monkeypatch):
     a, b, r = torch.randn(24, 52), torch.randn(24, 36), torch.randn(52, 36)  # A = a.T: column-major
     c = fxforge.compile(lambda_module(lambda a, b, r: torch.sigmoid(a.t() @ b) * r), (a, b, r))
     calls = _count_tma(monkeypatch)
-    c.executor.force_tma = (*SMALL_CFG, False)  # a 6th entry: the persistent loop nest not flattened
-    assert autotune.tma_name(c.executor.force_tma) == "tma_32x32x16x4x1_nf"
+    # a 6th entry: the persistent loop nest not flattened; a 7th: the epilogue in two column halves
+    c.executor.force_tma = (*SMALL_CFG, False, 2)
+    assert autotune.tma_name(c.executor.force_tma) == "tma_32x32x16x4x1_nf_e2"
     out = c(a, b, r)
     assert len(calls) == 1
     assert rel_err(out, torch.sigmoid(a.double().t() @ b.double()) * r.double()) < 1e-6
