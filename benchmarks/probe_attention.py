@@ -3,7 +3,7 @@
 
     OUT=/some/dir python benchmarks/probe_attention.py      # ~120-190 s including compiles
 
-Variants are (BLOCK_M, BLOCK_N, warps, stages, TMA, LPT, WS) tuples, the format of
+Variants are (BLOCK_M, BLOCK_N, warps, stages, TMA, LPT, WS, PIPE) tuples, the format of
 runtime.attention.LONG_CONFIGS; each runs through the real fxforge.runtime.attention.attention.
 A variant that fails to compile or run is reported and skipped. Phases stop starting new variants
 at soft deadlines (PROBE_BUDGET_S, default 185 s) and results are rewritten after every variant,
@@ -39,38 +39,42 @@ OUT = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
 
 # Priority order: the old default (pointer loads) as the baseline, then TMA/LPT isolations, then
 # tile/stage sweeps with host descriptors, in-kernel descriptors, and warp specialization last.
-VARIANTS = [
-    (128, 64, 8, 3, 0, False, False),   # previous default: reproduces 441 / 492 TFLOP/s
-    (128, 64, 8, 3, 2, True, False),    # current default guess (LONG_CONFIGS[0])
-    (128, 128, 8, 3, 2, True, False),
-    (64, 64, 4, 3, 2, True, False),     # one warpgroup, ~2 CTAs/SM: CTAs overlap softmax and MMA
-    (64, 64, 4, 2, 2, True, False),     # same, less shared memory per CTA
-    (64, 128, 4, 1, 2, True, False),    # unpipelined loads, 80 KB smem: 2 CTAs/SM hide each other's latency
-    (128, 64, 8, 3, 0, True, False),    # LPT alone
-    (128, 64, 8, 3, 2, False, False),   # TMA alone
-    (128, 128, 8, 2, 2, True, False),
-    (64, 128, 4, 2, 2, True, False),
-    (128, 64, 8, 4, 2, True, False),
-    (64, 64, 4, 4, 2, True, False),
-    (128, 64, 8, 2, 2, True, False),
-    (128, 64, 8, 3, 1, True, False),    # in-kernel descriptors
-    (128, 128, 8, 3, 0, True, False),
-    (128, 128, 8, 2, 1, True, False),
-    (128, 64, 4, 4, 2, True, False),
+VARIANTS = [  # (BLOCK_M, BLOCK_N, warps, stages, TMA, LPT, WS, PIPE)
+    (128, 64, 8, 3, 0, False, False, False),   # previous default: reproduces 441 / 492 TFLOP/s
+    (128, 64, 8, 3, 2, True, False, False),    # current default guess (LONG_CONFIGS[0])
+    (128, 64, 8, 3, 2, True, False, True),     # + hand-pipelined QK (FA3 intra-warpgroup overlap)
+    (128, 128, 8, 3, 2, True, False, False),
+    (64, 64, 4, 3, 2, True, False, False),     # one warpgroup, ~2 CTAs/SM: CTAs overlap softmax and MMA
+    (64, 64, 4, 2, 2, True, False, True),
+    (128, 64, 8, 3, 0, True, False, False),    # LPT alone
+    (128, 64, 8, 3, 2, False, False, False),   # TMA alone
+    (128, 128, 8, 2, 2, True, False, False),
+    (128, 128, 8, 2, 2, True, False, True),
+    (64, 64, 4, 2, 2, True, False, False),     # less shared memory per CTA
+    (64, 128, 4, 1, 2, True, False, False),    # unpipelined loads, 80 KB smem: 2 CTAs/SM hide each other's latency
+    (64, 128, 4, 2, 2, True, False, False),
+    (128, 64, 8, 4, 2, True, False, False),
+    (128, 64, 8, 3, 0, True, False, True),     # PIPE with pointer loads
+    (128, 64, 8, 3, 1, True, False, False),    # in-kernel descriptors
+    (64, 64, 4, 4, 2, True, False, False),
+    (128, 64, 8, 2, 2, True, False, False),
+    (128, 128, 8, 3, 0, True, False, False),
+    (128, 64, 4, 4, 2, True, False, False),
 ]
 WS_VARIANTS = [  # warp specialization (Hopper: with in-kernel descriptors only)
-    (128, 128, 8, 2, 1, True, True), (128, 64, 4, 3, 1, True, True), (128, 128, 4, 2, 1, True, True),
+    (128, 128, 8, 2, 1, True, True, False), (128, 64, 4, 3, 1, True, True, False), (128, 64, 8, 3, 1, True, True, True),
 ]
 
 
 def name(v) -> str:
-    bm, bn, w, s, tma, lpt, ws = v
-    return f"tma{tma}{'_lpt' if lpt else ''}{'_ws' if ws else ''}_{bm}x{bn}_w{w}s{s}"
+    bm, bn, w, s, tma, lpt, ws, pipe = v
+    return f"tma{tma}{'_lpt' if lpt else ''}{'_ws' if ws else ''}{'_pipe' if pipe else ''}_{bm}x{bn}_w{w}s{s}"
 
 
 def blocks(v) -> dict:
-    bm, bn, w, s, tma, lpt, ws = v
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": D, "num_warps": w, "num_stages": s, "TMA": tma, "LPT": lpt, "WS": ws}
+    bm, bn, w, s, tma, lpt, ws, pipe = v
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": D, "num_warps": w, "num_stages": s, "TMA": tma, "LPT": lpt,
+            "WS": ws, "PIPE": pipe}
 
 
 def ms(fn) -> float:

@@ -70,13 +70,15 @@ def _hopper() -> bool:
 
 
 # GPU launch configs for long queries, best guess first (the executor tries only the first unless
-# autotune="max"; bench_attention times them all). (BLOCK_M, BLOCK_N, warps, stages, TMA, LPT, WS).
+# autotune="max"; bench_attention times them all). (BLOCK_M, BLOCK_N, warps, stages, TMA, LPT, WS,
+# PIPE).
 # Each entry differs in (BLOCK_M, BLOCK_N, warps, stages): the executor names variants by those.
 # Before the TMA probe the measured best was 128x64 w8 s3 with pointer loads (benchmarks/NOTES.md);
 # reorder from benchmarks/results/probe_attention.md.
 LONG_CONFIGS = [
-    (128, 64, 8, 3, 2, True, False), (128, 128, 8, 3, 2, True, False), (128, 128, 8, 2, 2, True, False),
-    (128, 64, 4, 4, 2, True, False), (64, 64, 4, 3, 0, True, False),
+    (128, 64, 8, 3, 2, True, False, False), (128, 128, 8, 3, 2, True, False, False),
+    (128, 128, 8, 2, 2, True, False, False), (128, 64, 4, 4, 2, True, False, False),
+    (64, 64, 4, 3, 0, True, False, False),
 ]
 
 
@@ -91,11 +93,11 @@ def block_configs(lq: int, d: int, interpreted: bool) -> list[dict]:
         return [{"BLOCK_M": bm, "BLOCK_N": 64, "HEAD_DIM": head, "num_warps": 4, "num_stages": 3}]
     hopper = _hopper()
     out = []
-    for bm, bn, w, s, tma, lpt, ws in LONG_CONFIGS:
+    for bm, bn, w, s, tma, lpt, ws, pipe in LONG_CONFIGS:
         if head >= 256 and bn > 64:
             continue
         out.append({"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "num_warps": w, "num_stages": s,
-                    "TMA": tma if hopper else 0, "LPT": lpt, "WS": ws and hopper})
+                    "TMA": tma if hopper else 0, "LPT": lpt, "WS": ws and hopper, "PIPE": pipe})
     return out
 
 
@@ -147,6 +149,7 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
     cfg = dict(blocks or choose_blocks(LQ, D, interpreted))
     bm, bn, head = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEAD_DIM"]
     tma, lpt, ws = int(cfg.pop("TMA", 0)), bool(cfg.pop("LPT", False)), bool(cfg.pop("WS", False))
+    pipe = bool(cfg.pop("PIPE", False))
     if window > 0 and layout is None:
         layout = block_layout(LQ, LK, bm, bn, causal, sink, window, q.device)
     use_layout = layout is not None
@@ -156,7 +159,7 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     if LQ == 0 or B * H == 0:
         return out
-    key = (tuple(sorted(cfg.items())), tma, ws, use_layout, causal, mask is not None, q.dtype, D)
+    key = (tuple(sorted(cfg.items())), tma, ws, pipe, use_layout, causal, mask is not None, q.dtype, D)
     if key in _FAILED:
         tma, ws = 0, False
     nq = -(-LQ // bm)
@@ -180,7 +183,7 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
                    H, HKV, LQ, LK, D, sink, window, *rows, fc, fi, pc, pi, maxb,
                    CAUSAL=causal, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
                    USE_LAYOUT=use_layout, OUT_BF16=out.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-                   D_CONST=D, TMA=tma, LPT=lpt, WS=ws, SCALE_POS=scale > 0, INTERPRETED=interpreted, **cfg)
+                   D_CONST=D, TMA=tma, LPT=lpt, WS=ws, PIPE=pipe, SCALE_POS=scale > 0, INTERPRETED=interpreted, **cfg)
 
     if not (tma or ws) or STRICT:
         run(tma, ws)

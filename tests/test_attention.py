@@ -67,7 +67,8 @@ def test_block_layout_counts():
 
 
 OPTIONS = [  # template launch options (codegen/templates/attention.py header), interpreted at small tiles
-    {"TMA": 2}, {"TMA": 1}, {"LPT": True}, {"TMA": 2, "LPT": True, "WS": True}, {"TMA": 1, "WS": True},
+    {"TMA": 2}, {"TMA": 1}, {"LPT": True}, {"PIPE": True}, {"TMA": 2, "LPT": True, "PIPE": True},
+    {"TMA": 2, "LPT": True, "WS": True}, {"TMA": 1, "WS": True, "PIPE": True},
 ]
 OPT_CASES = [  # B, H, Hkv, Lq, Lk, D, causal: ragged blocks, GQA, Lq != Lk
     (2, 4, 2, 45, 45, 32, True), (1, 2, 1, 37, 70, 16, False), (1, 2, 2, 64, 64, 32, True),
@@ -91,7 +92,7 @@ def test_launch_options_match_reference(opts, dtype):
         assert rel_err(out, ref) <= max(2 * rel_err(same, ref), 1e-6), (opts, LQ, LK, causal)
 
 
-@pytest.mark.parametrize("opts", OPTIONS[:3], ids=_opt_id)
+@pytest.mark.parametrize("opts", OPTIONS[:5], ids=_opt_id)
 def test_launch_options_sink_window_and_mask(opts):
     torch.manual_seed(0)
     L, sink, win = 90, 8, 30

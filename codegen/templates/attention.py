@@ -17,6 +17,8 @@
 # - LPT: grid (B·H, query blocks) with the query block index reversed, so the longest causal rows
 #   of every head start first and the short ones fill the tail (FA3's longest-processing-time order).
 # - WS: Triton's automatic warp specialization of the key loops (Hopper: needs TMA=1).
+# - PIPE: full blocks software-pipelined by hand (QK of block j before softmax + PV of block j-1,
+#   FA3's intra-warpgroup overlap); no user mask, scale > 0. Holds two score tiles in registers.
 # - SCALE_POS: full blocks fold the softmax scale into the exp2 argument as one FMA
 #   (p = exp2(qk·c − m)) with m taken from max(qk)·c, valid for c > 0.
 import triton
@@ -25,34 +27,66 @@ from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
 
 
 @triton.jit
+def _load_rows(src, row, sn, sd, start_n, offs_d, LK, D,
+               BLOCK_N: tl.constexpr, CHECK: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+               INTERPRETED: tl.constexpr):
+    """A [BLOCK_N, HEAD_DIM] key or value tile starting at key position start_n."""
+    if TMA:  # src is a descriptor: rows past LK are another head's or zeros, masked by the caller
+        t = src.load([row + start_n, 0])
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ptrs = src + offs_n[:, None] * sn + offs_d[None, :] * sd
+        if CHECK or not EVEN_D:  # ragged key block or padded head dim: masked loads
+            t = tl.load(ptrs, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
+        else:  # full block, exact head dim: unmasked (vectorized) loads
+            t = tl.load(ptrs)
+    if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; upcast there
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _qk(q, k, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: full-precision dot, as eager (Triton's default would be TF32)
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    return qk
+
+
+@triton.jit
+def _update(acc, l_i, m_i, p, v, m_new, m_safe, IEEE: tl.constexpr):
+    """Online-softmax update with p = exp2(scores - m_safe) for the new running max m_new."""
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    else:  # accumulate in place: no second accumulator tile and add
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _update_full(acc, l_i, m_i, qk, v, qk_scale, IEEE: tl.constexpr):
+    """Full block, no mask, scale > 0: every score is finite, so m_new is too (no -inf guard)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
+    return _update(acc, l_i, m_i, p, v, m_new, m_new, IEEE)
+
+
+@triton.jit
 def _attn_step(acc, l_i, m_i, q, k_src, v_src, k_row, v_row, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn, start_n,
                offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
                BLOCK_N: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                MASK_BOOL: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
                SCALE_POS: tl.constexpr, INTERPRETED: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < LK
-    if TMA:  # k_src/v_src are descriptors: rows past LK are another head's or zeros, masked below
-        k = k_src.load([k_row + start_n, 0])
-        v = v_src.load([v_row + start_n, 0])
-    else:
-        d_ok = offs_d < D
-        k_ptrs = k_src + offs_n[:, None] * k_sn + offs_d[None, :] * k_sd
-        v_ptrs = v_src + offs_n[:, None] * v_sn + offs_d[None, :] * v_sd
-        if CHECK or not EVEN_D:  # ragged key block or padded head dim: masked loads
-            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        else:  # full block, exact head dim: unmasked (vectorized) loads
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-    if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; upcast there
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    if IEEE:  # fp32 inputs: full-precision dot, as eager (Triton's default would be TF32)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        qk = tl.dot(q, tl.trans(k))
+    k = _load_rows(k_src, k_row, k_sn, k_sd, start_n, offs_d, LK, D, BLOCK_N, CHECK, EVEN_D, TMA, INTERPRETED)
+    v = _load_rows(v_src, v_row, v_sn, v_sd, start_n, offs_d, LK, D, BLOCK_N, CHECK, EVEN_D, TMA, INTERPRETED)
+    qk = _qk(q, k, IEEE)
     if CHECK or HAS_MASK or not SCALE_POS:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < LK
         s = qk * qk_scale
         if HAS_MASK:
             mv = tl.load(mask_rows + offs_n[None, :] * m_sn, mask=(offs_m[:, None] < LQ) & n_ok[None, :], other=0)
@@ -69,19 +103,19 @@ def _attn_step(acc, l_i, m_i, q, k_src, v_src, k_row, v_row, k_sn, k_sd, v_sn, v
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-    else:  # full block, no mask: every score is finite, so m_new is too (no -inf guard needed)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_safe = m_new
-        p = tl.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if IEEE:
-        acc = tl.dot(p, v, acc, input_precision="ieee")
-    else:  # accumulate in place: no second accumulator tile and add
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+        acc, l_i, m_i = _update(acc, l_i, m_i, tl.exp2(s - m_safe[:, None]), v, m_new, m_safe, IEEE)
+    else:
+        acc, l_i, m_i = _update_full(acc, l_i, m_i, qk, v, qk_scale, IEEE)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_start(j, idx_row, BLOCK_N: tl.constexpr, USE_LAYOUT: tl.constexpr):
+    if USE_LAYOUT:
+        start = tl.load(idx_row + j) * BLOCK_N
+    else:
+        start = j * BLOCK_N
+    return start
 
 
 @triton.jit
@@ -93,7 +127,7 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, QD, KD, VD, sm_scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                         USE_LAYOUT: tl.constexpr, OUT_BF16: tl.constexpr, IEEE: tl.constexpr, D_CONST: tl.constexpr,
-                        TMA: tl.constexpr, LPT: tl.constexpr, WS: tl.constexpr, SCALE_POS: tl.constexpr,
+                        TMA: tl.constexpr, LPT: tl.constexpr, WS: tl.constexpr, SCALE_POS: tl.constexpr, PIPE: tl.constexpr,
                         INTERPRETED: tl.constexpr):
     if LPT:  # heavy (late, for causal) query blocks of all heads first
         bh = tl.program_id(0)
@@ -135,17 +169,9 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, QD, KD, VD, sm_scale,
     mask_rows = MASK + b * m_sb + h * m_sh + offs_m[:, None] * m_sm
     if USE_LAYOUT:
         n_full = tl.load(FULL_CNT + pid_m)
-        for i in tl.range(0, n_full, warp_specialize=WS):
-            start_n = tl.load(FULL_IDX + pid_m * MAX_BLOCKS + i) * BLOCK_N
-            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_src, v_src, k_row, v_row, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn,
-                                       start_n, offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, EVEN_D, TMA, SCALE_POS, INTERPRETED)
         n_part = tl.load(PART_CNT + pid_m)
-        for i in range(n_part):
-            start_n = tl.load(PART_IDX + pid_m * MAX_BLOCKS + i) * BLOCK_N
-            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_src, v_src, k_row, v_row, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn,
-                                       start_n, offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, EVEN_D, TMA, SCALE_POS, INTERPRETED)
+        full_end = 0
+        part_end = 0
     else:
         if CAUSAL:  # off-band blocks (entirely at or below the diagonal) run unmasked
             full_end = tl.minimum(((pid_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N, (LK // BLOCK_N) * BLOCK_N)
@@ -153,14 +179,39 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, QD, KD, VD, sm_scale,
         else:
             full_end = (LK // BLOCK_N) * BLOCK_N
             part_end = LK
-        for start_n in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
+        n_full = full_end // BLOCK_N
+        n_part = tl.cdiv(part_end - full_end, BLOCK_N)
+    full_row = FULL_IDX + pid_m * MAX_BLOCKS
+    if PIPE and not HAS_MASK and SCALE_POS:
+        # Software-pipelined full blocks: the QK dot of block j is issued before the softmax and
+        # PV dot of block j-1, so the tensor cores can run it while the softmax of j-1 computes.
+        if n_full > 0:
+            start = _block_start(0, full_row, BLOCK_N, USE_LAYOUT)
+            qk = _qk(q, _load_rows(k_src, k_row, k_sn, k_sd, start, offs_d, LK, D, BLOCK_N, False, EVEN_D, TMA, INTERPRETED), IEEE)
+            for j in tl.range(1, n_full, warp_specialize=WS):
+                nxt = _block_start(j, full_row, BLOCK_N, USE_LAYOUT)
+                qk_next = _qk(q, _load_rows(k_src, k_row, k_sn, k_sd, nxt, offs_d, LK, D, BLOCK_N, False, EVEN_D, TMA,
+                                            INTERPRETED), IEEE)
+                v = _load_rows(v_src, v_row, v_sn, v_sd, start, offs_d, LK, D, BLOCK_N, False, EVEN_D, TMA, INTERPRETED)
+                acc, l_i, m_i = _update_full(acc, l_i, m_i, qk, v, qk_scale, IEEE)
+                qk = qk_next
+                start = nxt
+            v = _load_rows(v_src, v_row, v_sn, v_sd, start, offs_d, LK, D, BLOCK_N, False, EVEN_D, TMA, INTERPRETED)
+            acc, l_i, m_i = _update_full(acc, l_i, m_i, qk, v, qk_scale, IEEE)
+    else:
+        for j in tl.range(0, n_full, warp_specialize=WS):
+            start_n = _block_start(j, full_row, BLOCK_N, USE_LAYOUT)
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_src, v_src, k_row, v_row, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn,
                                        start_n, offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
                                        BLOCK_N, False, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, EVEN_D, TMA, SCALE_POS, INTERPRETED)
-        for start_n in range(full_end, part_end, BLOCK_N):
-            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_src, v_src, k_row, v_row, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn,
-                                       start_n, offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
-                                       BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, EVEN_D, TMA, SCALE_POS, INTERPRETED)
+    for j in range(n_part):  # partial blocks: element masks
+        if USE_LAYOUT:
+            start_n = tl.load(PART_IDX + pid_m * MAX_BLOCKS + j) * BLOCK_N
+        else:
+            start_n = full_end + j * BLOCK_N
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_src, v_src, k_row, v_row, k_sn, k_sd, v_sn, v_sd, mask_rows, m_sn,
+                                   start_n, offs_m, offs_d, LQ, LK, D, qk_scale, SINK, WINDOW,
+                                   BLOCK_N, True, CAUSAL, HAS_MASK, MASK_BOOL, IEEE, EVEN_D, TMA, SCALE_POS, INTERPRETED)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     if INTERPRETED and OUT_BF16:
