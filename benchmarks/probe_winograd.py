@@ -8,7 +8,8 @@ inputs, this times, through the real runtime (fxforge.runtime.winograd):
   (GB/s by the bytes model: read x + write V),
 * the cuBLAS bmm over the α² tile positions (TFLOP/s by 2·α²·K·C·P; GB/s by V + M + U),
 * the output transform for every config (GB/s: read M + write y + bias),
-* the whole pipeline with the best input and best output blocks (and the default, CONFIGS[0]),
+* the whole pipeline with the best input and best output blocks (and the default, CONFIGS[0]; for NCHW
+  outputs both store forms, per element and joined tile rows (out_rows), are swept),
   plain and captured in a CUDA graph, against cuDNN (F.conv2d, NCHW and channels-last), with the
   relative error of each against an fp32 direct convolution (cuDNN fp32 with TF32 off).
 
@@ -24,6 +25,7 @@ to $OUT, default benchmarks/results/.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -67,6 +69,31 @@ def fail(what: str, e: BaseException) -> None:
     traceback.print_exc(limit=2)
 
 
+def in_sweep(cfgs: list) -> list:
+    """The distinct input-transform blocks of a CONFIGS list, in order."""
+    seen, out = set(), []
+    for c in cfgs:
+        if (c.in_p, c.in_c, c.in_warps) not in seen:
+            seen.add((c.in_p, c.in_c, c.in_warps))
+            out.append(c)
+    return out
+
+
+def out_sweep(cfgs: list, layout: str) -> list:
+    """The distinct output-transform blocks of a CONFIGS list, in order; for NCHW also the default
+    block with the other out_rows setting (per-element stores vs joined tile rows)."""
+    cand = list(cfgs)
+    if layout == "nchw":
+        cand.insert(1, dataclasses.replace(cfgs[0], out_rows=not cfgs[0].out_rows))
+    seen, out = set(), []
+    for c in cand:
+        key = (c.out_p, c.out_k, c.out_warps, c.out_rows and layout == "nchw")
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
 def probe(res: Results, table: list, notes: list, name: str, m: int, layout: str, ctx: dict) -> None:
     """Sweep the input and output blocks of one (m, layout), time the bmm and the whole pipeline."""
     x, U, b, ref, g, entry, pts, scaling = (ctx[k] for k in ("x", "U", "b", "ref", "g", "entry", "pts", "scaling"))
@@ -75,11 +102,11 @@ def probe(res: Results, table: list, notes: list, name: str, m: int, layout: str
     xl = x
     base = f"winograd_{layout}"
     cfgs = wr.CONFIGS[(layout, m)]
-    print(f"[{time.time() - T0:5.1f}s] F({m},3) {layout}: points {entry.points}", flush=True)
+    print(f"[{time.time() - T0:5.1f}s] F({m},3) {layout}: points {entry.points}, {left():.0f} s of budget left", flush=True)
     # input transform sweep
     V0, best_in = None, None
     Vbuf = None
-    for cfg in cfgs:
+    for cfg in in_sweep(cfgs):
         tag = f"in{cfg.in_p}x{cfg.in_c}w{cfg.in_warps}"
         if left() < 0:
             print(f"  skip {tag} (budget)")
@@ -120,8 +147,8 @@ def probe(res: Results, table: list, notes: list, name: str, m: int, layout: str
         return
     # output transform sweep
     best_out = None
-    for cfg in cfgs:
-        tag = f"out{cfg.out_p}x{cfg.out_k}w{cfg.out_warps}"
+    for cfg in out_sweep(cfgs, layout):
+        tag = f"out{cfg.out_p}x{cfg.out_k}w{cfg.out_warps}{'r' if cfg.out_rows and layout == 'nchw' else ''}"
         if left() < 0:
             print(f"  skip {tag} (budget)")
             continue
@@ -144,11 +171,11 @@ def probe(res: Results, table: list, notes: list, name: str, m: int, layout: str
         return
     # whole pipeline: best blocks, and the default (first config) when different
     bi, bo = best_in[1], best_out[1]
-    best = wr.WinogradConfig(bi.in_p, bi.in_c, bi.in_warps, bo.out_p, bo.out_k, bo.out_warps, layout)
+    best = wr.WinogradConfig(bi.in_p, bi.in_c, bi.in_warps, bo.out_p, bo.out_k, bo.out_warps, layout, bo.out_rows)
     variants = [("", best)]
-    d = cfgs[0]
-    if (d.in_p, d.in_c, d.in_warps, d.out_p, d.out_k, d.out_warps) != (bi.in_p, bi.in_c, bi.in_warps, bo.out_p, bo.out_k, bo.out_warps):
-        variants.append(("_default", wr.WinogradConfig(d.in_p, d.in_c, d.in_warps, d.out_p, d.out_k, d.out_warps, layout)))
+    d = dataclasses.replace(cfgs[0], layout=layout)
+    if d != best:
+        variants.append(("_default", d))
     for suffix, cfg in variants:
         impl = base + suffix
         def fn(cfg=cfg):

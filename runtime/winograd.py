@@ -30,6 +30,7 @@ the baseline that a fused (transform-in-GEMM-prologue/epilogue) kernel must beat
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -92,10 +93,18 @@ def input_transform_source(BT: np.ndarray, m: int, name: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def _join_tree(names: list[str]) -> str:
+    """tl.join expression whose flattened trailing axes list ``names`` in order (len a power of 2)."""
+    if len(names) == 1:
+        return names[0]
+    return f"tl.join({_join_tree(names[0::2])}, {_join_tree(names[1::2])})"
+
+
 def output_transform_source(AT: np.ndarray, m: int, name: str) -> str:
     a = AT.shape[1]
+    mp = _pow2(m)
     L = [(f"@triton.jit\ndef {name}(mm, y, bias, K, HO, WO, NH, NW, P, syn, syk, syh, syw, HAS_BIAS: tl.constexpr, "
-          "CL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):")]
+          "CL: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):")]
     L += _block_prologue("k", "K", "BLOCK_K", m, "")
     L += ["    if CL:", "        mp = mm + p * K + k", "    else:", "        mp = mm + k * P + p",
           "    ms = K * P",
@@ -107,14 +116,28 @@ def output_transform_source(AT: np.ndarray, m: int, name: str) -> str:
             L.append(f"    m{r}_{s} = tl.load({ptr}, mask=ok, other=0.0).to(tl.float32)")
         for j in range(m):
             L.append(f"    q{r}_{j} = {_lin(AT[j], [f'm{r}_{s}' for s in range(a)])}")
-    L.append("    yp = y + n * syn + k * syk + h0 * syh + w0 * syw")
-    L += [f"    c{j} = w0 < WO - {j}" for j in range(m)]
     for i in range(m):  # y[i, j] = Σ_r Aᵀ[i, r] q_r[j] + bias
-        L.append(f"    r{i} = ok & (h0 < HO - {i})")
+        for j in range(m):
+            L.append(f"    o{i}_{j} = ({_lin(AT[i], [f'q{r}_{j}' for r in range(a)])} + b).to(y.dtype.element_ty)")
+    # ROWS (NCHW only): each tile row's m outputs are joined into one [BLOCK_K, BLOCK_P * mp] row segment
+    # (mp = m rounded up to a power of 2, extra lanes masked), so adjacent lanes store adjacent w.
+    L += ["    if ROWS:",
+          f"        pw = tl.program_id(0) * (BLOCK_P * {mp}) + tl.arange(0, BLOCK_P * {mp})[None, :]",
+          f"        pr = pw // {mp}", f"        jr = pw % {mp}",
+          f"        h0r = ((pr // NW) % NH) * {m}", f"        w0r = (pr % NW) * {m} + jr",
+          f"        okr = (k < K) & (pr < P) & (jr < {m}) & (w0r < WO)",
+          "        ypr = y + (pr // (NH * NW)) * syn + k * syk + h0r * syh + w0r * syw"]
+    for i in range(m):
+        row = [f"o{i}_{j}" for j in range(m)] + [f"o{i}_0"] * (mp - m)
+        L.append(f"        tl.store(ypr{f' + {i} * syh' if i else ''}, tl.reshape({_join_tree(row)}, (BLOCK_K, BLOCK_P * {mp})), "
+                 f"mask=okr & (h0r < HO - {i}))")
+    L += ["    else:", "        yp = y + n * syn + k * syk + h0 * syh + w0 * syw"]
+    L += [f"        c{j} = w0 < WO - {j}" for j in range(m)]
+    for i in range(m):
+        L.append(f"        r{i} = ok & (h0 < HO - {i})")
         for j in range(m):
             off = " + ".join(t for t in (f"{i} * syh" if i else "", f"{j} * syw" if j else "") if t)
-            L.append(f"    tl.store(yp{' + ' + off if off else ''}, ({_lin(AT[i], [f'q{r}_{j}' for r in range(a)])} + b)"
-                     f".to(y.dtype.element_ty), mask=r{i} & c{j})")
+            L.append(f"        tl.store(yp{' + ' + off if off else ''}, o{i}_{j}, mask=r{i} & c{j})")
     return "\n".join(L) + "\n"
 
 
@@ -159,21 +182,23 @@ class WinogradConfig:
     out_k: int
     out_warps: int
     layout: str = "auto"
+    out_rows: bool = False  # NCHW output: store each tile row as one contiguous segment (tl.join)
 
     def label(self) -> str:
-        return f"in{self.in_p}x{self.in_c}w{self.in_warps}_out{self.out_p}x{self.out_k}w{self.out_warps}"
+        rows = "r" if self.out_rows else ""
+        return f"in{self.in_p}x{self.in_c}w{self.in_warps}_out{self.out_p}x{self.out_k}w{self.out_warps}{rows}"
 
 
 # Best guesses first (register budget: α² fp32 values per element, ≤ ~2 elements per thread at
 # m ≥ 4; the fast axis spans ≥ 64 fp16 = 128 B). benchmarks/probe_winograd.py sweeps these on the GPU;
 # the first entry of each list is the default.
 CONFIGS = {
-    ("nchw", 2): [WinogradConfig(128, 4, 4, 128, 4, 4)],
-    ("nchw", 4): [WinogradConfig(128, 2, 4, 128, 2, 4), WinogradConfig(128, 1, 4, 128, 1, 4),
-                  WinogradConfig(64, 4, 4, 64, 4, 4), WinogradConfig(256, 2, 8, 256, 2, 8),
-                  WinogradConfig(128, 4, 4, 128, 4, 4), WinogradConfig(64, 2, 2, 64, 2, 2)],
-    ("nchw", 6): [WinogradConfig(128, 1, 4, 128, 1, 4), WinogradConfig(64, 1, 2, 64, 1, 2),
-                  WinogradConfig(128, 2, 4, 128, 2, 4), WinogradConfig(256, 1, 8, 256, 1, 8),
+    ("nchw", 2): [WinogradConfig(128, 4, 4, 128, 4, 4, out_rows=True)],
+    ("nchw", 4): [WinogradConfig(128, 2, 4, 128, 2, 4, out_rows=True), WinogradConfig(128, 1, 4, 128, 1, 4),
+                  WinogradConfig(64, 4, 4, 64, 4, 4, out_rows=True), WinogradConfig(256, 2, 8, 256, 2, 8),
+                  WinogradConfig(128, 4, 4, 128, 1, 4, out_rows=True), WinogradConfig(64, 2, 2, 64, 2, 2)],
+    ("nchw", 6): [WinogradConfig(128, 1, 4, 128, 1, 4, out_rows=True), WinogradConfig(64, 1, 2, 64, 1, 2),
+                  WinogradConfig(128, 2, 4, 128, 2, 4, out_rows=True), WinogradConfig(256, 1, 8, 256, 1, 8),
                   WinogradConfig(64, 2, 4, 64, 2, 4)],
     ("nhwc", 2): [WinogradConfig(4, 128, 4, 4, 128, 4)],
     ("nhwc", 4): [WinogradConfig(2, 128, 4, 2, 128, 4), WinogradConfig(4, 64, 4, 4, 64, 4),
@@ -206,8 +231,7 @@ def default_config(m: int, layout: str, P: int, C: int, K: int, interpreted: boo
         bp, bc, bk = min(_pow2(P), 256), min(_pow2(C), 16), min(_pow2(K), 16)
         return WinogradConfig(bp, bc, 4, bp, bk, 4, layout)
     key = (layout, m if (layout, m) in CONFIGS else (4 if m < 6 else 6))
-    cfg = CONFIGS[key][0]
-    return WinogradConfig(cfg.in_p, cfg.in_c, cfg.in_warps, cfg.out_p, cfg.out_k, cfg.out_warps, layout)
+    return dataclasses.replace(CONFIGS[key][0], layout=layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +311,7 @@ def output_transform(M: torch.Tensor, bias: torch.Tensor | None, g: Geometry, la
         raise ValueError("Winograd transforms index with int32: tensor too large")
     grid = (-(-g.P // config.out_p), -(-K // config.out_k))
     k_out[grid](M, y, bias if bias is not None else y, K, g.HO, g.WO, g.NH, g.NW, g.P, *y.stride(),
-                HAS_BIAS=bias is not None, CL=cl, BLOCK_K=config.out_k, BLOCK_P=config.out_p,
+                HAS_BIAS=bias is not None, CL=cl, ROWS=config.out_rows and not cl, BLOCK_K=config.out_k, BLOCK_P=config.out_p,
                 num_warps=config.out_warps)
     return y
 

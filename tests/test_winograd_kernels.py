@@ -31,6 +31,7 @@ def test_winograd_matches_direct(m, shape, pad):
 
 # Small blocks so that every launch has several programs with ragged tile and channel edges.
 SMALL = {"nchw": WinogradConfig(8, 2, 1, 4, 4, 1, "nchw"), "nhwc": WinogradConfig(2, 4, 1, 4, 2, 1, "nhwc")}
+ROWS = WinogradConfig(4, 2, 1, 2, 4, 1, out_rows=True)  # NCHW output rows joined (tl.join, m padded to 2^k)
 
 
 @pytest.mark.parametrize("m", [2, 4, 6])
@@ -41,7 +42,7 @@ SMALL = {"nchw": WinogradConfig(8, 2, 1, 4, 4, 1, "nchw"), "nhwc": WinogradConfi
     (3, 1, 5, 8, 7, 1, "nchw"),      # one input channel
     (1, 9, 6, 5, 1, 2, "nhwc"),      # one output channel, W < H
 ])
-@pytest.mark.parametrize("blocks", ["small", "default"])
+@pytest.mark.parametrize("blocks", ["small", "rows", "default"])
 def test_irregular_shapes_and_layouts(m, N, C, H, W, K, pad, layout, blocks):
     torch.manual_seed(m * 100 + C)
     x = torch.randn(N, C, H, W)
@@ -49,7 +50,7 @@ def test_irregular_shapes_and_layouts(m, N, C, H, W, K, pad, layout, blocks):
         x = x.to(memory_format=torch.channels_last)
     w, b = torch.randn(K, C, 3, 3), torch.randn(K)
     conv = WinogradConv2d(w, b, library.found(m, 3).transform(), padding=pad,
-                          config=SMALL[layout] if blocks == "small" else None)
+                          config={"small": SMALL[layout], "rows": ROWS}.get(blocks))
     y = conv(x)
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=pad)
     assert y.shape == ref.shape
@@ -78,6 +79,19 @@ def test_transforms_against_float64_matrices(layout):
     Mt = winograd_gemm(U, V, layout)
     y = output_transform(Mt, None, g, layout, SMALL[layout], pts, t.scaling)
     assert rel_err(y, F.conv2d(x.double(), w.double(), padding=pad)) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_forced_layout_on_the_other_memory_format(layout):
+    """x and y are addressed through strides: the layout only decides speed and y's format."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 7, 9)
+    x = x if layout == "nhwc" else x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(4, 5, 3, 3), torch.randn(4)
+    cfg = WinogradConfig(4, 2, 1, 4, 2, 1, layout, out_rows=True)
+    y = WinogradConv2d(w, b, library.found(4, 3).transform(), padding=1, config=cfg)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+    assert rel_err(y, F.conv2d(x.double(), w.double(), b.double(), padding=1)) < 1e-5
 
 
 def test_fp16_and_custom_op_channels_last():
