@@ -187,3 +187,45 @@ def test_autotune_offers_tma_and_reports_the_winner():
         assert rel_err(out, fc2(F.gelu(fc1(x)))) < 1e-2
     fc1_entry = c.report.autotune[0]
     assert any(k.startswith("tma_") for k in fc1_entry["ms"]) and "cublas" in fc1_entry["ms"], fc1_entry
+
+
+def test_tma_twin_compiles_for_sm90_without_spills():
+    """Compile the fc1 kernel's TMA twin for sm_90 on the CPU (Triton's bundled ptxas; no GPU) at the
+    first autotune config: it must lower to wgmma + TMA loads, and the split epilogue must not spill."""
+    import inspect
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from fxforge.runtime.kernels import load_kernel
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(tools, "ptxas")) or not os.path.exists(os.path.join(tools, "cuobjdump")):
+        pytest.skip("Triton's bundled ptxas/cuobjdump are not installed")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    h = torch.float16
+    x, w, b = torch.randn(70, 64, dtype=h), torch.randn(40, 64, dtype=h), torch.randn(40, dtype=h)
+    c = fxforge.compile(lambda_module(lambda x, w, b: F.gelu(F.linear(x, w, b))), (x, w, b))
+    k = next(iter(c.program.kernels.values()))
+    fn = load_kernel(k["entry"] + "_tma", k["source"], "cpu", c.config.cache_dir, c.config.cache_id())
+    jit = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+    bm, bn, bk, warps, stages = autotune.TMA_CONFIGS[0]
+    consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": 132, "A_T": False, "B_T": True,
+              "FLATTEN": True, "EPI_SPLIT": 2, "EPI_N": bn // 2, "INTERPRETED": False}
+    params = list(inspect.signature(jit.fn).parameters)
+    sig = {p: "constexpr" if p in consts else f"tensordesc<fp16[{bm}, {bk}]>" if p == "a_desc" else
+           f"tensordesc<fp16[{bn}, {bk}]>" if p == "b_desc" else "*fp16" if p.startswith(("in", "out")) and "_s" not in p
+           else "i32" for p in params}
+    src = ASTSource(jit, sig, {(params.index(p),): v for p, v in consts.items()})
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    ptx = ck.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+    assert "STACK:0 " in usage, usage
