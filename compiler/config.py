@@ -31,7 +31,9 @@ class Config:
     matmul: bool = True  # False: mm/addmm/bmm run as eager ATen calls
     # "fuse": pointwise epilogues join the matmul kernel; "defer": the matmul stays bare (cuBLAS can
     # write it directly) and its epilogue fuses forward into the next kernel (e.g. residual add into
-    # the following layer norm); "auto": defer on CUDA, where cuBLAS wins the matmul itself.
+    # the following layer norm); "auto" (on CUDA): defer only the epilogues a following reduction
+    # (norm, softmax) absorbs and keep the rest fused, where autotune weighs a TMA kernel with the
+    # epilogue fused against cuBLAS + an epilogue launch; on the CPU: fuse.
     matmul_epilogue: str = "auto"
     memory_plan: bool = True
     # GPU: time kernel variants once per shape and cache the winner on disk. "fast": cuBLAS vs one

@@ -43,8 +43,10 @@ def test_matmul_epilogue_irregular_on_cuda(m, n, k):
             return torch.nn.functional.gelu(torch.nn.functional.linear(a, w, b)) + 1
     c = fxforge.compile(M(), (a, w, b), config=fxforge.Config(matmul_epilogue="fuse"))
     assert c.report.kernel_kinds() == {"matmul": 1}
-    d = fxforge.compile(M(), (a, w, b))  # auto on CUDA: bare matmul, epilogue as its own kernel
-    assert d.report.kernel_kinds() == {"matmul": 1, "pointwise": 1}
+    # auto on CUDA: GELU + 1 feeds no reduction, so it stays fused (autotune: TMA with the epilogue
+    # vs cuBLAS + an epilogue launch); only epilogues a following norm/softmax absorbs are deferred
+    d = fxforge.compile(M(), (a, w, b))
+    assert d.report.kernel_kinds() == {"matmul": 1}
     assert torch.allclose(d(a, w, b), c(a, w, b), rtol=1e-4, atol=1e-4)
     ref = torch.nn.functional.gelu(torch.nn.functional.linear(a.double(), w.double(), b.double())) + 1
     assert rel_err(c(a, w, b), ref) < 1e-5
