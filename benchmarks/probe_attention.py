@@ -89,6 +89,13 @@ def elapsed() -> float:
     return time.perf_counter() - T0
 
 
+def resources() -> str:
+    """Registers, spills and shared memory of the kernel compiled for the last launch."""
+    ck = fx_attn.LAST_COMPILED
+    md = getattr(ck, "metadata", None)
+    return f"regs {getattr(ck, 'n_regs', '?')} spills {getattr(ck, 'n_spills', '?')} smem {getattr(md, 'shared', '?')}"
+
+
 def run_variant(label, fn):
     """(fn() output, seconds incl. compile), or (None, seconds) after printing the error."""
     t = time.perf_counter()
@@ -131,6 +138,7 @@ class Probe:
             out, first = run_variant(f"{wl} {label}", lambda var=var: attention(q, k, v, causal=True, blocks=blocks(var)))
             if out is None:
                 continue
+            rsrc = resources()
             t, _ = run_variant(f"{wl} {label} timing", lambda var=var: ms(lambda: attention(q, k, v, causal=True, blocks=blocks(var))))
             if t is None:
                 continue
@@ -141,9 +149,9 @@ class Probe:
             res.add(wl, label, "speed_vs_sdpa", t_sdpa / t, "x")
             res.add(wl, label, "max_abs_err_vs_sdpa", err, "abs")
             res.add(wl, label, "rel_err_vs_sdpa", rel_err(out, ref), "rel_err")
-            self.summary.setdefault(name(var), {})[wl] = f"{tf:.0f} ({t_sdpa / t:.3f}x)"
+            self.summary.setdefault(name(var), {})[wl] = f"{tf:.0f} ({t_sdpa / t:.3f}x; {rsrc})"
             print(f"== {wl} {name(var):<28} {tf:7.1f} TFLOP/s  {t_sdpa / t:.3f}x SDPA  max|err| {err:.2e}  "
-                  f"(first call {first:.1f}s, t={elapsed():.0f}s)", flush=True)
+                  f"{rsrc}  (first call {first:.1f}s, t={elapsed():.0f}s)", flush=True)
             self.save()
 
     def sink_window_inputs(self):
@@ -176,6 +184,7 @@ class Probe:
             out, first = run_variant(f"{wl} {label}", call)
             if out is None:
                 continue
+            rsrc = resources()
             t, _ = run_variant(f"{wl} {label} timing", lambda call=call: ms(call))
             if t is None:
                 continue
@@ -183,8 +192,8 @@ class Probe:
             res.add(wl, label, "latency", t, "ms")
             res.add(wl, label, "rel_err_vs_fp32", rel_err(o, ref32), "rel_err")
             res.add(wl, label, "max_abs_err_vs_sdpa", (o.float() - ref16.float()).abs().max().item(), "abs")
-            self.summary.setdefault(name(var), {})[wl] = f"{t:.3f} ms"
-            print(f"== {wl} {name(var):<28} {t:.3f} ms  (first call {first:.1f}s, t={elapsed():.0f}s)", flush=True)
+            self.summary.setdefault(name(var), {})[wl] = f"{t:.3f} ms ({rsrc})"
+            print(f"== {wl} {name(var):<28} {t:.3f} ms  {rsrc}  (first call {first:.1f}s, t={elapsed():.0f}s)", flush=True)
             self.save()
 
     def flex(self, inputs):

@@ -125,6 +125,7 @@ def _dummy(device):
 _ALLOCATOR_SET = False
 STRICT = False  # True (the probe): a TMA/WS config that fails to compile raises instead of falling back
 _FAILED: set = set()  # launch keys whose TMA/WS compile failed in this process
+LAST_COMPILED = None  # the last launch's compiled kernel (registers / spills / shared memory, for probes)
 
 
 def _device_descriptor_allocator():
@@ -178,7 +179,8 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
                           for t, r, b_ in zip((q, k, v), rows, (bm, bn, bn)))
         elif tma == 1 and not interpreted:
             _device_descriptor_allocator()
-        kern[grid](q, k, v, mask if mask is not None else q, out, *descs, scale,
+        global LAST_COMPILED
+        LAST_COMPILED = kern[grid](q, k, v, mask if mask is not None else q, out, *descs, scale,
                    *q.stride(), *k.stride(), *v.stride(), *_mask_strides(mask), *out.stride(),
                    H, HKV, LQ, LK, D, sink, window, *rows, fc, fi, pc, pi, maxb,
                    CAUSAL=causal, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
