@@ -132,6 +132,17 @@ def probe(res: Results, table: list, notes: list, name: str, m: int, layout: str
             best_in = (tm, cfg)
     if V0 is None:
         return
+    # calibration: a plain device copy of V (read + write the same bytes) in this harness
+    if layout == LAYOUTS[0]:
+        try:
+            tc = ms(lambda: Vbuf.copy_(V0))
+            cbytes = 2 * V0.numel() * V0.element_size()
+            table.append(f"F{m} {layout:4s} copy   {'V.copy_':14s} {tc * 1e3:8.1f} us {cbytes / tc / 1e6:7.0f} GB/s (harness ceiling)")
+            print("  " + table[-1], flush=True)
+            res.add(name, "copy_V", "latency", tc, "ms")
+            res.add(name, "copy_V", "achieved_bandwidth", cbytes / tc / 1e6, "GB/s")
+        except Exception as e:  # noqa: BLE001
+            fail("copy", e)
     # GEMM
     try:
         M0 = wr.winograd_gemm(U, V0, layout)
@@ -173,6 +184,8 @@ def probe(res: Results, table: list, notes: list, name: str, m: int, layout: str
     bi, bo = best_in[1], best_out[1]
     best = wr.WinogradConfig(bi.in_p, bi.in_c, bi.in_warps, bo.out_p, bo.out_k, bo.out_warps, layout, bo.out_rows)
     variants = [("", best)]
+    notes.append(f"- suggest CONFIGS[({layout!r}, {m})][0] = {dataclasses.replace(best, layout='auto')!r}")
+    print("  " + notes[-1][2:], flush=True)
     d = dataclasses.replace(cfgs[0], layout=layout)
     if d != best:
         variants.append(("_default", d))
