@@ -182,7 +182,7 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
         global LAST_COMPILED
         LAST_COMPILED = kern[grid](q, k, v, mask if mask is not None else q, out, *descs, scale,
                    *q.stride(), *k.stride(), *v.stride(), *_mask_strides(mask), *out.stride(),
-                   H, HKV, LQ, LK, D, sink, window, *rows, fc, fi, pc, pi, maxb,
+                   H, HKV, LQ, LK, D, sink, window, *(rows if tma == 1 else (0, 0, 0)), fc, fi, pc, pi, maxb,
                    CAUSAL=causal, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
                    USE_LAYOUT=use_layout, OUT_BF16=out.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
                    D_CONST=D, TMA=tma, LPT=lpt, WS=ws, PIPE=pipe, SCALE_POS=scale > 0, INTERPRETED=interpreted, **cfg)
