@@ -10,8 +10,9 @@ memory format so that the image side and the V/M side are both coalesced without
 
 * NCHW input ("nchw"): tiles are the fastest block axis (adjacent tiles are adjacent along w, so each
   of the α² loads walks a row of x with stride m and L1 serves the overlap), V is [α², C, P] and M is
-  [α², K, P] with P contiguous (fully coalesced, vectorized stores/loads), and the GEMM is
-  bmm(U[α², K, C], V) → M. y is written NCHW.
+  [α², K, P] with P contiguous (each warp stores/loads one contiguous run), and the GEMM is
+  bmm(U[α², K, C], V) → M. y is written NCHW: per element (stride m along w, merged in L2) or, with
+  ``out_rows``, each tile row's m outputs joined (tl.join) into one contiguous row segment.
 * channels-last input ("nhwc"): channels are the fastest block axis (loads of x and stores of y are
   contiguous along c/k), V is [α², P, C] and M is [α², P, K], and the GEMM is bmm(V, Uᵀ) → M (cuBLAS
   reads the transposed U view without a copy). y is written channels-last.
@@ -194,7 +195,7 @@ class WinogradConfig:
 # the first entry of each list is the default.
 CONFIGS = {
     ("nchw", 2): [WinogradConfig(128, 4, 4, 128, 4, 4, out_rows=True)],
-    ("nchw", 4): [WinogradConfig(128, 2, 4, 128, 2, 4, out_rows=True), WinogradConfig(128, 1, 4, 128, 1, 4),
+    ("nchw", 4): [WinogradConfig(128, 1, 4, 128, 2, 4, out_rows=True), WinogradConfig(128, 2, 4, 128, 1, 4),
                   WinogradConfig(64, 4, 4, 64, 4, 4, out_rows=True), WinogradConfig(256, 2, 8, 256, 2, 8),
                   WinogradConfig(128, 4, 4, 128, 1, 4, out_rows=True), WinogradConfig(64, 2, 2, 64, 2, 2)],
     ("nchw", 6): [WinogradConfig(128, 1, 4, 128, 1, 4, out_rows=True), WinogradConfig(64, 1, 2, 64, 1, 2),
