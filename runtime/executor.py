@@ -287,6 +287,9 @@ class Executor:
         configs = block_configs(q.shape[2], q.shape[3], device.type == "cpu")
         for cfg in configs if self.autotune == "max" else configs[:1]:
             name = "triton_{BLOCK_M}x{BLOCK_N}".format(**cfg) + (f"_w{cfg['num_warps']}s{cfg['num_stages']}" if "num_warps" in cfg else "")
+            # template options are part of the name, so configs differing only in them stay distinct
+            name += (f"_tma{cfg['TMA']}" if cfg.get("TMA") else "") + "".join(
+                f"_{opt.lower()}" for opt in ("LPT", "WS", "PIPE") if cfg.get(opt))
             variants[name] = (lambda cfg=cfg: launch(kern, q, k, v, mask, out, scale, causal, blocks=cfg))
         if device.type == "cuda":
             def sdpa():
