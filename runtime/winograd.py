@@ -194,7 +194,7 @@ class WinogradConfig:
 # m ≥ 4; the fast axis spans ≥ 64 fp16 = 128 B). benchmarks/probe_winograd.py sweeps these on the GPU;
 # the first entry of each list is the default.
 CONFIGS = {
-    ("nchw", 2): [WinogradConfig(128, 4, 4, 128, 4, 4, out_rows=True)],
+    ("nchw", 2): [WinogradConfig(128, 2, 4, 128, 4, 4, out_rows=True)],
     ("nchw", 4): [WinogradConfig(128, 1, 4, 128, 2, 4, out_rows=True), WinogradConfig(128, 2, 4, 128, 1, 4),
                   WinogradConfig(64, 4, 4, 64, 4, 4, out_rows=True), WinogradConfig(256, 2, 8, 256, 2, 8),
                   WinogradConfig(128, 4, 4, 128, 1, 4, out_rows=True), WinogradConfig(64, 2, 2, 64, 2, 2)],
