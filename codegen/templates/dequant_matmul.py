@@ -25,8 +25,9 @@
 # row), else the tile is viewed as [BLOCK_N, BLOCK_KB / GB, GB] (BLOCK_KB a multiple of GB).
 #
 # Group scales (POST, default): applied after the partial dot of the *unscaled* codes, once per (row,
-# group): GEMV sum over each group then x scale; GEMM (tile inside one group) acc += dot(x, q) * s. A zero
-# point z enters as sum(x·(q - z)) = sum(x·q) - z·sum(x). POST=False scales every element before the dot.
+# group): GEMV sum over each group then x scale; GEMM (tile inside one group) acc += dot(x, q - z) * s. A
+# zero point z is folded into the bit-trick decode's constant, (2^23 + q) - (2^23 + z): free per element.
+# POST=False scales every element before the dot.
 #
 # Decoding (exact, integer bit operations only: int -> float conversions are 1/8 of the FP32 rate on the
 # H100, so codes become floats as the bits of 2^23 + c minus 2^23):
@@ -142,6 +143,24 @@ def _load_codes(codes, rn, j0, N, KB, s_cn, ELEM: tl.constexpr, EPB: tl.constexp
 
 
 @triton.jit
+def _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+                     GB: tl.constexpr):
+    # uint4 codes minus their group's zero point, unscaled: the zero point is folded into the constant of
+    # the bit-trick decode, (2^23 + q) - (2^23 + z), so it costs nothing per element (exact: |q - z| < 16).
+    rj = j0 + tl.arange(0, BLOCK_KB)
+    b = tl.load(codes + rn[:, None] * s_cn + rj[None, :], mask=(rn < N)[:, None] & (rj[None, :] < KB), other=0)
+    bi = b.to(tl.int32)
+    zf = z + 8388608.0
+    if BLOCK_KB <= GB:
+        zb = zf[:, None]
+    else:
+        zb = tl.reshape(tl.broadcast_to(zf[:, :, None], (BLOCK_N, BLOCK_KB // GB, GB)), (BLOCK_N, BLOCK_KB))
+    lo = ((bi & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zb
+    hi = (((bi >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zb
+    return lo, hi
+
+
+@triton.jit
 def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
                   GB: tl.constexpr, BLOCK_KB: tl.constexpr):
     # Scale (decoded, fp32) and zero point of the groups a K tile touches: [BLOCK_N] when the tile lies
@@ -151,15 +170,15 @@ def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr,
         g = j0 // GB
         s = _scale_value(tl.load(scales + rn * s_sn + g, mask=n_ok, other=0), SCALE)
         z = s
-        if HAS_ZERO:
-            z = tl.load(zeros + rn * s_zn + g, mask=n_ok, other=0).to(tl.float32)
+        if HAS_ZERO:  # uint8 zero point -> float by the bit trick (no I2F)
+            z = _u2f(tl.load(zeros + rn * s_zn + g, mask=n_ok, other=0).to(tl.int32))
     else:
         rg = j0 // GB + tl.arange(0, BLOCK_KB // GB)
         g_ok = n_ok[:, None] & (rg[None, :] < NB)
         s = _scale_value(tl.load(scales + rn[:, None] * s_sn + rg[None, :], mask=g_ok, other=0), SCALE)
         z = s
         if HAS_ZERO:
-            z = tl.load(zeros + rn[:, None] * s_zn + rg[None, :], mask=g_ok, other=0).to(tl.float32)
+            z = _u2f(tl.load(zeros + rn[:, None] * s_zn + rg[None, :], mask=g_ok, other=0).to(tl.int32))
     return s, z
 
 
@@ -167,13 +186,19 @@ def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr,
 def _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
                   ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
                   EPB: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
-    # The tile of _load_codes with its group scales (and zero points) applied per element.
-    lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
-    if not PER_ROW:
+    # The tile of _load_codes with its group scales (and zero points, folded into the decode) applied per
+    # element.
+    if PER_ROW:
+        lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
+    else:
         s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
-        lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, HAS_ZERO)
+        if HAS_ZERO:
+            lo, hi = _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N, BLOCK_KB, GB)
+        else:
+            lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
+        lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, False)
         if EPB == 2:
-            hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, HAS_ZERO)
+            hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, False)
         else:
             hi = lo
     return lo, hi
@@ -248,7 +273,11 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     for j0 in range(j_start, j_end, BLOCK_KB):
         xe, xo = _load_x(x_rows, m_ok, j0, K, s_xk, EPB, BLOCK_M, BLOCK_KB)
         if GROUPED_POST:
-            lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+            if HAS_ZERO:
+                lo, hi = _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N, BLOCK_KB, GB)
+            else:
+                lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
         else:
             lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
                                    ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
@@ -257,27 +286,10 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
         else:
             prod = xe[:, None, :] * lo[None, :, :]
         if GROUPED_POST:
-            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
             if BLOCK_KB <= GB:
-                part = tl.sum(prod, 2)
-                if HAS_ZERO:
-                    if EPB == 2:
-                        xs = tl.sum(xe + xo, 1)
-                    else:
-                        xs = tl.sum(xe, 1)
-                    part = part - xs[:, None] * z[None, :]
-                part = part * s[None, :]
-                acc += part
+                acc += tl.sum(prod, 2) * s[None, :]
             else:
-                part = tl.sum(tl.reshape(prod, (BLOCK_M, BLOCK_N, NG, GB)), 3)
-                if HAS_ZERO:
-                    if EPB == 2:
-                        xsum = xe + xo
-                    else:
-                        xsum = xe
-                    xs = tl.sum(tl.reshape(xsum, (BLOCK_M, NG, GB)), 2)
-                    part = part - xs[:, None, :] * z[None, :, :]
-                part = part * s[None, :, :]
+                part = tl.sum(tl.reshape(prod, (BLOCK_M, BLOCK_N, NG, GB)), 3) * s[None, :, :]
                 if ACC3:
                     acc3 += part
                 else:
@@ -365,7 +377,11 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     j_end = tl.minimum(j_start + KB_PER_SPLIT, KB)
     for j0 in range(j_start, j_end, BLOCK_KB):
         if GROUPED_POST:
-            lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+            if HAS_ZERO:
+                lo, hi = _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N, BLOCK_KB, GB)
+            else:
+                lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
         else:
             lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
                                    ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
@@ -377,9 +393,6 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
         xv = tl.load(x_rows + rk[None, :] * s_xk, mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
         if GROUPED_POST:
             part = _dot_wt(xv, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), ACT, INTERPRETED)
-            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
-            if HAS_ZERO:
-                part = part - tl.sum(xv.to(tl.float32), 1)[:, None] * z[None, :]
             acc += part * s[None, :]
         else:
             acc = _dot_wt(xv, w, acc, ACT, INTERPRETED)
