@@ -71,14 +71,14 @@ def _hopper() -> bool:
 
 # GPU launch configs for long queries, best guess first (the executor tries only the first unless
 # autotune="max"; bench_attention times them all). (BLOCK_M, BLOCK_N, warps, stages, TMA, LPT, WS,
-# PIPE).
-# Each entry differs in (BLOCK_M, BLOCK_N, warps, stages): the executor names variants by those.
-# Before the TMA probe the measured best was 128x64 w8 s3 with pointer loads (benchmarks/NOTES.md);
-# reorder from benchmarks/results/probe_attention.md.
+# PIPE). From the first H100 probe (benchmarks/results/probe_attention.md): 128x128 with host
+# descriptors and heavy-first order won 8K causal (543 TFLOP/s, 0.95x SDPA) and sink+window
+# (2.46 ms, 1.04x flex); 128x64 with in-kernel descriptors won 32K (498, 0.85x). LPT=2 (head-major)
+# variants target 32K's L2 reuse. The executor names variants by all of these fields.
 LONG_CONFIGS = [
-    (128, 64, 8, 3, 2, True, False, False), (128, 128, 8, 3, 2, True, False, False),
-    (128, 128, 8, 2, 2, True, False, False), (128, 64, 4, 4, 2, True, False, False),
-    (64, 64, 4, 3, 0, True, False, False),
+    (128, 128, 8, 3, 2, 1, False, False), (128, 64, 8, 3, 1, 1, False, False),
+    (128, 128, 8, 3, 2, 2, False, False), (128, 64, 8, 3, 1, 2, False, False),
+    (64, 64, 4, 3, 2, 1, False, False),
 ]
 
 
@@ -149,7 +149,7 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HKV})")
     cfg = dict(blocks or choose_blocks(LQ, D, interpreted))
     bm, bn, head = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEAD_DIM"]
-    tma, lpt, ws = int(cfg.pop("TMA", 0)), bool(cfg.pop("LPT", False)), bool(cfg.pop("WS", False))
+    tma, lpt, ws = int(cfg.pop("TMA", 0)), int(cfg.pop("LPT", 0)), bool(cfg.pop("WS", False))
     pipe = bool(cfg.pop("PIPE", False))
     if window > 0 and layout is None:
         layout = block_layout(LQ, LK, bm, bn, causal, sink, window, q.device)
@@ -164,8 +164,9 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
     if key in _FAILED:
         tma, ws = 0, False
     nq = -(-LQ // bm)
-    lpt = lpt and nq <= 65535  # grid axis 1 limit
-    grid = (B * H, nq) if lpt else (nq, B * H)
+    if lpt == 1 and nq > 65535:  # grid axis 1 limit
+        lpt = 0
+    grid = (B * H, nq) if lpt == 1 else (nq, B * H)
 
     def run(tma: int, ws: bool):
         rows = [_rows_view(t, head) for t in (q, k, v)] if tma else [None]

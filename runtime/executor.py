@@ -289,7 +289,8 @@ class Executor:
             name = "triton_{BLOCK_M}x{BLOCK_N}".format(**cfg) + (f"_w{cfg['num_warps']}s{cfg['num_stages']}" if "num_warps" in cfg else "")
             # template options are part of the name, so configs differing only in them stay distinct
             name += (f"_tma{cfg['TMA']}" if cfg.get("TMA") else "") + "".join(
-                f"_{opt.lower()}" for opt in ("LPT", "WS", "PIPE") if cfg.get(opt))
+                f"_{opt.lower()}{'' if cfg[opt] is True or cfg[opt] == 1 else cfg[opt]}"
+                for opt in ("LPT", "WS", "PIPE") if cfg.get(opt))
             variants[name] = (lambda cfg=cfg: launch(kern, q, k, v, mask, out, scale, causal, blocks=cfg))
         if device.type == "cuda":
             def sdpa():

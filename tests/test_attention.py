@@ -67,7 +67,7 @@ def test_block_layout_counts():
 
 
 OPTIONS = [  # template launch options (codegen/templates/attention.py header), interpreted at small tiles
-    {"TMA": 2}, {"TMA": 1}, {"LPT": True}, {"PIPE": True}, {"TMA": 2, "LPT": True, "PIPE": True},
+    {"TMA": 2}, {"TMA": 1}, {"LPT": True}, {"LPT": 2}, {"TMA": 1, "LPT": 2}, {"PIPE": True}, {"TMA": 2, "LPT": True, "PIPE": True},
     {"TMA": 2, "LPT": True, "WS": True}, {"TMA": 1, "WS": True, "PIPE": True},
 ]
 OPT_CASES = [  # B, H, Hkv, Lq, Lk, D, causal: ragged blocks, GQA, Lq != Lk

@@ -14,8 +14,11 @@
 #   host falls back to TMA=0. Rows past a head's length then belong to the next head (or are
 #   zero-filled past the tensor): key rows past LK lie only in PARTIAL blocks, which mask them;
 #   query rows past LQ are computed and never stored (the output is a masked pointer store).
-# - LPT: grid (B·H, query blocks) with the query block index reversed, so the longest causal rows
+# - LPT: 1: grid (B·H, query blocks) with the query block index reversed, so the longest causal rows
 #   of every head start first and the short ones fill the tail (FA3's longest-processing-time order).
+#   2: grid (query blocks, B·H), reversed within each head: the ~132 co-resident programs belong to
+#   one or two heads and stream the same K/V blocks, so at 32K (16 MB of K/V per head) L2 serves
+#   most key loads; the heavy-first order still holds within each head.
 # - WS: Triton's automatic warp specialization of the key loops (Hopper: needs TMA=1).
 # - PIPE: full blocks software-pipelined by hand (QK of block j before softmax + PV of block j-1,
 #   FA3's intra-warpgroup overlap); no user mask, scale > 0. Holds two score tiles in registers.
@@ -129,9 +132,12 @@ def FXFORGE_KERNEL_NAME(Q, K, V, MASK, O, QD, KD, VD, sm_scale,
                         USE_LAYOUT: tl.constexpr, OUT_BF16: tl.constexpr, IEEE: tl.constexpr, D_CONST: tl.constexpr,
                         TMA: tl.constexpr, LPT: tl.constexpr, WS: tl.constexpr, SCALE_POS: tl.constexpr, PIPE: tl.constexpr,
                         INTERPRETED: tl.constexpr):
-    if LPT:  # heavy (late, for causal) query blocks of all heads first
+    if LPT == 1:  # heavy (late, for causal) query blocks of all heads first
         bh = tl.program_id(0)
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    elif LPT == 2:  # head by head, heavy query blocks first: co-resident programs share one head's K/V in L2
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        bh = tl.program_id(1)
     else:
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
