@@ -131,6 +131,7 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
             body(f"{var} = {POINTWISE[n.target](ExprBuilder(get, '[BLOCK_M, BLOCK_N]'), n)}")
         values[n] = var
 
+    first_store = None
     for n in outputs:
         vars_, kd, td = operand_dims(shape_of(n), shape_of(n))
         ptr = ops.store(n, kd, td)
@@ -140,7 +141,10 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
             off += " + col * 0"
         if all(v == "col" for v in vars_):
             off += " + row * 0"
-        body(f"tl.store({ptr} + ({off}), {cast_to(values[n], store_dtype(n))}, mask=tile_mask)")
+        line = f"tl.store({ptr} + ({off}), {cast_to(values[n], store_dtype(n))}, mask=tile_mask)"
+        if first_store is None:  # the TMA twin may store the first output through a TMA descriptor
+            first_store = (line, cast_to(values[n], store_dtype(n)))
+        body(line)
 
     for j, lead in enumerate(row_shapes):
         sizes += [(f"m{j}_{d}", s) for d, s in enumerate(lead)]
@@ -216,7 +220,7 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
     tma = not bmm and not (sympy.sympify(a_shape[-2]).is_Integer and int(a_shape[-2]) <= GEMV_MAX_M)
     if tma:
         runtime_params = ops.pointer_args() + ["M", "N", "K"] + [s for s, _ in sizes] + stride_args
-        code += "\n\n@triton.jit\n" + emit_tma_function(name, runtime_params, index_lines.text(), body.text(), fp32)
+        code += "\n\n@triton.jit\n" + emit_tma_function(name, runtime_params, index_lines.text(), body.text(), fp32, first_store)
     text = header(name, "matmul", g.nodes, code) + code
     launch = {"M": size_str(a_shape[-2]), "N": size_str(b_shape[-1]), "K": size_str(a_shape[-1]),
               "batch": size_str(a_shape[0]) if bmm else 1, "op": str(anchor.target).split(".")[-2],

@@ -30,7 +30,7 @@ the other stride ·elt a multiple of 16 bytes, 16-byte aligned base pointers.
 from __future__ import annotations
 
 TMA_CONSTEXPRS = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "NUM_SMS", "A_T", "B_T", "FLATTEN", "EPI_SPLIT", "EPI_N",
-                  "INTERPRETED"]
+                  "OUT_TMA", "INTERPRETED"]
 
 
 def _indent(text: str, levels: int) -> str:
@@ -38,16 +38,19 @@ def _indent(text: str, levels: int) -> str:
     return "\n".join(pad + line if line.strip() else line for line in text.splitlines())
 
 
-def emit_tma_function(name: str, params: list[str], index_text: str, body_text: str, fp32: bool) -> str:
-    """Source of ``@triton.jit def <name>_tma(a_desc, b_desc, *params, <TMA_CONSTEXPRS>)``.
+def emit_tma_function(name: str, params: list[str], index_text: str, body_text: str, fp32: bool,
+                      first_store: tuple[str, str] | None = None) -> str:
+    """Source of ``@triton.jit def <name>_tma(a_desc, b_desc, c_desc, *params, <TMA_CONSTEXPRS>)``.
 
     ``params``: the regular kernel's runtime parameters (pointers, M, N, K, row sizes, strides) in
     the same order, so one argument list launches either kernel; the A/B pointers go unused here.
     ``index_text``/``body_text``: the epilogue lines of the regular kernel (indent 1), which read
-    ``acc``, ``row``, ``col`` and ``tile_mask``.
+    ``acc``, ``row``, ``col`` and ``tile_mask``. ``first_store``: (the body's store line of the first
+    output, the value it stores); with OUT_TMA that store goes through ``c_desc`` (a [BLOCK_M, EPI_N]
+    block descriptor over the output as a row-major M x N matrix) instead.
     """
     prec = ', input_precision="ieee"' if fp32 else ""
-    sig = ", ".join(["a_desc", "b_desc"] + params + [f"{c}: tl.constexpr" for c in TMA_CONSTEXPRS])
+    sig = ", ".join(["a_desc", "b_desc", "c_desc"] + params + [f"{c}: tl.constexpr" for c in TMA_CONSTEXPRS])
     lines = [
         f"def {name}_tma({sig}):",
         "    start = tl.program_id(0)",
@@ -57,6 +60,7 @@ def emit_tma_function(name: str, params: list[str], index_text: str, body_text: 
         "    k_tiles = tl.cdiv(K, BLOCK_K)",
         "    group_tiles = GROUP_M * num_pid_n",
         "    tile_e = start - NUM_SMS  # the epilogue's own tile counter (independent of the loads')",
+        "    # NUM_SMS: the number of persistent programs (#SM x CTAs per SM)",
         "    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):",
         "        # grouped ordering: GROUP_M row-blocks in flight share each B tile in L2",
         "        first_m = (tile // group_tiles) * GROUP_M",
@@ -82,29 +86,47 @@ def emit_tma_function(name: str, params: list[str], index_text: str, body_text: 
         "        tile_e += NUM_SMS",
         "        first_e = (tile_e // group_tiles) * GROUP_M",
         "        group_e = tl.minimum(num_pid_m - first_e, GROUP_M)",
-        "        rm = (first_e + tile_e % group_e) * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "        m0 = (first_e + tile_e % group_e) * BLOCK_M",
+        "        rm = m0 + tl.arange(0, BLOCK_M)",
         "        n0 = ((tile_e % group_tiles) // group_e) * BLOCK_N",
         "        row = rm[:, None]",
-        "        # epilogue on the fp32 tile (the same lines as the non-TMA kernel), on the whole tile or",
-        "        # (EPI_SPLIT = 2, big tiles) on its two column halves in turn: the epilogue's temporaries",
-        "        # (a residual tile, GELU's intermediates) then need half the registers, which keeps a",
-        "        # 128x256 tile with 8 warps from spilling",
-        "        if EPI_SPLIT == 1:",
+        "        # epilogue on the fp32 tile (the same lines as the non-TMA kernel), on the whole tile or on",
+        "        # EPI_SPLIT = 2 or 4 column slices in turn: the epilogue's temporaries (a residual tile,",
+        "        # GELU's intermediates) then need 1/2 or 1/4 of the registers (a 128x256 tile with 8 warps",
+        "        # does not spill), and with OUT_TMA each slice's TMA store drains while the next is computed",
     ]
+    body = body_text
+    if first_store is not None:
+        line, value = first_store
+        tma_store = "\n".join([
+            "    if OUT_TMA:  # registers -> shared memory -> async bulk copy (clipped at M and N by the TMA unit)",
+            f"        c_desc.store([m0, cn], {value})",
+            "    else:",
+            f"        {line}"])
+        assert ("    " + line) in body, "the first output's store line must be in the epilogue body"
+        body = body.replace("    " + line, tma_store, 1)
     # the epilogue's full-tile shapes become [BLOCK_M, EPI_N] (EPI_N = BLOCK_N // EPI_SPLIT)
-    epi = _indent(index_text + "\n" + body_text.replace("[BLOCK_M, BLOCK_N]", "[BLOCK_M, EPI_N]"), 2)
-    half = [
-        "            col = rn[None, :]",
-        "            tile_mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        epi,
-    ]
-    lines += ["            rn = n0 + tl.arange(0, BLOCK_N)"] + half + [
-        "        else:",
-        "            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, EPI_N)), (0, 2, 1)))",
-        "            acc = acc_lo",
-        "            rn = n0 + tl.arange(0, EPI_N)",
-    ] + half + [
-        "            acc = acc_hi",
-        "            rn = n0 + EPI_N + tl.arange(0, EPI_N)",
-    ] + half
+    epi = _indent(index_text + "\n" + body.replace("[BLOCK_M, BLOCK_N]", "[BLOCK_M, EPI_N]"), 2)
+
+    def piece(acc: str | None, j: int) -> list[str]:
+        return ([f"            acc = {acc}"] if acc else []) + [
+            f"            cn = n0{f' + {j} * EPI_N' if j else ''}",
+            "            rn = cn + tl.arange(0, EPI_N)",
+            "            col = rn[None, :]",
+            "            tile_mask = (rm[:, None] < M) & (rn[None, :] < N)",
+            epi,
+        ]
+
+    def split(src: str, width: str, lo: str, hi: str) -> str:
+        # register-only: the column halves of a wgmma accumulator are whole per-thread register groups
+        return f"            {lo}, {hi} = tl.split(tl.permute(tl.reshape({src}, (BLOCK_M, 2, {width})), (0, 2, 1)))"
+    lines += ["        if EPI_SPLIT == 1:"] + piece(None, 0)
+    lines += ["        elif EPI_SPLIT == 2:", split("acc", "EPI_N", "acc_0", "acc_1")] + piece("acc_0", 0) + piece("acc_1", 1)
+    lines += ["        else:  # EPI_SPLIT == 4",
+              "            tl.static_assert(EPI_SPLIT == 4)",
+              split("acc", "2 * EPI_N", "acc_lo", "acc_hi"),
+              split("acc_lo", "EPI_N", "acc_0", "acc_1"),
+              split("acc_hi", "EPI_N", "acc_2", "acc_3")]
+    for j in range(4):
+        lines += piece(f"acc_{j}", j)
     return "\n".join(lines) + "\n"

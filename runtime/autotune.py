@@ -74,9 +74,21 @@ def tma_configs(M: int, N: int, K: int, fast: bool, epilogue: bool) -> list[tupl
     return wide[: (2 if epilogue else 1)] if fast else wide
 
 
+def tma_fields(cfg) -> tuple:
+    """(bm, bn, bk, warps, stages, flatten, split, ctas_per_sm, tma_store) of a TMA config tuple
+    ``(BM, BN, BK, W, S[, flatten=True[, split=None[, ctas_per_sm=1[, tma_store=False]]]])``;
+    split None: chosen by tma_launch from the accumulator's registers per thread."""
+    bm, bn, bk, w, s = cfg[:5]
+    rest = tuple(cfg[5:]) + (True, None, 1, False)[len(cfg) - 5:]
+    return bm, bn, bk, w, s, bool(rest[0]), rest[1], int(rest[2]), bool(rest[3])
+
+
 def tma_name(cfg) -> str:
-    """Variant name of a TMA config, e.g. ``tma_128x256x64x8x3`` (``_nf``: loop nest not flattened)."""
-    return "tma_" + "x".join(map(str, cfg[:5])) + ("_nf" if len(cfg) > 5 and not cfg[5] else "") + (f"_e{cfg[6]}" if len(cfg) > 6 else "")
+    """Variant name of a TMA config, e.g. ``tma_128x256x64x8x3`` (``_nf``: loop nest not flattened,
+    ``_e2``: epilogue in 2 column slices, ``_c2``: 2 programs per SM, ``_ts``: TMA store of the output)."""
+    _, _, _, _, _, flatten, split, ctas, store = tma_fields(cfg)
+    return ("tma_" + "x".join(map(str, cfg[:5])) + ("" if flatten else "_nf") + ("" if split is None else f"_e{split}")
+            + ("" if ctas == 1 else f"_c{ctas}") + ("_ts" if store else ""))
 
 
 def _tma_view(t: torch.Tensor):
@@ -114,28 +126,59 @@ def tma_refusal(a: torch.Tensor, b: torch.Tensor, batch: int, M: int, dtypes=TMA
     return None
 
 
-def tma_launch(kern, a, b, ptrs, scalars, strides, cfg, num_sms: int, interpreted: bool = False, flatten: bool = True):
-    """Launch ``<kernel>_tma`` (the TMA twin of a matmul step) for config ``cfg``: host-side tensor
-    descriptors over A and B (a CPU-only encoding the launcher passes by value, so capture-safe in a
-    CUDA graph), min(#SM, #tiles) persistent programs. Call ``tma_refusal`` first."""
+TMA_STORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def tma_store_refusal(out: torch.Tensor | None, M: int, N: int) -> str | None:
+    """Why the first output cannot be stored through a TMA descriptor (the kernel then keeps plain
+    masked stores); None when it can: a row-major M x N matrix (any leading shape flattening to M rows,
+    unit column stride), 16-byte aligned base and row stride, a TMA-storable dtype."""
+    if out is None:
+        return "no output tensor"
+    if out.dtype not in TMA_STORE_DTYPES:
+        return f"output dtype {out.dtype}"
+    if out.dim() < 1 or out.shape[-1] != N or out.numel() != M * N:
+        return f"output shape {tuple(out.shape)} is not {M} rows of {N}"
+    if not out.is_contiguous():
+        return f"output not contiguous (strides {tuple(out.stride())})"
+    if out.data_ptr() % 16:
+        return "output base pointer not 16-byte aligned"
+    if (N * out.element_size()) % 16:
+        return f"output row {N} x {out.element_size()} B is not a multiple of 16 bytes"
+    return None
+
+
+def tma_launch(kern, a, b, ptrs, scalars, strides, cfg, num_sms: int, interpreted: bool = False, flatten: bool = True,
+               out: torch.Tensor | None = None):
+    """Launch ``<kernel>_tma`` (the TMA twin of a matmul step) for config ``cfg`` (see tma_fields): host-side
+    tensor descriptors over A and B (and, for a ``tma_store`` config whose output ``out`` passes
+    tma_store_refusal, over the output; else plain stores), a CPU-only encoding the launcher passes by
+    value, so capture-safe in a CUDA graph; min(#SM x ctas_per_sm, #tiles) persistent programs. Call
+    ``tma_refusal`` first."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    bm, bn, bk, w, s = cfg[:5]
-    flatten = bool(cfg[5]) if len(cfg) > 5 else flatten  # a 6th entry: flatten the persistent loop nest?
+    bm, bn, bk, w, s, flat, split, ctas, store = tma_fields(cfg)
+    flatten = flat if len(cfg) > 5 else flatten  # a 6th entry: flatten the persistent loop nest?
     # Epilogue in two column halves when the fp32 accumulator takes >= 128 registers per thread
     # (128x256 with 8 warps, 128x128 with 4): measured by compiling for sm_90, whole-tile epilogues
     # there hit 255 registers and spill (GELU: 232 B, residual add: 600 B of stack per thread).
-    split = int(cfg[6]) if len(cfg) > 6 else (2 if bm * bn // (32 * w) >= 128 and not interpreted else 1)
+    if split is None:
+        split = 2 if bm * bn // (32 * w) >= 128 and not interpreted else 1
     (av, a_t), (bv, b_t) = _tma_view(a), _tma_view(b)
     a_desc = TensorDescriptor(av, list(av.shape), list(av.stride()), [bk, bm] if a_t else [bm, bk])
     b_desc = TensorDescriptor(bv, list(bv.shape), list(bv.stride()), [bn, bk] if b_t else [bk, bn])
     M, N = scalars[0], scalars[1]
+    c_desc = None
+    if store and tma_store_refusal(out, M, N) is None:
+        c_desc = TensorDescriptor(out.view(M, N), [M, N], [N, 1], [bm, bn // split])
     tiles = -(-M // bm) * -(-N // bn)
-    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": num_sms, "A_T": a_t, "B_T": b_t,
-          "FLATTEN": flatten, "EPI_SPLIT": split, "EPI_N": bn // split, "INTERPRETED": interpreted}
+    progs = num_sms * ctas  # a constexpr: the same for every shape, the grid is at most #tiles
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": progs, "A_T": a_t, "B_T": b_t,
+          "FLATTEN": flatten, "EPI_SPLIT": split, "EPI_N": bn // split, "OUT_TMA": c_desc is not None,
+          "INTERPRETED": interpreted}
     if not interpreted:
         kw.update(num_warps=w, num_stages=s)
-    kern[(max(1, min(num_sms, tiles)),)](a_desc, b_desc, *ptrs, *scalars, *strides, **kw)
+    kern[(max(1, min(progs, tiles)),)](a_desc, b_desc, c_desc, *ptrs, *scalars, *strides, **kw)
 
 
 class AutotuneCache:

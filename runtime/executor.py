@@ -382,7 +382,8 @@ class Executor:
         kern = self._kernel_entry(st.kernel, "_tma", device.type)
         sms = _sm_count(device)
         cfgs = tma_configs(M, N, K, self.autotune != "max", epilogue=st.launch.get("direct") is None)
-        return {tma_name(c): (lambda c=c: tma_launch(kern, a, b, ptrs, scalars, strides, c, sms)) for c in cfgs}
+        out = env[st.stores[0].buf]  # a tma_store config stores this (the first output) through a descriptor
+        return {tma_name(c): (lambda c=c: tma_launch(kern, a, b, ptrs, scalars, strides, c, sms, out=out)) for c in cfgs}
 
     def _kernel_entry(self, name: str, suffix: str, device_type: str):
         """Another ``@triton.jit`` function of a kernel's source (e.g. the matmul's ``_tma`` twin)."""
@@ -401,7 +402,8 @@ class Executor:
             if tma_refusal(a, b, 1, scalars[0], dtypes=(a.dtype,)) is None:
                 cpu = device.type == "cpu"
                 tma_launch(self._kernel_entry(st.kernel, "_tma", device.type), a, b, ptrs, scalars, strides,
-                           self.force_tma, num_sms=3 if cpu else _sm_count(device), interpreted=cpu)
+                           self.force_tma, num_sms=3 if cpu else _sm_count(device), interpreted=cpu,
+                           out=env[st.stores[0].buf])
                 return
         if device.type != "cuda":
             kern[grid](*ptrs, *scalars, *strides, ptrs[0], 0, 0, 0, **kw)
