@@ -73,7 +73,7 @@ def cfg_str(cfg) -> str:
     if not cfg:
         return "-"
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_KB": "kb", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s",
-             "SPLIT_K": "sk", "POST": "post", "GROUP_M": "gm", "HEAD_DIM": "d", "FOLD_K": "fold", "K_MAGIC": "kmagic", "V_TF32": "vtf32",
+             "SPLIT_K": "sk", "POST": "post", "GROUP_M": "gm", "HEAD_DIM": "d", "FOLD_K": "fold", "K_MAGIC": "kmagic", "V_TF32": "vtf32", "PREFETCH": "pf",
              "splits": "splits"}
     return " ".join(f"{short.get(k, k)}{int(v) if isinstance(v, bool) else v}" for k, v in cfg.items()
                     if k not in ("GROUP_M", "HEAD_DIM"))
@@ -142,6 +142,7 @@ def gemv_variants(fmt, m, n, k):
     kf = ql.kernel_format(fmt)
     if not kf["PER_ROW"]:  # per-element scaling (the old path) for the first two configs
         out += [dict(c, POST=False) for c in cfgs[:2]]
+    out += [dict(cfgs[0], PREFETCH=False)]  # one code tile in flight per program instead of two
     if not CPU:
         out += [dict(cfgs[0], SPLIT_K=2), dict(cfgs[1], SPLIT_K=4)]
     return out

@@ -16,10 +16,11 @@ Every format of ``FORMATS`` runs in the kernels: w8a16, w8a16_fp8, w4a16_g32/g64
 mxfp4, nvfp4, nvint4. CPU tensors without the Triton interpreter (a CUDA machine working on a CPU copy)
 fall back to ``dequantize`` + an fp32 matmul.
 
-Configs (``gemv_configs`` / ``gemm_configs``, first = default): small lists with a GPU default chosen
-from the bf16 GEMV measured on the H100 (codegen/emit_matmul.py: 4 rows x 1024 elements per step,
-4 warps, 2.2-2.9 TB/s) and an interpreter default with tiny blocks (every tile path runs in CPU tests).
-The GPU defaults are untuned guesses for the quantized kernels until the H100 run measures them.
+Configs (``gemv_configs`` / ``gemm_configs``, first = default): small lists, and an interpreter default
+with tiny blocks (every tile path runs in CPU tests). Config keys beyond the blocks: POST (group scales
+after the partial dot), PREFETCH (GEMV: next tile loaded before the current one is decoded), SPLIT_K
+(None: automatic). The GPU defaults are chosen from ptxas resource usage for sm_90 (no spills, two
+tiles in flight) and await the H100 sweep of ``benchmarks/probe_quant.py``.
 """
 from __future__ import annotations
 

@@ -133,6 +133,7 @@ def test_every_tile_path_of_grouped_formats(fmt):
     for m, cfg, split in [(1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_KB": max(gb // 2, 1)}, 1),
                           (5, {"BLOCK_M": 8, "BLOCK_N": 4, "BLOCK_KB": 4 * gb}, 4),
                           (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_KB": 4 * gb, "POST": False}, 2),
+                          (3, {"BLOCK_M": 4, "BLOCK_N": 8, "BLOCK_KB": max(gb // 2, 1), "PREFETCH": False}, 3),
                           (5, {"BLOCK_M": 8, "BLOCK_N": 4, "BLOCK_KB": max(gb // 2, 1), "POST": False}, 1),
                           (20, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KB": max(16, 2 * gb), "GROUP_M": 2}, None),
                           # GEMM: tile = one group (scale on the partial accumulator), explicit K splits

@@ -8,7 +8,10 @@
 #                         codegen/emit_matmul.py: each program streams BLOCK_N weight rows along K (BLOCK_KB
 #                         bytes of codes per row per step), decodes them and accumulates x·w in fp32 (a
 #                         [BLOCK_M, BLOCK_N, BLOCK_KB] accumulator reduced once at the end for M <= 4, a
-#                         per-step reduction above). Grid (N tiles, K splits, M tiles). With K splits > 1
+#                         per-step reduction above). PREFETCH (default): the next step's code bytes and x
+#                         are loaded before the current step is decoded (two tiles in flight per program:
+#                         Triton's pipeliner leaves this loop alone, num_stages changes nothing in its SASS).
+#                         Grid (N tiles, K splits, M tiles). With K splits > 1
 #                         each split writes fp32 partials [SPLITS, M, N] and dequant_splitk_reduce sums
 #                         them in split order (deterministic), adds the bias and casts.
 #   dequant_gemm          larger M: tensor cores (tl.dot). Grid (M tiles x N tiles, K splits; split-K
@@ -124,11 +127,9 @@ def _apply_group(w, s, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.
 
 
 @triton.jit
-def _load_codes(codes, rn, j0, N, KB, s_cn, ELEM: tl.constexpr, EPB: tl.constexpr, BLOCK_KB: tl.constexpr):
-    # Byte columns j0 .. j0 + BLOCK_KB of rows rn decoded to fp32 *unscaled* element values:
-    # (lo, hi) = elements k = EPB * j and (4-bit only) k = 2j + 1. Rows >= N and columns >= KB read 0.
-    rj = j0 + tl.arange(0, BLOCK_KB)
-    b = tl.load(codes + rn[:, None] * s_cn + rj[None, :], mask=(rn < N)[:, None] & (rj[None, :] < KB), other=0)
+def _decode(b, ELEM: tl.constexpr, EPB: tl.constexpr):
+    # Raw code bytes [BLOCK_N, BLOCK_KB] -> fp32 *unscaled* element values (lo, hi): elements k = EPB * j
+    # and (4-bit only) k = 2j + 1.
     if EPB == 2:
         bi = b.to(tl.int32)
         lo = _nibble_value(bi & 15, ELEM)
@@ -143,12 +144,17 @@ def _load_codes(codes, rn, j0, N, KB, s_cn, ELEM: tl.constexpr, EPB: tl.constexp
 
 
 @triton.jit
-def _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
-                     GB: tl.constexpr):
-    # uint4 codes minus their group's zero point, unscaled: the zero point is folded into the constant of
-    # the bit-trick decode, (2^23 + q) - (2^23 + z), so it costs nothing per element (exact: |q - z| < 16).
+def _load_codes(codes, rn, j0, N, KB, s_cn, ELEM: tl.constexpr, EPB: tl.constexpr, BLOCK_KB: tl.constexpr):
+    # Byte columns j0 .. j0 + BLOCK_KB of rows rn decoded (_decode). Rows >= N and columns >= KB read 0.
     rj = j0 + tl.arange(0, BLOCK_KB)
     b = tl.load(codes + rn[:, None] * s_cn + rj[None, :], mask=(rn < N)[:, None] & (rj[None, :] < KB), other=0)
+    return _decode(b, ELEM, EPB)
+
+
+@triton.jit
+def _decode_zero(b, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.constexpr):
+    # uint4 code bytes minus their group's zero point, unscaled: the zero point is folded into the constant
+    # of the bit-trick decode, (2^23 + q) - (2^23 + z), so it costs nothing per element (exact: |q - z| < 16).
     bi = b.to(tl.int32)
     zf = z + 8388608.0
     if BLOCK_KB <= GB:
@@ -158,6 +164,14 @@ def _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N: tl.constexpr, BLOCK
     lo = ((bi & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zb
     hi = (((bi >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zb
     return lo, hi
+
+
+@triton.jit
+def _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+                     GB: tl.constexpr):
+    rj = j0 + tl.arange(0, BLOCK_KB)
+    b = tl.load(codes + rn[:, None] * s_cn + rj[None, :], mask=(rn < N)[:, None] & (rj[None, :] < KB), other=0)
+    return _decode_zero(b, z, BLOCK_N, BLOCK_KB, GB)
 
 
 @triton.jit
@@ -250,7 +264,7 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
                  HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr, EPB: tl.constexpr,
                  GB: tl.constexpr, SPLIT: tl.constexpr, ACC3: tl.constexpr, OUT_BF16: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, INTERPRETED: tl.constexpr,
-                 POST: tl.constexpr = True):
+                 POST: tl.constexpr = True, PREFETCH: tl.constexpr = True):
     # POST (grouped formats): the group scale is applied once per (row, group) to the partial dot of the
     # unscaled codes, and a zero point z through sum(x·(q - z)) = sum(x·q) - z·sum(x): per element only
     # the decode and one FMA remain. Else the tile is scaled per element before the dot (old path).
@@ -270,17 +284,37 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     j_start = pid_k * KB_PER_SPLIT  # KB_PER_SPLIT is a multiple of BLOCK_KB: tiles never straddle splits
     j_end = tl.minimum(j_start + KB_PER_SPLIT, KB)
+    # PREFETCH: the next step's code bytes and x are loaded before this step's decode, so every program
+    # keeps two tiles in flight (Triton does not software-pipeline this loop: no tl.dot consumes the loads)
+    rjb = tl.arange(0, BLOCK_KB)
+    c_rows = codes + rn[:, None] * s_cn
+    nk_ok = (rn < N)[:, None]
+    if PREFETCH:
+        b_nxt = tl.load(c_rows + (j_start + rjb)[None, :], mask=nk_ok & ((j_start + rjb)[None, :] < j_end), other=0)
+        xe_nxt, xo_nxt = _load_x(x_rows, m_ok, j_start, K, s_xk, EPB, BLOCK_M, BLOCK_KB)
     for j0 in range(j_start, j_end, BLOCK_KB):
-        xe, xo = _load_x(x_rows, m_ok, j0, K, s_xk, EPB, BLOCK_M, BLOCK_KB)
-        if GROUPED_POST:
-            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
-            if HAS_ZERO:
-                lo, hi = _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N, BLOCK_KB, GB)
-            else:
-                lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
+        if PREFETCH:
+            b = b_nxt
+            xe = xe_nxt
+            xo = xo_nxt
+            j1 = j0 + BLOCK_KB
+            b_nxt = tl.load(c_rows + (j1 + rjb)[None, :], mask=nk_ok & ((j1 + rjb)[None, :] < j_end), other=0)
+            xe_nxt, xo_nxt = _load_x(x_rows, m_ok, j1, K, s_xk, EPB, BLOCK_M, BLOCK_KB)
         else:
-            lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
-                                   ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
+            b = tl.load(c_rows + (j0 + rjb)[None, :], mask=nk_ok & ((j0 + rjb)[None, :] < j_end), other=0)
+            xe, xo = _load_x(x_rows, m_ok, j0, K, s_xk, EPB, BLOCK_M, BLOCK_KB)
+        if GROUPED_POST or not PER_ROW:
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+        if HAS_ZERO:
+            lo, hi = _decode_zero(b, z, BLOCK_N, BLOCK_KB, GB)
+        else:
+            lo, hi = _decode(b, ELEM, EPB)
+        if not GROUPED_POST and not PER_ROW:  # per-element group scales (zero points already folded)
+            lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, False)
+            if EPB == 2:
+                hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, False)
+            else:
+                hi = lo
         if EPB == 2:
             prod = xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :]
         else:
