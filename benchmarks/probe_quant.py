@@ -152,7 +152,7 @@ def gemm_variants(fmt, m, n, k):
     cfgs = ql.gemm_configs(m, n, k, fmt, CPU)
     out = [dict(c) for c in cfgs]
     if not CPU:
-        out += [dict(cfgs[0], SPLIT_K=s) for s in (1, 2, 4)]
+        out += [dict(cfgs[0], SPLIT_K=s) for s in (1, 2, 4)] + [dict(cfgs[0], PREFETCH=False)]
     return out
 
 

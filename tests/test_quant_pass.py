@@ -138,7 +138,8 @@ def test_every_tile_path_of_grouped_formats(fmt):
                           (20, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KB": max(16, 2 * gb), "GROUP_M": 2}, None),
                           # GEMM: tile = one group (scale on the partial accumulator), explicit K splits
                           (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "SPLIT_K": 3}, None),
-                          (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "POST": False}, 2)]:
+                          (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "POST": False}, 2),
+                          (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "PREFETCH": False}, 2)]:
         if m > ql.GEMV_MAX_M and cfg["BLOCK_KB"] * ql.kernel_format(fmt)["EPB"] < 16:
             continue
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)

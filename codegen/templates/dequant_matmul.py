@@ -17,7 +17,8 @@
 #   dequant_gemm          larger M: tensor cores (tl.dot). Grid (M tiles x N tiles, K splits; split-K
 #                         partials reduced as for the GEMV). The B tile is decoded once per K step for all
 #                         BLOCK_M rows, cast to the activation dtype (bf16 / fp16; fp32 stays fp32 with IEEE
-#                         dots) and fed to tl.dot against x; fp32 accumulation, grouped tile order.
+#                         dots) and fed to tl.dot against x; fp32 accumulation, grouped tile order;
+#                         PREFETCH as in the GEMV (code tiles only: x feeds tl.dot and is pipelined).
 #   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype.
 #
 # Work is indexed in "byte columns" j of the codes: one byte holds EPB elements (1 for 8-bit codes, 2 for
@@ -385,7 +386,7 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
                  HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr, EPB: tl.constexpr,
                  GB: tl.constexpr, ACT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP_M: tl.constexpr, INTERPRETED: tl.constexpr,
-                 SPLIT: tl.constexpr = False, POST: tl.constexpr = True):
+                 SPLIT: tl.constexpr = False, POST: tl.constexpr = True, PREFETCH: tl.constexpr = True):
     # Grid (M tiles x N tiles, K splits). 4-bit tiles are interleaved back to element order (tl.join) so
     # one dot of K = 2 * BLOCK_KB runs against contiguous x. POST with a tile inside one scale group
     # (BLOCK_KB <= GB): the dot runs on the unscaled codes (exact in bf16 / fp16) and the group's scale
@@ -409,16 +410,30 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     j_start = pid_k * KB_PER_SPLIT
     j_end = tl.minimum(j_start + KB_PER_SPLIT, KB)
+    rjb = tl.arange(0, BLOCK_KB)
+    c_rows = codes + rn[:, None] * s_cn
+    nk_ok = (rn < N)[:, None]
+    if PREFETCH:  # the next code tile is loaded before this one is decoded (as in dequant_gemv)
+        b_nxt = tl.load(c_rows + (j_start + rjb)[None, :], mask=nk_ok & ((j_start + rjb)[None, :] < j_end), other=0)
     for j0 in range(j_start, j_end, BLOCK_KB):
-        if GROUPED_POST:
-            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
-            if HAS_ZERO:
-                lo, hi = _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N, BLOCK_KB, GB)
-            else:
-                lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
+        if PREFETCH:
+            b = b_nxt
+            j1 = j0 + BLOCK_KB
+            b_nxt = tl.load(c_rows + (j1 + rjb)[None, :], mask=nk_ok & ((j1 + rjb)[None, :] < j_end), other=0)
         else:
-            lo, hi = _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
-                                   ELEM, SCALE, PER_ROW, HAS_ZERO, EPB, GB, BLOCK_N, BLOCK_KB)
+            b = tl.load(c_rows + (j0 + rjb)[None, :], mask=nk_ok & ((j0 + rjb)[None, :] < j_end), other=0)
+        if not PER_ROW:
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+        if HAS_ZERO:
+            lo, hi = _decode_zero(b, z, BLOCK_N, BLOCK_KB, GB)
+        else:
+            lo, hi = _decode(b, ELEM, EPB)
+        if not GROUPED_POST and not PER_ROW:  # per-element group scales (zero points already folded)
+            lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, False)
+            if EPB == 2:
+                hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, False)
+            else:
+                hi = lo
         if EPB == 2:
             w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE))
         else:
