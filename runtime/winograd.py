@@ -195,15 +195,17 @@ class WinogradConfig:
 # the first entry of each list is the default.
 CONFIGS = {
     ("nchw", 2): [WinogradConfig(128, 2, 4, 128, 4, 4, out_rows=True)],
-    ("nchw", 4): [WinogradConfig(128, 1, 4, 128, 2, 4, out_rows=True), WinogradConfig(128, 2, 4, 128, 1, 4),
-                  WinogradConfig(64, 4, 4, 64, 4, 4, out_rows=True), WinogradConfig(256, 2, 8, 256, 2, 8),
+    # H100 probe (benchmarks/results/probe_winograd.md): input 128x1 w4 (1.80 TB/s) with output 64x4 w4
+    # row stores (1.89 TB/s) was the fastest F(4,3) NCHW pair: 232 us per layer inside a CUDA graph.
+    ("nchw", 4): [WinogradConfig(128, 1, 4, 64, 4, 4, out_rows=True), WinogradConfig(128, 1, 4, 128, 2, 4, out_rows=True),
+                  WinogradConfig(128, 2, 4, 128, 1, 4), WinogradConfig(256, 2, 8, 256, 2, 8),
                   WinogradConfig(128, 4, 4, 128, 1, 4, out_rows=True), WinogradConfig(64, 2, 2, 64, 2, 2)],
     ("nchw", 6): [WinogradConfig(128, 1, 4, 128, 1, 4, out_rows=True), WinogradConfig(64, 1, 2, 64, 1, 2),
                   WinogradConfig(128, 2, 4, 128, 2, 4, out_rows=True), WinogradConfig(256, 1, 8, 256, 1, 8),
                   WinogradConfig(64, 2, 4, 64, 2, 4)],
     ("nhwc", 2): [WinogradConfig(4, 128, 4, 4, 128, 4)],
-    ("nhwc", 4): [WinogradConfig(2, 128, 4, 2, 128, 4), WinogradConfig(4, 64, 4, 4, 64, 4),
-                  WinogradConfig(1, 128, 4, 1, 128, 4), WinogradConfig(2, 64, 2, 2, 64, 2)],
+    ("nhwc", 4): [WinogradConfig(2, 64, 2, 2, 128, 4), WinogradConfig(2, 128, 4, 2, 128, 4),
+                  WinogradConfig(4, 64, 4, 4, 64, 4), WinogradConfig(1, 128, 4, 1, 128, 4)],
     ("nhwc", 6): [WinogradConfig(1, 128, 4, 1, 128, 4), WinogradConfig(2, 64, 4, 2, 64, 4),
                   WinogradConfig(1, 64, 2, 1, 64, 2)],
 }
