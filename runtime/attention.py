@@ -71,15 +71,17 @@ def _hopper() -> bool:
 
 # GPU launch configs for long queries, best guess first (the executor tries only the first unless
 # autotune="max"; bench_attention times them all). (BLOCK_M, BLOCK_N, warps, stages, TMA, LPT, WS,
-# PIPE). From the first H100 probe (benchmarks/results/probe_attention.md): 128x128 with host
-# descriptors and heavy-first order won 8K causal (543 TFLOP/s, 0.95x SDPA) and sink+window
-# (2.46 ms, 1.04x flex); 128x64 with in-kernel descriptors won 32K (498, 0.85x). LPT=2 (head-major)
-# variants target 32K's L2 reuse. The executor names variants by all of these fields.
+# PIPE). From the H100 probes (benchmarks/results/probe_attention.md): 128x128 with host descriptors
+# won both lengths, in a different order: heads interleaved, heavy-first (LPT=1) at 8K causal (545
+# TFLOP/s, 0.94x SDPA), head-major heavy-first (LPT=2) at 32K (562, 0.94x) and sink+window (2.40 ms,
+# 1.07x flex). At 32K one head's K/V is 16 MB, so programs of different heads evict each other from
+# L2 unless co-resident programs share a head; at 8K (4 MB per head) balance across heads matters more.
 LONG_CONFIGS = [
-    (128, 128, 8, 3, 2, 1, False, False), (128, 64, 8, 3, 1, 1, False, False),
-    (128, 128, 8, 3, 2, 2, False, False), (128, 64, 8, 3, 1, 2, False, False),
-    (64, 64, 4, 3, 2, 1, False, False),
+    (128, 128, 8, 3, 2, 1, False, False), (128, 128, 8, 3, 2, 2, False, False),
+    (128, 64, 8, 3, 1, 1, False, False), (128, 64, 8, 3, 1, 2, False, False),
+    (64, 64, 4, 3, 2, 2, False, False),
 ]
+HEAD_MAJOR_FROM = 16384  # query length from which the head-major order (LPT=2) is the default
 
 
 def block_configs(lq: int, d: int, interpreted: bool) -> list[dict]:
@@ -93,7 +95,8 @@ def block_configs(lq: int, d: int, interpreted: bool) -> list[dict]:
         return [{"BLOCK_M": bm, "BLOCK_N": 64, "HEAD_DIM": head, "num_warps": 4, "num_stages": 3}]
     hopper = _hopper()
     out = []
-    for bm, bn, w, s, tma, lpt, ws, pipe in LONG_CONFIGS:
+    order = sorted(LONG_CONFIGS, key=lambda c: c[5] != 2) if lq >= HEAD_MAJOR_FROM else LONG_CONFIGS
+    for bm, bn, w, s, tma, lpt, ws, pipe in order:
         if head >= 256 and bn > 64:
             continue
         out.append({"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "num_warps": w, "num_stages": s,
