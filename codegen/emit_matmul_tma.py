@@ -100,7 +100,7 @@ def emit_tma_function(name: str, params: list[str], index_text: str, body_text: 
         line, value = first_store
         tma_store = "\n".join([
             "    if OUT_TMA:  # registers -> shared memory -> async bulk copy (clipped at M and N by the TMA unit)",
-            f"        c_desc.store([m0, cn], {value})",
+            f"        c_desc.store([m0, cn], tl.broadcast_to({value}, (BLOCK_M, EPI_N)))",
             "    else:",
             f"        {line}"])
         assert ("    " + line) in body, "the first output's store line must be in the epilogue body"

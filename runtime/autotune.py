@@ -51,13 +51,26 @@ def candidate_configs(M: int, N: int, K: int) -> list[tuple]:
 
 
 # ---- Hopper TMA variant (codegen/emit_matmul_tma.py) -------------------------------------------------
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flatten=True]), best first. 128x256 w8 holds a 128-register
-# fp32 accumulator per thread and reuses each A tile over 256 columns (wgmma's best shape); 128x128
-# w8 leaves registers for a heavy epilogue (GELU's erf) and has 2x the tiles for short-N shapes
-# (N = 768: 594 tiles over 132 SMs). Every config is a compile at first use: keep the list short.
-# 64x128 w4 is for short matmuls (M <= 64 keeps only 64-row tiles); 64x256 w4 spilled 448 B/thread
-# with a residual epilogue even in halves (sm_90 compile, triton 3.9), so it is a probe-only extra.
-TMA_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, flatten, epilogue slices, CTAs per SM, TMA store])
+# (see tma_fields), best first. Every config is a compile at first use: keep the list short.
+# Why these (H100 probe, benchmarks/results/probe_gemm_tma.md, and sm_90 compiles with triton 3.9's
+# ptxas): the bare mainloop matches cuBLAS (fc1 96 us), but a fused erf-GELU epilogue is ~36 SASS
+# instructions per element (libdevice erff alone ~25), i.e. ~45 us of issue per SM at fc1's 38.7M
+# outputs, and with one persistent CTA per SM nothing overlaps it (fc1: 155 us at best).
+# - "_ts": the first output goes registers -> shared memory -> TMA store: no per-element 64-bit
+#   address/mask math, async (drains during the next tile), and fewer registers (fc1 128x128 w8:
+#   181 -> 121).
+# - "_c2": two persistent CTAs per SM, so one CTA's epilogue runs while the other's wgmmas keep the
+#   tensor cores busy. Needs <= 128 registers per thread at 8 warps and <= ~113 KB of shared memory:
+#   128x128x64 w8 s3 with 4 epilogue slices (GELU 107 regs / 104 KB, SiLU*up 127 / 112 KB, bias
+#   98 / 104 KB; a residual epilogue takes 120 KB there, so one CTA per SM fits: still correct) and
+#   s2 (every epilogue fits twice: <= 128 regs, <= 96 KB).
+# - 128x256 w8 with 4 slices + TMA store: 179 regs (GELU) and no spills; a residual tile there took
+#   240 KB of shared memory in halves (over the 227 KB limit), 192 KB in quarters.
+# The plain-store 128x256 / 128x128 configs stay as fallbacks (measured: fc1 169 / 155 us, dec down
+# 68.9 us < cuBLAS + epilogue 71.6). 64x128 w4 is for short matmuls (M <= 64 keeps only 64-row tiles).
+TMA_CONFIGS = [(128, 128, 64, 8, 3, True, 4, 2, True), (128, 256, 64, 8, 3, True, 4, 1, True),
+               (128, 128, 64, 8, 2, True, 4, 2, True), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
 TMA_DTYPES = (torch.float16, torch.bfloat16)  # fp32 (IEEE, no TF32) stays with cuBLAS / the regular kernel
 TMA_MIN_CC = 9  # TMA and wgmma: sm_90+
 

@@ -11,6 +11,10 @@ from fxforge.runtime import autotune
 from torch import nn
 
 SMALL_CFG = (32, 32, 16, 4, 1)  # small tiles: several tiles per program (3 "SMs"), partial M/N/K tiles
+# whole-tile epilogue; two column halves; then the TMA store (32- and 64-wide tiles in 1, 2 and 4
+# column slices, 1 and 2 programs per "SM"); (BM, BN, BK, W, S, flatten, slices, CTAs/SM, TMA store)
+STORE_CFGS = [SMALL_CFG, (*SMALL_CFG, True, 2), (*SMALL_CFG, True, 1, 1, True), (32, 64, 16, 4, 1, True, 2, 2, True),
+              (32, 64, 16, 4, 1, False, 4, 1, True)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
@@ -45,11 +49,11 @@ def test_tma_twin_matches_float64_with_fused_epilogues(dtype, monkeypatch):
     assert all("_tma(a_desc, b_desc" in src for src in c.kernel_sources.values())
     calls = _count_tma(monkeypatch)
     ref = m.double()(x.double())
-    for cfg in (SMALL_CFG, (*SMALL_CFG, True, 2)):  # whole-tile epilogue, then in two column halves
+    for cfg in STORE_CFGS:
         c.executor.force_tma = cfg
         out = c(x.to(dtype))
         assert rel_err(out, ref) < TOL[dtype], cfg
-    assert len(calls) == 4, "both matmuls must run through the TMA twin"
+    assert len(calls) == 2 * len(STORE_CFGS), "both matmuls must run through the TMA twin"
 
 
 def test_tma_twin_transposed_a_and_row_major_b(monkeypatch):
@@ -98,9 +102,62 @@ def test_refused_matmul_falls_back_to_the_regular_kernel(monkeypatch):
     assert rel_err(out, F.silu(F.linear(x.double(), w.double(), b.double()))) < 1e-6
 
 
+def test_tma_store_output_refusal_reasons():
+    h = torch.float16
+    assert autotune.tma_store_refusal(torch.empty(2, 37, 40, dtype=h), 74, 40) is None  # leading dims flatten to M
+    assert "16 bytes" in autotune.tma_store_refusal(torch.empty(74, 36, dtype=h), 74, 36)  # 72 B rows
+    assert "contiguous" in autotune.tma_store_refusal(torch.empty(40, 74, dtype=h).t(), 74, 40)
+    assert "aligned" in autotune.tma_store_refusal(torch.empty(74 * 40 + 1, dtype=h)[1:].view(74, 40), 74, 40)
+    assert "dtype" in autotune.tma_store_refusal(torch.empty(74, 40, dtype=torch.bool), 74, 40)
+    assert "rows" in autotune.tma_store_refusal(torch.empty(74, 48, dtype=h), 74, 40)
+    assert autotune.tma_store_refusal(None, 74, 40) is not None
+
+
+class _FakeKernel:
+    """Records a launch instead of running it: (grid, args, kwargs)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: self.launches.append((grid, a, kw))
+
+
+def test_tma_launch_store_descriptor_grid_and_fallback():
+    h = torch.float16
+    a, w = torch.randn(300, 64, dtype=h), torch.randn(96, 64, dtype=h)
+    k = _FakeKernel()
+    cfg = (128, 32, 64, 8, 3, True, 2, 2, True)
+    assert autotune.tma_name(cfg) == "tma_128x32x64x8x3_e2_c2_ts"
+    autotune.tma_launch(k, a, w.t(), [], [300, 96, 64], [], cfg, num_sms=4, out=torch.empty(300, 96, dtype=h))
+    grid, args, kw = k.launches[-1]
+    assert kw["OUT_TMA"] and args[2].block_shape == [128, 16] and kw["EPI_N"] == 16
+    assert kw["NUM_SMS"] == 8 and grid == (8,), "two programs per SM: 8 programs for 3 x 3 tiles on 4 SMs"
+    autotune.tma_launch(k, a, w.t(), [], [300, 96, 64], [], cfg, num_sms=100, out=torch.empty(300, 96, dtype=h))
+    assert k.launches[-1][0] == (9,) and k.launches[-1][2]["NUM_SMS"] == 200, "grid: at most #tiles; stride: a constant"
+    # an output TMA cannot store (row-major 96-wide rows transposed): plain stores, same launch otherwise
+    autotune.tma_launch(k, a, w.t(), [], [300, 96, 64], [], cfg, num_sms=4, out=torch.empty(96, 300, dtype=h).t())
+    assert k.launches[-1][2]["OUT_TMA"] is False and k.launches[-1][1][2] is None
+    autotune.tma_launch(k, a, w.t(), [], [300, 96, 64], [], (128, 128, 64, 8, 4), num_sms=4, out=torch.empty(300, 96, dtype=h))
+    assert k.launches[-1][2]["OUT_TMA"] is False and k.launches[-1][2]["EPI_SPLIT"] == 1, "no TMA store unless asked"
+
+
+def test_tma_store_refused_output_keeps_plain_stores(monkeypatch):
+    torch.manual_seed(0)
+    h = torch.float16
+    x, w, b = torch.randn(50, 40, dtype=h), torch.randn(36, 40, dtype=h), torch.randn(36, dtype=h)  # 72 B output rows
+    c = fxforge.compile(lambda_module(lambda x, w, b: F.gelu(F.linear(x, w, b))), (x, w, b))
+    calls = _count_tma(monkeypatch)
+    c.executor.force_tma = (32, 32, 16, 4, 1, True, 2, 2, True)
+    out = c(x, w, b)
+    assert len(calls) == 1
+    assert rel_err(out, F.gelu(F.linear(x.double(), w.double(), b.double()))) < TOL[h]
+
+
 def test_tma_configs_are_pruned_and_short():
     fast = autotune.tma_configs(12608, 3072, 768, fast=True, epilogue=True)
-    assert len(fast) == 2 and fast[0][:2] == (128, 256)
+    assert len(fast) == 2 and {autotune.tma_fields(c)[7] for c in fast} == {1, 2}, "one 2-CTA/SM config, one 1-CTA"
+    assert all(autotune.tma_fields(c)[8] for c in fast), "fast mode: TMA-store configs"
     assert len(autotune.tma_configs(12608, 3072, 768, fast=True, epilogue=False)) == 1
     assert autotune.tma_configs(12608, 768, 3072, fast=True, epilogue=True)[0][1] == 128  # N = 768: narrow first
     assert all(c[0] <= 64 for c in autotune.tma_configs(48, 768, 768, fast=False, epilogue=True))
@@ -189,43 +246,71 @@ def test_autotune_offers_tma_and_reports_the_winner():
     assert any(k.startswith("tma_") for k in fc1_entry["ms"]) and "cublas" in fc1_entry["ms"], fc1_entry
 
 
-def test_tma_twin_compiles_for_sm90_without_spills():
-    """Compile the fc1 kernel's TMA twin for sm_90 on the CPU (Triton's bundled ptxas; no GPU) at the
-    first autotune config: it must lower to wgmma + TMA loads, and the split epilogue must not spill."""
-    import inspect
+_SM90_COMPILE = r"""
+import inspect, json, os, re, subprocess, sys, tempfile
+import torch, torch.nn as nn, torch.nn.functional as F
+import fxforge, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+from fxforge.runtime.autotune import tma_fields
+from fxforge.runtime.kernels import load_kernel
+
+cfg, cache = json.loads(sys.argv[1]), sys.argv[2]
+class M(nn.Module):
+    def forward(self, x, w, b):
+        return F.gelu(F.linear(x, w, b))
+h = torch.float16
+x, w, b = torch.randn(70, 64, dtype=h), torch.randn(40, 64, dtype=h), torch.randn(40, dtype=h)
+k = next(iter(fxforge.compile(M(), (x, w, b)).program.kernels.values()))
+fn = load_kernel(k["entry"] + "_tma", k["source"], "sm90_aot", cache)
+jit = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+bm, bn, bk, warps, stages, flat, split, ctas, store = tma_fields(cfg)
+split = split or (2 if bm * bn // (32 * warps) >= 128 else 1)
+consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": 132 * ctas, "A_T": False, "B_T": True,
+          "FLATTEN": flat, "EPI_SPLIT": split, "EPI_N": bn // split, "OUT_TMA": store, "INTERPRETED": False}
+if not store:
+    consts["c_desc"] = None
+params = list(inspect.signature(jit.fn).parameters)
+sig = {p: "constexpr" if p in consts else f"tensordesc<fp16[{bm}, {bk}]>" if p == "a_desc" else
+       f"tensordesc<fp16[{bn}, {bk}]>" if p == "b_desc" else f"tensordesc<fp16[{bm}, {bn // split}]>" if p == "c_desc" else
+       "*fp16" if p.startswith(("in", "out")) and "_s" not in p else "i32" for p in params}
+src = ASTSource(jit, sig, {(params.index(p),): v for p, v in consts.items()})
+ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(ck.asm["cubin"])
+    f.flush()
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+ptx = ck.asm["ptx"]
+print(json.dumps({"regs": int(m.group(1)), "stack": int(m.group(2)), "smem": ck.metadata.shared,
+                  "wgmma": "wgmma.mma_async" in ptx, "tma": "cp.async.bulk.tensor" in ptx}))
+"""
+
+
+@pytest.mark.parametrize("cfg", autotune.TMA_CONFIGS[:3], ids=autotune.tma_name)
+def test_tma_twin_compiles_for_sm90_without_spills(cfg, tmp_path):
+    """Compile the fc1 kernel's TMA twin (bias + erf-GELU) for sm_90 on the CPU (Triton's bundled ptxas;
+    no GPU; a subprocess without the interpreter) at the first autotune configs: it must lower to
+    wgmma + TMA, must not spill, and a 2-CTA/SM config must leave room for two CTAs per SM
+    (<= 65536 / (2 x threads) registers, <= 113 KB of shared memory)."""
+    import json
     import os
     import subprocess
-    import tempfile
+    import sys
 
     import triton
-    from fxforge.runtime.kernels import load_kernel
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(tools, "ptxas")) or not os.path.exists(os.path.join(tools, "cuobjdump")):
         pytest.skip("Triton's bundled ptxas/cuobjdump are not installed")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    h = torch.float16
-    x, w, b = torch.randn(70, 64, dtype=h), torch.randn(40, 64, dtype=h), torch.randn(40, dtype=h)
-    c = fxforge.compile(lambda_module(lambda x, w, b: F.gelu(F.linear(x, w, b))), (x, w, b))
-    k = next(iter(c.program.kernels.values()))
-    fn = load_kernel(k["entry"] + "_tma", k["source"], "cpu", c.config.cache_dir, c.config.cache_id())
-    jit = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
-    bm, bn, bk, warps, stages = autotune.TMA_CONFIGS[0]
-    consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": 132, "A_T": False, "B_T": True,
-              "FLATTEN": True, "EPI_SPLIT": 2, "EPI_N": bn // 2, "INTERPRETED": False}
-    params = list(inspect.signature(jit.fn).parameters)
-    sig = {p: "constexpr" if p in consts else f"tensordesc<fp16[{bm}, {bk}]>" if p == "a_desc" else
-           f"tensordesc<fp16[{bn}, {bk}]>" if p == "b_desc" else "*fp16" if p.startswith(("in", "out")) and "_s" not in p
-           else "i32" for p in params}
-    src = ASTSource(jit, sig, {(params.index(p),): v for p, v in consts.items()})
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    ptx = ck.asm["ptx"]
-    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
-    assert "STACK:0 " in usage, usage
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE, json.dumps(list(cfg)), str(tmp_path / "kernels")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    st = json.loads(run.stdout.strip().splitlines()[-1])
+    assert st["wgmma"] and st["tma"] and st["stack"] == 0, st
+    _, _, _, warps, _, _, _, ctas, _ = autotune.tma_fields(cfg)
+    if ctas == 2:
+        assert st["regs"] * 32 * warps * 2 <= 65536 and st["smem"] <= 113 * 1024, st
