@@ -55,9 +55,10 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     if head >= 256:  # keep the fp32 accumulator and the decoded [HEAD_DIM, BLOCK_N] K tile within registers
         bm = min(bm, 64)
     out = []
-    # ptxas (sm_90, head dim 128, bf16): every 4-warp config spills (255 registers + 184-992 B of stack),
-    # 8 warps with one-group tiles do not; fp32 q with BLOCK_N 128 needs 272 KB of shared memory (more
-    # than the H100's 227 KB: the likely cause of the fp32 GPU test failure), BLOCK_N 32 needs 74 KB
+    # Compiled for sm_90 on the CPU (Triton 3.9 + its ptxas; the H100 runs 3.6, so indicative only), head
+    # dim 128, bf16: every 4-warp config spills (255 registers + 184-992 B of stack), 8 warps with one-group
+    # tiles do not; fp32 q (IEEE FMA dots) with BLOCK_N 128 needs 272 KB of shared memory (> the H100's
+    # 227 KB: a candidate cause of the fp32 S=4099 GPU test failure), BLOCK_N 32 needs 74 KB
     cands = [(g, 8, 3, True), (g, 4, 3, True), (64, 8, 3, False), (128, 8, 2, False), (g, 16, 3, True),
              (128, 4, 3, False)]
     for bn, w, st, fk in cands:
