@@ -307,7 +307,7 @@ def test_tma_twin_compiles_for_sm90_without_spills(cfg, tmp_path):
         pytest.skip("Triton's bundled ptxas/cuobjdump are not installed")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton"))
     run = subprocess.run([sys.executable, "-c", _SM90_COMPILE, json.dumps(list(cfg)), str(tmp_path / "kernels")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     st = json.loads(run.stdout.strip().splitlines()[-1])
     assert st["wgmma"] and st["tma"] and st["stack"] == 0, st
