@@ -71,6 +71,7 @@ CONFIGS = [(c, True) for c in autotune.TMA_CONFIGS] + [(c, True) for c in (
     (128, 128, 64, 8, 4, True, 2, 1, True),   # the H100's best fc1 config (155 us) with the TMA store
     (128, 256, 64, 8, 3, True, 2, 1, True),   # 128x256 TMA store in halves (residual: 240 KB, fails)
     (128, 128, 64, 4, 3, True, 2, 2, True),   # 4 warps, 2 CTAs/SM
+    (64, 256, 64, 4, 2, True, 4, 2, True),    # one warpgroup on a 64x256 wgmma tile, 2 CTAs/SM (183 regs, 88 KB)
     (128, 128, 128, 8, 3),                     # the best fused fc2 / dec_o config of the last run
 )]
 # bare (no epilogue) matmuls: only these configs (the mainloop is the same for the rest)
