@@ -151,7 +151,8 @@ class Case:
 
     def tma(self, cfg, flatten):
         return lambda: autotune.tma_launch(self.kern_tma, self.a, self.b, self.ptrs, self.scalars, self.strides, cfg,
-                                           self.sms, interpreted=DRY, flatten=flatten, out=self.out)
+                                           self.sms, interpreted=DRY, flatten=flatten, out=self.out,
+                                           tile_loads=self.st.launch.get("tma_tile_loads", ()))
 
     def cublas_epilogue(self):
         if DRY:  # no cuBLAS: the regular kernel stands in, so the dry run exercises the same bookkeeping

@@ -98,6 +98,7 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
 
     body = Source()
     values: dict[fx.Node, str] = {}
+    tile_loads: list[tuple[str, str, str]] = []  # (plain load line, descriptor load line, pointer name)
 
     def load_ext(x: fx.Node, consumer_shape: tuple) -> str:
         vars_, kd, td = operand_dims(shape_of(x), consumer_shape)
@@ -109,7 +110,11 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
             # [BLOCK_M, 1] tile and broadcast in registers, not re-loaded for every element of the tile.
             mask = "tile_mask" if not vars_ else "col < N" if all(v == "col" for v in vars_) else \
                 "tile_mask" if "col" in vars_ else "rm[:, None] < M"
-            body(f"{var} = tl.load({ptr} + ({off}), mask={mask}, other=0){load_cast(x)}")
+            line = f"{var} = tl.load({ptr} + ({off}), mask={mask}, other=0){load_cast(x)}"
+            if mask == "tile_mask" and "col" in vars_ and len(vars_) > 1:
+                # a full-tile operand (a residual, SiLU*up's up): the TMA twin may load it through a descriptor
+                tile_loads.append((line, f"{var} = t{len(tile_loads)}_desc.load([m0, cn]){load_cast(x)}", ptr))
+            body(line)
         return var
 
     for i, n in enumerate(g.nodes):
@@ -220,11 +225,14 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
     tma = not bmm and not (sympy.sympify(a_shape[-2]).is_Integer and int(a_shape[-2]) <= GEMV_MAX_M)
     if tma:
         runtime_params = ops.pointer_args() + ["M", "N", "K"] + [s for s, _ in sizes] + stride_args
-        code += "\n\n@triton.jit\n" + emit_tma_function(name, runtime_params, index_lines.text(), body.text(), fp32, first_store)
+        code += "\n\n@triton.jit\n" + emit_tma_function(name, runtime_params, index_lines.text(), body.text(), fp32, first_store,
+                                                             [(plain, tma) for plain, tma, _ in tile_loads])
     text = header(name, "matmul", g.nodes, code) + code
     launch = {"M": size_str(a_shape[-2]), "N": size_str(b_shape[-1]), "K": size_str(a_shape[-1]),
               "batch": size_str(a_shape[0]) if bmm else 1, "op": str(anchor.target).split(".")[-2],
-              "direct": _direct_call(g, outputs), "tma": tma}
+              "direct": _direct_call(g, outputs), "tma": tma,
+              # pointer-argument indices of the full-tile epilogue operands (the TMA twin's t<j>_desc)
+              "tma_tile_loads": [ops.pointer_args().index(ptr) for _, _, ptr in tile_loads] if tma else []}
     step = KernelStep(
         kernel=name, kind="matmul",
         loads=[op for _, op, _ in ops.loads], stores=[op for _, op, _ in ops.stores],

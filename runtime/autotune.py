@@ -62,11 +62,11 @@ def candidate_configs(M: int, N: int, K: int) -> list[tuple]:
 #   181 -> 121).
 # - "_c2": two persistent CTAs per SM, so one CTA's epilogue runs while the other's wgmmas keep the
 #   tensor cores busy. Needs <= 128 registers per thread at 8 warps and <= ~113 KB of shared memory:
-#   128x128x64 w8 s3 with 4 epilogue slices (GELU 107 regs / 104 KB, SiLU*up 127 / 112 KB, bias
-#   98 / 104 KB; a residual epilogue takes 120 KB there, so one CTA per SM fits: still correct) and
-#   s2 (every epilogue fits twice: <= 128 regs, <= 96 KB).
-# - 128x256 w8 with 4 slices + TMA store: 179 regs (GELU) and no spills; a residual tile there took
-#   240 KB of shared memory in halves (over the 227 KB limit), 192 KB in quarters.
+#   128x128x64 w8 s3 with 4 epilogue slices (GELU 107 regs / 104 KB, SiLU*up 122 / 112 KB, residual
+#   113 / 112 KB, bias 98 / 104 KB: full-tile operands are TMA-loaded with the TMA store; with plain
+#   loads a residual took 120 KB, too much for two) and s2 (every epilogue fits twice, <= 80 KB).
+# - 128x256 w8 with 4 slices + TMA store: no spills (GELU 179 regs, residual 188, SiLU*up 210); in
+#   halves a residual epilogue with plain loads took 240 KB of shared memory (over 227 KB).
 # The plain-store 128x256 / 128x128 configs stay as fallbacks (measured: fc1 169 / 155 us, dec down
 # 68.9 us < cuBLAS + epilogue 71.6). 64x128 w4 is for short matmuls (M <= 64 keeps only 64-row tiles).
 TMA_CONFIGS = [(128, 128, 64, 8, 3, True, 4, 2, True), (128, 256, 64, 8, 3, True, 4, 1, True),
@@ -162,12 +162,14 @@ def tma_store_refusal(out: torch.Tensor | None, M: int, N: int) -> str | None:
 
 
 def tma_launch(kern, a, b, ptrs, scalars, strides, cfg, num_sms: int, interpreted: bool = False, flatten: bool = True,
-               out: torch.Tensor | None = None):
+               out: torch.Tensor | None = None, tile_loads=()):
     """Launch ``<kernel>_tma`` (the TMA twin of a matmul step) for config ``cfg`` (see tma_fields): host-side
     tensor descriptors over A and B (and, for a ``tma_store`` config whose output ``out`` passes
     tma_store_refusal, over the output; else plain stores), a CPU-only encoding the launcher passes by
-    value, so capture-safe in a CUDA graph; min(#SM x ctas_per_sm, #tiles) persistent programs. Call
-    ``tma_refusal`` first."""
+    value, so capture-safe in a CUDA graph; min(#SM x ctas_per_sm, #tiles) persistent programs. With the
+    TMA store, the full-tile epilogue operands (``tile_loads``: their indices in ``ptrs``, the matmul
+    step's ``launch["tma_tile_loads"]``) that pass the same checks are loaded through descriptors too.
+    Call ``tma_refusal`` first."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bm, bn, bk, w, s, flat, split, ctas, store = tma_fields(cfg)
@@ -181,17 +183,22 @@ def tma_launch(kern, a, b, ptrs, scalars, strides, cfg, num_sms: int, interprete
     a_desc = TensorDescriptor(av, list(av.shape), list(av.stride()), [bk, bm] if a_t else [bm, bk])
     b_desc = TensorDescriptor(bv, list(bv.shape), list(bv.stride()), [bn, bk] if b_t else [bk, bn])
     M, N = scalars[0], scalars[1]
-    c_desc = None
+    c_desc, t_descs, in_tma = None, [], 0
     if store and tma_store_refusal(out, M, N) is None:
         c_desc = TensorDescriptor(out.view(M, N), [M, N], [N, 1], [bm, bn // split])
+    for j, idx in enumerate(tile_loads):
+        t = ptrs[idx]
+        ok = store and tma_store_refusal(t, M, N) is None
+        t_descs.append(TensorDescriptor(t.view(M, N), [M, N], [N, 1], [bm, bn // split]) if ok else None)
+        in_tma |= int(ok) << j
     tiles = -(-M // bm) * -(-N // bn)
     progs = num_sms * ctas  # a constexpr: the same for every shape, the grid is at most #tiles
     kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": progs, "A_T": a_t, "B_T": b_t,
-          "FLATTEN": flatten, "EPI_SPLIT": split, "EPI_N": bn // split, "OUT_TMA": c_desc is not None,
+          "FLATTEN": flatten, "EPI_SPLIT": split, "EPI_N": bn // split, "OUT_TMA": c_desc is not None, "IN_TMA": in_tma,
           "INTERPRETED": interpreted}
     if not interpreted:
         kw.update(num_warps=w, num_stages=s)
-    kern[(max(1, min(progs, tiles)),)](a_desc, b_desc, c_desc, *ptrs, *scalars, *strides, **kw)
+    kern[(max(1, min(progs, tiles)),)](a_desc, b_desc, c_desc, *t_descs, *ptrs, *scalars, *strides, **kw)
 
 
 class AutotuneCache:

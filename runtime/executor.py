@@ -383,7 +383,8 @@ class Executor:
         sms = _sm_count(device)
         cfgs = tma_configs(M, N, K, self.autotune != "max", epilogue=st.launch.get("direct") is None)
         out = env[st.stores[0].buf]  # a tma_store config stores this (the first output) through a descriptor
-        return {tma_name(c): (lambda c=c: tma_launch(kern, a, b, ptrs, scalars, strides, c, sms, out=out)) for c in cfgs}
+        return {tma_name(c): (lambda c=c: tma_launch(kern, a, b, ptrs, scalars, strides, c, sms, out=out,
+                                                            tile_loads=st.launch.get("tma_tile_loads", ()))) for c in cfgs}
 
     def _kernel_entry(self, name: str, suffix: str, device_type: str):
         """Another ``@triton.jit`` function of a kernel's source (e.g. the matmul's ``_tma`` twin)."""
@@ -403,7 +404,7 @@ class Executor:
                 cpu = device.type == "cpu"
                 tma_launch(self._kernel_entry(st.kernel, "_tma", device.type), a, b, ptrs, scalars, strides,
                            self.force_tma, num_sms=3 if cpu else _sm_count(device), interpreted=cpu,
-                           out=env[st.stores[0].buf])
+                           out=env[st.stores[0].buf], tile_loads=st.launch.get("tma_tile_loads", ()))
                 return
         if device.type != "cuda":
             kern[grid](*ptrs, *scalars, *strides, ptrs[0], 0, 0, 0, **kw)

@@ -140,6 +140,16 @@ def test_tma_launch_store_descriptor_grid_and_fallback():
     assert k.launches[-1][2]["OUT_TMA"] is False and k.launches[-1][1][2] is None
     autotune.tma_launch(k, a, w.t(), [], [300, 96, 64], [], (128, 128, 64, 8, 4), num_sms=4, out=torch.empty(300, 96, dtype=h))
     assert k.launches[-1][2]["OUT_TMA"] is False and k.launches[-1][2]["EPI_SPLIT"] == 1, "no TMA store unless asked"
+    # full-tile epilogue operands (ptrs indices 2 and 3): a row-major M x N one gets a descriptor (bit 0 of
+    # IN_TMA), a broadcast one ([100, 96] over 3 x 100 rows) keeps its plain loads; none without the TMA store
+    res, bcast, out = torch.randn(3, 100, 96, dtype=h), torch.randn(100, 96, dtype=h), torch.empty(300, 96, dtype=h)
+    ptrs = [a, w, res, bcast, out]
+    autotune.tma_launch(k, a, w.t(), ptrs, [300, 96, 64], [], cfg, num_sms=4, out=out, tile_loads=[2, 3])
+    grid, args, kw = k.launches[-1]
+    assert kw["IN_TMA"] == 1 and args[3].block_shape == [128, 16] and args[4] is None
+    assert all(x is y for x, y in zip(args[5:], ptrs)) and args[10:] == (300, 96, 64)
+    autotune.tma_launch(k, a, w.t(), ptrs, [300, 96, 64], [], cfg[:5], num_sms=4, out=out, tile_loads=[2, 3])
+    assert k.launches[-1][2]["IN_TMA"] == 0
 
 
 def test_tma_store_refused_output_keeps_plain_stores(monkeypatch):
@@ -152,6 +162,25 @@ def test_tma_store_refused_output_keeps_plain_stores(monkeypatch):
     out = c(x, w, b)
     assert len(calls) == 1
     assert rel_err(out, F.gelu(F.linear(x.double(), w.double(), b.double()))) < TOL[h]
+
+
+@pytest.mark.parametrize("batch_broadcast", [False, True], ids=["tile_operand", "broadcast_operand"])
+def test_tma_full_tile_operand_loads(batch_broadcast, monkeypatch):
+    """SiLU(x @ wᵀ) * u: u is a full-tile epilogue operand, loaded through a descriptor with the TMA store
+    when it is a row-major M x N matrix, and with plain masked loads when it broadcasts over the batch."""
+    torch.manual_seed(0)
+    h = torch.float16
+    x, w = torch.randn(2, 25, 40, dtype=h), torch.randn(48, 40, dtype=h)
+    u = torch.randn(*((25,) if batch_broadcast else (2, 25)), 48, dtype=h)
+    c = fxforge.compile(lambda_module(lambda x, w, u: F.silu(x @ w.t()) * u), (x, w, u))
+    st = next(s for s in c.program.steps if getattr(s, "kind", None) == "matmul")
+    assert len(st.launch["tma_tile_loads"]) == 1
+    calls = _count_tma(monkeypatch)
+    for cfg in ((32, 32, 16, 4, 1, True, 2, 2, True), (32, 64, 16, 4, 1, True, 4, 1, True), SMALL_CFG):
+        c.executor.force_tma = cfg
+        out = c(x, w, u)
+        assert rel_err(out, F.silu(x.double() @ w.double().t()) * u.double()) < TOL[h], cfg
+    assert len(calls) == 3
 
 
 def test_tma_configs_are_pruned_and_short():
