@@ -68,6 +68,7 @@ SHAPES = [
 CONFIGS = [(c, True) for c in autotune.TMA_CONFIGS] + [(c, True) for c in (
     (128, 128, 64, 8, 3, True, 4, 1, True),   # the first config on one CTA per SM
     (128, 128, 64, 8, 3, True, 2, 2, True),   # ... in 2 slices (122 regs, 112 KB: 2 CTAs/SM for GELU)
+    (128, 128, 64, 8, 3, False, 4, 2, True),  # ... loop nest not flattened (half the code: one epilogue copy)
     (128, 128, 64, 8, 4, True, 2, 1, True),   # the H100's best fc1 config (155 us) with the TMA store
     (128, 256, 64, 8, 3, True, 2, 1, True),   # 128x256 TMA store in halves (residual: 240 KB, fails)
     (128, 128, 64, 4, 3, True, 2, 2, True),   # 4 warps, 2 CTAs/SM

@@ -36,7 +36,8 @@ Why each piece:
   <= 65536 / (2 x threads) registers and <= ~113 KB of shared memory (128x128x64 w8 s3 in 4 slices
   with the TMA store: 107 registers, 104 KB for bias+GELU).
 - Triton's automatic warp specialization (``tl.range(..., warp_specialize=True)``) does not partition
-  this loop for sm_90 (triton 3.9 leaves the attribute unused), so overlap comes from the two CTAs.
+  this kernel for sm_90: compiled with triton 3.9, neither the persistent tile loop nor the K loop
+  got a ``ttg.warp_specialize`` region, so the overlap comes from the two CTAs instead.
 
 Requirements (checked at run time by runtime/autotune.tma_refusal, which records why a matmul is
 not offered this variant): 2-D mm/addmm, A and B each with one unit stride (row- or column-major),
