@@ -65,7 +65,7 @@ SHAPES = [
 # (runtime.autotune.tma_fields): BM, BN, BK, warps, stages[, flatten, epilogue slices (_eS), CTAs per SM
 # (_cC), TMA store of the output (_ts)]. The extras isolate one change each against the list's heads:
 # 2 CTAs/SM vs 1 (same tile, stages, slices), 4 slices vs 2, TMA store vs plain stores, 4 warps.
-CONFIGS = [(c, True) for c in autotune.TMA_CONFIGS] + [(c, True) for c in (
+CONFIGS = [(c, autotune.tma_fields(c)[5]) for c in autotune.TMA_CONFIGS] + [(c, autotune.tma_fields(c)[5]) for c in (
     (128, 128, 64, 8, 3, True, 4, 1, True),   # the first config on one CTA per SM
     (128, 128, 64, 8, 3, True, 2, 2, True),   # ... in 2 slices (122 regs, 112 KB: 2 CTAs/SM for GELU)
     (128, 128, 64, 8, 3, False, 4, 2, True),  # ... loop nest not flattened (half the code: one epilogue copy)
