@@ -32,7 +32,7 @@ import torch
 from .kernels import interpreter_active, next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_matmul.py"
-KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce")
+KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce", "dequant_gemv_w4")
 GEMV_MAX_M = 16  # rows up to this use the GEMV kernel (weight-only: bandwidth-bound there on the H100)
 CPU_SMS = 4  # stand-in SM count for the interpreter (split-K heuristics see a tiny GPU)
 REDUCE_BLOCK = 1024
@@ -87,58 +87,74 @@ def bytes_model(fmt: str, N: int, K: int, M: int = 1, act_bytes: int = 2, splits
 def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     """GEMV launch configs, default first: BLOCK_M (rows of x per program, next_pow2(M)), BLOCK_N (weight
     rows), BLOCK_KB (code bytes per row per step), POST (grouped formats: scale per group after the
-    partial dot) and, on the GPU, num_warps / num_stages. Wider tiles than the bf16 GEMV's 4 x 1024: the
-    first H100 run had the int8 GEMV at 0.48-0.61 of HBM with 4 rows x 1024 bytes (too few bytes in
-    flight per SM) and 4-bit decoding ALU-bound with per-element scales."""
+    partial dot), PREFETCH and, on the GPU, num_warps / num_stages. Defaults = the H100 winners of
+    benchmarks/results/probe_quant.md (M = 1, 4096 x 4096 and 14336 x 4096): 8-bit 8 x 1024 bytes, 4
+    warps, PREFETCH off (9.9 / 27.9 us; PREFETCH on was 1.2-1.5x slower); 4-bit 8 x 256 bytes with
+    per-element group scales (POST off: 15.1 / 43.8 us; POST on 19-57 us). 4-bit, M <= 4: WORDS configs
+    (``dequant_gemv_w4``: int32 words of 8 codes, one 16-byte x load per word, no even / odd split;
+    BLOCK_G scale groups of codes per row per step) follow the default, for the probe to decide."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
     if interpreted:  # the interpreter's cost is per program and per op: few, small-but-not-tiny programs
         return [{"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_KB": 32}]
-    if kf["EPB"] == 1:  # (BLOCK_N, BLOCK_KB, warps, stages); 8 x 1024 bytes = the bf16 GEMV's 8 KB per step
-        cands = [(8, 1024, 4, 1), (16, 512, 4, 1), (8, 512, 4, 2), (4, 2048, 8, 1), (16, 1024, 8, 1),
-                 (8, 1024, 8, 2), (4, 1024, 4, 1)]
-    else:
-        cands = [(8, 512, 4, 1), (8, 256, 4, 1), (16, 256, 4, 1), (16, 512, 8, 1), (4, 512, 4, 1),
-                 (8, 256, 4, 2), (32, 128, 8, 1), (32, 64, 4, 1), (64, 64, 8, 1)]  # last two: tile <= a g128 group
     shrink = max(1, bm // 4)  # keep the [BLOCK_M, BLOCK_N, BLOCK_KB] product in registers for M > 4
     out = []
-    for bn, kb, w, st in cands:
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KB": max(kb // shrink, 16), "POST": True, "num_warps": w,
-               "num_stages": st}
+    if kf["EPB"] == 1:  # (BLOCK_N, BLOCK_KB, warps, stages, POST, PREFETCH)
+        cands = [(8, 1024, 4, 1, True, False), (16, 512, 4, 1, True, False), (4, 1024, 4, 1, True, False),
+                 (8, 2048, 8, 1, True, False)]
+    else:
+        cands = [(8, 256, 4, 1, False, True), (8, 256, 4, 1, False, False), (8, 512, 4, 1, False, True)]
+    for bn, kb, w, st, post, pf in cands:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KB": max(kb // shrink, 16), "POST": post, "PREFETCH": pf,
+               "num_warps": w, "num_stages": st}
         if cfg not in out:
             out.append(cfg)
+    if kf["EPB"] == 2 and M <= 4:  # words: (BLOCK_N, bytes of codes per row per step, warps, POST)
+        for bn, kbytes, w, post in [(32, 256, 4, True), (16, 512, 4, True), (16, 256, 4, True), (32, 256, 4, False)]:
+            out.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // kf["GB"], 1), "WORDS": True,
+                        "POST": post, "num_warps": w, "num_stages": 1})
     return out
 
 
 def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     """Tensor-core launch configs for M > GEMV_MAX_M, default first (tl.dot needs 16+ on every side).
-    BLOCK_M covers up to 64 rows, so each weight tile is decoded once per K step for all of them; narrow
-    N tiles plus split-K (SPLIT_K None: ``auto_split_k_gemm``) fill the SMs at M = 64 (the first H100
-    run had 32 programs of 64 x 128). Grouped formats: BLOCK_KB = the group (POST: the scale is applied
-    to the partial accumulator) when the group is >= 16 bytes, else per-element scaling over 32 bytes."""
+    BLOCK_M covers up to 64 rows, so each weight tile is decoded once per K step for all of them; SPLIT_K
+    None: ``auto_split_k_gemm`` (enough programs for the SMs). Defaults = the H100 winners of
+    benchmarks/results/probe_quant.md at M = 64, 4096^2 (19.3-26 us vs bf16 15.1: all still slower):
+    per-row / g128 formats: 32-wide N tiles, the group scale after the partial dot (POST); groups < 64
+    bytes (MX, NV, g32 / g64): per-element scaling over a 128-element K tile (POST on 16-32 byte groups
+    was 1.7x slower), NV formats 64 x 32 bytes with 4 K splits. Second and third: SWAP ("swap AB": the
+    decoded weight tile is wgmma's register A operand, x^T the cp.async-pipelined B operand; no
+    shared-memory round trip for the decoded tile; ptxas sm_90: 103-200 registers, no spills) with wide
+    N tiles (128 / 64) + split-K and PREFETCH off (the code tiles then go through cp.async too)."""
     kf = kernel_format(fmt)
     if interpreted:
         return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_KB": 32, "GROUP_M": 8}]
     bm = 32 if M <= 32 else 64 if M <= 64 else 128
-    if kf["PER_ROW"]:
-        kb, post = 128 // kf["EPB"], True
-    elif kf["GB"] >= 16:
-        kb, post = min(kf["GB"], 128 // kf["EPB"]), True
+    epb = kf["EPB"]
+    post = kf["PER_ROW"] or kf["GB"] >= 64
+    if post:
+        kb = 128 // epb if kf["PER_ROW"] else min(kf["GB"], 128 // epb)
     else:
-        kb, post = 32, False
+        kb = 32 if kf["GB"] < 16 else 128 // epb
     big = M > 256
-    # 8 warps for 64 x 64 tiles: with 4 the decoded 4-bit tiles spilled registers (ptxas sm_90, 255 regs +
-    # 240-1200 B of stack); 8 warps: 57-204 registers, no spills for every format
-    cands = ([(bm, 128, kb, 8, 3), (bm, 64, kb, 8, 3)] if big else
-             [(bm, 64, kb, 8, 3), (bm, 32, kb, 4, 3), (bm, 64, kb, 8, 4), (bm, 128, kb, 8, 3)])
+    base = {"GROUP_M": 8, "POST": post, "SPLIT_K": None}
+    if big:
+        cands = [dict(base, BLOCK_M=bm, BLOCK_N=128, BLOCK_KB=kb, num_warps=8, num_stages=3),
+                 dict(base, BLOCK_M=bm, BLOCK_N=64, BLOCK_KB=kb, num_warps=8, num_stages=3)]
+    else:
+        if post:
+            first = dict(base, BLOCK_M=bm, BLOCK_N=32, BLOCK_KB=kb, num_warps=4, num_stages=3)
+        else:
+            first = dict(base, BLOCK_M=bm, BLOCK_N=64, BLOCK_KB=kb, num_warps=8, num_stages=3,
+                         SPLIT_K=4 if kf["GB"] < 16 else None)
+        swap = dict(base, BLOCK_M=bm, BLOCK_KB=kb, num_stages=3, SWAP=True, PREFETCH=False)
+        cands = [first, dict(swap, BLOCK_N=128, num_warps=8), dict(swap, BLOCK_N=64, num_warps=4),
+                 dict(first, PREFETCH=False)]
     out = []
-    for m_, n_, k_, w, st in cands:
-        cfg = {"BLOCK_M": m_, "BLOCK_N": n_, "BLOCK_KB": k_, "GROUP_M": 8, "POST": post, "SPLIT_K": None,
-               "num_warps": w, "num_stages": st}
+    for cfg in cands:
         if cfg not in out:
             out.append(cfg)
-    if not kf["PER_ROW"] and post:  # per-element scaling over a wider tile, for comparison
-        out.append(dict(out[0], BLOCK_KB=128 // kf["EPB"] if kf["GB"] < 128 // kf["EPB"] else kf["GB"] * 2, POST=False))
     return out
 
 
@@ -255,6 +271,15 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     cfg_split = cfg.pop("SPLIT_K", None)
+    if cfg.pop("WORDS", False):
+        if gemv and kf["EPB"] == 2 and _words_ok(codes):
+            return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
+                               split_k if split_k is not None else cfg_split, interpreted).reshape(*lead, n)
+        # the int32 view needs whole words per row: the first byte-tile config instead
+        cfg = dict(next(c for c in gemv_configs(M, n, K, fmt, interpreted) if not c.get("WORDS")))
+        if interpreted:
+            cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+        cfg_split = cfg.pop("SPLIT_K", None)
     _check_blocks(cfg, kf, gemv)
     bkb = cfg["BLOCK_KB"]
     if gemv:
@@ -286,7 +311,60 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     return out.reshape(*lead, n)
 
 
+def _words_ok(codes: torch.Tensor) -> bool:
+    return codes.shape[1] % 4 == 0 and codes.storage_offset() % 4 == 0 and codes.stride(0) % 4 == 0
+
+
+def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted):
+    """``dequant_gemv_w4`` launch (4-bit codes read as int32 words; one row of x per program)."""
+    M, n = out.shape
+    K = x2.shape[1]
+    ks = kernels_for(x2.device.type)
+    words = codes.view(torch.int32)
+    KW, NB = words.shape[1], scales.shape[1]
+    gw = kf["GB"] // 4
+    tw = cfg["BLOCK_G"] * gw
+    for key in ("BLOCK_N", "BLOCK_G"):
+        v = cfg[key]
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"quant_linear: {key} must be a power of two, got {v}")
+    n_tiles = _cdiv(n, cfg["BLOCK_N"])
+    if splits is None:
+        splits = auto_split_k(n_tiles * M, KW, tw, x2.device)
+    if splits < 1:
+        raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
+    per_split = _cdiv(_cdiv(KW, splits), tw) * tw
+    splits = _cdiv(KW, per_split)
+    partials = torch.empty((splits, M, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
+    dummy = scales
+    launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
+    if interpreted:
+        launch.pop("num_warps", None), launch.pop("num_stages", None)
+    ks["dequant_gemv_w4"][(n_tiles, splits, M)](
+        x2, words, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
+        bias if bias is not None else dummy, out, partials, M, n, K, KW, NB, per_split, x2.stride(0), x2.stride(1),
+        words.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0), out.stride(1),
+        ELEM=kf["ELEM"], SCALE=kf["SCALE"], HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None,
+        STEP=kf["STEP"], GW=gw, SPLIT=splits > 1, OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted,
+        **launch)
+    if splits > 1:
+        kw = {} if interpreted else {"num_warps": 4}
+        ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
+            partials, bias if bias is not None else dummy, out, M, n, splits, out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK,
+            INTERPRETED=interpreted, **kw)
+    return out
+
+
 def _check_blocks(cfg: dict, kf: dict, gemv: bool) -> None:
+    if cfg.get("WORDS"):
+        if not gemv or kf["EPB"] != 2:
+            raise ValueError("quant_linear: WORDS configs are for the 4-bit GEMV only")
+        for key in ("BLOCK_N", "BLOCK_G"):
+            v = cfg[key]
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"quant_linear: {key} must be a power of two, got {v}")
+        return
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_KB"):
         v = cfg[key]
         if v < 1 or v & (v - 1):

@@ -139,12 +139,33 @@ def test_every_tile_path_of_grouped_formats(fmt):
                           # GEMM: tile = one group (scale on the partial accumulator), explicit K splits
                           (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "SPLIT_K": 3}, None),
                           (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "POST": False}, 2),
-                          (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "PREFETCH": False}, 2)]:
+                          (20, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": gb, "GROUP_M": 2, "PREFETCH": False}, 2),
+                          # GEMM swap AB: w @ x^T (scale on the partial / per element), split-K
+                          (20, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_KB": gb, "GROUP_M": 2, "SWAP": True}, None),
+                          (20, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_KB": max(16, 2 * gb), "GROUP_M": 2, "SWAP": True,
+                                "PREFETCH": False, "POST": False}, 2),
+                          # 4-bit GEMV on int32 words (8-bit formats: falls back to the byte-tile default)
+                          (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 2, "WORDS": True}, None),
+                          (3, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_G": 1, "WORDS": True, "POST": False}, 3)]:
         if m > ql.GEMV_MAX_M and cfg["BLOCK_KB"] * ql.kernel_format(fmt)["EPB"] < 16:
             continue
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         y = ql.quant_linear_apply(x, *_args(qt, None, fmt, k), config=cfg, split_k=split)
         _check_kernel(y, x, qt, None, gemm=m > ql.GEMV_MAX_M)
+
+
+@pytest.mark.parametrize("fmt", ["w8a16", "w8a16_fp8"])
+def test_swap_ab_gemm_per_row_formats(fmt):
+    # SWAP: the decoded tile is the A operand of w @ x^T; per-output-channel scales on the transposed acc
+    k, n, m = 200, 40, 20
+    _, qt = _pack(n, k, fmt, seed=5)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g)
+    for cfg, split in [({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_KB": 32, "GROUP_M": 2, "SWAP": True}, None),
+                       ({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": 64, "GROUP_M": 2, "SWAP": True, "PREFETCH": False}, 3)]:
+        y = ql.quant_linear_apply(x, *_args(qt, bias, fmt, k), config=cfg, split_k=split)
+        _check_kernel(y, x, qt, bias, gemm=True)
 
 
 def test_zero_blocks_leading_dims_strided_input_and_the_registered_op():

@@ -380,13 +380,31 @@ def _dot_wt(a, w, acc, ACT: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _dot_w_xt(w, a, acc, ACT: tl.constexpr, INTERPRETED: tl.constexpr):
+    # acc^T += w @ a^T (SWAP): w [BLOCK_N, KE] dequantized fp32, a [BLOCK_M, KE] activations; rounding as
+    # _dot_wt (each product is the same; only the fp32 accumulation order may differ).
+    if ACT == 0:
+        acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+    elif INTERPRETED:
+        if ACT == 2:
+            wr = _round_bf16(w)
+        else:
+            wr = w.to(tl.float16).to(tl.float32)
+        acc = tl.dot(wr, tl.trans(a.to(tl.float32)), acc)
+    else:
+        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
+    return acc
+
+
+@triton.jit
 def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
                  M, N, K, KB, NB, KB_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
                  ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr, EPB: tl.constexpr,
                  GB: tl.constexpr, ACT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP_M: tl.constexpr, INTERPRETED: tl.constexpr,
-                 SPLIT: tl.constexpr = False, POST: tl.constexpr = True, PREFETCH: tl.constexpr = True):
+                 SPLIT: tl.constexpr = False, POST: tl.constexpr = True, PREFETCH: tl.constexpr = True,
+                 SWAP: tl.constexpr = False):
     # Grid (M tiles x N tiles, K splits). 4-bit tiles are interleaved back to element order (tl.join) so
     # one dot of K = 2 * BLOCK_KB runs against contiguous x. POST with a tile inside one scale group
     # (BLOCK_KB <= GB): the dot runs on the unscaled codes (exact in bf16 / fp16) and the group's scale
@@ -407,7 +425,13 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     x_rows = x + rm[:, None] * s_xm
     GROUPED_POST: tl.constexpr = POST and (not PER_ROW) and BLOCK_KB <= GB
     KE: tl.constexpr = EPB * BLOCK_KB  # elements of K per step
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP ("swap AB"): acc^T [BLOCK_N, BLOCK_M] += w [BLOCK_N, KE] @ x^T: the decoded weight tile is the
+    # register A operand of wgmma (no shared-memory round trip of the decoded tile; BLOCK_N >= 64 is the
+    # wgmma M side), x^T the pipelined shared-memory B operand; transposed back once after the K loop.
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     j_start = pid_k * KB_PER_SPLIT
     j_end = tl.minimum(j_start + KB_PER_SPLIT, KB)
     rjb = tl.arange(0, BLOCK_KB)
@@ -440,14 +464,108 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
             w = lo
         rk = EPB * j0 + tl.arange(0, KE)
         xv = tl.load(x_rows + rk[None, :] * s_xk, mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
-        if GROUPED_POST:
+        if SWAP:
+            if GROUPED_POST:
+                part = _dot_w_xt(w, xv, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), ACT, INTERPRETED)
+                acc += part * s[:, None]
+            else:
+                acc = _dot_w_xt(w, xv, acc, ACT, INTERPRETED)
+        elif GROUPED_POST:
             part = _dot_wt(xv, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), ACT, INTERPRETED)
             acc += part * s[None, :]
         else:
             acc = _dot_wt(xv, w, acc, ACT, INTERPRETED)
+    if SWAP:
+        acc = tl.trans(acc)
     acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, PER_ROW, HAS_TS, STEP)
     if SPLIT:
         tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc,
                  mask=m_ok[:, None] & (rn[None, :] < N))
+    else:
+        _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
+
+
+@triton.jit
+def _w4_fma(part, wd, xi, SHIFT: tl.constexpr, zf3, s3, ELEM: tl.constexpr, HAS_ZERO: tl.constexpr,
+            POST: tl.constexpr):
+    # part += x_i * (nibble at bit SHIFT of every word, decoded; scaled per element unless POST)
+    c = (wd >> SHIFT) & 15
+    if HAS_ZERO:
+        v = (c | 0x4B000000).to(tl.float32, bitcast=True) - zf3
+    else:
+        v = _nibble_value(c, ELEM)
+    if not POST:
+        v = v * s3
+    return part + xi[None, :, :] * v
+
+
+@triton.jit
+def dequant_gemv_w4(x, codes, scales, zeros, tensor_scale, bias, out, partials,
+                    M, N, K, KW, NB, KW_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
+                    ELEM: tl.constexpr, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_TS: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, STEP: tl.constexpr, GW: tl.constexpr, SPLIT: tl.constexpr,
+                    OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                    INTERPRETED: tl.constexpr, POST: tl.constexpr = True):
+    # 4-bit GEMV on 32-bit words (WORDS configs): codes viewed as int32 [N, KW] (KW = bytes / 4); word w of a
+    # row holds the 8 consecutive elements k = 8w .. 8w + 7, element 8w + i in bits 4i .. 4i + 3 (the byte
+    # layout of formats.py read little-endian: no repacking). A step loads [BLOCK_N, BLOCK_G, GW] words
+    # (BLOCK_G whole scale groups of GW words, one vectorized load per thread) and decodes nibble i of
+    # every word with one shift + mask + OR and one FADD (2^23 bit trick, the zero point folded into the
+    # subtracted constant), then one FMA with x[8w + i] (loaded directly in the words' layout: no layout
+    # conversion, no even / odd split). POST: the group scale multiplies the per-step partial once per
+    # word (1/8 per element) instead of every element. One row of x per program (grid axis 2).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rg = tl.arange(0, BLOCK_G)
+    rt = tl.arange(0, GW)
+    TW: tl.constexpr = BLOCK_G * GW
+    acc3 = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
+    w_start = pid_k * KW_PER_SPLIT
+    w_end = tl.minimum(w_start + KW_PER_SPLIT, KW)
+    xr = x + m * s_xm
+    c_rows = codes + rn[:, None, None] * s_cn
+    n_ok3 = n_ok[:, None, None]
+    for w0 in range(w_start, w_end, TW):
+        rw = w0 + rg[:, None] * GW + rt[None, :]  # [BLOCK_G, GW] word indices
+        wd = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
+        g = w0 // GW + rg
+        g_ok = n_ok[:, None] & (g[None, :] < NB)
+        s = _scale_value(tl.load(scales + rn[:, None] * s_sn + g[None, :], mask=g_ok, other=0), SCALE)
+        s3 = s[:, :, None]
+        zf3 = s3
+        if HAS_ZERO:
+            zf = _u2f(tl.load(zeros + rn[:, None] * s_zn + g[None, :], mask=g_ok, other=0).to(tl.int32))
+            zf3 = (zf + 8388608.0)[:, :, None]
+        # x[8w .. 8w + 7] for every word w: one contiguous 16-byte load per word, split in registers
+        k8 = rw[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        xv = tl.load(xr + k8 * s_xk, mask=k8 < K, other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 4, 2)))  # elements 0 2 4 6 | 1 3 5 7
+        xee, xeo = tl.split(tl.reshape(xe, (BLOCK_G, GW, 2, 2)))  # 0 4 | 2 6
+        xoe, xoo = tl.split(tl.reshape(xo, (BLOCK_G, GW, 2, 2)))  # 1 5 | 3 7
+        x0, x4 = tl.split(xee)
+        x2, x6 = tl.split(xeo)
+        x1, x5 = tl.split(xoe)
+        x3, x7 = tl.split(xoo)
+        part = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
+        part = _w4_fma(part, wd, x0, 0, zf3, s3, ELEM, HAS_ZERO, POST)
+        part = _w4_fma(part, wd, x1, 4, zf3, s3, ELEM, HAS_ZERO, POST)
+        part = _w4_fma(part, wd, x2, 8, zf3, s3, ELEM, HAS_ZERO, POST)
+        part = _w4_fma(part, wd, x3, 12, zf3, s3, ELEM, HAS_ZERO, POST)
+        part = _w4_fma(part, wd, x4, 16, zf3, s3, ELEM, HAS_ZERO, POST)
+        part = _w4_fma(part, wd, x5, 20, zf3, s3, ELEM, HAS_ZERO, POST)
+        part = _w4_fma(part, wd, x6, 24, zf3, s3, ELEM, HAS_ZERO, POST)
+        part = _w4_fma(part, wd, x7, 28, zf3, s3, ELEM, HAS_ZERO, POST)
+        if POST:
+            acc3 += part * s3
+        else:
+            acc3 += part
+    acc = tl.sum(tl.sum(acc3, 2), 1)[None, :]  # [1, BLOCK_N]
+    acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, False, HAS_TS, STEP)
+    rm = m + tl.arange(0, 1)
+    if SPLIT:
+        tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=n_ok[None, :])
     else:
         _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
