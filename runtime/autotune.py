@@ -69,8 +69,12 @@ def candidate_configs(M: int, N: int, K: int) -> list[tuple]:
 #   halves a residual epilogue with plain loads took 240 KB of shared memory (over 227 KB).
 # The plain-store 128x256 / 128x128 configs stay as fallbacks (measured: fc1 169 / 155 us, dec down
 # 68.9 us < cuBLAS + epilogue 71.6). 64x128 w4 is for short matmuls (M <= 64 keeps only 64-row tiles).
-TMA_CONFIGS = [(128, 128, 64, 8, 3, True, 4, 2, True), (128, 256, 64, 8, 3, True, 4, 1, True),
-               (128, 128, 64, 8, 2, True, 4, 2, True), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
+# Order from the second H100 probe (benchmarks/results/probe_gemm_tma.md): on ViT fc1 + GELU the two
+# 2-CTA/SM TMA-store configs (2 or 4 epilogue slices) ran 142-145 us against cuBLAS + epilogue 164 us;
+# 128x256 (1 CTA/SM) 168-171 us. "fast" autotune tries the first two for a fused epilogue.
+TMA_CONFIGS = [(128, 128, 64, 8, 3, True, 4, 2, True), (128, 128, 64, 8, 3, True, 2, 2, True),
+               (128, 256, 64, 8, 3, True, 4, 1, True), (128, 128, 64, 8, 2, True, 4, 2, True), (128, 256, 64, 8, 3),
+               (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]
 TMA_DTYPES = (torch.float16, torch.bfloat16)  # fp32 (IEEE, no TF32) stays with cuBLAS / the regular kernel
 TMA_MIN_CC = 9  # TMA and wgmma: sm_90+
 
