@@ -32,6 +32,10 @@ def main() -> None:
         compiled(ids)
         ms = time_cuda(compiled, ids, reps=30)
         lines += [f"## fxforge {ms:.3f} ms", "```", table(compiled.executor._graph[0].replay), "```"]
+        winners = [f"{t.get('kernel', '')[:48]} {t.get('shape')} -> {t.get('winner')} "
+                   f"{ {k: round(v, 4) for k, v in t.get('ms', {}).items() if isinstance(v, float)} }"
+                   for t in compiled.report.autotune]
+        lines += ["### autotune (which won)", "```", *winners, "```"]
         del compiled
         inductor = torch.compile(model)
         inductor(ids)
