@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fxforge
 import torch
 from common import out_dirs, time_cuda
-from torch.profiler import ProfilerActivity, profile
-
-import fxforge
 from fxforge.models import TinyLlama, llama_decoder_853m
+from torch.profiler import ProfilerActivity, profile
 
 
 def table(fn, n=3) -> str:
