@@ -32,10 +32,11 @@ import torch
 from .kernels import interpreter_active, next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_matmul.py"
-KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce", "dequant_gemv_w4")
+KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce", "dequant_gemv_w4", "dequant_gemv_w8")
 GEMV_MAX_M = 16  # rows up to this use the GEMV kernel (weight-only: bandwidth-bound there on the H100)
 CPU_SMS = 4  # stand-in SM count for the interpreter (split-K heuristics see a tiny GPU)
 REDUCE_BLOCK = 1024
+WORDS_ROW_GW = 16  # WORDS GEMV, per-row formats: words per inner tile row (BLOCK_G of them per step)
 HBM_TBPS = 3.0  # H100 SXM achievable HBM bandwidth used by the bytes model
 _ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -109,9 +110,12 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
                "num_warps": w, "num_stages": st}
         if cfg not in out:
             out.append(cfg)
-    if kf["EPB"] == 2 and M <= 4:  # words: (BLOCK_N, bytes of codes per row per step, warps, POST)
-        for bn, kbytes, w, post in [(32, 256, 4, True), (16, 512, 4, True), (16, 256, 4, True), (32, 256, 4, False)]:
-            out.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // kf["GB"], 1), "WORDS": True,
+    if M <= 4:  # words: (BLOCK_N, bytes of codes per row per step, warps, POST)
+        gb = 4 * WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
+        wc = ([(32, 256, 4, True), (16, 512, 4, True), (16, 256, 4, True), (32, 256, 4, False)] if kf["EPB"] == 2 else
+              [(8, 1024, 4, True), (16, 512, 4, True), (32, 256, 4, True)])
+        for bn, kbytes, w, post in wc:
+            out.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True,
                         "POST": post, "num_warps": w, "num_stages": 1})
     return out
 
@@ -272,7 +276,7 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     cfg_split = cfg.pop("SPLIT_K", None)
     if cfg.pop("WORDS", False):
-        if gemv and kf["EPB"] == 2 and _words_ok(codes):
+        if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
                                split_k if split_k is not None else cfg_split, interpreted).reshape(*lead, n)
         # the int32 view needs whole words per row: the first byte-tile config instead
@@ -322,7 +326,7 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     ks = kernels_for(x2.device.type)
     words = codes.view(torch.int32)
     KW, NB = words.shape[1], scales.shape[1]
-    gw = kf["GB"] // 4
+    gw = kf["GB"] // 4 if not kf["PER_ROW"] else WORDS_ROW_GW
     tw = cfg["BLOCK_G"] * gw
     for key in ("BLOCK_N", "BLOCK_G"):
         v = cfg[key]
@@ -340,13 +344,17 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
     if interpreted:
         launch.pop("num_warps", None), launch.pop("num_stages", None)
-    ks["dequant_gemv_w4"][(n_tiles, splits, M)](
+    if kf["EPB"] == 2:
+        kern, fmt_kw = ks["dequant_gemv_w4"], {"HAS_ZERO": kf["HAS_ZERO"]}
+    else:
+        kern, fmt_kw = ks["dequant_gemv_w8"], {"PER_ROW": kf["PER_ROW"]}
+    kern[(n_tiles, splits, M)](
         x2, words, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
         bias if bias is not None else dummy, out, partials, M, n, K, KW, NB, per_split, x2.stride(0), x2.stride(1),
         words.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0), out.stride(1),
-        ELEM=kf["ELEM"], SCALE=kf["SCALE"], HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None,
+        ELEM=kf["ELEM"], SCALE=kf["SCALE"], HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None,
         STEP=kf["STEP"], GW=gw, SPLIT=splits > 1, OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted,
-        **launch)
+        **fmt_kw, **launch)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4}
         ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
@@ -358,8 +366,8 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
 
 def _check_blocks(cfg: dict, kf: dict, gemv: bool) -> None:
     if cfg.get("WORDS"):
-        if not gemv or kf["EPB"] != 2:
-            raise ValueError("quant_linear: WORDS configs are for the 4-bit GEMV only")
+        if not gemv:
+            raise ValueError("quant_linear: WORDS configs are for the GEMV only")
         for key in ("BLOCK_N", "BLOCK_G"):
             v = cfg[key]
             if v < 1 or v & (v - 1):

@@ -155,7 +155,7 @@ def test_every_tile_path_of_grouped_formats(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["w8a16", "w8a16_fp8"])
-def test_swap_ab_gemm_per_row_formats(fmt):
+def test_swap_ab_gemm_and_words_gemv_per_row_formats(fmt):
     # SWAP: the decoded tile is the A operand of w @ x^T; per-output-channel scales on the transposed acc
     k, n, m = 200, 40, 20
     _, qt = _pack(n, k, fmt, seed=5)
@@ -166,6 +166,11 @@ def test_swap_ab_gemm_per_row_formats(fmt):
                        ({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_KB": 64, "GROUP_M": 2, "SWAP": True, "PREFETCH": False}, 3)]:
         y = ql.quant_linear_apply(x, *_args(qt, bias, fmt, k), config=cfg, split_k=split)
         _check_kernel(y, x, qt, bias, gemm=True)
+    # the GEMV on int32 words (4 codes per word; per-row scales in the epilogue), M = 1 and 3, split-K
+    for m, cfg, split in [(1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 2, "WORDS": True}, None),
+                          (3, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_G": 1, "WORDS": True}, 3)]:
+        y = ql.quant_linear_apply(x[:m], *_args(qt, bias, fmt, k), config=cfg, split_k=split)
+        _check_kernel(y, x[:m], qt, bias, gemm=False)
 
 
 def test_zero_blocks_leading_dims_strided_input_and_the_registered_op():

@@ -569,3 +569,74 @@ def dequant_gemv_w4(x, codes, scales, zeros, tensor_scale, bias, out, partials,
         tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=n_ok[None, :])
     else:
         _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
+
+
+@triton.jit
+def _w8_fma(part, wd, xi, SHIFT: tl.constexpr, s3, ELEM: tl.constexpr, PER_ROW: tl.constexpr, POST: tl.constexpr):
+    # part += x_i * (byte at bit SHIFT of every word, decoded). int8: the words were XORed with 0x80808080,
+    # so the byte is c + 128 and (2^23 + c + 128) - (2^23 + 128) = c (one OR + one FADD, no I2F).
+    c = (wd >> SHIFT) & 255
+    if ELEM == 4:
+        v = _e4m3_value(c)
+    else:
+        v = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    if not PER_ROW and not POST:
+        v = v * s3
+    return part + xi[None, :, :] * v
+
+
+@triton.jit
+def dequant_gemv_w8(x, codes, scales, zeros, tensor_scale, bias, out, partials,
+                    M, N, K, KW, NB, KW_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
+                    ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_TS: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, STEP: tl.constexpr, GW: tl.constexpr, SPLIT: tl.constexpr,
+                    OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                    INTERPRETED: tl.constexpr, POST: tl.constexpr = True):
+    # 8-bit twin of dequant_gemv_w4 (WORDS configs of w8a16 / w8a16_fp8 / mxint8 / mxfp8): int32 words of 4
+    # consecutive codes (byte i = element 4w + i), x[4w .. 4w + 3] one 8-byte load per word. Per-row formats:
+    # GW words per "group" is just the tile shape (scales in the epilogue).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rg = tl.arange(0, BLOCK_G)
+    rt = tl.arange(0, GW)
+    TW: tl.constexpr = BLOCK_G * GW
+    acc3 = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
+    w_start = pid_k * KW_PER_SPLIT
+    w_end = tl.minimum(w_start + KW_PER_SPLIT, KW)
+    xr = x + m * s_xm
+    c_rows = codes + rn[:, None, None] * s_cn
+    n_ok3 = n_ok[:, None, None]
+    for w0 in range(w_start, w_end, TW):
+        rw = w0 + rg[:, None] * GW + rt[None, :]
+        wd = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
+        if ELEM != 4:
+            wd = wd ^ -2139062144  # 0x80808080: signed bytes -> offset binary
+        s3 = tl.zeros((BLOCK_N, BLOCK_G, 1), dtype=tl.float32)
+        if not PER_ROW:
+            g = w0 // GW + rg
+            g_ok = n_ok[:, None] & (g[None, :] < NB)
+            s3 = _scale_value(tl.load(scales + rn[:, None] * s_sn + g[None, :], mask=g_ok, other=0), SCALE)[:, :, None]
+        k4 = rw[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+        xv = tl.load(xr + k4 * s_xk, mask=k4 < K, other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 2, 2)))  # elements 0 2 | 1 3
+        x0, x2 = tl.split(xe)
+        x1, x3 = tl.split(xo)
+        part = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
+        part = _w8_fma(part, wd, x0, 0, s3, ELEM, PER_ROW, POST)
+        part = _w8_fma(part, wd, x1, 8, s3, ELEM, PER_ROW, POST)
+        part = _w8_fma(part, wd, x2, 16, s3, ELEM, PER_ROW, POST)
+        part = _w8_fma(part, wd, x3, 24, s3, ELEM, PER_ROW, POST)
+        if PER_ROW or not POST:
+            acc3 += part
+        else:
+            acc3 += part * s3
+    acc = tl.sum(tl.sum(acc3, 2), 1)[None, :]
+    acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, PER_ROW, HAS_TS, STEP)
+    rm = m + tl.arange(0, 1)
+    if SPLIT:
+        tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=n_ok[None, :])
+    else:
+        _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
