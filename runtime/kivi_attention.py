@@ -11,9 +11,11 @@ planner are shared with ``runtime/decode_attention.py``.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from ..passes.quant.kv import KIVICache, kivi_bytes_per_token
 from . import decode_attention as da
@@ -24,7 +26,11 @@ NAME = "fxf_kivi_attention"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-__all__ = ["kivi_configs", "kivi_decode_attention", "kivi_traffic_bytes", "launch", "check_inputs"]
+__all__ = ["check_inputs", "kivi_configs", "kivi_decode_attention", "kivi_traffic_bytes", "launch"]
+
+
+# (q dtype, bits, Tq, Hq, Hkv, D, group, device index) -> {"index": config used, "failed": cfg, "error": str}
+FALLBACKS: dict = {}
 
 
 def _kernels(device_type: str, cache_dir: str | None = None):
@@ -59,8 +65,9 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     # dim 128, bf16: every 4-warp config spills (255 registers + 184-992 B of stack), 8 warps with one-group
     # tiles do not; fp32 q (IEEE FMA dots) with BLOCK_N 128 needs 272 KB of shared memory (> the H100's
     # 227 KB: a candidate cause of the fp32 S=4099 GPU test failure), BLOCK_N 32 needs 74 KB
-    cands = [(g, 8, 3, True), (g, 4, 3, True), (64, 8, 3, False), (128, 8, 2, False), (g, 16, 3, True),
-             (128, 4, 3, False)]
+    # H100 run (benchmarks/results/probe_quant.md, 32K, bf16): 64-token tiles, no folding, 8 warps won
+    # (74 us KIVI-2 / 76 us KIVI-4 at 32 splits); one-group folded tiles were 2x slower with 8 warps
+    cands = [(64, 8, 3, False), (g, 4, 3, True), (128, 4, 3, False), (64, 4, 3, False)]
     for bn, w, st, fk in cands:
         bn = max(min(bn, 64) if head >= 256 else bn, g, 16)
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FOLD_K": fk and fold and bn == group,
@@ -70,7 +77,7 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     return out
 
 
-PROGRAMS_PER_SM = 4  # KIVI's decode is ALU-heavy: several programs per SM hide the unpack latency
+PROGRAMS_PER_SM = 2  # H100: 32 splits (B=1, Hkv=8) beat 64 (auto at 4 per SM) and 128 by 5-15%
 MIN_SPLIT_TOKENS = 256
 
 
@@ -155,6 +162,10 @@ def _pair_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a, b
 
 
+def _interpreted(q) -> bool:
+    return q.device.type == "cpu"
+
+
 def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int | None = None,
            blocks: dict | None = None, workspace: torch.Tensor | None = None):
     """Run split + combine: q [B,Hq,Tq,D] (any strides), ``cache`` as produced by kivi_quantize (any
@@ -162,7 +173,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     chunks (``num_splits`` None: automatic, see decode_attention.split_plan); the last chunk's program
     also reads the residual window. ``workspace``: optional flat fp32 tensor of at least
     decode_attention.workspace_numel(...) elements (allocated here when None)."""
-    interpreted = q.device.type == "cpu"
+    interpreted = _interpreted(q)
     B, H, LQ, D = q.shape
     _, HKV, S, _ = cache.shape
     NQ, NR = cache.n_quant, S - cache.n_quant
@@ -170,6 +181,21 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
         return out
     if S == 0:  # no keys: every row sees nothing
         return out.zero_()
+    if blocks is None and not interpreted:
+        # the default config, falling back to the next on OutOfResources (e.g. shared memory of fp32
+        # dots at large tiles); the fallback is recorded in FALLBACKS and warned about once
+        cands = kivi_configs(LQ, H, HKV, D, cache.group, interpreted)
+        key = (q.dtype, cache.bits, LQ, H, HKV, D, cache.group, q.device.index)
+        start = FALLBACKS.get(key, {}).get("index", 0)
+        for i in range(start, len(cands)):
+            try:
+                return launch(kern1, kern2, q, cache, out, scale, num_splits, cands[i], workspace)
+            except OutOfResources as e:
+                if i + 1 == len(cands):
+                    raise
+                FALLBACKS[key] = {"index": i + 1, "failed": cands[i], "error": str(e).splitlines()[0][:200]}
+                warnings.warn(f"kivi_decode_attention: config {cands[i]} out of resources ({e}); trying {cands[i + 1]}",
+                              stacklevel=2)
     cfg = dict(blocks or kivi_configs(LQ, H, HKV, D, cache.group, interpreted)[0])
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)

@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 from fxforge.debug import rel_err
 from fxforge.passes.quant.kv import kivi_bytes_per_token, kivi_dequantize, kivi_quantize
-from fxforge.runtime.kivi_attention import kivi_configs, kivi_decode_attention, kivi_traffic_bytes
+from fxforge.runtime.kivi_attention import (
+    kivi_configs,
+    kivi_decode_attention,
+    kivi_traffic_bytes,
+)
 
 
 def sdpa(q, k, v, dtype, scale=None):
@@ -127,15 +131,18 @@ def test_configs():
     cfg = kivi_configs(1, 32, 8, 128, 32, interpreted=False)
     assert cfg[0]["BLOCK_M"] == 16 and cfg[0]["HEAD_DIM"] == 128 and all(c["BLOCK_N"] % 32 == 0 for c in cfg)
     assert all(c["BLOCK_N"] >= 128 for c in kivi_configs(1, 8, 8, 64, 128, interpreted=False))
-    assert cfg[0]["BLOCK_N"] == 32 and cfg[0]["FOLD_K"] and not any(c["FOLD_K"] for c in cfg if c["BLOCK_N"] != 32)
+    # default = the H100 winner (64-token tiles, unfolded, 8 warps); FOLD_K only on one-group tiles
+    assert cfg[0]["BLOCK_N"] == 64 and not cfg[0]["FOLD_K"] and cfg[0]["num_warps"] == 8
+    assert any(c["FOLD_K"] for c in cfg) and not any(c["FOLD_K"] for c in cfg if c["BLOCK_N"] != 32)
     assert kivi_configs(3, 8, 2, 80, 24, interpreted=True) == [{"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 128,
                                                                  "FOLD_K": False}]
     assert kivi_configs(1, 4, 4, 64, 32, interpreted=True)[0]["BLOCK_N"] == 32
-    # several programs per SM on CUDA: B=1, Hkv=8, 32K tokens on 132 SMs -> 64 splits of 512 tokens
+    # PROGRAMS_PER_SM programs per SM on CUDA: B=1, Hkv=8, 32K tokens on 132 SMs -> 32 splits of 1024 tokens
     from fxforge.runtime import decode_attention as da
-    from fxforge.runtime.kivi_attention import auto_splits
+    from fxforge.runtime.kivi_attention import PROGRAMS_PER_SM, auto_splits
     sms = da.sm_count(torch.device("cpu"))
-    assert auto_splits(32736, 8, 32, torch.device("cpu")) == 1 << ((-(-4 * sms // 8)).bit_length() - 1)
+    want = -(-PROGRAMS_PER_SM * sms // 8)
+    assert auto_splits(32736, 8, 32, torch.device("cpu")) == 1 << (want.bit_length() - 1)
     assert auto_splits(512, 8, 32, torch.device("cpu")) <= 2
 
 
@@ -181,6 +188,42 @@ GPU_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
 
 
 @pytest.mark.gpu
+def test_out_of_resources_falls_back_to_the_next_config(monkeypatch):
+    """The default-config path: a launch failing with OutOfResources moves on to the next config and
+    records it (kivi_attention.FALLBACKS); explicit configs are not replaced."""
+    import fxforge.runtime.kivi_attention as ka
+    from triton.runtime.errors import OutOfResources
+
+    torch.manual_seed(0)
+    k, v = (torch.randn(1, 2, 70, 64) for _ in range(2))
+    cache = kivi_quantize(k, v, bits=2, group=16, residual=16)
+    q = torch.randn(1, 4, 1, 64)
+    cfgs = [{"BLOCK_M": 16, "BLOCK_N": 128, "HEAD_DIM": 64, "FOLD_K": False, "num_warps": 4, "num_stages": 3},
+            {"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 64, "FOLD_K": False, "num_warps": 4, "num_stages": 3}]
+    seen = []
+
+    def fake_kern1(*args, BLOCK_N, **kw):
+        seen.append(BLOCK_N)
+        if BLOCK_N == 128:
+            raise OutOfResources(278528, 232448, "shared memory")
+
+    class Grid:
+        def __getitem__(self, grid):
+            return fake_kern1
+    monkeypatch.setattr(ka, "kivi_configs", lambda *a: cfgs)
+    monkeypatch.setattr(ka, "FALLBACKS", {})
+    out = torch.zeros_like(q)
+    monkeypatch.setattr(ka, "_interpreted", lambda t: False)  # the fallback is for compiled launches
+    with pytest.warns(UserWarning, match="out of resources"):
+        ka.launch(Grid(), Grid(), q, cache, out, 0.125, 1, None)
+    assert seen == [128, 16] and next(iter(ka.FALLBACKS.values()))["index"] == 1
+    seen.clear()
+    ka.launch(Grid(), Grid(), q, cache, out, 0.125, 1, None)  # remembered: straight to the working one
+    assert seen == [16]
+    with pytest.raises(OutOfResources):
+        ka.launch(Grid(), Grid(), q, cache, out, 0.125, 1, cfgs[0])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bits", [2, 4])
