@@ -11,11 +11,17 @@ It calls the real runtime entry points (quant_linear_apply, w8a8_linear_apply, k
 Every row: time (us), achieved TB/s and fraction of 3.0 TB/s by the impl's own bytes model (splits not
 counted), speedup over the baseline, error vs the reference of the same quantized math (rel. Frobenius
 and max abs). A config that fails prints and the sweep continues. A time budget (PROBE_BUDGET_S,
-default 150 s from the end of the imports, Triton compiles included) cuts the remaining sweeps short: sections run in priority
-order GEMV -> GEMM defaults -> KIVI -> KIVI fp32 diagnostic -> GEMM sweep, and results are written after each section.
+default 85 s from the end of the imports, Triton compiles included; ~100 s wall in all) cuts the remaining
+sweeps short: sections run in priority order GEMM defaults -> GEMM sweep -> GEMV -> KIVI -> KIVI fp32
+check, and results are written after each section.
 
-Also runs the KIVI GPU test case that failed on the H100 (fp32 q, 2-bit, S=4099) with the old default
-config (BLOCK_N 128) and the new one, printing the error or the exception.
+Second run (after benchmarks/results/probe_quant.md of the first): only the variants that can change a
+decision. GEMM M=64: the measured winners (the defaults) vs SWAP (swap AB: decoded weight tile as the
+register A operand of wgmma, 128 / 64-wide N tiles, split-K, cp.async-pipelined code tiles). GEMV M=1:
+the measured winners and their neighbours (PREFETCH off for 8-bit) vs the WORDS kernels
+(dequant_gemv_w4 / _w8: int32 words of codes, one vector x load per word). KIVI: the measured winner at
+16 / 32 (auto) / 64 splits and the other configs at auto; the fp32 2-bit S=4099 case (the failing H100
+test) with the new default only.
 
 Usage (repo root): ``python benchmarks/probe_quant.py`` -> $OUT (and benchmarks/results/)/probe_quant.{json,md}
 CPU smoke test of the script itself (interpreter, tiny shapes): ``PROBE_CPU=1 python benchmarks/probe_quant.py``
@@ -45,7 +51,7 @@ from fxforge.runtime.kivi_attention import (
 
 CPU = os.environ.get("PROBE_CPU") == "1"
 DEV = "cpu" if CPU else "cuda"
-BUDGET = float(os.environ.get("PROBE_BUDGET_S", "150"))  # + ~10-15 s of imports / CUDA init before T0
+BUDGET = float(os.environ.get("PROBE_BUDGET_S", "85"))  # + ~10-15 s of imports / CUDA init before T0
 HBM = 3.0e12
 T0 = time.time()
 NOTES: list[str] = []
@@ -74,7 +80,7 @@ def cfg_str(cfg) -> str:
         return "-"
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_KB": "kb", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s",
              "SPLIT_K": "sk", "POST": "post", "GROUP_M": "gm", "HEAD_DIM": "d", "FOLD_K": "fold", "K_MAGIC": "kmagic", "V_TF32": "vtf32", "PREFETCH": "pf",
-             "splits": "splits"}
+             "splits": "splits", "BLOCK_G": "g", "WORDS": "words", "SWAP": "swap"}
     return " ".join(f"{short.get(k, k)}{int(v) if isinstance(v, bool) else v}" for k, v in cfg.items()
                     if k not in ("GROUP_M", "HEAD_DIM"))
 
@@ -137,22 +143,23 @@ def bf16_baseline(p, wl, x, ws, n, k, m):
 
 # ------------------------------------------------------------------------------------------------ GEMV / GEMM
 def gemv_variants(fmt, m, n, k):
-    cfgs = ql.gemv_configs(m, n, k, fmt, CPU)
-    out = [dict(c) for c in cfgs]
-    kf = ql.kernel_format(fmt)
-    if not kf["PER_ROW"]:  # per-element scaling (the old path) for the first two configs
-        out += [dict(c, POST=False) for c in cfgs[:2]]
-    out += [dict(cfgs[0], PREFETCH=False)]  # one code tile in flight per program instead of two
-    if not CPU:
-        out += [dict(cfgs[0], SPLIT_K=2), dict(cfgs[1], SPLIT_K=4)]
+    """The config lists themselves: the measured defaults (byte tiles) and the WORDS kernels (int32 words,
+    one 16 / 8-byte x load per word); on the CPU also one WORDS config (the list has only the default)."""
+    out = [dict(c) for c in ql.gemv_configs(m, n, k, fmt, CPU)]
+    if CPU and m <= 4:
+        out.append({"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 2, "WORDS": True})
     return out
 
 
 def gemm_variants(fmt, m, n, k):
+    """Defaults (measured winners), SWAP (swap AB) with 128- and 64-wide N tiles + auto split-K, the
+    default without PREFETCH; SWAP at 128 with 2 explicit splits."""
     cfgs = ql.gemm_configs(m, n, k, fmt, CPU)
     out = [dict(c) for c in cfgs]
-    if not CPU:
-        out += [dict(cfgs[0], SPLIT_K=s) for s in (1, 2, 4)] + [dict(cfgs[0], PREFETCH=False)]
+    if CPU:
+        out.append(dict(cfgs[0], SWAP=True, SPLIT_K=2))
+    elif len(cfgs) > 1:
+        out.append(dict(cfgs[1], SPLIT_K=2))
     return out
 
 
@@ -266,10 +273,9 @@ def section_kivi(p):
         del kd, vd
         nbytes = kivi_traffic_bytes(cache, HQ, 1)
         cfgs = kivi_configs(1, HQ, HKV, D, 32, CPU)
-        # folded keys with fp32-decoded codes; P @ V as a TF32 dot (no bf16 conversions of V)
-        cfgs = cfgs[:1] + [dict(cfgs[0], K_MAGIC=False), dict(cfgs[0], V_TF32=True)] + cfgs[1:]
-        split_opts = (None, 32, 128) if not CPU else (None, 3)
-        for cfg in cfgs:
+        # the default (64-token tiles, 8 warps) at auto (32), 16 and 64 splits; the other configs at auto only
+        for ci, cfg in enumerate(cfgs):
+            split_opts = ((None, 16, 64) if ci == 0 else (None,)) if not CPU else (None, 3)
             for ns in split_opts:
                 if left() < 3:
                     NOTES.append(f"budget: cut kivi{bits} sweep")
@@ -306,12 +312,8 @@ def kivi_fp32_diagnostic():
     floor = max(2 * rel_err(sd(dtype), ref), 1e-5)
     k1, k2 = _kernels(DEV)
     new = kivi_configs(TQ, H, HKV, D, g, CPU)[0]
-    old = dict(new, BLOCK_N=128, FOLD_K=False) if not CPU else dict(new, FOLD_K=False)
-    old.pop("num_warps", None), old.pop("num_stages", None)
-    if not CPU:
-        old.update(num_warps=4, num_stages=3)
-    for name, cfg in (("old default", old), ("new default", new)):
-        for ns in (None, 1, 7):
+    for name, cfg in (("new default", new),):  # the old default's OutOfResources is known (first run)
+        for ns in (None,):
             try:
                 out = torch.full_like(q, float("nan"))
                 launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg))
@@ -328,9 +330,9 @@ def kivi_fp32_diagnostic():
 def main() -> None:
     p = Probe()
     print(f"probe_quant on {DEV}: budget {BUDGET:.0f} s", flush=True)
-    for name, fn in (("gemv", lambda: section_gemv(p)), ("gemm_defaults", lambda: section_gemm(p, True)),
-                     ("kivi", lambda: section_kivi(p)), ("kivi_fp32_diag", kivi_fp32_diagnostic),
-                     ("gemm_sweep", lambda: section_gemm(p, False))):
+    for name, fn in (("gemm_defaults", lambda: section_gemm(p, True)), ("gemm_sweep", lambda: section_gemm(p, False)),
+                     ("gemv", lambda: section_gemv(p)), ("kivi", lambda: section_kivi(p)),
+                     ("kivi_fp32_diag", kivi_fp32_diagnostic)):
         if left() < 5:
             NOTES.append(f"budget: section {name} skipped")
             continue
