@@ -16,18 +16,23 @@ Every format of ``FORMATS`` runs in the kernels: w8a16, w8a16_fp8, w4a16_g32/g64
 mxfp4, nvfp4, nvint4. CPU tensors without the Triton interpreter (a CUDA machine working on a CPU copy)
 fall back to ``dequantize`` + an fp32 matmul.
 
-Configs (``gemv_configs`` / ``gemm_configs``, first = default): small lists, and an interpreter default
-with tiny blocks (every tile path runs in CPU tests). Config keys beyond the blocks: POST (group scales
-after the partial dot), PREFETCH (GEMV: next tile loaded before the current one is decoded), SPLIT_K
-(None: automatic). The GPU defaults are chosen from ptxas resource usage for sm_90 (no spills, two
-tiles in flight) and await the H100 sweep of ``benchmarks/probe_quant.py``.
+Configs (``gemv_configs`` / ``gemm_configs``, first = default = the H100 winners of
+benchmarks/results/probe_quant.md): small lists, and an interpreter default with tiny blocks (every tile
+path runs in CPU tests). Config keys beyond the blocks: POST (group scales after the partial dot),
+PREFETCH (next code tile loaded before the current one is decoded), SPLIT_K (None: automatic), SWAP
+(GEMM: swap AB, ``acc^T = W @ x^T`` with the decoded tile as the register operand), WORDS + BLOCK_G
+(GEMV: ``dequant_gemv_w4`` / ``dequant_gemv_w8`` on int32 words of codes; falls back to the byte-tile
+default when a row is not a whole number of words). On CUDA the default path falls back to the next
+config when a launch fails with OutOfResources (recorded in ``FALLBACKS``, warned once per shape).
 """
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from .kernels import interpreter_active, next_pow2, template_kernels
 
@@ -38,6 +43,8 @@ CPU_SMS = 4  # stand-in SM count for the interpreter (split-K heuristics see a t
 REDUCE_BLOCK = 1024
 WORDS_ROW_GW = 16  # WORDS GEMV, per-row formats: words per inner tile row (BLOCK_G of them per step)
 HBM_TBPS = 3.0  # H100 SXM achievable HBM bandwidth used by the bytes model
+# (fmt, M, N, K, x dtype, device index) -> {"index": config used, "failed": cfg, "error": str} (default path)
+FALLBACKS: dict = {}
 _ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # Element / scale kinds of the template (see its header).
@@ -248,6 +255,22 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     ``split_k``: GEMV K splits (None: ``auto_split_k``). Benchmarks call this directly to try configs."""
     if check:
         check_inputs(x, codes, scales, zeros, tensor_scale, bias, fmt, K)
+    if config is None and x.device.type == "cuda":
+        # the default config, falling back to the next one on OutOfResources (recorded in FALLBACKS)
+        M = x.numel() // max(K, 1)
+        gemv = M <= GEMV_MAX_M
+        cands = (gemv_configs if gemv else gemm_configs)(M, codes.shape[0], K, fmt, False)
+        key = (fmt, M, codes.shape[0], K, x.dtype, x.device.index)
+        for i in range(FALLBACKS.get(key, {}).get("index", 0), len(cands)):
+            try:
+                return quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt, K, config=cands[i],
+                                          split_k=split_k, check=False)
+            except OutOfResources as e:
+                if i + 1 == len(cands):
+                    raise
+                FALLBACKS[key] = {"index": i + 1, "failed": cands[i], "error": str(e).splitlines()[0][:200]}
+                warnings.warn(f"quant_linear: config {cands[i]} out of resources ({e}); trying {cands[i + 1]}",
+                              stacklevel=2)
     n = codes.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)

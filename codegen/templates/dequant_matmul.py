@@ -19,6 +19,16 @@
 #                         BLOCK_M rows, cast to the activation dtype (bf16 / fp16; fp32 stays fp32 with IEEE
 #                         dots) and fed to tl.dot against x; fp32 accumulation, grouped tile order;
 #                         PREFETCH as in the GEMV (code tiles only: x feeds tl.dot and is pipelined).
+#                         SWAP ("swap AB"): acc^T [BLOCK_N, BLOCK_M] += w @ x^T, the decoded weight tile is
+#                         the register A operand of wgmma (no shared-memory round trip; BLOCK_N >= 64 is the
+#                         wgmma M side), x^T the cp.async-pipelined B operand, transposed once at the end.
+#                         ptxas sm_90 (Triton 3.9, M=64, 128 x 128 / 64 x 64 bytes): 103-200 registers, no
+#                         spills for every format; PREFETCH=False lets Triton pipeline the code tiles too.
+#   dequant_gemv_w4/_w8   M <= 4 (WORDS configs): codes read as int32 words (8 nibbles / 4 bytes of one row
+#                         = consecutive K, the formats.py byte layout read little-endian: no repacking),
+#                         decoded by shift + mask + OR + FADD per element, x[EPW·w .. EPW·w + EPW) one
+#                         16 / 8-byte load per word split in registers; tile [BLOCK_N, BLOCK_G groups, GW
+#                         words]; POST: group scale once per word of partial sums.
 #   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype.
 #
 # Work is indexed in "byte columns" j of the codes: one byte holds EPB elements (1 for 8-bit codes, 2 for
