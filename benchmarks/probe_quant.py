@@ -148,6 +148,9 @@ def gemv_variants(fmt, m, n, k):
     out = [dict(c) for c in ql.gemv_configs(m, n, k, fmt, CPU)]
     if CPU and m <= 4:
         out.append({"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 2, "WORDS": True})
+    # auto split-K gives 2 splits (+ a reduce launch) where the N tiles are < 2 per SM (4096 rows with
+    # 16 / 32-row tiles): the first two WORDS configs also without splits
+    out += [dict(c, SPLIT_K=1) for c in [c for c in out if c.get("WORDS")][:2]]
     return out
 
 
