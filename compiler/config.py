@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-DEFAULT_PASSES = ("remove_noops", "dce", "cse", "cat_sign", "reinplace", "gqa_attention", "merge_linears", "constant_fold", "dce")
+DEFAULT_PASSES = ("remove_noops", "patch_conv", "dce", "cse", "cat_sign", "reinplace", "gqa_attention", "merge_linears", "constant_fold", "dce")
 
 
 def _default_cache_dir() -> str:
