@@ -9,18 +9,18 @@ gate and up) become one matmul over their weights concatenated at compile time.
 
 Exact: each output column is the same dot product as before. It pays where the matmuls are
 launch- or bandwidth-bound (decode: one GEMV that streams all three weights instead of three short
-ones), so only matmuls of at most ``max_rows`` (default 256) static rows are merged. Only weights held as constants (AOT path) are merged, never
+ones), so matmuls of at most ``max_rows`` (default 256) static rows are merged; with more rows only
+groups in which some member is too small to fill the GPU (fewer 128x128 output tiles than SMs, e.g.
+prefill's k and v projections) are merged. Only weights held as constants (AOT path) are merged, never
 mutated buffers; ``addmm`` merges when every member has a constant 1-D bias and unit alpha/beta.
 A group is skipped when a view of a member's output would not be a valid view of the slice.
 """
 from __future__ import annotations
 
-
 import torch
-import torch.fx as fx
-
 from fxforge.pipeline import Pass
 from fxforge.registry import registry
+from torch import fx
 
 from .patterns import linear_parts as _linear_parts
 
@@ -28,10 +28,20 @@ aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
-# Merge only bandwidth-bound matmuls (few rows: decode, small batches). With many rows they are
+# Merge bandwidth-bound matmuls (few rows: decode, small batches). With many rows they are
 # compute-bound and cuBLAS tiles each shape well on its own: on the H100 the merged 2048x2048x11264
 # gate|up GEMM took 132 us against 2 x 62.7 us unmerged (benchmarks/results/profile_prefill.md).
 MAX_ROWS = 256
+# ... and compute-bound groups with a member too small to fill one wave of 128x128 output tiles on
+# the GPU (132 SMs on the H100): prefill's k and v projections (2048 x 512: 64 tiles) leave half the
+# SMs idle, and q|k|v as one 2048 x 3072 GEMM ran 39 us against 28 + 14 + 14 us separately
+# (benchmarks/results/probe_gemm_tma.md, profile_prefill.md).
+WAVE_TILES = 132
+TILE = 128
+
+
+def _underfills(rows: int, n: int) -> bool:
+    return -(-rows // TILE) * -(-n // TILE) < WAVE_TILES
 
 
 def _views_ok(val, users, n_total: int, start: int) -> bool:
@@ -76,9 +86,11 @@ class MergeLinears(Pass):
             if len(members) < 2:
                 continue
             rows = x.meta["val"].shape[0]
-            if isinstance(rows, torch.SymInt) or rows > max_rows:
+            if isinstance(rows, torch.SymInt):
                 continue
             weights = [getattr(gm, w.target) for _, w, _ in members]
+            if rows > max_rows and not any(_underfills(rows, w.shape[0]) for w in weights):
+                continue
             n_total = sum(w.shape[0] for w in weights)
             starts = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
             if not all(_views_ok(m.meta["val"], m.users, n_total, s) for (m, _, _), s in zip(members, starts)):

@@ -317,17 +317,22 @@ def test_a_view_made_invalid_by_a_layout_change_becomes_a_reshape():
         registry.passes.pop("test_drop_contiguous", None)
 
 
-@pytest.mark.parametrize("rows,merged", [(3, True), (300, False)])
-def test_merge_linears_merges_bandwidth_bound_siblings_only(rows, merged):
+@pytest.mark.parametrize("rows,width,merged", [
+    (3, 8, True),          # decode-sized: bandwidth-bound siblings
+    (300, 8, True),        # many rows but k/v fill 3 of 132 output tiles: merged (underfilled GPU)
+    (4096, 640, False),    # every member has >= 132 tiles of 128x128: left to cuBLAS one by one
+])
+def test_merge_linears_merges_bandwidth_bound_or_underfilled_siblings_only(rows, width, merged):
     class QKV(nn.Module):
         def __init__(self):
             super().__init__()
-            self.q, self.k, self.v = nn.Linear(32, 24, bias=False), nn.Linear(32, 8, bias=False), nn.Linear(32, 8, bias=False)
+            self.q, self.k, self.v = (nn.Linear(16, 3 * width, bias=False), nn.Linear(16, width, bias=False),
+                                      nn.Linear(16, width, bias=False))
 
         def forward(self, x):
-            return self.q(x).view(-1, 3, 8) * 2, self.k(x) + 1, self.v(x)
+            return self.q(x).view(-1, 3, width) * 2, self.k(x) + 1, self.v(x)
     torch.manual_seed(0)
-    m, x = QKV().eval(), torch.randn(rows, 32)
+    m, x = QKV().eval(), torch.randn(rows, 16)
     c = fxforge.compile(m, (x,))
     mms = sum(getattr(s, "kind", "") == "matmul" for s in c.program.steps)
     assert mms == (1 if merged else 3)
