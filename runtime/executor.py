@@ -357,7 +357,10 @@ class Executor:
         if self.autotune != "max":
             # "fast": one Triton compile per kernel keeps cold compiles short; where the TMA twin
             # is offered (sm_90+) it replaces the regular kernel's tile configs
-            configs = configs[:1] if not tma or configs[0][5] else []
+            # is offered (sm_90+) it replaces the regular kernel's tile configs, and a bare matmul
+            # that could have had it (no refusal: fast mode offers none there) is cuBLAS's alone
+            bare_on_hopper = not tma and self._tma_note is None and not configs[0][5]
+            configs = [] if bare_on_hopper else configs[:1] if not tma or configs[0][5] else []
         variants = {("gemv_" if c[5] else "triton_") + "x".join(map(str, c[:5])): (lambda c=c: triton_launch(c)) for c in configs}
         variants.update(tma)
         variants["cublas"] = cublas
