@@ -98,9 +98,9 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     partial dot), PREFETCH and, on the GPU, num_warps / num_stages. Defaults = the H100 winners of
     benchmarks/results/probe_quant.md (M = 1, 4096 x 4096 and 14336 x 4096): 8-bit 8 x 1024 bytes, 4
     warps, PREFETCH off (9.9 / 27.9 us; PREFETCH on was 1.2-1.5x slower); 4-bit 8 x 256 bytes with
-    per-element group scales (POST off: 15.1 / 43.8 us; POST on 19-57 us). 4-bit, M <= 4: WORDS configs
-    (``dequant_gemv_w4``: int32 words of 8 codes, one 16-byte x load per word, no even / odd split;
-    BLOCK_G scale groups of codes per row per step) follow the default, for the probe to decide."""
+    per-element group scales (POST off: 15.1 / 43.8 us; POST on 19-57 us). M <= 4: WORDS configs go first (``dequant_gemv_w4`` /
+    ``_w8``: int32 words of codes, one 16- or 8-byte x load per word, no even / odd split; BLOCK_G scale
+    groups of codes per row per step); they won the second probe (numbers below)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
     if interpreted:  # the interpreter's cost is per program and per op: few, small-but-not-tiny programs
@@ -118,12 +118,15 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
         if cfg not in out:
             out.append(cfg)
     if M <= 4:  # words: (BLOCK_N, bytes of codes per row per step, warps, POST)
+        # Second H100 probe (benchmarks/results/probe_quant.md, M = 1, 4096^2 / 4096 x 14336): words won
+        # both formats and go first: 4-bit 16 rows x 256 B 10.3 / 22.3 us (16 x 512 B: 9.6 / 25.1; the
+        # byte kernel 14.9 / 43.4), 8-bit 8 rows x 1024 B 10.1 / 26.7 us (byte kernel 9.9 / 27.8).
         gb = 4 * WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
-        wc = ([(32, 256, 4, True), (16, 512, 4, True), (16, 256, 4, True), (32, 256, 4, False)] if kf["EPB"] == 2 else
+        wc = ([(16, 256, 4, True), (16, 512, 4, True), (32, 256, 4, True), (32, 256, 4, False)] if kf["EPB"] == 2 else
               [(8, 1024, 4, True), (16, 512, 4, True), (32, 256, 4, True)])
-        for bn, kbytes, w, post in wc:
-            out.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True,
-                        "POST": post, "num_warps": w, "num_stages": 1})
+        words = [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True,
+                  "POST": post, "num_warps": w, "num_stages": 1} for bn, kbytes, w, post in wc]
+        out = words + out
     return out
 
 
@@ -160,8 +163,13 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
             first = dict(base, BLOCK_M=bm, BLOCK_N=64, BLOCK_KB=kb, num_warps=8, num_stages=3,
                          SPLIT_K=4 if kf["GB"] < 16 else None)
         swap = dict(base, BLOCK_M=bm, BLOCK_KB=kb, num_stages=3, SWAP=True, PREFETCH=False)
-        cands = [first, dict(swap, BLOCK_N=128, num_warps=8), dict(swap, BLOCK_N=64, num_warps=4),
-                 dict(first, PREFETCH=False)]
+        # Second H100 probe (M = 64, 4096^2; bf16 cuBLAS 14.7 us): PREFETCH off won every format but
+        # w4a16 g128 (w8a16 17.2, nvint4 20.8, mxint8 21.4, nvfp4 23.6-23.9, mxfp4 25.2 us), where SWAP
+        # with 64-wide N tiles won (17.4 us). None reaches bf16 yet.
+        cands = [dict(first, PREFETCH=False), first, dict(swap, BLOCK_N=64, num_warps=4),
+                 dict(swap, BLOCK_N=128, num_warps=8)]
+        if epb == 2 and post:
+            cands.insert(0, cands.pop(2))
     out = []
     for cfg in cands:
         if cfg not in out:
