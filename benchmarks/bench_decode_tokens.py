@@ -198,7 +198,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--skip-inductor-quant", action="store_true")
     a = ap.parse_args()
-    res = Results("decode_tokens_gpu")
+    # one file per batch set, so batch 1 and 16 can run in separate device calls without overwriting
+    res = Results("decode_tokens_gpu" + ("" if a.batches == [1, 16] else "_b" + "_".join(map(str, a.batches))))
     for batch in a.batches:
         bench_batch(res, batch, a.reps, not a.skip_inductor_quant)
         gc.collect()
