@@ -61,8 +61,8 @@ def _mask_strides(mask: torch.Tensor | None) -> tuple:
     return tuple(0 if s == 1 else x for s, x in zip(shp, st))
 
 
-def choose_blocks(lq: int, d: int, interpreted: bool) -> dict:
-    return block_configs(lq, d, interpreted)[0]
+def choose_blocks(lq: int, d: int, interpreted: bool, elt: int = 2) -> dict:
+    return block_configs(lq, d, interpreted, elt)[0]
 
 
 def _hopper() -> bool:
@@ -84,9 +84,22 @@ LONG_CONFIGS = [
 HEAD_MAJOR_FROM = 16384  # query length from which the head-major order (LPT=2) is the default
 
 
-def block_configs(lq: int, d: int, interpreted: bool) -> list[dict]:
+SMEM_LIMIT = 232448  # H100 shared memory per block (bytes): Triton raises OutOfResources above it
+# Small tiles for inputs the long-sequence list cannot hold in shared memory (fp32, head dim 256).
+SMALL_CONFIGS = [(64, 64, 4, 2, 0, 1, False, False), (64, 32, 4, 2, 0, 1, False, False), (32, 32, 4, 1, 0, 1, False, False)]
+
+
+def smem_bytes(bm: int, bn: int, stages: int, head: int, elt: int) -> int:
+    """Shared memory of a config: ``stages`` K and V tiles plus the Q tile (+1 KB of barriers). Matches
+    what the H100 reported for 128x128 s3 bf16 head 128 (230,400 bytes, probe_attention.md)."""
+    return stages * bn * head * 2 * elt + bm * head * elt + 1024
+
+
+def block_configs(lq: int, d: int, interpreted: bool, elt: int = 2) -> list[dict]:
     """Launch configs to try (the first is the default): tiles, warps, stages and the template's
-    TMA / LPT / WS options (codegen/templates/attention.py header)."""
+    TMA / LPT / WS options (codegen/templates/attention.py header). ``elt``: bytes per element of q/k/v;
+    configs whose tiles exceed the shared memory (fp32 with the bf16 list) are dropped, down to
+    SMALL_CONFIGS."""
     head = max(16, next_pow2(d))
     if interpreted:
         return [{"BLOCK_M": 32 if lq > 16 else 16, "BLOCK_N": 32, "HEAD_DIM": head}]
@@ -96,9 +109,9 @@ def block_configs(lq: int, d: int, interpreted: bool) -> list[dict]:
     hopper = _hopper()
     out = []
     order = sorted(LONG_CONFIGS, key=lambda c: c[5] != 2) if lq >= HEAD_MAJOR_FROM else LONG_CONFIGS
-    for bm, bn, w, s, tma, lpt, ws, pipe in order:
-        if head >= 256 and bn > 64:
-            continue
+    def fit(cands):
+        return [c for c in cands if smem_bytes(c[0], c[1], c[3], head, elt) <= SMEM_LIMIT and not (head >= 256 and c[1] > 64)]
+    for bm, bn, w, s, tma, lpt, ws, pipe in fit(order) or fit(SMALL_CONFIGS) or SMALL_CONFIGS[-1:]:
         out.append({"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "num_warps": w, "num_stages": s,
                     "TMA": tma if hopper else 0, "LPT": lpt, "WS": ws and hopper, "PIPE": pipe})
     return out
@@ -150,7 +163,7 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
     HKV, LK = k.shape[1], k.shape[2]
     if H % HKV:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HKV})")
-    cfg = dict(blocks or choose_blocks(LQ, D, interpreted))
+    cfg = dict(blocks or choose_blocks(LQ, D, interpreted, q.element_size()))
     bm, bn, head = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEAD_DIM"]
     tma, lpt, ws = int(cfg.pop("TMA", 0)), int(cfg.pop("LPT", 0)), bool(cfg.pop("WS", False))
     pipe = bool(cfg.pop("PIPE", False))

@@ -284,7 +284,7 @@ class Executor:
             for cfg in dcfgs if self.autotune == "max" else dcfgs[:1]:
                 name = "decode_{BLOCK_N}".format(**cfg) + (f"_w{cfg['num_warps']}s{cfg['num_stages']}" if "num_warps" in cfg else "")
                 variants[name] = (lambda cfg=cfg: dec.launch(k1, k2, q, k, v, mask, out, scale, blocks=cfg))
-        configs = block_configs(q.shape[2], q.shape[3], device.type == "cpu")
+        configs = block_configs(q.shape[2], q.shape[3], device.type == "cpu", q.element_size())
         for cfg in configs if self.autotune == "max" else configs[:1]:
             name = "triton_{BLOCK_M}x{BLOCK_N}".format(**cfg) + (f"_w{cfg['num_warps']}s{cfg['num_stages']}" if "num_warps" in cfg else "")
             # template options are part of the name, so configs differing only in them stay distinct

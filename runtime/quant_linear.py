@@ -10,7 +10,7 @@ scales, optional integer zero points and an optional fp32 per-tensor scale. The 
 written by the ``quantize`` pass (passes/quant/quantize_pass.py) and registered when fxforge is imported.
 ``x [..., K]`` is fp16 / bf16 / fp32; the output has x's dtype and shape ``[..., N]``.
 
-Dispatch: M = rows of x. M <= GEMV_MAX_M: ``dequant_gemv`` (CUDA-core dot products, optional split-K with
+Dispatch: M = rows of x. M <= GEMV_DISPATCH_M (4): ``dequant_gemv`` (CUDA-core dot products, optional split-K with
 a deterministic reduce launch); larger M: ``dequant_gemm`` (tl.dot, the weight tile decoded in the K loop).
 Every format of ``FORMATS`` runs in the kernels: w8a16, w8a16_fp8, w4a16_g32/g64/g128, mxint8, mxfp8,
 mxfp4, nvfp4, nvint4. CPU tensors without the Triton interpreter (a CUDA machine working on a CPU copy)
@@ -38,7 +38,11 @@ from .kernels import interpreter_active, next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_matmul.py"
 KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce", "dequant_gemv_w4", "dequant_gemv_w8")
-GEMV_MAX_M = 16  # rows up to this use the GEMV kernel (weight-only: bandwidth-bound there on the H100)
+GEMV_MAX_M = 16  # the GEMV kernel takes up to this many rows (a config without GROUP_M selects it)
+GEMV_DISPATCH_M = 4  # the default dispatch sends up to this many rows to the GEMV: the 853M decoder's decode
+# step at batch 16 measured 8.4 ms through the GEMV against 1.6 ms in bf16
+# (benchmarks/results/decode_tokens_gpu_b16.md); from 5 rows the tensor-core GEMM decodes each weight tile
+# once for all rows instead of once per row block
 CPU_SMS = 4  # stand-in SM count for the interpreter (split-K heuristics see a tiny GPU)
 REDUCE_BLOCK = 1024
 WORDS_ROW_GW = 16  # WORDS GEMV, per-row formats: words per inner tile row (BLOCK_G of them per step)
@@ -266,7 +270,7 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     if config is None and x.device.type == "cuda":
         # the default config, falling back to the next one on OutOfResources (recorded in FALLBACKS)
         M = x.numel() // max(K, 1)
-        gemv = M <= GEMV_MAX_M
+        gemv = M <= GEMV_DISPATCH_M
         cands = (gemv_configs if gemv else gemm_configs)(M, codes.shape[0], K, fmt, False)
         key = (fmt, M, codes.shape[0], K, x.dtype, x.device.index)
         for i in range(FALLBACKS.get(key, {}).get("index", 0), len(cands)):
@@ -301,7 +305,8 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     strides = (x2.stride(0), x2.stride(1), codes.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0,
                out.stride(0), out.stride(1))
     ks = kernels_for(x.device.type)
-    gemv = M <= GEMV_MAX_M
+    # an explicit config chooses the kernel (GEMM configs carry GROUP_M); the default dispatches by rows
+    gemv = M <= GEMV_MAX_M and "GROUP_M" not in config if config else M <= GEMV_DISPATCH_M
     cfg = dict(config or (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)[0])
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)

@@ -242,7 +242,7 @@ def test_gpu_block_configs(dtype, monkeypatch):
     monkeypatch.setattr(A, "STRICT", True)
     torch.manual_seed(0)
     cases = [(2, 8, 2, 1000, 1000, 128, True), (1, 4, 4, 333, 777, 64, False), (1, 4, 1, 257, 257, 80, True)]
-    cfgs = A.block_configs(1000, 128, interpreted=False)
+    cfgs = A.block_configs(1000, 128, interpreted=False, elt=dtype.itemsize)
     for cfg in cfgs if dtype == torch.bfloat16 else cfgs[:1]:
         for B, H, HKV, LQ, LK, D, causal in cases:
             q = torch.randn(B, LQ, H, D, device="cuda", dtype=dtype).transpose(1, 2) if D == 64 else \
@@ -259,3 +259,16 @@ def test_gpu_block_configs(dtype, monkeypatch):
         ref = sdpa_ref(q, k, v, attn_mask=vis)
         floor = max(2 * rel_err(sdpa_ref(q, k, v, dtype=dtype, attn_mask=vis), ref), GPU_FLOOR[dtype])
         assert rel_err(attention(q, k, v, causal=True, sink=sink, window=win, blocks=cfg), ref) <= floor, cfg
+
+
+def test_long_configs_fit_in_shared_memory_for_every_dtype():
+    """The H100 raised OutOfResources for fp32 with the bf16 tiles (327,696 > 232,448 bytes): configs
+    are filtered by their shared memory, down to small tiles."""
+    import fxforge.runtime.attention as A
+    assert A.smem_bytes(128, 128, 3, 128, 2) == 230400  # what the H100 reported for this config
+    for elt in (2, 4):
+        for head in (64, 128, 256):
+            cfgs = A.block_configs(4096, head, interpreted=False, elt=elt)
+            assert cfgs and all(A.smem_bytes(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], c["HEAD_DIM"], elt)
+                                <= A.SMEM_LIMIT for c in cfgs)
+    assert A.block_configs(4096, 128, interpreted=False, elt=2)[0]["BLOCK_N"] == 128

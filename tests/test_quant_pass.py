@@ -105,7 +105,7 @@ def test_decoding_of_every_code_and_scale_is_exact(fmt):
 CASES = [  # (M, K, N, activation dtype, bias, split_k): K never a multiple of the block
     (1, 100, 33, torch.bfloat16, True, None),
     (3, 129, 3, torch.float32, False, 3),
-    (8, 200, 33, torch.float16, True, 2),  # BLOCK_M 8: the per-step-reduction GEMV
+    (8, 200, 33, torch.float16, True, 2),  # GEMM by default; BLOCK_M 8 per-step-reduction GEMV when asked
     (17, 200, 33, torch.bfloat16, False, None),  # tensor-core GEMM
     (17, 129, 33, torch.float32, True, None),
 ]
@@ -119,7 +119,11 @@ def test_kernels_match_float64_reference_of_the_same_quantized_math(fmt):
         x = torch.randn(m, k, generator=g).to(dtype)
         bias = torch.randn(n, generator=g) if has_bias else None
         y = ql.quant_linear_apply(x, *_args(qt, bias, fmt, k), split_k=split)
-        _check_kernel(y, x, qt, bias, gemm=m > ql.GEMV_MAX_M)
+        _check_kernel(y, x, qt, bias, gemm=m > ql.GEMV_DISPATCH_M)  # default dispatch
+        if ql.GEMV_DISPATCH_M < m <= ql.GEMV_MAX_M:  # the GEMV kernel still takes these rows when asked
+            cfg = {"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_KB": 32}
+            _check_kernel(ql.quant_linear_apply(x, *_args(qt, bias, fmt, k), config=cfg, split_k=split),
+                          x, qt, bias, gemm=False)
 
 
 @pytest.mark.parametrize("fmt", GROUPED)
