@@ -21,16 +21,26 @@ the tile's global row (``b·M + m``) and column.
 """
 from __future__ import annotations
 
-
 import sympy
 import torch
-import torch.fx as fx
-
 from fxforge.runtime.kernels import GEMV_MAX_M
 from fxforge.runtime.program import KernelStep
+from torch import fx
 
+from .emit_common import (
+    OperandTable,
+    Source,
+    cast_to,
+    decompose,
+    header,
+    is_static_one,
+    load_cast,
+    out_val,
+    size_str,
+    store_dtype,
+    tensor_sig,
+)
 from .emit_matmul_tma import emit_tma_function
-from .emit_common import cast_to, tensor_sig, out_val, OperandTable, Source, decompose, header, is_static_one, load_cast, size_str, store_dtype
 from .fusion import Group, shape_of
 from .ops import POINTWISE, RESHAPES, ExprBuilder, val
 
@@ -218,7 +228,7 @@ def emit_matmul_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[str,
     params = ops.pointer_args() + ["M", "N", "K"] + [s for s, _ in sizes] + stride_args + ["acc_in", "acc_sb", "acc_sm", "acc_sn"] + [
         "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr", "EXTERNAL_ACC: tl.constexpr", "GEMV: tl.constexpr", "EVEN_K: tl.constexpr",
         "INTERPRETED: tl.constexpr"]
-    code = f"def {name}({', '.join(params)}):\n" + "\n".join([src.text(), index_lines.text(), body.text()]) + "\n"
+    code = f"def {name}({', '.join(params)}):\n{src.text()}\n{index_lines.text()}\n{body.text()}\n"
     # The Hopper TMA twin (same epilogue lines) for 2-D matmuls; bmm and decode-sized (M <= 4,
     # GEMV) matmuls keep the regular kernel alone.
     a_shape, b_shape = shape_of(a_node), shape_of(b_node)

@@ -13,10 +13,9 @@ unfused kernels are slower than cuDNN and, in fp16, ~4.5× less accurate (benchm
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
-
 from fxforge.pipeline import Pass
 from fxforge.registry import registry
+from torch import fx
 
 aten = torch.ops.aten
 

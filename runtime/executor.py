@@ -11,7 +11,6 @@ import operator
 
 import sympy
 import torch
-
 from fxforge.errors import FxforgeError, SignatureMismatch
 
 from .kernels import INT32_MAX, launch_config, load_kernel, max_offset
@@ -98,7 +97,7 @@ def _compile(t):
         for tag, make in _CONSTANT_TAGS.items():
             if tag in t:
                 return True, make(t[tag])
-        items = t["dict"] if "dict" in t else t
+        items = t.get("dict", t)
         parts = {k: _compile(v) for k, v in items.items()}
         if all(c for c, _ in parts.values()):
             return True, {k: v for k, (_, v) in parts.items()}
@@ -324,7 +323,7 @@ class Executor:
         """name -> zero-arg launcher: each Triton config, and cuBLAS (+ a fused-epilogue launch)."""
         from .autotune import EPILOGUE_CONFIG, candidate_configs
 
-        kern, grid, kw, _, _, _ = entry
+        kern, grid, _kw, _, _, _ = entry
         M, N, K = scalars[0], scalars[1], scalars[2]
         B = grid[1]
         launch = st.launch
