@@ -19,6 +19,9 @@ import torch
 from common import Results, out_dirs, rel_err, time_cuda
 
 
+MATMUL_PEAK = 792e12  # bf16/fp16 cuBLAS 8192^3 measured on the H100 (benchmarks/NOTES.md ceilings)
+
+
 def measure(res: Results, workload: str, model: torch.nn.Module, inputs: tuple, ref: torch.Tensor,
             items: int, unit: str, reps: int, logits=lambda o: o) -> None:
     impls = {}
@@ -43,6 +46,12 @@ def measure(res: Results, workload: str, model: torch.nn.Module, inputs: tuple, 
     impls["fxforge"] = compiled
     no_graph = fxforge.compile(model, inputs, config=fxforge.Config(cuda_graphs="off"))
     times = {}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # matmul/attention FLOPs of one forward
+        model(*inputs)
+    flops = counter.get_total_flops()
+    res.add(workload, "model", "flops_per_forward", flops, "FLOP")
     with torch.no_grad():
         for name, fn in impls.items():
             out = logits(fn(*inputs))
@@ -51,6 +60,8 @@ def measure(res: Results, workload: str, model: torch.nn.Module, inputs: tuple, 
             times[name] = ms
             res.add(workload, name, "latency", ms, "ms")
             res.add(workload, name, "throughput", items / (ms / 1e3), unit)
+            res.add(workload, name, "tflops", flops / (ms / 1e3) / 1e12, "TFLOP/s")
+            res.add(workload, name, "fraction_of_matmul_peak", flops / (ms / 1e3) / MATMUL_PEAK, "ratio")
         res.add(workload, "fxforge", "latency_no_cuda_graph", time_cuda(no_graph, *inputs, reps=reps), "ms")
     print(rep.render(), flush=True)
     for kind in ("matmul", "attention"):
