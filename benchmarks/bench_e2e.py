@@ -18,7 +18,6 @@ import fxforge
 import torch
 from common import Results, out_dirs, rel_err, time_cuda
 
-
 MATMUL_PEAK = 792e12  # bf16/fp16 cuBLAS 8192^3 measured on the H100 (benchmarks/NOTES.md ceilings)
 
 
