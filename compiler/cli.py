@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-import fxforge  # noqa: F401  (sets up Triton's interpreter on machines without CUDA)
+import fxforge
 import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -140,7 +140,8 @@ def cmd_explain(a) -> int:
 
 def cmd_quantize(a) -> int:
     """Model-level quantization report: weight bytes before/after, per-layer SQNR on the example
-    inputs, and the compiled quantized model's output error against the float model."""
+    inputs, the compiled quantized model's output error against the float model, and the time per call
+    of both compiled programs (same pipeline, with and without the quantize pass)."""
     from fxforge.config import DEFAULT_PASSES
     from fxforge.passes.quant.quantize_pass import Quantize
     from fxforge.passes.quant.report import layer_sqnr
@@ -154,11 +155,22 @@ def cmd_quantize(a) -> int:
         compiled = fxforge.compile(model, inputs, passes=[*DEFAULT_PASSES, Quantize(**options)])
         with torch.no_grad():
             out, ref = flat_tensors(compiled(*inputs)), flat_tensors(model(*inputs))
+        speed = {}
+        if a.reps > 0:  # the same pipeline without the quantize pass, timed on the same inputs
+            p.add_task("timing the float and the quantized program", total=None)
+            float_prog = fxforge.compile(model, inputs)
+            with torch.no_grad():
+                speed = {"device": device, "reps": a.reps, "ms_float": 1e3 * _time(float_prog, inputs, device, a.reps),
+                         "ms_quantized": 1e3 * _time(compiled, inputs, device, a.reps)}
     err = max(rel_err(o, r) for o, r in zip(out, ref))
     console.print(report.render())
     console.print(f"output rel err vs the float model: {err:.3e}")
+    if speed:
+        note = "  (CPU: Triton interpreter, not a speed measure)" if device == "cpu" else ""
+        console.print(f"speed on {device}: float {speed['ms_float']:.3f} ms, quantized {speed['ms_quantized']:.3f} ms "
+                      f"({speed['ms_float'] / speed['ms_quantized']:.2f}x){note}")
     if a.json:
-        doc = dict(report.to_json(), model=a.model, output_rel_err=err)
+        doc = dict(report.to_json(), model=a.model, output_rel_err=err, speed=speed or None)
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
         console.print(f"report written to {a.json}")
@@ -188,6 +200,7 @@ def main(argv=None) -> int:
     q.add_argument("--format", default="w8a16", help="a format of fxforge.passes.quant.FORMATS")
     q.add_argument("--hadamard", default=None, help="rotation block (a power of two) or 'full'")
     q.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    q.add_argument("--reps", type=int, default=3, help="timed calls of the float and the quantized program (0: skip)")
     from . import winograd_cli
 
     winograd_cli.add_parser(sub)

@@ -1,7 +1,7 @@
 """The command line: run / compile / explain / search-winograd, called through ``fxforge.cli.main``."""
 import json
 
-import fxforge  # noqa: F401
+import fxforge
 import pytest
 import torch
 from fxforge.cli import main
@@ -51,3 +51,6 @@ def test_quantize_prints_and_writes_the_model_report(tmp_path, capsys):
     assert doc["format"] == "w8a16" and doc["layers"] and doc["output_rel_err"] < 0.02
     assert doc["weight_bytes_after"] < doc["weight_bytes_before"]
     assert all(layer["sqnr_db"] > 35 for layer in doc["layers"])  # int8 per-channel
+    assert "speed on cpu" in out and doc["speed"]["ms_float"] > 0 and doc["speed"]["ms_quantized"] > 0
+    assert main(["quantize", "mlp", "--format", "w8a16", "--reps", "0", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["speed"] is None
