@@ -88,6 +88,75 @@ def _fresh(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
+def check_options(pass_name: str, options: dict, allowed: tuple):
+    """Refuse unknown options; return the ``filter`` option (default :func:`default_filter`), checked."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{pass_name}: unknown option(s) {unknown}; options: {list(allowed)}")
+    filt = options.get("filter", default_filter)
+    if not callable(filt):
+        raise ConfigError(f"{pass_name}: filter must be a callable (name, weight) -> bool, got {filt!r}")
+    return filt
+
+
+def linear_candidates(gm: fx.GraphModule, filt):
+    """``(node, x, weight node, bias node | None, weight, layer name)`` for every linear over a constant
+    (never mutated) float weight whose input is fp16 / bf16 / fp32 and that ``filt(name, weight)`` accepts,
+    over a snapshot of the graph's nodes (the caller may replace each one as it goes)."""
+    for n in list(gm.graph.nodes):
+        parts = _linear_parts(gm, n)
+        if parts is None:
+            continue
+        x, w_node, bias = parts
+        weight = getattr(gm, w_node.target)
+        xval = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not isinstance(xval, torch.Tensor) or xval.dtype not in _ACT_DTYPES or not weight.is_floating_point():
+            continue
+        name = _layer_name(n, w_node)
+        if filt(name, weight):
+            yield n, x, w_node, bias, weight, name
+
+
+def register_constants(gm: fx.GraphModule, base: str, parts, device) -> list:
+    """Register each ``(suffix, tensor | None)`` as a fresh buffer ``<base><suffix>``; their names (None kept)."""
+    attrs = []
+    for suffix, t in parts:
+        if t is None:
+            attrs.append(None)
+            continue
+        attr = _fresh(gm, f"{base}{suffix}")
+        gm.register_buffer(attr, t.to(device))
+        attrs.append(attr)
+    return attrs
+
+
+def replace_linear(gm: fx.GraphModule, n: fx.Node, build) -> fx.Node:
+    """Replace the linear ``n`` by the node ``build()`` creates (inserted before ``n``; same output value),
+    then drop the float weight's permute / get_attr / buffer if nothing else reads them."""
+    with gm.graph.inserting_before(n):
+        new = build()
+    new.meta = dict(n.meta)  # same output value ([M, N], x's dtype)
+    wt = n.args[2] if n.target is aten.addmm.default else n.args[1]
+    n.replace_all_uses_with(new)
+    gm.graph.erase_node(n)
+    _drop_if_dead(gm, wt)
+    return new
+
+
+def _drop_if_dead(gm: fx.GraphModule, wt: fx.Node) -> None:
+    """Remove the float weight's permute and get_attr (and the attribute itself) once nothing uses them."""
+    if wt.users:
+        return
+    w_node = wt.args[0]
+    gm.graph.erase_node(wt)
+    if w_node.users:
+        return
+    target = w_node.target
+    gm.graph.erase_node(w_node)
+    if not any(m.op == "get_attr" and m.target == target for m in gm.graph.nodes) and target in gm._buffers:
+        del gm._buffers[target]
+
+
 def _resolve_format(fmt) -> QuantFormat:
     if isinstance(fmt, QuantFormat):
         if FORMATS.get(fmt.name) != fmt:
@@ -107,13 +176,8 @@ class Quantize(Pass):
 
     def __init__(self, **options):
         super().__init__(**options)
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"quantize: unknown option(s) {unknown}; options: {list(OPTIONS)}")
+        self.filter = check_options("quantize", options, OPTIONS)
         self.format = _resolve_format(options.get("format", "w8a16"))
-        self.filter = options.get("filter", default_filter)
-        if not callable(self.filter):
-            raise ConfigError(f"quantize: filter must be a callable (name, weight) -> bool, got {self.filter!r}")
         self.hadamard = options.get("hadamard")
         h = self.hadamard
         if h is not None and h != "full" and not (isinstance(h, int) and not isinstance(h, bool) and h >= 2
@@ -145,18 +209,7 @@ class Quantize(Pass):
         self.layers = []
         records = gm.meta.setdefault("fxforge_quant", [])
         floats = gm.meta.setdefault("fxforge_quant_float", {})
-        for n in list(gm.graph.nodes):
-            parts = _linear_parts(gm, n)
-            if parts is None:
-                continue
-            x, w_node, bias = parts
-            weight = getattr(gm, w_node.target)
-            xval = x.meta.get("val") if isinstance(x, fx.Node) else None
-            if not isinstance(xval, torch.Tensor) or xval.dtype not in _ACT_DTYPES or not weight.is_floating_point():
-                continue
-            name = _layer_name(n, w_node)
-            if not self.filter(name, weight):
-                continue
+        for n, x, w_node, bias, weight, name in linear_candidates(gm, self.filter):
             N, K = weight.shape
             block = self._rotation_block(K)
             key = (w_node.target, block)
@@ -165,29 +218,15 @@ class Quantize(Pass):
                 if block is not None:
                     w64 = rotate_weight(w64, block, self._signs(block))
                 qt = quantize(w64, fmt)
-                attrs = []
-                for part in ("codes", "scales", "zeros", "tensor_scale"):
-                    t = getattr(qt, part)
-                    if t is None:
-                        attrs.append(None)
-                        continue
-                    attr = _fresh(gm, f"{w_node.target}_q{part}")
-                    gm.register_buffer(attr, t.to(weight.device))
-                    attrs.append(attr)
-                packed[key] = (attrs, qt.nbytes())
+                parts = [(f"_q{part}", getattr(qt, part)) for part in ("codes", "scales", "zeros", "tensor_scale")]
+                packed[key] = (register_constants(gm, w_node.target, parts, weight.device), qt.nbytes())
             attrs, nbytes = packed[key]
-            with gm.graph.inserting_before(n):
-                x_in = x
-                if block is not None:
-                    x_in = self._rotate(gm, x, K, block, xval.dtype, rotations, rotated)
+
+            def build(x=x, attrs=attrs, bias=bias, block=block, K=K):
+                x_in = x if block is None else self._rotate(gm, x, K, block, x.meta["val"].dtype, rotations, rotated)
                 args = [gm.graph.get_attr(a) if a is not None else None for a in attrs]
-                new = gm.graph.call_function(torch.ops.fxforge.quant_linear.default,
-                                             (x_in, *args, bias, fmt.name, int(K)))
-            new.meta = dict(n.meta)  # same output value ([M, N], x's dtype)
-            wt = n.args[2] if n.target is aten.addmm.default else n.args[1]
-            n.replace_all_uses_with(new)
-            gm.graph.erase_node(n)
-            self._drop_if_dead(gm, wt)
+                return gm.graph.call_function(torch.ops.fxforge.quant_linear.default, (x_in, *args, bias, fmt.name, int(K)))
+            new = replace_linear(gm, n, build)
             info = {"name": name, "node": new.name, "weight": str(w_node.target), "format": fmt.name, "N": int(N),
                     "K": int(K), "bytes_before": weight.numel() * weight.element_size(), "bytes_after": int(nbytes),
                     "hadamard": block, "hadamard_seed": self.seed if block is not None else None,
@@ -212,17 +251,3 @@ class Quantize(Pass):
         out = g.call_function(aten.reshape.default, (mixed, [-1, k]))
         rotated[(x, block)] = out
         return out
-
-    @staticmethod
-    def _drop_if_dead(gm: fx.GraphModule, wt: fx.Node) -> None:
-        """Remove the float weight's permute and get_attr (and the attribute itself) once nothing uses them."""
-        if wt.users:
-            return
-        w_node = wt.args[0]
-        gm.graph.erase_node(wt)
-        if w_node.users:
-            return
-        target = w_node.target
-        gm.graph.erase_node(w_node)
-        if not any(m.op == "get_attr" and m.target == target for m in gm.graph.nodes) and target in gm._buffers:
-            del gm._buffers[target]

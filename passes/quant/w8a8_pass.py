@@ -36,12 +36,15 @@ from fxforge.pipeline import Pass
 from fxforge.registry import registry
 from torch import fx
 
-from ..patterns import linear_parts as _linear_parts
-from .quantize_pass import Quantize, _fresh, _layer_name, default_filter
+from .quantize_pass import (
+    check_options,
+    linear_candidates,
+    register_constants,
+    replace_linear,
+)
 from .smoothquant import w8a8_quantize_linear
 
 OPTIONS = ("smoothing", "filter")
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MERGED_PREFIX = "merged_weight"  # attribute names merge_linears gives concatenated weights
 
 
@@ -53,9 +56,7 @@ class QuantizeW8A8(Pass):
 
     def __init__(self, **options):
         super().__init__(**options)
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"quantize_w8a8: unknown option(s) {unknown}; options: {list(OPTIONS)}")
+        self.filter = check_options("quantize_w8a8", options, OPTIONS)
         self.smoothing = options.get("smoothing") or {}
         if not isinstance(self.smoothing, dict):
             raise ConfigError(f"quantize_w8a8: smoothing must be a dict name -> (alpha, s), got "
@@ -65,9 +66,6 @@ class QuantizeW8A8(Pass):
                     and entry[1].dim() == 1):
                 raise ConfigError(f"quantize_w8a8: smoothing[{name!r}] must be (alpha, s [K] tensor), as "
                                   f"calibrate_smoothquant returns")
-        self.filter = options.get("filter", default_filter)
-        if not callable(self.filter):
-            raise ConfigError(f"quantize_w8a8: filter must be a callable (name, weight) -> bool, got {self.filter!r}")
         self.layers: list[dict] = []
 
     def cache_id(self) -> str:
@@ -91,21 +89,7 @@ class QuantizeW8A8(Pass):
         done: dict[str, list] = {}  # weight attr -> attrs of its packed tensors (tied weights share them)
         self.layers = []
         records = gm.meta.setdefault("fxforge_quant", [])
-        mutated = set(gm.meta.get("fxforge_mutations", ()))
-        for n in list(gm.graph.nodes):
-            parts = _linear_parts(gm, n)
-            if parts is None:
-                continue
-            x, w_node, bias = parts
-            if w_node.target in mutated:
-                continue
-            weight = getattr(gm, w_node.target)
-            xval = x.meta.get("val") if isinstance(x, fx.Node) else None
-            if not isinstance(xval, torch.Tensor) or xval.dtype not in _ACT_DTYPES or not weight.is_floating_point():
-                continue
-            name = _layer_name(n, w_node)
-            if not self.filter(name, weight):
-                continue
+        for n, x, w_node, bias, weight, name in linear_candidates(gm, self.filter):
             alpha, s = self.smoothing.get(name, (None, None))
             N, K = weight.shape
             if s is not None and tuple(s.shape) != (K,):
@@ -113,23 +97,13 @@ class QuantizeW8A8(Pass):
             key = f"{w_node.target}:{name}"
             if key not in done:
                 codes, w_scale, smooth, _ = w8a8_quantize_linear(weight, None, s)
-                attrs = []
-                for part, t in (("codes", codes), ("scale", w_scale), ("smooth", smooth)):
-                    if t is None:
-                        attrs.append(None)
-                        continue
-                    attr = _fresh(gm, f"{w_node.target}_w8a8{part}")
-                    gm.register_buffer(attr, t.to(weight.device))
-                    attrs.append(attr)
-                done[key] = attrs
-            with gm.graph.inserting_before(n):
-                args = [gm.graph.get_attr(a) if a is not None else None for a in done[key]]
-                new = gm.graph.call_function(torch.ops.fxforge.w8a8_linear.default, (x, *args, bias))
-            new.meta = dict(n.meta)
-            wt = n.args[2] if n.target is torch.ops.aten.addmm.default else n.args[1]
-            n.replace_all_uses_with(new)
-            gm.graph.erase_node(n)
-            Quantize._drop_if_dead(gm, wt)
+                parts = (("_w8a8codes", codes), ("_w8a8scale", w_scale), ("_w8a8smooth", smooth))
+                done[key] = register_constants(gm, w_node.target, parts, weight.device)
+
+            def build(x=x, attrs=done[key], bias=bias):
+                args = [gm.graph.get_attr(a) if a is not None else None for a in attrs]
+                return gm.graph.call_function(torch.ops.fxforge.w8a8_linear.default, (x, *args, bias))
+            new = replace_linear(gm, n, build)
             info = {"name": name, "node": new.name, "weight": str(w_node.target), "format": "w8a8", "N": int(N),
                     "K": int(K), "bytes_before": weight.numel() * weight.element_size(), "bytes_after": int(N * K + 4 * N
                     + (4 * K if s is not None else 0)), "alpha": alpha, "input": x.name, "bias": bias is not None}
