@@ -22,6 +22,7 @@ from fxforge.pipeline import Pass
 from fxforge.registry import registry
 from torch import fx
 
+from .patterns import fresh_attr
 from .patterns import linear_parts as _linear_parts
 
 aten = torch.ops.aten
@@ -96,7 +97,7 @@ class MergeLinears(Pass):
             if not all(_views_ok(m.meta["val"], m.users, n_total, s) for (m, _, _), s in zip(members, starts)):
                 continue
             first = min((m for m, _, _ in members), key=order.__getitem__)
-            attr = self._fresh(gm, "merged_weight")
+            attr = fresh_attr(gm, "merged_weight")
             gm.register_buffer(attr, torch.cat(weights, 0).contiguous())
             with gm.graph.inserting_before(first):
                 w_node = gm.graph.get_attr(attr)
@@ -104,7 +105,7 @@ class MergeLinears(Pass):
                 if no_bias:
                     merged = gm.graph.call_function(aten.mm.default, (x, wt))
                 else:
-                    battr = self._fresh(gm, "merged_bias")
+                    battr = fresh_attr(gm, "merged_bias")
                     gm.register_buffer(battr, torch.cat([getattr(gm, b.target) for _, _, b in members], 0).contiguous())
                     merged = gm.graph.call_function(aten.addmm.default, (gm.graph.get_attr(battr), x, wt))
                 for (m, w, _), s in zip(members, starts):
@@ -114,12 +115,3 @@ class MergeLinears(Pass):
                 gm.graph.erase_node(m)
             modified = True
         return modified  # the old weights' get_attr/permute nodes are dead now; dce removes them
-
-    @staticmethod
-    def _fresh(gm, base: str) -> str:
-        i = 0
-        while hasattr(gm, f"{base}_{i}"):
-            i += 1
-        return f"{base}_{i}"
-
-

@@ -1,10 +1,19 @@
-"""Graph patterns several passes match: linear layers over constant weights."""
+"""Graph patterns several passes match (linear layers over constant weights) and a name helper for the
+constants passes add."""
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 aten = torch.ops.aten
+
+
+def fresh_attr(gm: fx.GraphModule, base: str) -> str:
+    """The first free attribute name ``<base>_0``, ``<base>_1``, ... of ``gm`` (for constants a pass adds)."""
+    i = 0
+    while hasattr(gm, f"{base}_{i}"):
+        i += 1
+    return f"{base}_{i}"
 
 
 def constant(gm: fx.GraphModule, n) -> torch.Tensor | None:

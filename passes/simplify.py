@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-
 from fxforge.pipeline import Pass
 from fxforge.registry import registry
+from torch import fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .patterns import fresh_attr
 
 aten = torch.ops.aten
 
@@ -38,7 +39,7 @@ class CatSign(Pass):
             with unset_fake_temporarily():
                 sign = torch.cat([torch.full((int(s),), -1.0 if _is_neg(x) else 1.0) for x, s in zip(n.args[0], sizes)])
                 sign = sign.to(device=out.device, dtype=out.dtype).reshape([-1] + [1] * (out.dim() - 1 - d))
-            attr = _fresh(gm, "cat_sign")
+            attr = fresh_attr(gm, "cat_sign")
             gm.register_buffer(attr, sign)
             with gm.graph.inserting_before(n):
                 s_node = gm.graph.get_attr(attr)
@@ -53,9 +54,3 @@ class CatSign(Pass):
 def _is_neg(x) -> bool:
     return isinstance(x, fx.Node) and x.target is aten.neg.default
 
-
-def _fresh(gm, base: str) -> str:
-    i = 0
-    while hasattr(gm, f"{base}_{i}"):
-        i += 1
-    return f"{base}_{i}"
