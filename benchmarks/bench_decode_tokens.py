@@ -30,7 +30,7 @@ import time
 import fxforge
 import torch
 import torch.nn.functional as F
-from bench_decode import POS, build
+from bench_decode import POS, build, run_inductor
 from common import Results, out_dirs, rel_err, time_cuda
 from fxforge.config import DEFAULT_PASSES
 from fxforge.passes.quant.quantize_pass import Quantize, default_filter
@@ -102,23 +102,6 @@ def step_bytes(model: nn.Module) -> int:
             continue
         total += t.numel() * t.element_size()
     return total
-
-
-def run_inductor(model, ids, pos, reps):
-    for name, buf in model.named_buffers():
-        if "_cache" in name:
-            torch._dynamo.mark_static_address(buf)
-    t = time.perf_counter()
-    compiled = torch.compile(model, mode="reduce-overhead")
-    for _ in range(3):  # cudagraph trees record on the 2nd/3rd call
-        out = compiled(ids, pos)
-    torch.cuda.synchronize()
-    cold = time.perf_counter() - t
-    ms = time_cuda(compiled, ids, pos, reps=reps)
-    out = compiled(ids, pos).float()
-    del compiled
-    torch._dynamo.reset()
-    return ms, cold, out
 
 
 def bench_batch(res: Results, batch: int, reps: int, inductor_quant: bool) -> None:
