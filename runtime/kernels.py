@@ -28,7 +28,6 @@ def interpreter_active() -> bool:
 
 def versions() -> dict:
     import triton
-
     from fxforge import __version__
 
     return {"fxforge": __version__, "torch": torch.__version__, "triton": triton.__version__}
@@ -127,3 +126,22 @@ def launch_config(kind: str, launch: dict, interpreted: bool) -> tuple[tuple, di
         grid = (((M + bm - 1) // bm) * ((N + bn - 1) // bn), B)
         return grid, kw
     raise ValueError(f"unknown kernel kind {kind!r}")
+
+
+def first_that_fits(fallbacks: dict, key, cands: list, run, what: str):
+    """``run(cands[i])`` for the first config that launches, starting from the one remembered for ``key``:
+    a launch failing with Triton's OutOfResources (e.g. shared memory of a large tile on this GPU) moves
+    on to the next config, recorded in ``fallbacks[key]`` and warned about; the last one's error propagates."""
+    import warnings
+
+    from triton.runtime.errors import OutOfResources
+
+    for i in range(fallbacks.get(key, {}).get("index", 0), len(cands)):
+        try:
+            return run(cands[i])
+        except OutOfResources as e:
+            if i + 1 == len(cands):
+                raise
+            fallbacks[key] = {"index": i + 1, "failed": cands[i], "error": str(e).splitlines()[0][:200]}
+            warnings.warn(f"{what}: config {cands[i]} out of resources ({e}); trying {cands[i + 1]}", stacklevel=3)
+    raise ValueError(f"{what}: no launch config")  # an empty candidate list

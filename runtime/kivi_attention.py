@@ -11,15 +11,13 @@ planner are shared with ``runtime/decode_attention.py``.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import torch
-from triton.runtime.errors import OutOfResources
 
 from ..passes.quant.kv import KIVICache, kivi_bytes_per_token
 from . import decode_attention as da
-from .kernels import next_pow2, template_kernels
+from .kernels import first_that_fits, next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "kivi_attention.py"
 NAME = "fxf_kivi_attention"
@@ -187,16 +185,9 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
         # dots at large tiles); the fallback is recorded in FALLBACKS and warned about once
         cands = kivi_configs(LQ, H, HKV, D, cache.group, interpreted)
         key = (q.dtype, cache.bits, LQ, H, HKV, D, cache.group, q.device.index)
-        start = FALLBACKS.get(key, {}).get("index", 0)
-        for i in range(start, len(cands)):
-            try:
-                return launch(kern1, kern2, q, cache, out, scale, num_splits, cands[i], workspace)
-            except OutOfResources as e:
-                if i + 1 == len(cands):
-                    raise
-                FALLBACKS[key] = {"index": i + 1, "failed": cands[i], "error": str(e).splitlines()[0][:200]}
-                warnings.warn(f"kivi_decode_attention: config {cands[i]} out of resources ({e}); trying {cands[i + 1]}",
-                              stacklevel=2)
+        return first_that_fits(FALLBACKS, key, cands, lambda cfg: launch(kern1, kern2, q, cache, out, scale,
+                                                                         num_splits, cfg, workspace),
+                               "kivi_decode_attention")
     cfg = dict(blocks or kivi_configs(LQ, H, HKV, D, cache.group, interpreted)[0])
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)

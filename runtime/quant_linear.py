@@ -28,13 +28,11 @@ config when a launch fails with OutOfResources (recorded in ``FALLBACKS``, warne
 from __future__ import annotations
 
 import functools
-import warnings
 from pathlib import Path
 
 import torch
-from triton.runtime.errors import OutOfResources
 
-from .kernels import interpreter_active, next_pow2, template_kernels
+from .kernels import first_that_fits, interpreter_active, next_pow2, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_matmul.py"
 KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce", "dequant_gemv_w4", "dequant_gemv_w8")
@@ -273,16 +271,8 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         gemv = M <= GEMV_DISPATCH_M
         cands = (gemv_configs if gemv else gemm_configs)(M, codes.shape[0], K, fmt, False)
         key = (fmt, M, codes.shape[0], K, x.dtype, x.device.index)
-        for i in range(FALLBACKS.get(key, {}).get("index", 0), len(cands)):
-            try:
-                return quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt, K, config=cands[i],
-                                          split_k=split_k, check=False)
-            except OutOfResources as e:
-                if i + 1 == len(cands):
-                    raise
-                FALLBACKS[key] = {"index": i + 1, "failed": cands[i], "error": str(e).splitlines()[0][:200]}
-                warnings.warn(f"quant_linear: config {cands[i]} out of resources ({e}); trying {cands[i + 1]}",
-                              stacklevel=2)
+        return first_that_fits(FALLBACKS, key, cands, lambda cfg: quant_linear_apply(
+            x, codes, scales, zeros, tensor_scale, bias, fmt, K, config=cfg, split_k=split_k, check=False), "quant_linear")
     n = codes.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
