@@ -52,6 +52,13 @@ def graph_time_us(fn, launches: int = 20, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def autotune_lines(report) -> list[str]:
+    """One line per autotuned kernel of a compile report: kernel, shape, winner and every candidate's ms."""
+    return [f"{t.get('kernel', '')[:48]} {t.get('shape')} -> {t.get('winner')} "
+            f"{ {k: round(v, 4) for k, v in t.get('ms', {}).items() if isinstance(v, float)} }"
+            for t in report.autotune]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     o, r = out.detach().double(), ref.detach().double()
     if not torch.isfinite(o).all():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import fxforge
 import torch
-from common import out_dirs, time_cuda
+from common import autotune_lines, out_dirs, time_cuda
 from fxforge.models import TinyLlama, llama_decoder_853m
 from torch.profiler import ProfilerActivity, profile
 
@@ -31,10 +31,7 @@ def main() -> None:
         compiled(ids)
         ms = time_cuda(compiled, ids, reps=30)
         lines += [f"## fxforge {ms:.3f} ms", "```", table(compiled.executor._graph[0].replay), "```"]
-        winners = [f"{t.get('kernel', '')[:48]} {t.get('shape')} -> {t.get('winner')} "
-                   f"{ {k: round(v, 4) for k, v in t.get('ms', {}).items() if isinstance(v, float)} }"
-                   for t in compiled.report.autotune]
-        lines += ["### autotune (which won)", "```", *winners, "```"]
+        lines += ["### autotune (which won)", "```", *autotune_lines(compiled.report), "```"]
         del compiled
         inductor = torch.compile(model)
         inductor(ids)

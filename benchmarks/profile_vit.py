@@ -9,6 +9,7 @@ from pathlib import Path
 import fxforge
 import timm
 import torch
+from common import autotune_lines
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -31,10 +32,7 @@ def main():
     inductor = torch.compile(model)
     with torch.no_grad():
         text = "## fxforge (5 iterations)\n```\n" + top_kernels(ours, x) + "\n```\n\n## inductor (5 iterations)\n```\n" + top_kernels(inductor, x) + "\n```\n"
-    text += "\n## fxforge autotune (which won)\n```\n" + "\n".join(
-        f"{t.get('kernel', '')[:48]} {t.get('shape')} -> {t.get('winner')} "
-        f"{ {k: round(v, 4) for k, v in t.get('ms', {}).items() if isinstance(v, float)} }"
-        for t in ours.report.autotune) + "\n```\n"
+    text += "\n## fxforge autotune (which won)\n```\n" + "\n".join(autotune_lines(ours.report)) + "\n```\n"
     print(text)
     out = Path(__file__).parent / "results" / "profile_vit.md"
     out.write_text(f"# ViT-B/16 b64 fp16 kernel profile\n\ndevice: {torch.cuda.get_device_name()}; torch {torch.__version__}\n\n" + text)
