@@ -114,6 +114,19 @@ def workspace_numel(b: int, hq: int, tq: int, d: int, splits: int) -> int:
     return 0 if splits <= 1 else b * hq * tq * splits * (d + 2)
 
 
+def split_workspace(workspace, b: int, hq: int, tq: int, d: int, splits: int, out: torch.Tensor, what: str):
+    """(partial outputs, (m, l) pairs) views of ``workspace`` (allocated when None; checked when given) for
+    ``splits`` > 1; with one split the kernel writes ``out`` directly and both are ``out``."""
+    need = workspace_numel(b, hq, tq, d, splits)
+    if not need:
+        return out, out
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=out.device)
+    elif workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
+        raise ValueError(f"{what}: workspace must be a contiguous float32 tensor of ≥ {need} elements")
+    return workspace[: b * hq * tq * splits * d], workspace[b * hq * tq * splits * d: need]
+
+
 def _mask_strides(mask: torch.Tensor | None) -> tuple:
     if mask is None:
         return (0, 0, 0, 0)
@@ -178,15 +191,7 @@ def launch(kern1, kern2, q, k, v, mask, out, scale: float, num_splits: int | Non
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     row_tiles = -(-((H // HKV) * LQ) // bm)
     splits, chunk = split_plan(LK, B * HKV * row_tiles, bn, q.device, num_splits)
-    need = workspace_numel(B, H, LQ, D, splits)
-    if need:
-        if workspace is None:
-            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
-        elif workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
-            raise ValueError(f"decode_attention: workspace must be a contiguous float32 tensor of ≥ {need} elements")
-        acc_ws, ml_ws = workspace[: B * H * LQ * splits * D], workspace[B * H * LQ * splits * D: need]
-    else:
-        acc_ws = ml_ws = out
+    acc_ws, ml_ws = split_workspace(workspace, B, H, LQ, D, splits, out, "decode_attention")
     out_bf16 = out.dtype == torch.bfloat16
     kern1[(splits, B * HKV, row_tiles)](
         q, k, v, mask if mask is not None else q, out, acc_ws, ml_ws, scale,

@@ -202,15 +202,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     if num_splits is None and not interpreted and NQ:
         num_splits = auto_splits(NQ, B * HKV * row_tiles, bn, q.device)
     splits, chunk = da.split_plan(NQ, B * HKV * row_tiles, bn, q.device, num_splits) if NQ else (1, bn)
-    need = da.workspace_numel(B, H, LQ, D, splits)
-    if need:
-        if workspace is None:
-            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
-        elif workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
-            raise ValueError(f"kivi_decode_attention: workspace must be a contiguous float32 tensor of ≥ {need} elements")
-        acc_ws, ml_ws = workspace[: B * H * LQ * splits * D], workspace[B * H * LQ * splits * D: need]
-    else:
-        acc_ws = ml_ws = out
+    acc_ws, ml_ws = da.split_workspace(workspace, B, H, LQ, D, splits, out, "kivi_decode_attention")
     ks, km = _pair_strides(cache.k_scale, cache.k_min)
     vs, vm = _pair_strides(cache.v_scale, cache.v_min)
     kc, vc, kr, vr = cache.k_codes, cache.v_codes, cache.k_residual, cache.v_residual
