@@ -43,36 +43,42 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bool) -> list[dict]:
-    """Launch configs to try (the first is the default): BLOCK_M, BLOCK_N, HEAD_DIM, FOLD_K and, on CUDA,
-    num_warps / num_stages. BLOCK_N is a multiple of the key group when that is a power of two (then
-    key scales are loaded once per group), ≥ 16 for ``tl.dot``. FOLD_K (BLOCK_N == group): key scales
-    folded into q, key mins into one per-row term (the K tile is only decoded codes). The first H100 run
-    (BLOCK_N 128, 16 splits: one 4-warp program per SM) was ALU/latency-bound at 0.09-0.16 of HBM, so
-    the CUDA list starts with one-group tiles and ``auto_splits`` gives several programs per SM."""
+def fast_path(d: int, bits: int, group: int, v_group: int) -> dict | None:
+    """The template's FAST path parameters (W = channels per value chunk, NACC = D / W accumulators) when
+    the cache shape allows it, else None (the GENERAL per-element path): D a power of two with D / per ≥ 16
+    bytes per token, G a power of two in [16, 128] (one key group per tile), W = min(D / per, Gv) a power
+    of two ≥ 16 lying inside one value group, at most 4 chunks."""
+    dp = d // (8 // bits)
+    w = min(dp, v_group)
+    if not (_pow2(d) and dp >= 16 and _pow2(group) and 16 <= group <= 128 and _pow2(w) and w >= 16
+            and dp % w == 0 and v_group % w == 0 and d // w <= 4):
+        return None
+    return {"W": w, "NACC": d // w}
+
+
+def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bool, bits: int = 2,
+                 v_group: int | None = None) -> list[dict]:
+    """Launch configs to try (the first is the default): BLOCK_M, BLOCK_N, HEAD_DIM, FAST and, on CUDA,
+    num_warps / num_stages. FAST (see fast_path): BLOCK_N = G, one key group per tile. GENERAL: BLOCK_N a
+    multiple of 16 (64 on CUDA; tiles gathered per element)."""
     head = max(16, next_pow2(d))
     bm = da.block_m(tq, hq, hkv)
-    g = group if _pow2(group) else 1
-    fold = _pow2(group) and group >= 16
-    if interpreted:  # tiny blocks: the interpreter's cost is per element; small tests still see several blocks
-        return [{"BLOCK_M": bm, "BLOCK_N": max(16, g), "HEAD_DIM": head, "FOLD_K": fold}]
-    if head >= 256:  # keep the fp32 accumulator and the decoded [HEAD_DIM, BLOCK_N] K tile within registers
+    fast = fast_path(d, bits, group, group if v_group is None else v_group) is not None and head == d
+    if head >= 256:  # keep the fp32 accumulator and the dequantized tiles within registers
         bm = min(bm, 64)
+    if interpreted:  # tiny blocks: the interpreter's cost is per element; small tests still see several blocks
+        return [{"BLOCK_M": bm, "BLOCK_N": group if fast else 16, "HEAD_DIM": head, "FAST": fast}]
+    if fast:
+        cands = [(group, 4, 2), (group, 8, 2), (group, 4, 3), (group, 2, 2)]
+    else:
+        cands = [(64 if head < 256 else 32, 4, 2), (32, 4, 2)]
     out = []
-    # Compiled for sm_90 on the CPU (Triton 3.9 + its ptxas; the H100 runs 3.6, so indicative only), head
-    # dim 128, bf16: every 4-warp config spills (255 registers + 184-992 B of stack), 8 warps with one-group
-    # tiles do not; fp32 q (IEEE FMA dots) with BLOCK_N 128 needs 272 KB of shared memory (> the H100's
-    # 227 KB: a candidate cause of the fp32 S=4099 GPU test failure), BLOCK_N 32 needs 74 KB
-    # H100 run (benchmarks/results/probe_quant.md, 32K, bf16): 64-token tiles, no folding, 8 warps won
-    # (74 us KIVI-2 / 76 us KIVI-4 at 32 splits); one-group folded tiles were 2x slower with 8 warps
-    # second H100 probe (32K, 2-bit / 4-bit): 64-token tiles at 4 warps 71.7 / 70.8 us, at 8 warps 74.7 / 76.5
-    cands = [(64, 4, 3, False), (64, 8, 3, False), (g, 4, 3, True), (128, 4, 3, False)]
-    for bn, w, st, fk in cands:
-        bn = max(min(bn, 64) if head >= 256 else bn, g, 16)
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FOLD_K": fk and fold and bn == group,
-               "num_warps": w, "num_stages": st}
+    for bn, w, st in cands:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FAST": fast, "num_warps": w, "num_stages": st}
         if cfg not in out:
             out.append(cfg)
+    if fast:  # the GENERAL path stays a candidate (autotuning, OutOfResources fallback)
+        out.append({"BLOCK_M": bm, "BLOCK_N": 64, "HEAD_DIM": head, "FAST": False, "num_warps": 4, "num_stages": 2})
     return out
 
 
@@ -112,7 +118,7 @@ def _expect(name: str, t, shape: tuple, dtypes: tuple, device) -> None:
         raise ValueError(f"kivi_decode_attention: cache.{name} on {t.device}, q on {device}")
 
 
-def check_inputs(q, cache, out=None) -> None:
+def check_inputs(q, cache, out=None, lengths=None) -> None:
     """ValueError with a clear message for anything the kernels cannot run."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"kivi_decode_attention: q must be 4-D [B, Hq, Tq, D], got {getattr(q, 'shape', q)!r}")
@@ -141,14 +147,23 @@ def check_inputs(q, cache, out=None) -> None:
     if nq < 0 or nq % g or nq > s:
         raise ValueError(f"kivi_decode_attention: n_quant ({nq}) must be a multiple of group ({g}) within seq_len ({s})")
     dev = q.device
-    _expect("k_codes", cache.k_codes, (b, hkv, d, nq // per), (torch.uint8,), dev)
+    _expect("k_codes", cache.k_codes, (b, hkv, nq, d // per), (torch.uint8,), dev)
     _expect("v_codes", cache.v_codes, (b, hkv, nq, d // per), (torch.uint8,), dev)
     for name in ("k_scale", "k_min"):
-        _expect(name, getattr(cache, name), (b, hkv, d, nq // g), _SCALE_DTYPES, dev)
+        _expect(name, getattr(cache, name), (b, hkv, nq // g, d), _SCALE_DTYPES, dev)
     for name in ("v_scale", "v_min"):
         _expect(name, getattr(cache, name), (b, hkv, nq, d // gv), _SCALE_DTYPES, dev)
     for name in ("k_residual", "v_residual"):
         _expect(name, getattr(cache, name), (b, hkv, s - nq, d), _DTYPES, dev)
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kivi_decode_attention: lengths must be an int32/int64 tensor of shape ({B},), got "
+                             f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
+        if lengths.device != dev:
+            raise ValueError(f"kivi_decode_attention: lengths on {lengths.device}, q on {dev}")
+        if s - nq < cache.residual + g - 1:
+            raise ValueError(f"kivi_decode_attention: with lengths, the residual ring ({s - nq} slots) must hold "
+                             f"residual + group - 1 = {cache.residual + g - 1} tokens")
     if out is not None and (tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"kivi_decode_attention: out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
@@ -166,12 +181,13 @@ def _interpreted(q) -> bool:
 
 
 def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int | None = None,
-           blocks: dict | None = None, workspace: torch.Tensor | None = None):
+           blocks: dict | None = None, workspace: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
     """Run split + combine: q [B,Hq,Tq,D] (any strides), ``cache`` as produced by kivi_quantize (any
     strides), ``out`` [B,Hq,Tq,D] written in place and returned. The quantized tokens are cut into
     chunks (``num_splits`` None: automatic, see decode_attention.split_plan); the last chunk's program
     also reads the residual window. ``workspace``: optional flat fp32 tensor of at least
-    decode_attention.workspace_numel(...) elements (allocated here when None)."""
+    decode_attention.workspace_numel(...) elements (allocated here when None). ``lengths``: see
+    kivi_decode_attention (the cache's tensors are then capacity buffers, the residual a ring)."""
     interpreted = _interpreted(q)
     B, H, LQ, D = q.shape
     _, HKV, S, _ = cache.shape
@@ -183,22 +199,24 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     if blocks is None and not interpreted:
         # the default config, falling back to the next on OutOfResources (e.g. shared memory of fp32
         # dots at large tiles); the fallback is recorded in FALLBACKS and warned about once
-        cands = kivi_configs(LQ, H, HKV, D, cache.group, interpreted)
-        key = (q.dtype, cache.bits, LQ, H, HKV, D, cache.group, q.device.index)
+        cands = kivi_configs(LQ, H, HKV, D, cache.group, interpreted, cache.bits, cache.v_group)
+        key = (q.dtype, cache.bits, LQ, H, HKV, D, cache.group, cache.v_group, q.device.index)
         return first_that_fits(FALLBACKS, key, cands, lambda cfg: launch(kern1, kern2, q, cache, out, scale,
-                                                                         num_splits, cfg, workspace),
+                                                                         num_splits, cfg, workspace, lengths),
                                "kivi_decode_attention")
-    cfg = dict(blocks or kivi_configs(LQ, H, HKV, D, cache.group, interpreted)[0])
+    cfg = dict(blocks or kivi_configs(LQ, H, HKV, D, cache.group, interpreted, cache.bits, cache.v_group)[0])
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
-    bm, bn, head = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["HEAD_DIM"]
-    k_bcast = _pow2(cache.group) and bn % cache.group == 0
-    v_bcast = _pow2(cache.v_group) and cache.v_group <= head
-    fold = bool(cfg.pop("FOLD_K", False)) and bn == cache.group and k_bcast
-    # K_MAGIC (bf16 q, folded keys): codes -> bf16 from their bits, offset removed per row (template)
-    k_magic = bool(cfg.pop("K_MAGIC", True)) and fold and q.dtype == torch.bfloat16
-    v_tf32 = bool(cfg.pop("V_TF32", False)) and q.dtype != torch.float32  # P @ V as a TF32 dot (template)
+    bm, head = cfg["BLOCK_M"], cfg["HEAD_DIM"]
+    fp = fast_path(D, cache.bits, cache.group, cache.v_group) if head == D else None
+    fast = bool(cfg.pop("FAST", True)) and fp is not None
+    if fast:
+        cfg["BLOCK_N"] = cache.group
+    else:  # options of the FAST path only
+        cfg.pop("K_FOLD", None), cfg.pop("V_FOLD", None)
+    w, nacc = (fp["W"], fp["NACC"]) if fast else (head, 1)
     row_tiles = -(-((H // HKV) * LQ) // bm)
+    bn = cfg["BLOCK_N"]
     if num_splits is None and not interpreted and NQ:
         num_splits = auto_splits(NQ, B * HKV * row_tiles, bn, q.device)
     splits, chunk = da.split_plan(NQ, B * HKV * row_tiles, bn, q.device, num_splits) if NQ else (1, bn)
@@ -207,13 +225,15 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     vs, vm = _pair_strides(cache.v_scale, cache.v_min)
     kc, vc, kr, vr = cache.k_codes, cache.v_codes, cache.k_residual, cache.v_residual
     out_bf16 = out.dtype == torch.bfloat16
+    dot = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[q.dtype]
+    lens = lengths if lengths is not None else out  # any pointer: unread without HAS_LENS
     kern1[(splits, B * HKV, row_tiles)](
-        q, kc, ks, km, vc, vs, vm, kr, vr, out, acc_ws, ml_ws, scale,
+        q, kc, ks, km, vc, vs, vm, kr, vr, out, acc_ws, ml_ws, lens, scale,
         *q.stride(), *kc.stride(), *ks.stride(), *vc.stride(), *vs.stride(), *kr.stride(), *vr.stride(),
-        *out.stride(), H, HKV, LQ, NQ, NR, D, chunk, splits,
-        BITS=cache.bits, G=cache.group, GV=cache.v_group, K_BCAST=k_bcast, V_BCAST=v_bcast, SINGLE=splits == 1,
-        OUT_BF16=out_bf16, IEEE=q.dtype == torch.float32, D_CONST=D, INTERPRETED=interpreted, FOLD_K=fold,
-        K_MAGIC=k_magic, V_TF32=v_tf32, **cfg)
+        *out.stride(), H, HKV, LQ, NQ, NR, cache.residual, max(NR, 1), chunk, splits,
+        BITS=cache.bits, G=cache.group, GV=cache.v_group, D=D, BLOCK_R=16 if interpreted else 32, FAST=fast,
+        W=w, NACC=nacc, SINGLE=splits == 1, OUT_BF16=out_bf16, DOT=dot, HAS_LENS=lengths is not None,
+        INTERPRETED=interpreted, **cfg)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4 if head >= 128 else 2}
         kern2[(B * H * LQ,)](acc_ws, ml_ws, out, *out.stride(), H, LQ, D, splits,
@@ -223,16 +243,24 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
 
 
 def kivi_decode_attention(q, cache: KIVICache, *, scale: float | None = None, num_splits: int | None = None,
-                          out: torch.Tensor | None = None, blocks: dict | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, blocks: dict | None = None,
+                          lengths: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA (enable_gqa=True, not causal) of q [B, Hq, Tq, D] (fp16/bf16/fp32; meant for Tq ≤ 16) against a
     KIVI cache of [B, Hkv, S, D] (Hq a multiple of Hkv, D ≤ 256), reading the 2/4-bit codes directly.
     ``scale`` defaults to 1/sqrt(D); ``num_splits`` None chooses automatically (it counts chunks of the
-    quantized tokens; the residual window rides with the last one). Returns out in q's dtype."""
-    check_inputs(q, cache, out)
+    quantized tokens; the residual window rides with the last one). Returns out in q's dtype.
+
+    ``lengths`` (int32/int64 [B] on q's device; for CUDA graphs of a growing cache): tokens cached per
+    batch row, read by the kernel. The cache's tensors are then capacity buffers: codes/scales for
+    ``cache.n_quant`` (a multiple of the group) tokens, of which row b uses the first
+    ``group·floor((lengths[b] - residual) / group)`` (0 when lengths[b] ≤ residual), and a residual ring of
+    ``seq_len - n_quant`` (≥ residual + group - 1) slots holding token t at slot t % that. The caller keeps
+    lengths within capacity (not checked on the device)."""
+    check_inputs(q, cache, out, lengths)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"kivi_decode_attention: num_splits must be ≥ 1, got {num_splits}")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     k1, k2 = _kernels(q.device.type)
-    return launch(k1, k2, q, cache, out, scale, num_splits, blocks)
+    return launch(k1, k2, q, cache, out, scale, num_splits, blocks, lengths=lengths)

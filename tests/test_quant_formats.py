@@ -396,15 +396,16 @@ def test_kivi_round_trip_matches_reference(bits, s, d, group, residual, v_group)
     vr = ref_kivi(vn.reshape(2, 3, n_q, d // gv, gv), bits)
     np.testing.assert_array_equal(kd[:, :, :n_q].numpy(), kr.reshape(2, 3, n_q, d).astype(np.float32))
     np.testing.assert_array_equal(vd[:, :, :n_q].numpy(), vr.reshape(2, 3, n_q, d).astype(np.float32))
-    # documented layout, read the way a decode kernel would
+    # documented layout (channel-planar codes), read the way a decode kernel would
     per, mask = 8 // bits, 2 ** bits - 1
-    assert c.k_codes.shape == (2, 3, d, n_q // per) and c.k_scale.shape == (2, 3, d, n_q // group)
-    assert c.v_codes.shape == (2, 3, n_q, d // per) and c.v_scale.shape == (2, 3, n_q, d // gv)
+    dp = d // per
+    assert c.k_codes.shape == (2, 3, n_q, dp) and c.k_scale.shape == (2, 3, n_q // group, d)
+    assert c.v_codes.shape == (2, 3, n_q, dp) and c.v_scale.shape == (2, 3, n_q, d // gv)
     for (b, h, t, ch) in [(0, 0, 0, 0), (1, 2, n_q - 1, d - 1), (1, 1, n_q // 2, 5)] if n_q else []:
-        code = (int(c.k_codes[b, h, ch, t // per]) >> (t % per) * bits) & mask
-        val = code * float(c.k_scale[b, h, ch, t // group]) + float(c.k_min[b, h, ch, t // group])
+        code = (int(c.k_codes[b, h, t, ch % dp]) >> (ch // dp) * bits) & mask
+        val = code * float(c.k_scale[b, h, t // group, ch]) + float(c.k_min[b, h, t // group, ch])
         assert np.float32(val) == kd[b, h, t, ch].item()
-        code = (int(c.v_codes[b, h, t, ch // per]) >> (ch % per) * bits) & mask
+        code = (int(c.v_codes[b, h, t, ch % dp]) >> (ch // dp) * bits) & mask
         val = code * float(c.v_scale[b, h, t, ch // gv]) + float(c.v_min[b, h, t, ch // gv])
         assert np.float32(val) == vd[b, h, t, ch].item()
 

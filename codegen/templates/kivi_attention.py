@@ -1,227 +1,329 @@
 # fxforge KIVI decode-attention template: split-KV ("flash-decoding") attention for a few query tokens
-# against a KIVI-quantized KV cache (passes/quant/kv.py), decoding the 2/4-bit codes in registers.
+# against a KIVI-quantized KV cache (passes/quant/kv.py), reading the 2/4-bit codes directly.
 # SDPA semantics with GQA (query head h reads kv head h // (H // H_KV)), no mask, no causal masking.
 #
-# Cache segments: tokens [0, NQ) are quantized (keys per channel in groups of G tokens, values per
-# token in groups of GV channels, code·scale + min), tokens [NQ, S) are the full-precision residual
-# window (S - NQ < R + G tokens, all S when S ≤ R; read as ordinary tiles in its own dtype).
+# Cache (kv.py, "channel-planar" codes): tokens [0, NQ) quantized, k_codes / v_codes [t, DP] bytes with
+# DP = D / PER (PER = 8 / BITS codes per byte): channel d of token t in byte d % DP at shift (d // DP)·BITS,
+# so bit plane i of a token's bytes is the contiguous channel range [i·DP, (i+1)·DP). Keys per channel in
+# groups of G tokens (k_scale/k_min [t // G, d]), values per token in groups of GV channels
+# (v_scale/v_min [t, d // GV]); x = code·scale + min. Tokens [NQ, NQ + NR) are the full-precision
+# residual window, slot n of the residual tensors (or, with device lengths, slot (NQ + n) % RING of a ring).
 #
 # Kernel 1 (FXFORGE_KERNEL_NAME_split), grid (SPLITS, B·H_KV, ceil(Gq / BLOCK_M)): one program owns the
-# Gq = (H // H_KV)·LQ query rows of one kv head packed into one BLOCK_M tile (GQA reuse: each code tile
-# is decoded once for the whole group) and one chunk [split·CHUNK, min(split·CHUNK + CHUNK, NQ)) of the
-# quantized tokens (CHUNK a multiple of BLOCK_N). The last split also reads the residual window after
-# its chunk, so both segments meet in one online softmax (base 2). Per BLOCK_N tokens it loads
-#   K: the packed bytes k_codes[d, t0/PER : t0/PER + BLOCK_N/PER] as a [HEAD_DIM, BLOCK_N/PER] uint8
-#      tile, unpacks it (shift + mask, tl.join tree, reshape) into a [HEAD_DIM, BLOCK_N] K^T tile in
-#      token order, applies k_scale/k_min [d, t // G] (loaded once per group and broadcast when G is a
-#      power of two dividing BLOCK_N, else gathered per element) and computes q @ K^T directly;
-#   V: the bytes v_codes[t, 0 : D/PER] as [BLOCK_N, HEAD_DIM/PER], unpacked along channels to
-#      [BLOCK_N, HEAD_DIM], v_scale/v_min [t, d // GV] (broadcast when GV is a power of two, else
-#      gathered), then P @ V.
-# Variants (constexprs; runtime/kivi_attention.kivi_configs lists them, first = default):
-#   FOLD_K  (BLOCK_N == G, one key group per tile) the per-channel key scales are folded into q and the
-#           key mins into one per-row term: q·k_t = (q∘s_g)·c_t + q·m_g; the K tile is only decoded codes.
-#   K_MAGIC (bf16 q with FOLD_K) codes become bf16 straight from their bits (0x4300 | c = 128 + c) with
-#           the 128 offset removed in the per-row term: no float conversion of K at all.
-#   V_TF32  P @ V as a TF32 dot on fp32 P / V (no fp32 -> bf16 conversions of the V tile).
-# Code -> float decoding everywhere is bit arithmetic (2^23 + c minus 2^23): int -> float and
-# fp32 -> bf16 conversions run at 1/8 of the FP32 rate on the H100, and the first GPU run (BLOCK_N 128,
-# 16 splits: one 4-warp program per SM) was ALU/latency-bound at 0.09-0.16 of HBM; on CUDA the runtime
-# now picks ~4 programs per SM (kivi_attention.auto_splits: 64 splits at B=1, Hkv=8, 32K).
-# It writes the unnormalized partial output and (m, l) to the workspace; with SPLITS == 1 (SINGLE) it
-# normalizes and writes the output itself. Kernel 2 is decode_attention's combine kernel (the
-# workspace layout is the same: acc [B, H, LQ, SPLITS, D] then (m, l) [B, H, LQ, SPLITS, 2], fp32).
+# Gq = (H // H_KV)·LQ query rows of one kv head in one BLOCK_M tile (each code tile decoded once for the
+# whole GQA group) and the chunk [split·CHUNK, split·CHUNK + CHUNK) ∩ [0, NQ) of quantized tokens; the last
+# split also reads the residual window, so both segments meet in one online softmax (base 2).
 #
-# Bytes model (memory-bound; the dequant is ~4 integer/fp ops per cached element, the dots ~4·H·LQ·S·D
-# FLOPs): bytes = B·H_KV·(NQ·kivi_bytes_per_token(bits, D, G, GV) + (S - NQ)·2·D·elt_residual)
-#   + q and out (B·H·LQ·D·elt each) + workspace (B·H·LQ·SPLITS·(D + 2)·4, written once, read once),
-# kivi_bytes_per_token = 2·D·bits/8 (codes) + 2·D·sb/G (key scale+min) + 2·(D/GV)·sb (value scale+min).
-# B=1, H_KV=8, S=32768, D=128, G=GV=32, R=32, fp16 scales (sb=2), bf16 residual, H=32, LQ=1, 16 splits:
+# FAST path (FAST: D = HEAD_DIM a power of two, DP >= 16, BLOCK_N = G a power of two, W = min(DP, GV)):
+# per tile of one key group it loads the [G, DP] key bytes and the value bytes once and works plane by plane,
+# never interleaving decoded codes in registers:
+#   keys    q·k_t = sum_i (q_i ∘ s_i)·c_{t,i} + sum_i q_i·m_i over planes i (q_i: q's columns of plane i,
+#           s_i/m_i the group's key scales/mins there): one tl.dot per plane on the *codes* (K-split of q·Kᵀ),
+#           the mins one term per query row;
+#   values  out[:, chunk a] += (P ∘ s_g)·C_a + (P·m_g) for each W-wide channel chunk a (one value group g):
+#           the value scales fold into P per token, the mins into one term per row; NACC = D / W ≤ 4
+#           accumulators [BLOCK_M, W], stored side by side.
+#   codes   become floats straight from their bits: bf16 0x4300 | c = 128 + c, fp16 0x6400 | c = 1024 + c
+#           (OFF + c, exact), the (OFF + MID)·sum(operand) part removed in the per-row terms, which use the
+#           same rounded operand the dot saw (so the offsets cancel up to fp32 accumulation, ~2^-24·OFF
+#           relative), MID = (2^BITS - 1)/2 centring the codes (the operand's rounding error then scales
+#           with |c - MID|·scale ≤ half a group's range, like rounding the dequantized value itself);
+#           fp32 q: exact fp32 codes (2^23 + c minus 2^23) and IEEE dots. No int -> float conversions (1/4-1/8
+#           of the FP32 rate on the H100) and no join/reshape of decoded tiles.
+# GENERAL path (any D ≤ 256, any G / GV dividing as kv.py requires): tiles [HEAD_DIM, BLOCK_N] / [BLOCK_N,
+# HEAD_DIM] gathered per element (byte d % DP, shift (d // DP)·BITS, scales per element), dequantized in fp32,
+# ordinary dots; one accumulator (NACC = 1, W = HEAD_DIM).
+#
+# Device lengths (HAS_LENS, for CUDA graphs of a growing cache): LENS[b] = tokens cached for batch row b;
+# NQ = G·floor((LENS[b] - RESID) / G) (0 when LENS[b] <= RESID), NR = LENS[b] - NQ; the code/scale tensors
+# are capacity buffers, the residual a ring of RING slots. Splits past NQ write an empty partial (m = -inf).
+#
+# It writes the unnormalized partial output and (m, l) to the workspace; with SPLITS == 1 (SINGLE) it
+# normalizes and writes the output itself. Kernel 2 is decode_attention's combine kernel (the workspace
+# layout is the same: acc [B, H, LQ, SPLITS, D] then (m, l) [B, H, LQ, SPLITS, 2], fp32).
+#
+# Bytes model (memory-bound in principle; the FAST path's decode is a shift, a mask/OR and half a pack per
+# cached element, plus per-row terms per group): bytes = B·H_KV·(NQ·kivi_bytes_per_token(bits, D, G, GV)
+#   + NR·2·D·elt_residual) + q and out (B·H·LQ·D·elt each) + workspace (B·H·LQ·SPLITS·(D + 2)·4, written
+#   once, read once), kivi_bytes_per_token = 2·D·bits/8 (codes) + 2·D·sb/G (key scale+min) + 2·(D/GV)·sb.
+# B=1, H_KV=8, S=32768, D=128, G=GV=R=32, fp16 scales (sb=2), bf16 residual, H=32, LQ=1, 16 splits:
 #   bf16 cache (plain decode_attention): 2·S·D·2·H_KV = 134.2 MB → 44.7 µs at 3.0 TB/s;
-#   KIVI-2: 96 B/token/head (64 codes + 16 + 16) → NQ = 32736 tokens: 25.14 MB + residual 32 tokens
-#           0.13 MB = 25.27 MB (5.31× smaller than bf16) + 0.55 MB q/out/workspace → 25.8 MB → 8.6 µs;
-#   KIVI-4: 160 B/token/head (128 + 16 + 16) → 42.03 MB (3.19× smaller) → 42.6 MB total → 14.2 µs.
-# At that size two launches (~1.2 µs each in a CUDA graph) and the in-register unpacking matter: the
-# issue's target is ≥ 2× faster than bf16 SDPA decode (64.7 µs on the H100) — not yet measured.
+#   KIVI-2: 96 B/token/head (64 codes + 16 + 16) → 25.27 MB (5.31× smaller than bf16) + 0.55 MB q/out/
+#           workspace → 25.8 MB → 8.6 µs;   KIVI-4: 160 B/token/head → 42.6 MB → 14.2 µs.
+# Expected on the H100: the decode is ~6 simple ops per cached element (67M elements at 32K: ~14 µs of
+# issue over 132 SMs) overlapping the 8.6 µs of traffic; the issue's target is ≥ 2× faster than bf16 SDPA.
 import triton
 import triton.language as tl
 from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
 
 
 @triton.jit
-def _unpack_codes(b, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
-    """uint8 [ROWS, COLS] packed codes -> int32 codes [ROWS, COLS·8/BITS], element j·PER + i of a row taken
-    from bits i·BITS of byte j (pack_bits' order)."""
-    bi = b.to(tl.int32)
-    if BITS == 4:
-        c = tl.join(bi & 15, bi >> 4)  # [ROWS, COLS, 2]: sub-index i
-    else:  # join(join(c0, c2), join(c1, c3)) flattens to c0 c1 c2 c3 per byte
-        c = tl.join(tl.join(bi & 3, (bi >> 4) & 3), tl.join((bi >> 2) & 3, bi >> 6))
-    return tl.reshape(c, (ROWS, COLS * (8 // BITS)))
-
-
-@triton.jit
-def _unpack(b, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
-    """The codes of _unpack_codes as float32. The int -> float step is bit arithmetic (the float 2^23 + c
-    minus 2^23), not an I2F conversion (1/8 of the FP32 rate on the H100)."""
-    c = _unpack_codes(b, ROWS, COLS, BITS)
+def _u2f(c):
+    # int32 0 <= c < 2^23 -> float32 exactly from bits (2^23 + c minus 2^23): no I2F.
     return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
-def _group_param(base, s_row, s_grp, offs_r, r_ok, offs_c, c_ok, g0, lim, GRP: tl.constexpr, BCAST: tl.constexpr,
-                 ROWS: tl.constexpr, COLS: tl.constexpr, FULL: tl.constexpr):
-    """A [ROWS, COLS] float32 tile of ``base[r, c // GRP]`` (0 where masked), groups along the columns.
-    BCAST (GRP a power of two dividing COLS, offs_c = g0·GRP + arange(COLS)): one load per group,
-    broadcast over its GRP members, groups starting at or after ``lim`` masked. Else one (cached)
-    load per element, for any group size. FULL: every element is in range (unmasked loads)."""
-    if BCAST:
-        NG: tl.constexpr = COLS // GRP
-        g = g0 + tl.arange(0, NG)
-        ptrs = base + offs_r[:, None] * s_row + g[None, :] * s_grp
-        if FULL:
-            x = tl.load(ptrs).to(tl.float32)
+def _round_operand(x, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 x -> the dot operand of the other side (bf16 / fp16 / fp32) and its value as fp32."""
+    if DOT == 0:
+        return x, x
+    elif INTERPRETED:
+        if DOT == 2:
+            r = _round_bf16(x)
         else:
-            x = tl.load(ptrs, mask=r_ok[:, None] & (g * GRP < lim)[None, :], other=0.0).to(tl.float32)
-        x = tl.reshape(tl.broadcast_to(x[:, :, None], (ROWS, NG, GRP)), (ROWS, COLS))
+            r = x.to(tl.float16).to(tl.float32)
+        return r, r
     else:
-        x = tl.load(base + offs_r[:, None] * s_row + (offs_c // GRP)[None, :] * s_grp,
-                    mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    return x
+        if DOT == 2:
+            r = x.to(tl.bfloat16)
+        else:
+            r = x.to(tl.float16)
+        return r, r.to(tl.float32)
 
 
 @triton.jit
-def _softmax_pv(acc, l_i, m_i, s, v, n_ok, DOT_DTYPE, CHECK: tl.constexpr, IEEE: tl.constexpr,
-                V_TF32: tl.constexpr = False):
-    """One online-softmax step (base 2) from scaled scores s [BLOCK_M, BLOCK_N] and a [BLOCK_N, HEAD_DIM] V tile.
-    V_TF32: P @ V as a TF32 dot of the fp32 P and decoded V (10-bit mantissas, finer than bf16's 7): no
-    fp32 -> bf16 conversions of the V tile (those run at 1/8 of the FP32 rate on the H100)."""
+def _dot(a, b, acc, DOT: tl.constexpr):
+    if DOT == 0:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _pick(i: tl.constexpr, x0, x1, x2, x3):
+    if i == 0:
+        return x0
+    elif i == 1:
+        return x1
+    elif i == 2:
+        return x2
+    return x3
+
+
+@triton.jit
+def _set(a: tl.constexpr, v, acc0, acc1, acc2, acc3):
+    if a == 0:
+        acc0 = v
+    elif a == 1:
+        acc1 = v
+    elif a == 2:
+        acc2 = v
+    else:
+        acc3 = v
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i, n_ok, CHECK: tl.constexpr):
+    """Scores s [BLOCK_M, BLOCK_N] (base 2, scaled) -> (p, alpha, m_new, l_new)."""
     if CHECK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-    elif V_TF32:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="tf32")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
-    return acc, l_i, m_new
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
-def _update(acc, l_i, m_i, q, kt, v, n_ok, qk_scale, CHECK: tl.constexpr, IEEE: tl.constexpr):
-    """One online-softmax step (base 2) over a [HEAD_DIM, BLOCK_N] K^T tile and a [BLOCK_N, HEAD_DIM] V tile."""
-    if IEEE:  # fp32 q: full-precision dots, as eager (Triton's default would be TF32)
-        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+def _centred(c, MID: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """int32 codes -> c - MID exactly in the dot dtype (at most 4 significant bits): the codes become
+    OFF + c from their bits (bf16 0x4300 | c = 128 + c, fp16 0x6400 | c = 1024 + c), minus OFF + MID."""
+    if DOT == 0 or INTERPRETED:
+        out = _u2f(c) - MID
+    elif DOT == 2:
+        out = (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (128.0 + MID)
     else:
-        s = tl.dot(q, kt.to(q.dtype)) * qk_scale
-    return _softmax_pv(acc, l_i, m_i, s, v, n_ok, q.dtype, CHECK, IEEE)
+        out = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + MID)
+    return out
 
 
 @triton.jit
-def _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
-                vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D, qk_scale,
-                BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr, K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, CHECK: tl.constexpr,
-                EVEN_D: tl.constexpr, IEEE: tl.constexpr, FOLD_K: tl.constexpr, K_MAGIC: tl.constexpr,
-                INTERPRETED: tl.constexpr, V_TF32: tl.constexpr):
-    """Tokens [t0, min(t0 + BLOCK_N, hi)) of the quantized segment (t0 a multiple of BLOCK_N and of G).
-    CHECK: a ragged block (token masks); with neither CHECK nor a padded head dim the loads are unmasked.
-    FOLD_K (BLOCK_N == G: one key group per tile): the per-channel key scales go into q and the key mins
-    into one term per query row, q·k_t = (q∘s)·c_t + q·m, so the K tile is only the decoded codes."""
+def _dequant(c, sc, mn, MID: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """int32 codes (any shape) with scale / min broadcastable to it -> the dequantized dot operand.
+    fp32 (DOT 0): c·s + m exactly as kv.py. bf16 / fp16: the codes become OFF + c from their bits, minus
+    OFF + MID exactly (c - MID: at most 4 significant bits), then one fma with s and m' = m + MID·s, both
+    rounded to the dot dtype: centring on MID keeps |c - MID|·s within half the group's range, so the
+    roundings err like rounding the dequantized value itself."""
+    m2 = mn + MID * sc
+    if DOT == 0:
+        out = _u2f(c) * sc + mn
+    elif INTERPRETED:  # the GPU's values, computed in fp32 (the interpreter's bf16 / fp16 math is unreliable)
+        cm = _u2f(c) - MID
+        if DOT == 2:
+            out = _round_bf16(cm * _round_bf16(sc) + _round_bf16(m2))
+        else:
+            out = (cm * sc.to(tl.float16).to(tl.float32) + m2.to(tl.float16).to(tl.float32)).to(tl.float16).to(tl.float32)
+    elif DOT == 2:
+        out = _centred(c, MID, DOT, False) * sc.to(tl.bfloat16) + m2.to(tl.bfloat16)
+    else:
+        out = _centred(c, MID, DOT, False) * sc.to(tl.float16) + m2.to(tl.float16)
+    return out
+
+
+@triton.jit
+def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st, kc_sj, ks_base, km_base,
+               ks_sg, ks_sd, vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, qk_scale,
+               BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, DP: tl.constexpr, W: tl.constexpr,
+               DOT: tl.constexpr, INTERPRETED: tl.constexpr, K_FOLD: tl.constexpr, V_FOLD: tl.constexpr):
+    """The G tokens [t0, t0 + G) of one key group (always all in range: NQ is a multiple of G).
+    K_FOLD: key scales folded into q (q∘s per plane, the mins one per-row term) instead of dequantizing
+    every key element; V_FOLD: value scales folded into P per token (P∘s per chunk, mins per row)."""
     PER: tl.constexpr = 8 // BITS
-    FULL: tl.constexpr = EVEN_D and not CHECK
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MID: tl.constexpr = ((1 << BITS) - 1) / 2
+    offs_t = t0 + tl.arange(0, G)
+    offs_j = tl.arange(0, DP)
+    # keys: one dot per bit plane (a K-split of q·Kᵀ over the plane's channel range)
+    kb = tl.load(kc_base + offs_t[:, None] * kc_st + offs_j[None, :] * kc_sj).to(tl.int32)  # [G, DP]
+    g = t0 // G
+    s = tl.zeros([q0.shape[0], G], dtype=tl.float32)
+    qm = tl.zeros([q0.shape[0], DP], dtype=tl.float32)
+    for i in tl.static_range(PER):
+        offs_c = i * DP + offs_j
+        k_sc = tl.load(ks_base + g * ks_sg + offs_c * ks_sd).to(tl.float32)
+        k_mn = tl.load(km_base + g * ks_sg + offs_c * ks_sd).to(tl.float32)
+        qi = _pick(i, q0, q1, q2, q3)
+        if K_FOLD:  # q·k = (q∘s)·(c - MID) + q·(m + MID·s)
+            q32 = qi.to(tl.float32)
+            qs, _ = _round_operand(q32 * k_sc[None, :], DOT, INTERPRETED)
+            s = _dot(qs, tl.trans(_centred((kb >> (i * BITS)) & MASK, MID, DOT, INTERPRETED)), s, DOT)
+            qm += q32 * (k_mn + MID * k_sc)[None, :]
+        else:
+            kd = _dequant((kb >> (i * BITS)) & MASK, k_sc[None, :], k_mn[None, :], MID, DOT, INTERPRETED)
+            s = _dot(qi, tl.trans(kd), s, DOT)
+    if K_FOLD:
+        s += tl.sum(qm, 1)[:, None]
+    p, alpha, m_i, l_i = _online_softmax(s * qk_scale, m_i, l_i, offs_t, False)
+    pr, _ = _round_operand(p, DOT, INTERPRETED)
+    acc0 = acc0 * alpha[:, None]
+    acc1 = acc1 * alpha[:, None]
+    acc2 = acc2 * alpha[:, None]
+    acc3 = acc3 * alpha[:, None]
+    # values: per W-wide channel chunk of a plane (inside one value group: one scale / min per token)
+    offs_w = tl.arange(0, W)
+    vc_rows = vc_base + offs_t[:, None] * vc_st
+    for c in tl.static_range(DP // W):
+        vb = tl.load(vc_rows + (c * W + offs_w)[None, :] * vc_sj).to(tl.int32)  # [G, W]
+        for i in tl.static_range(PER):
+            grp = (i * DP + c * W) // GV
+            v_sc = tl.load(vs_base + offs_t * vs_st + grp * vs_sg).to(tl.float32)
+            v_mn = tl.load(vm_base + offs_t * vs_st + grp * vs_sg).to(tl.float32)
+            acc_a = _pick(i * (DP // W) + c, acc0, acc1, acc2, acc3)
+            if V_FOLD:  # P·v = (P∘s)·(c - MID) + P·(m + MID·s)
+                ps, _ = _round_operand(p * v_sc[None, :], DOT, INTERPRETED)
+                acc_a += tl.sum(p * (v_mn + MID * v_sc)[None, :], 1)[:, None]
+                acc_a = _dot(ps, _centred((vb >> (i * BITS)) & MASK, MID, DOT, INTERPRETED), acc_a, DOT)
+            else:
+                vd = _dequant((vb >> (i * BITS)) & MASK, v_sc[:, None], v_mn[:, None], MID, DOT, INTERPRETED)
+                acc_a = _dot(pr, vd, acc_a, DOT)
+            acc0, acc1, acc2, acc3 = _set(i * (DP // W) + c, acc_a, acc0, acc1, acc2, acc3)
+    return acc0, acc1, acc2, acc3, l_i, m_i
+
+
+@triton.jit
+def _general_step(acc0, l_i, m_i, q, kc_base, kc_st, kc_sj, ks_base, km_base, ks_sg, ks_sd, vc_base, vc_st,
+                  vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, qk_scale, BITS: tl.constexpr,
+                  G: tl.constexpr, GV: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+                  CHECK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Tokens [t0, min(t0 + BLOCK_N, hi)): codes gathered per element, dequantized in fp32."""
+    MASK: tl.constexpr = (1 << BITS) - 1
     offs_t = t0 + tl.arange(0, BLOCK_N)
     t_ok = offs_t < hi
-    # K^T: packed along tokens; hi is a multiple of G (so of PER): a byte is all valid or all padding
-    offs_kb = t0 // PER + tl.arange(0, BLOCK_N // PER)
-    kb_ptrs = kc_base + offs_d[:, None] * kc_sd + offs_kb[None, :] * kc_st
-    if FULL:
-        kb = tl.load(kb_ptrs)
-    else:
-        kb = tl.load(kb_ptrs, mask=d_ok[:, None] & (offs_kb * PER < hi)[None, :], other=0)
-    if not K_MAGIC:
-        kt = _unpack(kb, HEAD_DIM, BLOCK_N // PER, BITS)
-    g0 = t0 // G
-    if FOLD_K:
-        # t0 < hi inside the loops and hi is a multiple of G = BLOCK_N: the group is always in range
-        k_sc = tl.load(ks_base + offs_d * ks_sd + g0 * ks_sg, mask=d_ok, other=0.0).to(tl.float32)
-        k_mn = tl.load(km_base + offs_d * ks_sd + g0 * ks_sg, mask=d_ok, other=0.0).to(tl.float32)
-        qs = q32 * k_sc[None, :]
-        if K_MAGIC:
-            # bf16 q: the codes become bf16 straight from their bits, 0x4300 | c = 128 + c (no float
-            # conversion at all), and the offset leaves through the per-row term: with qs rounded to bf16
-            # once, q·k_t = qs·(128 + c_t) - 128·sum(qs) + q·m, the 128·sum(qs) parts cancelling exactly
-            # up to fp32 accumulation error (~2^-24·128·sum|qs|, far below bf16 rounding).
-            kc = _unpack_codes(kb, HEAD_DIM, BLOCK_N // PER, BITS)
-            if INTERPRETED:  # the interpreter's bf16 dot is unreliable: the same values in fp32
-                qs16 = _round_bf16(qs)
-                s = tl.dot(qs16, ((kc + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0)
-            else:
-                qs_b = qs.to(tl.bfloat16)
-                qs16 = qs_b.to(tl.float32)
-                s = tl.dot(qs_b, (kc | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True))
-            qm = tl.sum(q32 * k_mn[None, :] - 128.0 * qs16, 1)
-        else:
-            qm = tl.sum(q32 * k_mn[None, :], 1)
-            if IEEE:
-                s = tl.dot(qs, kt, input_precision="ieee")
-            else:
-                s = tl.dot(qs.to(q.dtype), kt.to(q.dtype))
-        s = (s + qm[:, None]) * qk_scale
-    else:
-        k_sc = _group_param(ks_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, g0, hi, G, K_BCAST, HEAD_DIM, BLOCK_N,
-                            FULL)
-        k_mn = _group_param(km_base, ks_sd, ks_sg, offs_d, d_ok, offs_t, t_ok, g0, hi, G, K_BCAST, HEAD_DIM, BLOCK_N,
-                            FULL)
-        kt = kt * k_sc + k_mn
-        if IEEE:  # fp32 q: full-precision dots, as eager (Triton's default would be TF32)
-            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, kt.to(q.dtype)) * qk_scale
-    # V: packed along channels (D is a multiple of PER)
-    offs_vb = tl.arange(0, HEAD_DIM // PER)
-    vb_ptrs = vc_base + offs_t[:, None] * vc_st + offs_vb[None, :] * vc_sd
-    if FULL:
-        vb = tl.load(vb_ptrs)
-    else:
-        vb = tl.load(vb_ptrs, mask=t_ok[:, None] & (offs_vb * PER < D)[None, :], other=0)
-    v = _unpack(vb, BLOCK_N, HEAD_DIM // PER, BITS)
-    v_sc = _group_param(vs_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM, FULL)
-    v_mn = _group_param(vm_base, vs_st, vs_sg, offs_t, t_ok, offs_d, d_ok, 0, D, GV, V_BCAST, BLOCK_N, HEAD_DIM, FULL)
-    v = v * v_sc + v_mn
-    return _softmax_pv(acc, l_i, m_i, s, v, t_ok, q.dtype, CHECK, IEEE, V_TF32)
+    byte = offs_d % DP
+    shift = (offs_d // DP) * BITS
+    km_ok = d_ok[:, None] & t_ok[None, :]
+    kb = tl.load(kc_base + offs_t[None, :] * kc_st + byte[:, None] * kc_sj, mask=km_ok, other=0).to(tl.int32)
+    ksp = (offs_t // G)[None, :] * ks_sg + offs_d[:, None] * ks_sd
+    kt = (_u2f((kb >> shift[:, None]) & MASK) * tl.load(ks_base + ksp, mask=km_ok, other=0.0).to(tl.float32)
+          + tl.load(km_base + ksp, mask=km_ok, other=0.0).to(tl.float32))  # K^T [HEAD_DIM, BLOCK_N]
+    vm_ok = t_ok[:, None] & d_ok[None, :]
+    vb = tl.load(vc_base + offs_t[:, None] * vc_st + byte[None, :] * vc_sj, mask=vm_ok, other=0).to(tl.int32)
+    vsp = offs_t[:, None] * vs_st + (offs_d // GV)[None, :] * vs_sg
+    v = (_u2f((vb >> shift[None, :]) & MASK) * tl.load(vs_base + vsp, mask=vm_ok, other=0.0).to(tl.float32)
+         + tl.load(vm_base + vsp, mask=vm_ok, other=0.0).to(tl.float32))  # [BLOCK_N, HEAD_DIM]
+    return _full_step(acc0, l_i, m_i, q, kt, v, t_ok, qk_scale, DOT, CHECK, INTERPRETED)
 
 
 @triton.jit
-def _residual_step(acc, l_i, m_i, q, kr_base, kr_sn, kr_sd, vr_base, vr_sn, vr_sd, n0, NR, offs_d, d_ok, qk_scale,
-                   BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """Tokens [n0, min(n0 + BLOCK_N, NR)) of the full-precision residual window."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+def _full_step(acc, l_i, m_i, q, kt, v, n_ok, qk_scale, DOT: tl.constexpr, CHECK: tl.constexpr,
+               INTERPRETED: tl.constexpr):
+    """One online-softmax step over fp32 K^T [HEAD_DIM, BLOCK_N] and V [BLOCK_N, HEAD_DIM] tiles."""
+    ktr, _ = _round_operand(kt, DOT, INTERPRETED)
+    s = _dot(q, ktr, tl.zeros([q.shape[0], kt.shape[1]], dtype=tl.float32), DOT) * qk_scale
+    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, n_ok, CHECK)
+    pr, _ = _round_operand(p, DOT, INTERPRETED)
+    vr, _ = _round_operand(v, DOT, INTERPRETED)
+    return _dot(pr, vr, acc * alpha[:, None], DOT), l_i, m_i
+
+
+@triton.jit
+def _residual_step(acc0, acc1, acc2, acc3, l_i, m_i, q, kr_base, kr_sn, kr_sd, vr_base, vr_sn, vr_sd, n0, NQ, NR,
+                   RING, offs_d, d_ok, qk_scale, BLOCK_R: tl.constexpr, W: tl.constexpr, NACC: tl.constexpr,
+                   HAS_LENS: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Residual tokens [n0, min(n0 + BLOCK_R, NR)) (slot n, or (NQ + n) % RING in a ring)."""
+    offs_n = n0 + tl.arange(0, BLOCK_R)
     n_ok = offs_n < NR
-    kt = tl.load(kr_base + offs_d[:, None] * kr_sd + offs_n[None, :] * kr_sn, mask=d_ok[:, None] & n_ok[None, :],
+    slot = (NQ + offs_n) % RING if HAS_LENS else offs_n
+    kt = tl.load(kr_base + offs_d[:, None] * kr_sd + slot[None, :] * kr_sn, mask=d_ok[:, None] & n_ok[None, :],
                  other=0.0).to(tl.float32)
-    v = tl.load(vr_base + offs_n[:, None] * vr_sn + offs_d[None, :] * vr_sd, mask=n_ok[:, None] & d_ok[None, :],
-                other=0.0).to(tl.float32)
-    return _update(acc, l_i, m_i, q, kt, v, n_ok, qk_scale, True, IEEE)
+    ktr, _ = _round_operand(kt, DOT, INTERPRETED)
+    s = _dot(q, ktr, tl.zeros([q.shape[0], BLOCK_R], dtype=tl.float32), DOT) * qk_scale
+    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, n_ok, True)
+    pr, _ = _round_operand(p, DOT, INTERPRETED)
+    offs_w = tl.arange(0, W)
+    for a in tl.static_range(NACC):
+        cols = a * W + offs_w
+        v = tl.load(vr_base + slot[:, None] * vr_sn + cols[None, :] * vr_sd,
+                    mask=n_ok[:, None] & _cols_ok(cols, d_ok, NACC)[None, :], other=0.0).to(tl.float32)
+        vr, _ = _round_operand(v, DOT, INTERPRETED)
+        if a == 0:
+            acc0 = _dot(pr, vr, acc0 * alpha[:, None], DOT)
+        elif a == 1:
+            acc1 = _dot(pr, vr, acc1 * alpha[:, None], DOT)
+        elif a == 2:
+            acc2 = _dot(pr, vr, acc2 * alpha[:, None], DOT)
+        else:
+            acc3 = _dot(pr, vr, acc3 * alpha[:, None], DOT)
+    return acc0, acc1, acc2, acc3, l_i, m_i
 
 
 @triton.jit
-def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_scale,
-                              q_sb, q_sh, q_sm, q_sd, kc_sb, kc_sh, kc_sd, kc_st, ks_sb, ks_sh, ks_sd, ks_sg,
-                              vc_sb, vc_sh, vc_st, vc_sd, vs_sb, vs_sh, vs_st, vs_sg,
+def _cols_ok(cols, d_ok, NACC: tl.constexpr):
+    # NACC == 1: one HEAD_DIM-wide chunk, padded past D (d_ok); the FAST path's chunks are never padded
+    if NACC == 1:
+        return d_ok
+    return cols >= 0
+
+
+@triton.jit
+def _store_chunk(acc, a: tl.constexpr, W: tl.constexpr, out_ptrs, o_sd, ws_ptrs, ok_rows, d_ok, l_i,
+                 SINGLE: tl.constexpr, OUT_BF16: tl.constexpr, INTERPRETED: tl.constexpr, NACC: tl.constexpr):
+    cols = a * W + tl.arange(0, W)
+    ok = ok_rows[:, None] & _cols_ok(cols, d_ok, NACC)[None, :]
+    if SINGLE:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if INTERPRETED and OUT_BF16:
+            out = _round_bf16(out)
+        tl.store(out_ptrs + cols[None, :] * o_sd, out.to(out_ptrs.dtype.element_ty), mask=ok)
+    else:
+        tl.store(ws_ptrs + cols[None, :], acc, mask=ok)
+
+
+@triton.jit
+def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, LENS, sm_scale,
+                              q_sb, q_sh, q_sm, q_sd, kc_sb, kc_sh, kc_st, kc_sj, ks_sb, ks_sh, ks_sg, ks_sd,
+                              vc_sb, vc_sh, vc_st, vc_sj, vs_sb, vs_sh, vs_st, vs_sg,
                               kr_sb, kr_sh, kr_sn, kr_sd, vr_sb, vr_sh, vr_sn, vr_sd, o_sb, o_sh, o_sm, o_sd,
-                              H, H_KV, LQ, NQ, NR, D, CHUNK, SPLITS,
-                              BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              K_BCAST: tl.constexpr, V_BCAST: tl.constexpr, SINGLE: tl.constexpr,
-                              OUT_BF16: tl.constexpr, IEEE: tl.constexpr, D_CONST: tl.constexpr,
-                              INTERPRETED: tl.constexpr, FOLD_K: tl.constexpr = False,
-                              K_MAGIC: tl.constexpr = False, V_TF32: tl.constexpr = False):
+                              H, H_KV, LQ, NQ, NR, RESID, RING, CHUNK, SPLITS,
+                              BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, FAST: tl.constexpr, W: tl.constexpr, NACC: tl.constexpr,
+                              SINGLE: tl.constexpr, OUT_BF16: tl.constexpr, DOT: tl.constexpr,
+                              HAS_LENS: tl.constexpr, INTERPRETED: tl.constexpr, K_FOLD: tl.constexpr = False,
+                              V_FOLD: tl.constexpr = False):
+    PER: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = D // PER
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)
@@ -233,49 +335,78 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, sm_
     t = rows % LQ
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
-    q = tl.load(Q + b * q_sb + h[:, None] * q_sh + t[:, None] * q_sm + offs_d[None, :] * q_sd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if INTERPRETED:  # the CPU interpreter's low-precision dot is unreliable; compute in fp32 there
-        q = q.to(tl.float32)
-    q32 = q.to(tl.float32)
+    q_rows = Q + b * q_sb + h[:, None] * q_sh + t[:, None] * q_sm
+    q32 = tl.load(q_rows + offs_d[None, :] * q_sd, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q, _ = _round_operand(q32, DOT, INTERPRETED)
+    if HAS_LENS:
+        n_tot = tl.load(LENS + b).to(tl.int32)
+        nq = tl.where(n_tot > RESID, (n_tot - RESID) // G * G, 0)
+        nr = n_tot - nq
+    else:
+        nq = NQ
+        nr = NR
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x·log2 e)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, W], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, W], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, W], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, W], tl.float32)
     kc_base = KC + b * kc_sb + hk * kc_sh
     ks_base, km_base = KS + b * ks_sb + hk * ks_sh, KM + b * ks_sb + hk * ks_sh
     vc_base = VC + b * vc_sb + hk * vc_sh
     vs_base, vm_base = VS + b * vs_sb + hk * vs_sh, VM + b * vs_sb + hk * vs_sh
     lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, NQ)
-    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # only the chunk's last block is ragged
-    EVEN_D: tl.constexpr = HEAD_DIM == D_CONST
-    for t0 in range(lo, full_end, BLOCK_N):
-        acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
-                                    vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
-                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, False, EVEN_D, IEEE, FOLD_K,
-                                    K_MAGIC, INTERPRETED, V_TF32)
-    for t0 in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _quant_step(acc, l_i, m_i, q, q32, kc_base, kc_sd, kc_st, ks_base, km_base, ks_sd, ks_sg,
-                                    vc_base, vc_st, vc_sd, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d, d_ok, D,
-                                    qk_scale, BITS, G, GV, BLOCK_N, HEAD_DIM, K_BCAST, V_BCAST, True, EVEN_D, IEEE, FOLD_K,
-                                    K_MAGIC, INTERPRETED, V_TF32)
-    # the last split also reads the full-precision residual window [NQ, S)
-    r_hi = tl.where(split == SPLITS - 1, NR, 0)
+    hi = tl.minimum(lo + CHUNK, nq)
+    if FAST:
+        # q's columns of each bit plane, fp32 (the key scales of each group multiply them)
+        offs_j = tl.arange(0, DP)
+        q_ok = row_ok[:, None]
+        q0, _ = _round_operand(tl.load(q_rows + offs_j[None, :] * q_sd, mask=q_ok, other=0.0).to(tl.float32), DOT,
+                               INTERPRETED)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if PER > 1:
+            q1, _ = _round_operand(tl.load(q_rows + (DP + offs_j)[None, :] * q_sd, mask=q_ok, other=0.0).to(tl.float32),
+                                   DOT, INTERPRETED)
+        if PER > 2:
+            q2, _ = _round_operand(tl.load(q_rows + (2 * DP + offs_j)[None, :] * q_sd, mask=q_ok,
+                                           other=0.0).to(tl.float32), DOT, INTERPRETED)
+            q3, _ = _round_operand(tl.load(q_rows + (3 * DP + offs_j)[None, :] * q_sd, mask=q_ok,
+                                           other=0.0).to(tl.float32), DOT, INTERPRETED)
+        for t0 in range(lo, hi, G):
+            acc0, acc1, acc2, acc3, l_i, m_i = _fast_step(
+                acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st, kc_sj, ks_base, km_base, ks_sg,
+                ks_sd, vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, qk_scale, BITS, G, GV, DP, W,
+                DOT, INTERPRETED, K_FOLD, V_FOLD)
+    else:
+        full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # only the chunk's last block is ragged
+        for t0 in range(lo, full_end, BLOCK_N):
+            acc0, l_i, m_i = _general_step(acc0, l_i, m_i, q, kc_base, kc_st, kc_sj, ks_base, km_base, ks_sg, ks_sd,
+                                           vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d,
+                                           d_ok, qk_scale, BITS, G, GV, DP, BLOCK_N, DOT, False, INTERPRETED)
+        for t0 in range(full_end, hi, BLOCK_N):
+            acc0, l_i, m_i = _general_step(acc0, l_i, m_i, q, kc_base, kc_st, kc_sj, ks_base, km_base, ks_sg, ks_sd,
+                                           vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, hi, offs_d,
+                                           d_ok, qk_scale, BITS, G, GV, DP, BLOCK_N, DOT, True, INTERPRETED)
+    # the last split also reads the full-precision residual window
+    r_hi = tl.where(split == SPLITS - 1, nr, 0)
     kr_base = KR + b * kr_sb + hk * kr_sh
     vr_base = VR + b * vr_sb + hk * vr_sh
-    for n0 in range(0, r_hi, BLOCK_N):
-        acc, l_i, m_i = _residual_step(acc, l_i, m_i, q, kr_base, kr_sn, kr_sd, vr_base, vr_sn, vr_sd, n0, NR,
-                                       offs_d, d_ok, qk_scale, BLOCK_N, IEEE)
-    if SINGLE:
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        if INTERPRETED and OUT_BF16:
-            out = _round_bf16(out)
-        tl.store(O + b * o_sb + h[:, None] * o_sh + t[:, None] * o_sm + offs_d[None, :] * o_sd,
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    else:
-        ws_row = ((b * H + h) * LQ + t) * SPLITS + split  # workspace row of (b, h, t, split)
-        tl.store(ACC + ws_row[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    for n0 in range(0, r_hi, BLOCK_R):
+        acc0, acc1, acc2, acc3, l_i, m_i = _residual_step(
+            acc0, acc1, acc2, acc3, l_i, m_i, q, kr_base, kr_sn, kr_sd, vr_base, vr_sn, vr_sd, n0, nq, nr, RING,
+            offs_d, d_ok, qk_scale, BLOCK_R, W, NACC, HAS_LENS, DOT, INTERPRETED)
+    out_ptrs = O + b * o_sb + h[:, None] * o_sh + t[:, None] * o_sm
+    ws_row = ((b * H + h) * LQ + t) * SPLITS + split  # workspace row of (b, h, t, split)
+    ws_ptrs = ACC + ws_row[:, None] * D
+    _store_chunk(acc0, 0, W, out_ptrs, o_sd, ws_ptrs, row_ok, d_ok, l_i, SINGLE, OUT_BF16, INTERPRETED, NACC)
+    if NACC > 1:
+        _store_chunk(acc1, 1, W, out_ptrs, o_sd, ws_ptrs, row_ok, d_ok, l_i, SINGLE, OUT_BF16, INTERPRETED, NACC)
+    if NACC > 2:
+        _store_chunk(acc2, 2, W, out_ptrs, o_sd, ws_ptrs, row_ok, d_ok, l_i, SINGLE, OUT_BF16, INTERPRETED, NACC)
+        _store_chunk(acc3, 3, W, out_ptrs, o_sd, ws_ptrs, row_ok, d_ok, l_i, SINGLE, OUT_BF16, INTERPRETED, NACC)
+    if not SINGLE:
         tl.store(ML + ws_row * 2, m_i, mask=row_ok)
         tl.store(ML + ws_row * 2 + 1, l_i, mask=row_ok)

@@ -13,25 +13,31 @@ the newest ``S - n_quant`` (R <= that < R + G when S > R) stay in full precision
 *values* in fp16 (a sliding window) but R..R+G-1 recent keys; here keys and values share one boundary so
 a decode kernel has two segments, ``[0, n_quant)`` quantized and ``[n_quant, S)`` full precision.
 
-Layout (``per = 8 // bits`` codes per byte, packed little-end first: element i of a byte run sits at bits
-``(i % per) * bits``), shapes for k, v ``[B, H, S, D]``:
+Layout ("channel-planar": ``per = 8 // bits`` codes per byte, ``DP = D // per`` bytes per token; the code of
+channel ``d`` sits in byte ``d % DP`` at bit offset ``(d // DP) * bits``, so bit plane ``i`` of a token's bytes is
+the contiguous channel range ``[i*DP, (i+1)*DP)``), shapes for k, v ``[B, H, S, D]``:
 
 =============  ===========================================  =====================================
 tensor         shape / dtype                                 element (b, h, t, d), t < n_quant
 =============  ===========================================  =====================================
-k_codes        uint8 [B, H, D, n_quant // per]  (K^T, packed  byte ``k_codes[b,h,d,t//per]``,
-               along tokens)                                 shift ``(t % per) * bits``
-k_scale/k_min  scale_dtype [B, H, D, n_quant // G]           ``[b, h, d, t // G]``
-v_codes        uint8 [B, H, n_quant, D // per] (packed       byte ``v_codes[b,h,t,d//per]``,
-               along channels)                               shift ``(d % per) * bits``
+k_codes        uint8 [B, H, n_quant, D // per]               byte ``k_codes[b,h,t,d % DP]``,
+                                                             shift ``(d // DP) * bits``
+k_scale/k_min  scale_dtype [B, H, n_quant // G, D]           ``[b, h, t // G, d]``
+v_codes        uint8 [B, H, n_quant, D // per]               byte ``v_codes[b,h,t,d % DP]``,
+                                                             shift ``(d // DP) * bits``
 v_scale/v_min  scale_dtype [B, H, n_quant, D // Gv]          ``[b, h, t, d // Gv]``
 k_residual     input dtype [B, H, S - n_quant, D]            token t >= n_quant at ``t - n_quant``
 v_residual     input dtype [B, H, S - n_quant, D]
 =============  ===========================================  =====================================
 
-A decode step computes ``q . K^T`` on a ``[D, BLOCK_T]`` tile of ``k_codes`` (BLOCK_T a multiple of G, so
-each tile column needs one scale/min per channel row) and ``P @ V`` on ``[BLOCK_T, D]`` tiles of
-``v_codes``, then the residual segment in full precision, merging both with the online softmax.
+Why planar: a decode kernel loads a ``[tokens, DP]`` byte tile once and takes each bit plane with one shift
+and mask; every plane is a contiguous channel range, so it feeds its own ``tl.dot`` (keys: a K-split of
+``q . K^T``; values: the output columns of that range) with no interleaving of decoded codes in registers.
+
+A decode step (``codegen/templates/kivi_attention.py``) computes ``q . K^T`` plane by plane on ``[BLOCK_T, DP]``
+byte tiles of ``k_codes`` (BLOCK_T = G: one key group, whose per-channel scales fold into q) and ``P @ V``
+plane by plane on the same tiles of ``v_codes``, then the residual segment in full precision, merging both
+with the online softmax.
 Bytes per cached token per head (K and V together): ``2 * D * bits / 8 + D * 2 * sb / G + D / Gv * 2 * sb``
 with sb = bytes of scale_dtype (fp16: D=128, bits=2, G=Gv=32 -> 64 + 16 + 16 = 96 B vs 512 B in fp16).
 """
@@ -43,7 +49,8 @@ import torch
 
 from .formats import round_to_float
 
-__all__ = ["KIVICache", "kivi_bytes_per_token", "kivi_dequantize", "kivi_quantize", "pack_bits", "unpack_bits"]
+__all__ = ["KIVICache", "kivi_bytes_per_token", "kivi_dequantize", "kivi_quantize", "pack_bits", "pack_planar",
+           "unpack_bits", "unpack_planar"]
 
 _FLOAT_GRIDS = {torch.float16: (10, -14, 65504.0), torch.bfloat16: (7, -126, 3.3895313892515355e38)}
 
@@ -72,6 +79,24 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`."""
     per, mask = 8 // bits, (1 << bits) - 1
     return torch.stack([(packed >> (i * bits)) & mask for i in range(per)], dim=-1).flatten(-2)
+
+
+def pack_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[..., m]`` (< 2^bits, m a multiple of per = 8 // bits) -> ``[..., m // per]``, channel-planar:
+    element j goes to byte ``j % (m // per)`` at bit offset ``(j // (m // per)) * bits``."""
+    per = 8 // bits
+    dp = codes.shape[-1] // per
+    c = codes.to(torch.uint8)
+    out = torch.zeros((*codes.shape[:-1], dp), dtype=torch.uint8, device=codes.device)
+    for i in range(per):
+        out |= c[..., i * dp:(i + 1) * dp] << (i * bits)
+    return out
+
+
+def unpack_planar(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_planar`."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    return torch.cat([(packed >> (i * bits)) & mask for i in range(per)], dim=-1)
 
 
 @dataclass
@@ -152,9 +177,9 @@ def kivi_quantize(k: torch.Tensor, v: torch.Tensor, bits: int = 2, group: int = 
     vc, vs, vm = _minmax_quant(vq.reshape(b, h, n_q, d // v_group, v_group), bits, scale_dtype)
     return KIVICache(
         bits=bits, group=group, v_group=v_group, residual=residual, seq_len=s, n_quant=n_q,
-        k_codes=pack_bits(kc.reshape(b, h, d, n_q), bits).contiguous(),
-        k_scale=ks.to(scale_dtype).contiguous(), k_min=km.to(scale_dtype).contiguous(),
-        v_codes=pack_bits(vc.reshape(b, h, n_q, d), bits).contiguous(),
+        k_codes=pack_planar(kc.reshape(b, h, d, n_q).transpose(2, 3), bits).contiguous(),
+        k_scale=ks.to(scale_dtype).transpose(2, 3).contiguous(), k_min=km.to(scale_dtype).transpose(2, 3).contiguous(),
+        v_codes=pack_planar(vc.reshape(b, h, n_q, d), bits).contiguous(),
         v_scale=vs.to(scale_dtype).contiguous(), v_min=vm.to(scale_dtype).contiguous(),
         k_residual=k[:, :, n_q:].clone(), v_residual=v[:, :, n_q:].clone())
 
@@ -163,10 +188,9 @@ def kivi_dequantize(c: KIVICache) -> tuple[torch.Tensor, torch.Tensor]:
     """``(k, v)`` float32 ``[B, H, S, D]`` from a :class:`KIVICache` (residual tokens exact)."""
     b, h, _, d = c.shape
     n_q, g, gv = c.n_quant, c.group, c.v_group
-    kc = unpack_bits(c.k_codes, c.bits).double().view(b, h, d, n_q // g, g)
-    kq = kc * c.k_scale.double()[..., None] + c.k_min.double()[..., None]
-    kq = kq.reshape(b, h, d, n_q).transpose(2, 3)
-    vc = unpack_bits(c.v_codes, c.bits).double().view(b, h, n_q, d // gv, gv)
+    kc = unpack_planar(c.k_codes, c.bits).double().view(b, h, n_q // g, g, d)
+    kq = (kc * c.k_scale.double()[:, :, :, None] + c.k_min.double()[:, :, :, None]).reshape(b, h, n_q, d)
+    vc = unpack_planar(c.v_codes, c.bits).double().view(b, h, n_q, d // gv, gv)
     vq = (vc * c.v_scale.double()[..., None] + c.v_min.double()[..., None]).reshape(b, h, n_q, d)
     k = torch.cat([kq.to(torch.float32), c.k_residual.to(torch.float32)], dim=2)
     v = torch.cat([vq.to(torch.float32), c.v_residual.to(torch.float32)], dim=2)
