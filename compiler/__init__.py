@@ -23,6 +23,7 @@ from . import backend  # noqa: E402,F401  (fxforge.backend.reports / last_report
 from .runtime import winograd as _winograd  # noqa: E402,F401  (registers the fxforge::winograd_conv2d op)
 from .runtime import quant_linear as _quant_linear  # noqa: E402,F401  (registers the fxforge::quant_linear op)
 from .runtime import w8a8 as _w8a8  # noqa: E402,F401  (registers the fxforge::w8a8_linear op)
+from .runtime import kivi_cache as _kivi_cache  # noqa: E402,F401  (registers the fxforge::kivi_append_attention op)
 from .api import CompiledModel, compile  # noqa: E402
 from .artifact import load, save  # noqa: E402
 from .config import Config  # noqa: E402
