@@ -68,13 +68,17 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
         bm = min(bm, 64)
     if interpreted:  # tiny blocks: the interpreter's cost is per element; small tests still see several blocks
         return [{"BLOCK_M": bm, "BLOCK_N": group if fast else 16, "HEAD_DIM": head, "FAST": fast}]
+    # H100, 32K, bf16 (results/probe_kivi.md): 4 warps, keys and values dequantized per element
+    # (no folding), 2 stages 57.5 us; values folded into P with 3 stages 57.7 us; 8 warps 1.5-2x slower
     if fast:
-        cands = [(group, 4, 2), (group, 8, 2), (group, 4, 3), (group, 2, 2)]
+        cands = [(group, 4, 2, False), (group, 4, 3, True), (group, 4, 3, False)]
     else:
-        cands = [(64 if head < 256 else 32, 4, 2), (32, 4, 2)]
+        cands = [(64 if head < 256 else 32, 4, 2, False), (32, 4, 2, False)]
     out = []
-    for bn, w, st in cands:
+    for bn, w, st, vf in cands:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FAST": fast, "num_warps": w, "num_stages": st}
+        if fast:
+            cfg.update(K_FOLD=False, V_FOLD=vf)
         if cfg not in out:
             out.append(cfg)
     if fast:  # the GENERAL path stays a candidate (autotuning, OutOfResources fallback)
@@ -82,13 +86,13 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     return out
 
 
-PROGRAMS_PER_SM = 2  # H100: 32 splits (B=1, Hkv=8) beat 64 (auto at 4 per SM) and 128 by 5-15%
+PROGRAMS_PER_SM = 4  # H100, FAST path (probe_kivi): 64 splits at B=1, Hkv=8 beat 32 by ~17% and 128 by ~6%
 MIN_SPLIT_TOKENS = 256
 
 
 def auto_splits(n_quant: int, programs: int, block_n: int, device) -> int:
     """Splits of the quantized tokens on CUDA: about PROGRAMS_PER_SM programs per SM, each split at least
-    MIN_SPLIT_TOKENS tokens (B=1, Hkv=8, 32K: 64 splits of 512 tokens)."""
+    MIN_SPLIT_TOKENS tokens (B=1, Hkv=8, 32K on 132 SMs: 64 splits of 512 tokens)."""
     sms = da.sm_count(device)
     want = -(-PROGRAMS_PER_SM * sms // max(programs, 1))
     cap = max(1, n_quant // max(MIN_SPLIT_TOKENS, block_n))

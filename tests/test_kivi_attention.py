@@ -299,6 +299,7 @@ def test_out_of_resources_falls_back_to_the_next_config(monkeypatch):
         ka.launch(Grid(), Grid(), q, cache, out, 0.125, 1, cfgs[0])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bits", [2, 4])
@@ -318,7 +319,8 @@ def test_all_configs_on_cuda(case, bits, dtype):
     floor = max(2 * rel_err(sdpa(q, kd, vd, dtype), ref), GPU_FLOOR[dtype])
     k1, k2 = _kernels("cuda")
     cfgs = kivi_configs(TQ, H, HKV, D, g, interpreted=False, bits=bits, v_group=gv)
-    for cfg in cfgs if dtype == torch.bfloat16 else cfgs[:1]:
+    variants = [dict(cfg, K_FOLD=kf, V_FOLD=vf) for kf in (False, True) for vf in (False, True) for cfg in cfgs[:1]]
+    for cfg in (cfgs + variants) if dtype == torch.bfloat16 else cfgs[:1] + variants[-1:]:
         for ns in (None, 1, 7):
             out = torch.full_like(q, float("nan"))
             launch(k1, k2, q, cache, out, D ** -0.5, ns, cfg)

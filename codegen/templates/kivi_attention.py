@@ -127,14 +127,15 @@ def _online_softmax(s, m_i, l_i, n_ok, CHECK: tl.constexpr):
 
 @triton.jit
 def _centred(c, MID: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
-    """int32 codes -> c - MID exactly in the dot dtype (at most 4 significant bits): the codes become
-    OFF + c from their bits (bf16 0x4300 | c = 128 + c, fp16 0x6400 | c = 1024 + c), minus OFF + MID."""
+    """int32 codes -> c - MID exactly in the dot dtype (a half-integer of at most 4 significant bits). The
+    codes become BASE + c from their bits with a BASE whose ulp is 1/2, so BASE + MID is representable too:
+    bf16 0x4280 | (c << 1) = 64 + c, fp16 0x6000 | (c << 1) = 512 + c; minus BASE + MID, exact."""
     if DOT == 0 or INTERPRETED:
         out = _u2f(c) - MID
     elif DOT == 2:
-        out = (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (128.0 + MID)
+        out = ((c << 1) | 0x4280).to(tl.int16).to(tl.bfloat16, bitcast=True) - (64.0 + MID)
     else:
-        out = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + MID)
+        out = ((c << 1) | 0x6000).to(tl.int16).to(tl.float16, bitcast=True) - (512.0 + MID)
     return out
 
 
