@@ -17,19 +17,20 @@
 # FAST path (FAST: D = HEAD_DIM a power of two, DP >= 16, BLOCK_N = G a power of two, W = min(DP, GV)):
 # per tile of one key group it loads the [G, DP] key bytes and the value bytes once and works plane by plane,
 # never interleaving decoded codes in registers:
-#   keys    q·k_t = sum_i (q_i ∘ s_i)·c_{t,i} + sum_i q_i·m_i over planes i (q_i: q's columns of plane i,
-#           s_i/m_i the group's key scales/mins there): one tl.dot per plane on the *codes* (K-split of q·Kᵀ),
-#           the mins one term per query row;
-#   values  out[:, chunk a] += (P ∘ s_g)·C_a + (P·m_g) for each W-wide channel chunk a (one value group g):
-#           the value scales fold into P per token, the mins into one term per row; NACC = D / W ≤ 4
-#           accumulators [BLOCK_M, W], stored side by side.
-#   codes   become floats straight from their bits: bf16 0x4300 | c = 128 + c, fp16 0x6400 | c = 1024 + c
-#           (OFF + c, exact), the (OFF + MID)·sum(operand) part removed in the per-row terms, which use the
-#           same rounded operand the dot saw (so the offsets cancel up to fp32 accumulation, ~2^-24·OFF
-#           relative), MID = (2^BITS - 1)/2 centring the codes (the operand's rounding error then scales
-#           with |c - MID|·scale ≤ half a group's range, like rounding the dequantized value itself);
-#           fp32 q: exact fp32 codes (2^23 + c minus 2^23) and IEEE dots. No int -> float conversions (1/4-1/8
-#           of the FP32 rate on the H100) and no join/reshape of decoded tiles.
+#   keys    one tl.dot per bit plane (a K-split of q·Kᵀ over the plane's channel range) on the plane's keys
+#           dequantized per element, (c - MID)·s + (m + MID·s) in the dot dtype; K_FOLD instead folds the
+#           group's key scales into q (q∘s per plane) and the mins into one term per query row;
+#   values  out[:, chunk a] += P·V_a for each W-wide channel chunk a of a plane (inside one value group),
+#           V_a dequantized per element likewise; V_FOLD folds the value scales into P per token (P∘s) and
+#           the mins into one term per row. NACC = D / W ≤ 4 accumulators [BLOCK_M, W], stored side by side.
+#   codes   c - MID exactly in the dot dtype from their bits (bf16 0x4280 | c << 1 = 64 + c minus 64 + MID;
+#           fp16 0x6000 | c << 1 = 512 + c minus 512 + MID: a base whose ulp is 1/2, so base + MID is exact);
+#           centring on MID = (2^BITS - 1)/2 keeps |c - MID|·s within half a group's range, so rounding s, m'
+#           and the fma to bf16 errs like rounding the dequantized value itself. fp32 q: exact c·s + m and IEEE
+#           dots. No int -> float conversions (1/4-1/8 of the FP32 rate on the H100).
+#   H100 (results/probe_kivi.md, offline sm_90 SASS): ~800 instructions per warp per 32-token tile with
+#           4 warps, i.e. ~13 per cached element, most of them converting and broadcasting the per-channel /
+#           per-token scales each thread's mma fragment needs (8 channels per thread per plane, 1 token each).
 # GENERAL path (any D ≤ 256, any G / GV dividing as kv.py requires): tiles [HEAD_DIM, BLOCK_N] / [BLOCK_N,
 # HEAD_DIM] gathered per element (byte d % DP, shift (d // DP)·BITS, scales per element), dequantized in fp32,
 # ordinary dots; one accumulator (NACC = 1, W = HEAD_DIM).
@@ -42,16 +43,15 @@
 # normalizes and writes the output itself. Kernel 2 is decode_attention's combine kernel (the workspace
 # layout is the same: acc [B, H, LQ, SPLITS, D] then (m, l) [B, H, LQ, SPLITS, 2], fp32).
 #
-# Bytes model (memory-bound in principle; the FAST path's decode is a shift, a mask/OR and half a pack per
-# cached element, plus per-row terms per group): bytes = B·H_KV·(NQ·kivi_bytes_per_token(bits, D, G, GV)
+# Bytes model (memory-bound in principle; in practice issue-bound, see above): bytes = B·H_KV·(NQ·kivi_bytes_per_token(bits, D, G, GV)
 #   + NR·2·D·elt_residual) + q and out (B·H·LQ·D·elt each) + workspace (B·H·LQ·SPLITS·(D + 2)·4, written
 #   once, read once), kivi_bytes_per_token = 2·D·bits/8 (codes) + 2·D·sb/G (key scale+min) + 2·(D/GV)·sb.
-# B=1, H_KV=8, S=32768, D=128, G=GV=R=32, fp16 scales (sb=2), bf16 residual, H=32, LQ=1, 16 splits:
+# B=1, H_KV=8, S=32768, D=128, G=GV=R=32, fp16 scales (sb=2), bf16 residual, H=32, LQ=1, 64 splits:
 #   bf16 cache (plain decode_attention): 2·S·D·2·H_KV = 134.2 MB → 44.7 µs at 3.0 TB/s;
 #   KIVI-2: 96 B/token/head (64 codes + 16 + 16) → 25.27 MB (5.31× smaller than bf16) + 0.55 MB q/out/
 #           workspace → 25.8 MB → 8.6 µs;   KIVI-4: 160 B/token/head → 42.6 MB → 14.2 µs.
-# Expected on the H100: the decode is ~6 simple ops per cached element (67M elements at 32K: ~14 µs of
-# issue over 132 SMs) overlapping the 8.6 µs of traffic; the issue's target is ≥ 2× faster than bf16 SDPA.
+# Measured on the H100 (results/kv_decode_gpu.md, caches rotated past L2): KIVI-2 58.0 µs, KIVI-4 59.7 µs
+# against SDPA on the bf16 cache 52.2 µs (0.90x / 0.87x) — the issue's target is ≥ 2×: not met (issue-bound).
 import triton
 import triton.language as tl
 from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
@@ -142,8 +142,8 @@ def _centred(c, MID: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr)
 @triton.jit
 def _dequant(c, sc, mn, MID: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
     """int32 codes (any shape) with scale / min broadcastable to it -> the dequantized dot operand.
-    fp32 (DOT 0): c·s + m exactly as kv.py. bf16 / fp16: the codes become OFF + c from their bits, minus
-    OFF + MID exactly (c - MID: at most 4 significant bits), then one fma with s and m' = m + MID·s, both
+    fp32 (DOT 0): c·s + m exactly as kv.py. bf16 / fp16: c - MID exactly (_centred), then one fma with
+    s and m' = m + MID·s, both
     rounded to the dot dtype: centring on MID keeps |c - MID|·s within half the group's range, so the
     roundings err like rounding the dequantized value itself."""
     m2 = mn + MID * sc
