@@ -57,7 +57,7 @@ def main() -> None:
         best = None
         for cfg in kivi_configs(1, HQ, HKV, D, 32, False, bits=bits, v_group=32):
             try:
-                us = graph_time_us(lambda i, cfg=cfg: kivi_decode_attention(q, caches[i % 3], blocks=dict(cfg)))
+                us = graph_time_us(lambda i, cfg=cfg, caches=caches: kivi_decode_attention(q, caches[i % 3], blocks=dict(cfg)))
             except Exception as e:  # noqa: BLE001 — a config that fails to compile loses
                 print(f"kivi{bits} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 continue

@@ -42,9 +42,9 @@ def main() -> None:
         ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)
         nbytes = kivi_traffic_bytes(caches[0], HQ, 1)
         best = None
-        variants = [dict(FAST=True, K_FOLD=kf, V_FOLD=vf, num_warps=w, num_stages=st)
+        variants = [{"FAST": True, "K_FOLD": kf, "V_FOLD": vf, "num_warps": w, "num_stages": st}
                     for kf, vf, w, st in itertools.product((False, True), (False, True), (4, 8), (2, 3))]
-        variants += [dict(FAST=False, num_warps=4, num_stages=2)]
+        variants += [{"FAST": False, "num_warps": 4, "num_stages": 2}]
         for var, ns in itertools.product(variants, (None, 32, 64, 128)):
             if time.time() - t_start > BUDGET_S:
                 print("budget: sweep cut", flush=True)
@@ -56,7 +56,7 @@ def main() -> None:
             try:
                 out = kivi_decode_attention(q, caches[0], blocks=dict(cfg), num_splits=ns)
                 err = rel_err(out, ref)
-                us = graph_time_us(lambda i, cfg=cfg, ns=ns: kivi_decode_attention(
+                us = graph_time_us(lambda i, cfg=cfg, ns=ns, caches=caches: kivi_decode_attention(
                     q, caches[i % 3], blocks=dict(cfg), num_splits=ns))
             except Exception as e:  # noqa: BLE001 — a variant that fails to compile or launch loses
                 print(f"kivi{bits} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
