@@ -87,7 +87,7 @@ def cfg_str(cfg) -> str:
 
 class Probe:
     def __init__(self):
-        self.res = Results("probe_quant")
+        self.res = Results(os.environ.get("PROBE_NAME", "probe_quant"))
         self.best: dict = {}
 
     def row(self, wl, impl, cfg, us, nbytes, base_us, err=None, max_abs=None):
@@ -221,6 +221,75 @@ def sweep_w8a8(p, wl, m, n, k, x, ws, base_us, max_cfgs=99):
         p.row(wl, "w8a8", cfg, us, nbytes, base_us, rel_err(out, ref), (out - ref).abs().max().item())
 
 
+def gemv_tc_variants(fmt, m, n, k):
+    """M = 1 on the tensor cores (session 9): the dequant GEMM with one real row in a 16-row tile, swap-AB
+    (weight rows as the MMA's M side, decoded once per K step), few warps (KIVI's probe: fewer warps per
+    program left each thread fewer replicated conversions) and split-K for enough programs."""
+    kf = ql.kernel_format(fmt)
+    if CPU:
+        return [{"GROUP_M": 8, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_KB": 32, "POST": True, "SWAP": True}]
+    kb1 = 128 // kf["EPB"]
+    post = kf["PER_ROW"] or kf["GB"] >= 64
+    kb = kb1 if kf["PER_ROW"] else min(kf["GB"], kb1)
+    out = []
+    for bn, kbm, w, st, sk in ((64, 1, 4, 3, None), (128, 1, 4, 3, None), (64, 2, 4, 4, None), (128, 2, 4, 4, None),
+                               (64, 1, 2, 3, None), (64, 1, 1, 3, None), (128, 1, 8, 3, None), (64, 1, 4, 3, 1),
+                               (128, 2, 4, 3, 2)):
+        kbx = kb * kbm if kf["PER_ROW"] else kb
+        out.append({"GROUP_M": 8, "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_KB": kbx, "POST": post, "SWAP": True,
+                    "PREFETCH": False, "SPLIT_K": sk, "num_warps": w, "num_stages": st})
+    return out
+
+
+def gemm_fewwarps_variants(fmt, m, n, k):
+    """M = 64 (session 9): the measured defaults plus swap-AB / plain tiles with 1-2 warps and split-K."""
+    kf = ql.kernel_format(fmt)
+    base = [dict(c) for c in ql.gemm_configs(m, n, k, fmt, CPU)][:2]
+    if CPU:
+        return base
+    kb0 = base[0]["BLOCK_KB"]
+    post = base[0]["POST"]
+    out = base
+    for bn, w, st, swap, sk in ((64, 4, 4, True, 2), (128, 4, 4, True, 4), (32, 2, 3, False, None),
+                                (32, 2, 4, False, 2), (64, 2, 3, False, 2), (32, 1, 3, False, 2), (16, 1, 3, False, None)):
+        cfg = {"GROUP_M": 8, "BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_KB": kb0, "POST": post, "SPLIT_K": sk,
+               "PREFETCH": False, "num_warps": w, "num_stages": st}
+        if swap:
+            cfg["SWAP"] = True
+        if kf["GB"] < 16 and not swap:
+            cfg["BLOCK_KB"] = 32
+        out.append(cfg)
+    return out
+
+
+def section_gemv_tc(p):
+    shapes = {"gemv_4096x4096_m1": (1, 4096, 4096), "gemv_4096x14336_m1": (1, 14336, 4096)}
+    if CPU:
+        shapes = {"gemv_cpu_m1": (1, 96, 300)}
+    for wl, (m, n, k) in shapes.items():
+        torch.manual_seed(0)
+        ws = cold_copies(n, k)
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        base = bf16_baseline(p, wl, x, ws, n, k, m)
+        sweep_quant(p, wl, m, n, k, [("w8a16", "w8a16"), ("w4a16", "w4a16_g128")], gemv_tc_variants, x, ws, base)
+        del ws
+        p.write()
+
+
+def section_gemm_fewwarps(p):
+    m, n, k = (64, 4096, 4096) if not CPU else (17, 96, 300)
+    wl = "gemm_4096x4096_m64" if not CPU else "gemm_cpu_m17"
+    torch.manual_seed(0)
+    ws = cold_copies(n, k)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    base = bf16_baseline(p, wl, x, ws, n, k, m)
+    fmts = [("w8a16", "w8a16"), ("w4a16", "w4a16_g128"), ("mxint8", "mxint8"), ("nvint4", "nvint4"),
+            ("nvfp4", "nvfp4"), ("mxfp4", "mxfp4")]
+    sweep_quant(p, wl, m, n, k, fmts, gemm_fewwarps_variants, x, ws, base)
+    del ws
+    p.write()
+
+
 def section_gemv(p):
     shapes = {"gemv_4096x4096_m1": (1, 4096, 4096), "gemv_4096x14336_m1": (1, 14336, 4096)}
     if CPU:
@@ -333,9 +402,13 @@ def kivi_fp32_diagnostic():
 def main() -> None:
     p = Probe()
     print(f"probe_quant on {DEV}: budget {BUDGET:.0f} s", flush=True)
+    only = [x for x in os.environ.get("PROBE_SECTIONS", "").split(",") if x]
     for name, fn in (("gemm_defaults", lambda: section_gemm(p, True)), ("gemm_sweep", lambda: section_gemm(p, False)),
                      ("gemv", lambda: section_gemv(p)), ("kivi", lambda: section_kivi(p)),
-                     ("kivi_fp32_diag", kivi_fp32_diagnostic)):
+                     ("kivi_fp32_diag", kivi_fp32_diagnostic), ("gemv_tc", lambda: section_gemv_tc(p)),
+                     ("gemm_fewwarps", lambda: section_gemm_fewwarps(p))):
+        if only and name not in only:
+            continue
         if left() < 5:
             NOTES.append(f"budget: section {name} skipped")
             continue

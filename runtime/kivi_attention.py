@@ -68,10 +68,12 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
         bm = min(bm, 64)
     if interpreted:  # tiny blocks: the interpreter's cost is per element; small tests still see several blocks
         return [{"BLOCK_M": bm, "BLOCK_N": group if fast else 16, "HEAD_DIM": head, "FAST": fast}]
-    # H100, 32K, bf16 (results/probe_kivi.md): 4 warps, keys and values dequantized per element
-    # (no folding), 2 stages 57.5 us; values folded into P with 3 stages 57.7 us; 8 warps 1.5-2x slower
+    # H100, 32K, bf16 (results/probe_kivi.md, second sweep): fewer warps win, since each thread's mma
+    # fragments then hold more tokens per channel and its scale conversions serve more elements: 2-bit
+    # 2 warps / 3 stages / 64 splits 46.7 us, 4-bit 1 warp / 2 stages / 128 splits 42.6 us (4 warps: 58-62)
     if fast:
-        cands = [(group, 4, 2, False), (group, 4, 3, True), (group, 4, 3, False)]
+        first = (group, 2, 3, False) if bits == 2 else (group, 1, 2, False)
+        cands = [first, (group, 1, 2, False), (group, 2, 3, False), (group, 4, 2, False), (group, 4, 3, True)]
     else:
         cands = [(64 if head < 256 else 32, 4, 2, False), (32, 4, 2, False)]
     out = []
@@ -86,15 +88,17 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     return out
 
 
-PROGRAMS_PER_SM = 4  # H100, FAST path (probe_kivi): 64 splits at B=1, Hkv=8 beat 32 by ~17% and 128 by ~6%
-MIN_SPLIT_TOKENS = 256
+PROGRAMS_PER_SM = {1: 8, 2: 4, 4: 4, 8: 2}  # by num_warps; H100 FAST path (probe_kivi), B=1, Hkv=8, 32K:
+# 1 warp: 128 splits best (64: 1.3-1.6x slower, 256: 1.1x); 2 and 4 warps: 64 splits best
+MIN_SPLIT_TOKENS = 128  # 1-warp programs: 128 splits of 256 tokens at 32K
 
 
-def auto_splits(n_quant: int, programs: int, block_n: int, device) -> int:
+def auto_splits(n_quant: int, programs: int, block_n: int, device, num_warps: int = 4) -> int:
     """Splits of the quantized tokens on CUDA: about PROGRAMS_PER_SM programs per SM, each split at least
-    MIN_SPLIT_TOKENS tokens (B=1, Hkv=8, 32K on 132 SMs: 64 splits of 512 tokens)."""
+    MIN_SPLIT_TOKENS tokens, a power of two (B=1, Hkv=8, 32K on 132 SMs: 64 splits of 512 tokens for
+    2-4 warps, 128 of 256 for 1 warp)."""
     sms = da.sm_count(device)
-    want = -(-PROGRAMS_PER_SM * sms // max(programs, 1))
+    want = -(-PROGRAMS_PER_SM.get(num_warps, 2) * sms // max(programs, 1))
     cap = max(1, n_quant // max(MIN_SPLIT_TOKENS, block_n))
     ns = max(1, min(want, cap))
     return 1 << (ns.bit_length() - 1) if ns > 1 else 1  # a power of two: equal chunks of a power-of-two cache
@@ -222,7 +226,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     row_tiles = -(-((H // HKV) * LQ) // bm)
     bn = cfg["BLOCK_N"]
     if num_splits is None and not interpreted and NQ:
-        num_splits = auto_splits(NQ, B * HKV * row_tiles, bn, q.device)
+        num_splits = auto_splits(NQ, B * HKV * row_tiles, bn, q.device, cfg.get("num_warps", 4))
     splits, chunk = da.split_plan(NQ, B * HKV * row_tiles, bn, q.device, num_splits) if NQ else (1, bn)
     acc_ws, ml_ws = da.split_workspace(workspace, B, H, LQ, D, splits, out, "kivi_decode_attention")
     ks, km = _pair_strides(cache.k_scale, cache.k_min)

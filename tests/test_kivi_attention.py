@@ -207,17 +207,20 @@ def test_device_lengths_and_residual_ring(fast):
 def test_configs():
     cfg = kivi_configs(1, 32, 8, 128, 32, interpreted=False)
     assert cfg[0]["BLOCK_M"] == 16 and cfg[0]["HEAD_DIM"] == 128 and cfg[0]["FAST"] and cfg[0]["BLOCK_N"] == 32
+    assert cfg[0]["num_warps"] == 2 and kivi_configs(1, 32, 8, 128, 32, False, bits=4)[0]["num_warps"] == 1
     assert not cfg[-1]["FAST"]  # the GENERAL path stays a candidate
     assert all(not c["FAST"] for c in kivi_configs(1, 8, 8, 80, 24, interpreted=False))
     assert kivi_configs(3, 8, 2, 80, 24, interpreted=True) == [{"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 128,
                                                                  "FAST": False}]
     assert kivi_configs(1, 4, 4, 64, 32, interpreted=True)[0]["BLOCK_N"] == 32
-    # PROGRAMS_PER_SM programs per SM on CUDA: B=1, Hkv=8, 32K tokens on 132 SMs -> 32 splits of 1024 tokens
+    # PROGRAMS_PER_SM[num_warps] programs per SM on CUDA (B=1, Hkv=8, 32K on 132 SMs: 64 / 128 splits)
     from fxforge.runtime import decode_attention as da
     from fxforge.runtime.kivi_attention import PROGRAMS_PER_SM, auto_splits
     sms = da.sm_count(torch.device("cpu"))
-    want = -(-PROGRAMS_PER_SM * sms // 8)
-    assert auto_splits(32736, 8, 32, torch.device("cpu")) == 1 << (want.bit_length() - 1)
+    for w in (1, 2, 4):
+        want = -(-PROGRAMS_PER_SM[w] * sms // 8)
+        assert auto_splits(32736, 8, 32, torch.device("cpu"), w) == 1 << (want.bit_length() - 1)
+    assert PROGRAMS_PER_SM[1] * 132 // 8 >= 128 and PROGRAMS_PER_SM[2] * 132 // 8 >= 64
     assert auto_splits(512, 8, 32, torch.device("cpu")) <= 2
 
 

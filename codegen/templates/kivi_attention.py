@@ -195,12 +195,14 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
             s = _dot(qi, tl.trans(kd), s, DOT)
     if K_FOLD:
         s += tl.sum(qm, 1)[:, None]
+    m_old = m_i
     p, alpha, m_i, l_i = _online_softmax(s * qk_scale, m_i, l_i, offs_t, False)
     pr, _ = _round_operand(p, DOT, INTERPRETED)
-    acc0 = acc0 * alpha[:, None]
-    acc1 = acc1 * alpha[:, None]
-    acc2 = acc2 * alpha[:, None]
-    acc3 = acc3 * alpha[:, None]
+    if tl.max(m_i - m_old, 0) > 0.0:  # a running max moved (rare after the first tiles): rescale
+        acc0 = acc0 * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
+        acc2 = acc2 * alpha[:, None]
+        acc3 = acc3 * alpha[:, None]
     # values: per W-wide channel chunk of a plane (inside one value group: one scale / min per token)
     offs_w = tl.arange(0, W)
     vc_rows = vc_base + offs_t[:, None] * vc_st
