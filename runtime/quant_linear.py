@@ -172,6 +172,10 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
                  dict(swap, BLOCK_N=128, num_warps=8)]
         if epb == 2 and post:
             cands.insert(0, cands.pop(2))
+        if epb == 1 and kf["PER_ROW"] and bm == 64:
+            # third H100 probe (results/probe_quant_s9.md, M = 64, 4096^2, bf16 cuBLAS 15.0 us): SWAP with
+            # 128-wide N tiles, 4 K splits, 4 stages 15.8 us (0.95x) vs the first config's 17.2 us
+            cands.insert(0, dict(swap, BLOCK_N=128, num_warps=4, num_stages=4, SPLIT_K=4))
     out = []
     for cfg in cands:
         if cfg not in out:
