@@ -126,39 +126,48 @@ def _online_softmax(s, m_i, l_i, n_ok, CHECK: tl.constexpr):
 
 
 @triton.jit
-def _centred(c, MID: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
-    """int32 codes -> c - MID exactly in the dot dtype (a half-integer of at most 4 significant bits). The
-    codes become BASE + c from their bits with a BASE whose ulp is 1/2, so BASE + MID is representable too:
-    bf16 0x4280 | (c << 1) = 64 + c, fp16 0x6000 | (c << 1) = 512 + c; minus BASE + MID, exact."""
+def _centred(b, i: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Bit plane i of the int32 bytes b -> c - MID exactly in the dot dtype (a half-integer of at most 4
+    significant bits; MID = (2^BITS - 1)/2). The codes become BASE + c from their bits with a BASE whose
+    ulp is 1/2, so BASE + MID is representable too: bf16 0x4280 | c << 1 = 64 + c, fp16 0x6000 | c << 1 =
+    512 + c; minus BASE + MID, exact. c << 1 comes straight from the byte: one shift by i·BITS - 1 and one
+    mask (a separate shift per element cost one IMAD.SHL per code in the first sm_90 build)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MID: tl.constexpr = ((1 << BITS) - 1) / 2
     if DOT == 0 or INTERPRETED:
-        out = _u2f(c) - MID
-    elif DOT == 2:
-        out = ((c << 1) | 0x4280).to(tl.int16).to(tl.bfloat16, bitcast=True) - (64.0 + MID)
+        out = _u2f((b >> (i * BITS)) & MASK) - MID
     else:
-        out = ((c << 1) | 0x6000).to(tl.int16).to(tl.float16, bitcast=True) - (512.0 + MID)
+        if i == 0:
+            c2 = (b << 1) & (MASK << 1)
+        else:
+            c2 = (b >> (i * BITS - 1)) & (MASK << 1)
+        if DOT == 2:
+            out = (c2 | 0x4280).to(tl.int16).to(tl.bfloat16, bitcast=True) - (64.0 + MID)
+        else:
+            out = (c2 | 0x6000).to(tl.int16).to(tl.float16, bitcast=True) - (512.0 + MID)
     return out
 
 
 @triton.jit
-def _dequant(c, sc, mn, MID: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
-    """int32 codes (any shape) with scale / min broadcastable to it -> the dequantized dot operand.
+def _dequant(b, i: tl.constexpr, sc, mn, BITS: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Bit plane i of the int32 bytes b with scale / min broadcastable to it -> the dequantized dot operand.
     fp32 (DOT 0): c·s + m exactly as kv.py. bf16 / fp16: c - MID exactly (_centred), then one fma with
-    s and m' = m + MID·s, both
-    rounded to the dot dtype: centring on MID keeps |c - MID|·s within half the group's range, so the
-    roundings err like rounding the dequantized value itself."""
+    s and m' = m + MID·s, both rounded to the dot dtype: centring on MID keeps |c - MID|·s within half the
+    group's range, so the roundings err like rounding the dequantized value itself."""
+    MID: tl.constexpr = ((1 << BITS) - 1) / 2
     m2 = mn + MID * sc
     if DOT == 0:
-        out = _u2f(c) * sc + mn
+        out = _u2f((b >> (i * BITS)) & ((1 << BITS) - 1)) * sc + mn
     elif INTERPRETED:  # the GPU's values, computed in fp32 (the interpreter's bf16 / fp16 math is unreliable)
-        cm = _u2f(c) - MID
+        cm = _centred(b, i, BITS, DOT, True)
         if DOT == 2:
             out = _round_bf16(cm * _round_bf16(sc) + _round_bf16(m2))
         else:
             out = (cm * sc.to(tl.float16).to(tl.float32) + m2.to(tl.float16).to(tl.float32)).to(tl.float16).to(tl.float32)
     elif DOT == 2:
-        out = _centred(c, MID, DOT, False) * sc.to(tl.bfloat16) + m2.to(tl.bfloat16)
+        out = _centred(b, i, BITS, DOT, False) * sc.to(tl.bfloat16) + m2.to(tl.bfloat16)
     else:
-        out = _centred(c, MID, DOT, False) * sc.to(tl.float16) + m2.to(tl.float16)
+        out = _centred(b, i, BITS, DOT, False) * sc.to(tl.float16) + m2.to(tl.float16)
     return out
 
 
@@ -188,10 +197,10 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
         if K_FOLD:  # q·k = (q∘s)·(c - MID) + q·(m + MID·s)
             q32 = qi.to(tl.float32)
             qs, _ = _round_operand(q32 * k_sc[None, :], DOT, INTERPRETED)
-            s = _dot(qs, tl.trans(_centred((kb >> (i * BITS)) & MASK, MID, DOT, INTERPRETED)), s, DOT)
+            s = _dot(qs, tl.trans(_centred(kb, i, BITS, DOT, INTERPRETED)), s, DOT)
             qm += q32 * (k_mn + MID * k_sc)[None, :]
         else:
-            kd = _dequant((kb >> (i * BITS)) & MASK, k_sc[None, :], k_mn[None, :], MID, DOT, INTERPRETED)
+            kd = _dequant(kb, i, k_sc[None, :], k_mn[None, :], BITS, DOT, INTERPRETED)
             s = _dot(qi, tl.trans(kd), s, DOT)
     if K_FOLD:
         s += tl.sum(qm, 1)[:, None]
@@ -216,9 +225,9 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
             if V_FOLD:  # P·v = (P∘s)·(c - MID) + P·(m + MID·s)
                 ps, _ = _round_operand(p * v_sc[None, :], DOT, INTERPRETED)
                 acc_a += tl.sum(p * (v_mn + MID * v_sc)[None, :], 1)[:, None]
-                acc_a = _dot(ps, _centred((vb >> (i * BITS)) & MASK, MID, DOT, INTERPRETED), acc_a, DOT)
+                acc_a = _dot(ps, _centred(vb, i, BITS, DOT, INTERPRETED), acc_a, DOT)
             else:
-                vd = _dequant((vb >> (i * BITS)) & MASK, v_sc[:, None], v_mn[:, None], MID, DOT, INTERPRETED)
+                vd = _dequant(vb, i, v_sc[:, None], v_mn[:, None], BITS, DOT, INTERPRETED)
                 acc_a = _dot(pr, vd, acc_a, DOT)
             acc0, acc1, acc2, acc3 = _set(i * (DP // W) + c, acc_a, acc0, acc1, acc2, acc3)
     return acc0, acc1, acc2, acc3, l_i, m_i
