@@ -33,13 +33,14 @@ def check(out, q, cache, scale=None, floor=1e-6, factor=2.0):
     return err
 
 
-def make(B, H, HKV, TQ, S, D, bits, group, v_group, dtype, residual=None, cache_dtype=None):
+def make(B, H, HKV, TQ, S, D, bits, group, v_group, dtype, residual=None, cache_dtype=None,
+         scale_dtype=torch.float16):
     q = torch.randn(B, H, TQ, D, dtype=dtype)
     k = torch.randn(B, HKV, S, D, dtype=cache_dtype or dtype)
     v = torch.randn(B, HKV, S, D, dtype=cache_dtype or dtype)
     k[..., 3] += 4.0  # a channel-aligned key outlier, as KIVI assumes
     cache = kivi_quantize(k, v, bits=bits, group=group, residual=group if residual is None else residual,
-                          v_group=v_group)
+                          v_group=v_group, scale_dtype=scale_dtype)
     return q, cache
 
 
@@ -139,6 +140,20 @@ def test_fast_and_general_paths_agree(shape, dtype):
         check(out, q, cache, floor=4e-6, factor=3.0 if fast else 2.0)
         outs.append(out.float())
     assert all(rel_err(o, outs[-1]) < (1e-5 if dtype == torch.float32 else 2e-2) for o in outs[:-1])
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_scale_dtypes_on_the_fast_path(bits, scale_dtype):
+    """bf16 scales with bf16 q take the packed-bf16 path (m + MID·s and the fma in bf16); fp32 scales the
+    fp32 one; both within the bound, folded variants included."""
+    torch.manual_seed(bits)
+    q, cache = make(1, 8, 2, 1, 7 * 32 + 9, 128, bits, 32, 32, torch.bfloat16, scale_dtype=scale_dtype)
+    assert cache.k_scale.dtype == scale_dtype
+    for kf, vf in ((False, False), (True, True)):
+        out = kivi_decode_attention(q, cache, num_splits=3, blocks={"BLOCK_M": 16, "BLOCK_N": 32, "HEAD_DIM": 128,
+                                                                    "FAST": True, "K_FOLD": kf, "V_FOLD": vf})
+        check(out, q, cache)
 
 
 def test_fast_path_eligibility():
@@ -328,3 +343,12 @@ def test_all_configs_on_cuda(case, bits, dtype):
             out = torch.full_like(q, float("nan"))
             launch(k1, k2, q, cache, out, D ** -0.5, ns, cfg)
             assert rel_err(out, ref) <= floor, (cfg, ns)
+    if dtype == torch.bfloat16:  # bf16 scales: the packed-bf16 dequant path
+        cache = kivi_quantize(k, v, bits=bits, group=g, residual=g, v_group=gv, scale_dtype=torch.bfloat16)
+        kd, vd = kivi_dequantize(cache)
+        ref = sdpa(q, kd, vd, torch.float64)
+        floor = max(2 * rel_err(sdpa(q, kd, vd, dtype), ref), GPU_FLOOR[dtype])
+        for cfg in cfgs:
+            out = torch.full_like(q, float("nan"))
+            launch(k1, k2, q, cache, out, D ** -0.5, None, cfg)
+            assert rel_err(out, ref) <= floor, ("bf16 scales", cfg)

@@ -155,19 +155,32 @@ def _dequant(b, i: tl.constexpr, sc, mn, BITS: tl.constexpr, DOT: tl.constexpr, 
     s and m' = m + MID·s, both rounded to the dot dtype: centring on MID keeps |c - MID|·s within half the
     group's range, so the roundings err like rounding the dequantized value itself."""
     MID: tl.constexpr = ((1 << BITS) - 1) / 2
-    m2 = mn + MID * sc
-    if DOT == 0:
-        out = _u2f((b >> (i * BITS)) & ((1 << BITS) - 1)) * sc + mn
-    elif INTERPRETED:  # the GPU's values, computed in fp32 (the interpreter's bf16 / fp16 math is unreliable)
-        cm = _centred(b, i, BITS, DOT, True)
-        if DOT == 2:
-            out = _round_bf16(cm * _round_bf16(sc) + _round_bf16(m2))
+    if DOT == 2 and sc.dtype == tl.bfloat16:
+        # bf16 scales with bf16 q: m' = m + MID·s and the fma stay in packed bf16 (HFMA2), no conversions
+        # of the scales each thread's fragment replicates (fp16 scales cost ~3 ops per value there)
+        if INTERPRETED:
+            sb = sc.to(tl.float32)
+            m2 = _round_bf16(mn.to(tl.float32) + MID * sb)
+            out = _round_bf16(_centred(b, i, BITS, DOT, True) * sb + m2)
         else:
-            out = (cm * sc.to(tl.float16).to(tl.float32) + m2.to(tl.float16).to(tl.float32)).to(tl.float16).to(tl.float32)
-    elif DOT == 2:
-        out = _centred(b, i, BITS, DOT, False) * sc.to(tl.bfloat16) + m2.to(tl.bfloat16)
+            out = _centred(b, i, BITS, DOT, False) * sc + (mn + MID * sc)
     else:
-        out = _centred(b, i, BITS, DOT, False) * sc.to(tl.float16) + m2.to(tl.float16)
+        sc = sc.to(tl.float32)
+        mn = mn.to(tl.float32)
+        m2 = mn + MID * sc
+        if DOT == 0:
+            out = _u2f((b >> (i * BITS)) & ((1 << BITS) - 1)) * sc + mn
+        elif INTERPRETED:  # the GPU's values, computed in fp32 (the interpreter's bf16 / fp16 math is unreliable)
+            cm = _centred(b, i, BITS, DOT, True)
+            if DOT == 2:
+                out = _round_bf16(cm * _round_bf16(sc) + _round_bf16(m2))
+            else:
+                out = (cm * sc.to(tl.float16).to(tl.float32)
+                       + m2.to(tl.float16).to(tl.float32)).to(tl.float16).to(tl.float32)
+        elif DOT == 2:
+            out = _centred(b, i, BITS, DOT, False) * sc.to(tl.bfloat16) + m2.to(tl.bfloat16)
+        else:
+            out = _centred(b, i, BITS, DOT, False) * sc.to(tl.float16) + m2.to(tl.float16)
     return out
 
 
@@ -191,14 +204,15 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
     qm = tl.zeros([q0.shape[0], DP], dtype=tl.float32)
     for i in tl.static_range(PER):
         offs_c = i * DP + offs_j
-        k_sc = tl.load(ks_base + g * ks_sg + offs_c * ks_sd).to(tl.float32)
-        k_mn = tl.load(km_base + g * ks_sg + offs_c * ks_sd).to(tl.float32)
+        k_sc = tl.load(ks_base + g * ks_sg + offs_c * ks_sd)  # storage dtype: _dequant converts
+        k_mn = tl.load(km_base + g * ks_sg + offs_c * ks_sd)
         qi = _pick(i, q0, q1, q2, q3)
         if K_FOLD:  # q·k = (q∘s)·(c - MID) + q·(m + MID·s)
             q32 = qi.to(tl.float32)
+            k_sc = k_sc.to(tl.float32)
             qs, _ = _round_operand(q32 * k_sc[None, :], DOT, INTERPRETED)
             s = _dot(qs, tl.trans(_centred(kb, i, BITS, DOT, INTERPRETED)), s, DOT)
-            qm += q32 * (k_mn + MID * k_sc)[None, :]
+            qm += q32 * (k_mn.to(tl.float32) + MID * k_sc)[None, :]
         else:
             kd = _dequant(kb, i, k_sc[None, :], k_mn[None, :], BITS, DOT, INTERPRETED)
             s = _dot(qi, tl.trans(kd), s, DOT)
@@ -219,12 +233,13 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
         vb = tl.load(vc_rows + (c * W + offs_w)[None, :] * vc_sj).to(tl.int32)  # [G, W]
         for i in tl.static_range(PER):
             grp = (i * DP + c * W) // GV
-            v_sc = tl.load(vs_base + offs_t * vs_st + grp * vs_sg).to(tl.float32)
-            v_mn = tl.load(vm_base + offs_t * vs_st + grp * vs_sg).to(tl.float32)
+            v_sc = tl.load(vs_base + offs_t * vs_st + grp * vs_sg)
+            v_mn = tl.load(vm_base + offs_t * vs_st + grp * vs_sg)
             acc_a = _pick(i * (DP // W) + c, acc0, acc1, acc2, acc3)
             if V_FOLD:  # P·v = (P∘s)·(c - MID) + P·(m + MID·s)
+                v_sc = v_sc.to(tl.float32)
                 ps, _ = _round_operand(p * v_sc[None, :], DOT, INTERPRETED)
-                acc_a += tl.sum(p * (v_mn + MID * v_sc)[None, :], 1)[:, None]
+                acc_a += tl.sum(p * (v_mn.to(tl.float32) + MID * v_sc)[None, :], 1)[:, None]
                 acc_a = _dot(ps, _centred(vb, i, BITS, DOT, INTERPRETED), acc_a, DOT)
             else:
                 vd = _dequant(vb, i, v_sc[:, None], v_mn[:, None], BITS, DOT, INTERPRETED)
