@@ -1,5 +1,5 @@
 """Weight-only quantized linear layers: ``y = x @ dequant(W)^T + bias`` run by the dequant-matmul Triton
-kernels of ``codegen/templates/dequant_matmul.py`` (GPU, or the CPU interpreter).
+kernels of ``codegen/templates/dequant_matmul.py`` and ``dequant_gemv_words.py`` (GPU, or the CPU interpreter).
 
 ``W [N, K]`` is stored in a packed layout of ``passes/quant/formats.py`` (``quantize(w, fmt)``): codes,
 scales, optional integer zero points and an optional fp32 per-tensor scale. The graph-level op is
@@ -21,7 +21,7 @@ benchmarks/results/probe_quant.md): small lists, and an interpreter default with
 path runs in CPU tests). Config keys beyond the blocks: POST (group scales after the partial dot),
 PREFETCH (next code tile loaded before the current one is decoded), SPLIT_K (None: automatic), SWAP
 (GEMM: swap AB, ``acc^T = W @ x^T`` with the decoded tile as the register operand), WORDS + BLOCK_G
-(GEMV: ``dequant_gemv_w4`` / ``dequant_gemv_w8`` on int32 words of codes; falls back to the byte-tile
+(GEMV: ``dequant_gemv_words`` on int32 words of codes, BITS 4 or 8; falls back to the byte-tile
 default when a row is not a whole number of words). On CUDA the default path falls back to the next
 config when a launch fails with OutOfResources (recorded in ``FALLBACKS``, warned once per shape).
 """
@@ -34,8 +34,12 @@ import torch
 
 from .kernels import first_that_fits, interpreter_active, next_pow2, template_kernels
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_matmul.py"
-KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce", "dequant_gemv_w4", "dequant_gemv_w8")
+_CODEGEN = Path(__file__).resolve().parent.parent / "codegen"
+TEMPLATE = _CODEGEN / "templates" / "dequant_matmul.py"
+WORDS_TEMPLATE = _CODEGEN / "templates" / "dequant_gemv_words.py"
+HELPERS = _CODEGEN / "quant_helpers.py"  # @triton.jit helpers both templates import
+KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce")
+WORDS_KERNELS = ("dequant_gemv_words",)
 GEMV_MAX_M = 16  # the GEMV kernel takes up to this many rows (a config without GROUP_M selects it)
 GEMV_DISPATCH_M = 4  # the default dispatch sends up to this many rows to the GEMV: the 853M decoder's decode
 # step at batch 16 measured 8.4 ms through the GEMV against 1.6 ms in bf16
@@ -57,13 +61,17 @@ _SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "e8m0": torch.ui
 
 
 def template_source() -> str:
-    return TEMPLATE.read_text()
+    """The source of the quant kernels: dequant_matmul.py first (its header holds the bytes model), then
+    dequant_gemv_words.py and the helpers module both import."""
+    return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, HELPERS))
 
 
 def kernels_for(device_type: str) -> dict:
     from fxforge.config import current
 
-    return dict(zip(KERNELS, template_kernels(str(TEMPLATE), KERNELS, device_type, current().cache_dir)))
+    cache = current().cache_dir
+    return {**dict(zip(KERNELS, template_kernels(str(TEMPLATE), KERNELS, device_type, cache))),
+            **dict(zip(WORDS_KERNELS, template_kernels(str(WORDS_TEMPLATE), WORDS_KERNELS, device_type, cache)))}
 
 
 @functools.lru_cache(maxsize=64)
@@ -100,9 +108,9 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     partial dot), PREFETCH and, on the GPU, num_warps / num_stages. Defaults = the H100 winners of
     benchmarks/results/probe_quant.md (M = 1, 4096 x 4096 and 14336 x 4096): 8-bit 8 x 1024 bytes, 4
     warps, PREFETCH off (9.9 / 27.9 us; PREFETCH on was 1.2-1.5x slower); 4-bit 8 x 256 bytes with
-    per-element group scales (POST off: 15.1 / 43.8 us; POST on 19-57 us). M <= 4: WORDS configs go first (``dequant_gemv_w4`` /
-    ``_w8``: int32 words of codes, one 16- or 8-byte x load per word, no even / odd split; BLOCK_G scale
-    groups of codes per row per step); they won the second probe (numbers below)."""
+    per-element group scales (POST off: 15.1 / 43.8 us; POST on 19-57 us). M <= 4: WORDS configs go
+    first (``dequant_gemv_words``: int32 words of codes, one 16- or 8-byte x load per word, no even / odd
+    split; BLOCK_G scale groups of codes per row per step); they won the second probe (numbers below)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
     if interpreted:  # the interpreter's cost is per program and per op: few, small-but-not-tiny programs
@@ -350,7 +358,7 @@ def _words_ok(codes: torch.Tensor) -> bool:
 
 
 def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted):
-    """``dequant_gemv_w4`` launch (4-bit codes read as int32 words; one row of x per program)."""
+    """``dequant_gemv_words`` launch (codes read as int32 words, BITS 4 or 8; one row of x per program)."""
     M, n = out.shape
     K = x2.shape[1]
     ks = kernels_for(x2.device.type)
@@ -374,17 +382,13 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
     if interpreted:
         launch.pop("num_warps", None), launch.pop("num_stages", None)
-    if kf["EPB"] == 2:
-        kern, fmt_kw = ks["dequant_gemv_w4"], {"HAS_ZERO": kf["HAS_ZERO"]}
-    else:
-        kern, fmt_kw = ks["dequant_gemv_w8"], {"PER_ROW": kf["PER_ROW"]}
-    kern[(n_tiles, splits, M)](
+    ks["dequant_gemv_words"][(n_tiles, splits, M)](
         x2, words, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
         bias if bias is not None else dummy, out, partials, M, n, K, KW, NB, per_split, x2.stride(0), x2.stride(1),
         words.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0), out.stride(1),
-        ELEM=kf["ELEM"], SCALE=kf["SCALE"], HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None,
-        STEP=kf["STEP"], GW=gw, SPLIT=splits > 1, OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted,
-        **fmt_kw, **launch)
+        BITS=4 if kf["EPB"] == 2 else 8, ELEM=kf["ELEM"], SCALE=kf["SCALE"], PER_ROW=kf["PER_ROW"], HAS_ZERO=kf["HAS_ZERO"],
+        HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None, STEP=kf["STEP"], GW=gw, SPLIT=splits > 1,
+        OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, **launch)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4}
         ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](

@@ -24,12 +24,10 @@
 #                         wgmma M side), x^T the cp.async-pipelined B operand, transposed once at the end.
 #                         ptxas sm_90 (Triton 3.9, M=64, 128 x 128 / 64 x 64 bytes): 103-200 registers, no
 #                         spills for every format; PREFETCH=False lets Triton pipeline the code tiles too.
-#   dequant_gemv_w4/_w8   M <= 4 (WORDS configs): codes read as int32 words (8 nibbles / 4 bytes of one row
-#                         = consecutive K, the formats.py byte layout read little-endian: no repacking),
-#                         decoded by shift + mask + OR + FADD per element, x[EPW·w .. EPW·w + EPW) one
-#                         16 / 8-byte load per word split in registers; tile [BLOCK_N, BLOCK_G groups, GW
-#                         words]; POST: group scale once per word of partial sums.
-#   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype.
+#   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype (also for
+#                         dequant_gemv_words).
+# The GEMV on int32 words of codes (WORDS configs, first for M <= 4 on the GPU) is dequant_gemv_words.py;
+# the decode / scale / epilogue helpers both templates use are in codegen/quant_helpers.py.
 #
 # Work is indexed in "byte columns" j of the codes: one byte holds EPB elements (1 for 8-bit codes, 2 for
 # 4-bit: element k = 2j in the low nibble, k = 2j + 1 in the high nibble). x is loaded contiguously per K
@@ -71,53 +69,13 @@
 # runtime/quant_linear.py bytes_model() computes these for any shape.
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import e4m3_value as _e4m3_value
+from fxforge.codegen.quant_helpers import epilogue_scale as _epilogue_scale
+from fxforge.codegen.quant_helpers import nibble_value as _nibble_value
+from fxforge.codegen.quant_helpers import scale_value as _scale_value
+from fxforge.codegen.quant_helpers import store_out as _store_out
+from fxforge.codegen.quant_helpers import u2f as _u2f
 from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
-
-
-@triton.jit
-def _u2f(i):
-    # int32 i in [0, 2^23) -> float32 exactly without an I2F conversion (1/8-rate on the H100): the bits
-    # 0x4B000000 | i are the float 2^23 + i; subtracting 2^23 leaves i. Full-rate OR + FADD.
-    return (i | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _e4m3_value(b):
-    # b: int32 bits of a finite float8_e4m3fn (sign bit 7, exponent bits 6..3 with bias 7, mantissa 2..0).
-    e = (b >> 3) & 15
-    m = b & 7
-    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    mag = tl.where(e == 0, _u2f(m) * 0.001953125, normal)  # subnormal: m * 2^-9
-    return tl.where((b & 128) != 0, -mag, mag)
-
-
-@triton.jit
-def _scale_value(s, SCALE: tl.constexpr):
-    # SCALE 0: bf16 / fp32 value; 1: E8M0 biased exponent; 2: E4M3 bits (positive).
-    if SCALE == 1:
-        c = s.to(tl.int32)
-        v = tl.where(c == 0, 5.877471754111438e-39, (c << 23).to(tl.float32, bitcast=True))
-    elif SCALE == 2:
-        v = _e4m3_value(s.to(tl.int32))
-    else:
-        v = s.to(tl.float32)
-    return v
-
-
-@triton.jit
-def _nibble_value(c, ELEM: tl.constexpr):
-    # c: int32 in 0..15, decoded with integer bit operations only (no I2F). ELEM 1: uint4 (zero point
-    # subtracted by the caller); 2: int4 two's complement (c ^ 8 is the offset-binary code, minus 8);
-    # 3: e2m1 (magnitudes 0 .5 1 1.5 2 3 4 6): for e > 0 the fp32 bits ((e + 126) << 23) | (m << 22),
-    # i.e. ((c & 7) << 22) + (126 << 23); e = 0: 0.5 * m; sign bit 3 moved to bit 31.
-    if ELEM == 1:
-        v = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    elif ELEM == 2:
-        v = ((c ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    else:
-        mag = tl.where((c & 6) == 0, (c & 1) * 0x3F000000, ((c & 7) << 22) + 0x3F000000)
-        v = (mag | ((c & 8) << 28)).to(tl.float32, bitcast=True)
-    return v
 
 
 @triton.jit
@@ -241,31 +199,6 @@ def _load_x(x_rows, m_ok, j0, K, s_xk, EPB: tl.constexpr, BLOCK_M: tl.constexpr,
         xe = xv
         xo = xv
     return xe, xo
-
-
-@triton.jit
-def _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE: tl.constexpr, PER_ROW: tl.constexpr,
-                    HAS_TS: tl.constexpr, STEP: tl.constexpr):
-    # Factors constant along K, applied once to the fp32 accumulator [BLOCK_M, BLOCK_N].
-    if PER_ROW:
-        s = _scale_value(tl.load(scales + rn * s_sn, mask=rn < N, other=0), SCALE)
-        acc = acc * s[None, :]
-    if HAS_TS:
-        acc = acc * tl.load(tensor_scale)
-    if STEP != 1.0:
-        acc = acc * STEP
-    return acc
-
-
-@triton.jit
-def _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
-               INTERPRETED: tl.constexpr):
-    if HAS_BIAS:
-        acc = acc + tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if INTERPRETED and OUT_BF16:
-        acc = _round_bf16(acc)
-    tl.store(out + rm[:, None] * s_om + rn[None, :] * s_on, acc.to(out.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
@@ -491,162 +424,5 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     if SPLIT:
         tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc,
                  mask=m_ok[:, None] & (rn[None, :] < N))
-    else:
-        _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
-
-
-@triton.jit
-def _w4_fma(part, wd, xi, SHIFT: tl.constexpr, zf3, s3, ELEM: tl.constexpr, HAS_ZERO: tl.constexpr,
-            POST: tl.constexpr):
-    # part += x_i * (nibble at bit SHIFT of every word, decoded; scaled per element unless POST)
-    c = (wd >> SHIFT) & 15
-    if HAS_ZERO:
-        v = (c | 0x4B000000).to(tl.float32, bitcast=True) - zf3
-    else:
-        v = _nibble_value(c, ELEM)
-    if not POST:
-        v = v * s3
-    return part + xi[None, :, :] * v
-
-
-@triton.jit
-def dequant_gemv_w4(x, codes, scales, zeros, tensor_scale, bias, out, partials,
-                    M, N, K, KW, NB, KW_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
-                    ELEM: tl.constexpr, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_TS: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, STEP: tl.constexpr, GW: tl.constexpr, SPLIT: tl.constexpr,
-                    OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                    INTERPRETED: tl.constexpr, POST: tl.constexpr = True):
-    # 4-bit GEMV on 32-bit words (WORDS configs): codes viewed as int32 [N, KW] (KW = bytes / 4); word w of a
-    # row holds the 8 consecutive elements k = 8w .. 8w + 7, element 8w + i in bits 4i .. 4i + 3 (the byte
-    # layout of formats.py read little-endian: no repacking). A step loads [BLOCK_N, BLOCK_G, GW] words
-    # (BLOCK_G whole scale groups of GW words, one vectorized load per thread) and decodes nibble i of
-    # every word with one shift + mask + OR and one FADD (2^23 bit trick, the zero point folded into the
-    # subtracted constant), then one FMA with x[8w + i] (loaded directly in the words' layout: no layout
-    # conversion, no even / odd split). POST: the group scale multiplies the per-step partial once per
-    # word (1/8 per element) instead of every element. One row of x per program (grid axis 2).
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rg = tl.arange(0, BLOCK_G)
-    rt = tl.arange(0, GW)
-    TW: tl.constexpr = BLOCK_G * GW
-    acc3 = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
-    w_start = pid_k * KW_PER_SPLIT
-    w_end = tl.minimum(w_start + KW_PER_SPLIT, KW)
-    xr = x + m * s_xm
-    c_rows = codes + rn[:, None, None] * s_cn
-    n_ok3 = n_ok[:, None, None]
-    for w0 in range(w_start, w_end, TW):
-        rw = w0 + rg[:, None] * GW + rt[None, :]  # [BLOCK_G, GW] word indices
-        wd = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
-        g = w0 // GW + rg
-        g_ok = n_ok[:, None] & (g[None, :] < NB)
-        s = _scale_value(tl.load(scales + rn[:, None] * s_sn + g[None, :], mask=g_ok, other=0), SCALE)
-        s3 = s[:, :, None]
-        zf3 = s3
-        if HAS_ZERO:
-            zf = _u2f(tl.load(zeros + rn[:, None] * s_zn + g[None, :], mask=g_ok, other=0).to(tl.int32))
-            zf3 = (zf + 8388608.0)[:, :, None]
-        # x[8w .. 8w + 7] for every word w: one contiguous 16-byte load per word, split in registers
-        k8 = rw[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-        xv = tl.load(xr + k8 * s_xk, mask=k8 < K, other=0.0).to(tl.float32)
-        xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 4, 2)))  # elements 0 2 4 6 | 1 3 5 7
-        xee, xeo = tl.split(tl.reshape(xe, (BLOCK_G, GW, 2, 2)))  # 0 4 | 2 6
-        xoe, xoo = tl.split(tl.reshape(xo, (BLOCK_G, GW, 2, 2)))  # 1 5 | 3 7
-        x0, x4 = tl.split(xee)
-        x2, x6 = tl.split(xeo)
-        x1, x5 = tl.split(xoe)
-        x3, x7 = tl.split(xoo)
-        part = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
-        part = _w4_fma(part, wd, x0, 0, zf3, s3, ELEM, HAS_ZERO, POST)
-        part = _w4_fma(part, wd, x1, 4, zf3, s3, ELEM, HAS_ZERO, POST)
-        part = _w4_fma(part, wd, x2, 8, zf3, s3, ELEM, HAS_ZERO, POST)
-        part = _w4_fma(part, wd, x3, 12, zf3, s3, ELEM, HAS_ZERO, POST)
-        part = _w4_fma(part, wd, x4, 16, zf3, s3, ELEM, HAS_ZERO, POST)
-        part = _w4_fma(part, wd, x5, 20, zf3, s3, ELEM, HAS_ZERO, POST)
-        part = _w4_fma(part, wd, x6, 24, zf3, s3, ELEM, HAS_ZERO, POST)
-        part = _w4_fma(part, wd, x7, 28, zf3, s3, ELEM, HAS_ZERO, POST)
-        if POST:
-            acc3 += part * s3
-        else:
-            acc3 += part
-    acc = tl.sum(tl.sum(acc3, 2), 1)[None, :]  # [1, BLOCK_N]
-    acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, False, HAS_TS, STEP)
-    rm = m + tl.arange(0, 1)
-    if SPLIT:
-        tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=n_ok[None, :])
-    else:
-        _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
-
-
-@triton.jit
-def _w8_fma(part, wd, xi, SHIFT: tl.constexpr, s3, ELEM: tl.constexpr, PER_ROW: tl.constexpr, POST: tl.constexpr):
-    # part += x_i * (byte at bit SHIFT of every word, decoded). int8: the words were XORed with 0x80808080,
-    # so the byte is c + 128 and (2^23 + c + 128) - (2^23 + 128) = c (one OR + one FADD, no I2F).
-    c = (wd >> SHIFT) & 255
-    if ELEM == 4:
-        v = _e4m3_value(c)
-    else:
-        v = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-    if not PER_ROW and not POST:
-        v = v * s3
-    return part + xi[None, :, :] * v
-
-
-@triton.jit
-def dequant_gemv_w8(x, codes, scales, zeros, tensor_scale, bias, out, partials,
-                    M, N, K, KW, NB, KW_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
-                    ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_TS: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, STEP: tl.constexpr, GW: tl.constexpr, SPLIT: tl.constexpr,
-                    OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                    INTERPRETED: tl.constexpr, POST: tl.constexpr = True):
-    # 8-bit twin of dequant_gemv_w4 (WORDS configs of w8a16 / w8a16_fp8 / mxint8 / mxfp8): int32 words of 4
-    # consecutive codes (byte i = element 4w + i), x[4w .. 4w + 3] one 8-byte load per word. Per-row formats:
-    # GW words per "group" is just the tile shape (scales in the epilogue).
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rg = tl.arange(0, BLOCK_G)
-    rt = tl.arange(0, GW)
-    TW: tl.constexpr = BLOCK_G * GW
-    acc3 = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
-    w_start = pid_k * KW_PER_SPLIT
-    w_end = tl.minimum(w_start + KW_PER_SPLIT, KW)
-    xr = x + m * s_xm
-    c_rows = codes + rn[:, None, None] * s_cn
-    n_ok3 = n_ok[:, None, None]
-    for w0 in range(w_start, w_end, TW):
-        rw = w0 + rg[:, None] * GW + rt[None, :]
-        wd = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
-        if ELEM != 4:
-            wd = wd ^ -2139062144  # 0x80808080: signed bytes -> offset binary
-        s3 = tl.zeros((BLOCK_N, BLOCK_G, 1), dtype=tl.float32)
-        if not PER_ROW:
-            g = w0 // GW + rg
-            g_ok = n_ok[:, None] & (g[None, :] < NB)
-            s3 = _scale_value(tl.load(scales + rn[:, None] * s_sn + g[None, :], mask=g_ok, other=0), SCALE)[:, :, None]
-        k4 = rw[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]
-        xv = tl.load(xr + k4 * s_xk, mask=k4 < K, other=0.0).to(tl.float32)
-        xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 2, 2)))  # elements 0 2 | 1 3
-        x0, x2 = tl.split(xe)
-        x1, x3 = tl.split(xo)
-        part = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
-        part = _w8_fma(part, wd, x0, 0, s3, ELEM, PER_ROW, POST)
-        part = _w8_fma(part, wd, x1, 8, s3, ELEM, PER_ROW, POST)
-        part = _w8_fma(part, wd, x2, 16, s3, ELEM, PER_ROW, POST)
-        part = _w8_fma(part, wd, x3, 24, s3, ELEM, PER_ROW, POST)
-        if PER_ROW or not POST:
-            acc3 += part
-        else:
-            acc3 += part * s3
-    acc = tl.sum(tl.sum(acc3, 2), 1)[None, :]
-    acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, PER_ROW, HAS_TS, STEP)
-    rm = m + tl.arange(0, 1)
-    if SPLIT:
-        tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=n_ok[None, :])
     else:
         _store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)

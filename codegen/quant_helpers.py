@@ -1,0 +1,81 @@
+"""@triton.jit helpers of the weight-only dequant templates (codegen/templates/dequant_matmul.py and
+dequant_gemv_words.py): exact bit-trick decoding of codes and scales, and the shared epilogue. The templates
+import them by module path (as triton_helpers), so both templates share one definition.
+
+Decoding uses integer bit operations only: int -> float conversions are 1/8 of the FP32 rate on the H100,
+so a code c becomes a float as the bits of 2^23 + c minus 2^23 (one OR + one FADD)."""
+import triton
+import triton.language as tl
+from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
+
+
+@triton.jit
+def u2f(i):
+    # int32 i in [0, 2^23) -> float32 exactly without an I2F conversion (1/8-rate on the H100): the bits
+    # 0x4B000000 | i are the float 2^23 + i; subtracting 2^23 leaves i. Full-rate OR + FADD.
+    return (i | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def e4m3_value(b):
+    # b: int32 bits of a finite float8_e4m3fn (sign bit 7, exponent bits 6..3 with bias 7, mantissa 2..0).
+    e = (b >> 3) & 15
+    m = b & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, u2f(m) * 0.001953125, normal)  # subnormal: m * 2^-9
+    return tl.where((b & 128) != 0, -mag, mag)
+
+
+@triton.jit
+def scale_value(s, SCALE: tl.constexpr):
+    # SCALE 0: bf16 / fp32 value; 1: E8M0 biased exponent; 2: E4M3 bits (positive).
+    if SCALE == 1:
+        c = s.to(tl.int32)
+        v = tl.where(c == 0, 5.877471754111438e-39, (c << 23).to(tl.float32, bitcast=True))
+    elif SCALE == 2:
+        v = e4m3_value(s.to(tl.int32))
+    else:
+        v = s.to(tl.float32)
+    return v
+
+
+@triton.jit
+def nibble_value(c, ELEM: tl.constexpr):
+    # c: int32 in 0..15, decoded with integer bit operations only (no I2F). ELEM 1: uint4 (zero point
+    # subtracted by the caller); 2: int4 two's complement (c ^ 8 is the offset-binary code, minus 8);
+    # 3: e2m1 (magnitudes 0 .5 1 1.5 2 3 4 6): for e > 0 the fp32 bits ((e + 126) << 23) | (m << 22),
+    # i.e. ((c & 7) << 22) + (126 << 23); e = 0: 0.5 * m; sign bit 3 moved to bit 31.
+    if ELEM == 1:
+        v = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    elif ELEM == 2:
+        v = ((c ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    else:
+        mag = tl.where((c & 6) == 0, (c & 1) * 0x3F000000, ((c & 7) << 22) + 0x3F000000)
+        v = (mag | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE: tl.constexpr, PER_ROW: tl.constexpr,
+                   HAS_TS: tl.constexpr, STEP: tl.constexpr):
+    # Factors constant along K, applied once to the fp32 accumulator [BLOCK_M, BLOCK_N].
+    if PER_ROW:
+        s = scale_value(tl.load(scales + rn * s_sn, mask=rn < N, other=0), SCALE)
+        acc = acc * s[None, :]
+    if HAS_TS:
+        acc = acc * tl.load(tensor_scale)
+    if STEP != 1.0:
+        acc = acc * STEP
+    return acc
+
+
+@triton.jit
+def store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
+              INTERPRETED: tl.constexpr):
+    # acc [BLOCK_M, BLOCK_N] (+ bias) cast to out's dtype; the interpreter rounds to bf16 as the GPU does.
+    if HAS_BIAS:
+        acc = acc + tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if INTERPRETED and OUT_BF16:
+        acc = _round_bf16(acc)
+    tl.store(out + rm[:, None] * s_om + rn[None, :] * s_on, acc.to(out.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
