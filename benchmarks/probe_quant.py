@@ -19,7 +19,7 @@ Second run (after benchmarks/results/probe_quant.md of the first): only the vari
 decision. GEMM M=64: the measured winners (the defaults) vs SWAP (swap AB: decoded weight tile as the
 register A operand of wgmma, 128 / 64-wide N tiles, split-K, cp.async-pipelined code tiles). GEMV M=1:
 the measured winners and their neighbours (PREFETCH off for 8-bit) vs the WORDS kernels
-(dequant_gemv_w4 / _w8: int32 words of codes, one vector x load per word). KIVI: the measured winner at
+(dequant_gemv_words, BITS 4 / 8: int32 words of codes, one vector x load per word). KIVI: the measured winner at
 16 / 32 (auto) / 64 splits and the other configs at auto; the fp32 2-bit S=4099 case (the failing H100
 test) with the new default only.
 
