@@ -79,8 +79,21 @@ def quantize_configs(M: int, K: int, interpreted: bool) -> list[dict]:
             {"BLOCK_M": 1, "BLOCK_K": min(bk, 1024), "num_warps": 2}]
 
 
-def gemm_configs(M: int, N: int, K: int, interpreted: bool) -> list[dict]:
-    """Tensor-core configs, default first (int8 tl.dot needs BLOCK_M, BLOCK_N >= 16 and BLOCK_K >= 32)."""
+SMEM_LIMIT = 232448  # bytes of shared memory per block on the H100 (227 KB)
+
+
+def smem_bytes(cfg: dict, fused: bool) -> int:
+    """Shared memory of the GEMM's pipelined operand tiles: num_stages x (x tile + weight tile); the fused
+    kernel stages x in its 16-bit dtype, the unfused one int8 codes. (H100: 128 x 128 x 256 at 4 stages
+    needed 262144 B, over the limit: it failed with OutOfResources for M > 64.)"""
+    a = cfg["BLOCK_M"] * cfg["BLOCK_K"] * (2 if fused else 1)
+    return cfg["num_stages"] * (a + cfg["BLOCK_N"] * cfg["BLOCK_K"])
+
+
+def gemm_configs(M: int, N: int, K: int, interpreted: bool, fused: bool | None = None) -> list[dict]:
+    """Tensor-core configs, default first (int8 tl.dot needs BLOCK_M, BLOCK_N >= 16 and BLOCK_K >= 32).
+    On the GPU each config's stages are cut until its tiles fit in shared memory (``smem_bytes``, for the
+    fused kernel when ``fused``; None: as w8a8_linear_apply decides, M <= FUSED_MAX_M)."""
     if interpreted:
         return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}]
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
@@ -90,9 +103,12 @@ def gemm_configs(M: int, N: int, K: int, interpreted: bool) -> list[dict]:
     # tiles at M = 64: 64 programs for 132 SMs); narrower still (16) as the last small-M option
     cands = ((bm, bn, 256, 4, 4), (bm, bn, 128, 4, 4), (bm, 2 * bn, 128, 4, 3), (bm, max(bn // 2, 16), 256, 4, 4),
              (max(bm, 64), 128, 128, 8, 3))
+    fused = M <= FUSED_MAX_M if fused is None else fused
     for m_, n_, k_, w, st in cands:
         cfg = {"BLOCK_M": m_, "BLOCK_N": n_, "BLOCK_K": k_, "GROUP_M": 8, "num_warps": w, "num_stages": st}
-        if cfg not in out:
+        while cfg["num_stages"] > 2 and smem_bytes(cfg, fused) > SMEM_LIMIT:
+            cfg["num_stages"] -= 1
+        if smem_bytes(cfg, fused) <= SMEM_LIMIT and cfg not in out:
             out.append(cfg)
     return out
 
@@ -133,10 +149,15 @@ def reference_quantize_activations(x2: torch.Tensor, smooth: torch.Tensor | None
     (IEEE products and reciprocals, round half to even), so codes are bit-identical to the kernels'."""
     xs = x2.float()
     if smooth is not None:
-        xs = xs * (1.0 / smooth.float())
+        xs = xs * (torch.ones_like(smooth, dtype=torch.float32) / smooth.float())  # a true division, as the kernel
     amax = xs.abs().amax(dim=1) if xs.shape[1] else xs.new_zeros(xs.shape[0])
-    scale = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
+    # a tensor divisor: torch's CUDA division by a Python scalar multiplies by its reciprocal (last-ulp
+    # differences from the kernel's IEEE division, seen on the H100); by a tensor it divides
+    scale = amax / torch.full_like(amax, 127.0)
+    # 127 / amax as a true division: Python-scalar / tensor is reciprocal(tensor) * scalar in torch (two
+    # roundings: a code differed from the kernel's in ~1 of 1.2M elements on the H100)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, torch.ones_like(amax)),
+                      torch.zeros_like(amax))
     q = torch.round(xs * inv[:, None]).clamp(-127, 127)
     return q.to(torch.int8), scale
 
@@ -207,7 +228,7 @@ def w8a8_linear_apply(x, w_codes, w_scale, smooth=None, bias=None, *, config: di
     w_codes, w_scale = w_codes.contiguous(), w_scale.contiguous()
     smooth = smooth.contiguous() if smooth is not None else None
     bias = bias.contiguous() if bias is not None else None
-    cfg = dict(config or gemm_configs(M, n, k, interpreted)[0])
+    cfg = dict(config or gemm_configs(M, n, k, interpreted, fused=fuse)[0])
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):

@@ -262,7 +262,8 @@ def test_every_gpu_config_on_cuda(m, n, k):
     ref = w8a8.reference_float64(ref_codes, ref_scale, w_codes, w_scale, bias)
     mag = w8a8.reference_float64(ref_codes.abs(), ref_scale, w_codes.abs(), w_scale, None) + bias.double().abs()
     bound = 2.0 ** -21 * mag + HALF_ULP[torch.bfloat16] * ref.abs() + 1e-30
-    for cfg in w8a8.gemm_configs(m, n, k, interpreted=False):
-        for fuse in (False, True):
+    for fuse in (False, True):
+        for cfg in w8a8.gemm_configs(m, n, k, interpreted=False, fused=fuse):
+            assert w8a8.smem_bytes(cfg, fuse) <= w8a8.SMEM_LIMIT
             y = w8a8.w8a8_linear_apply(x, w_codes, w_scale, smooth, bias, config=cfg, fuse=fuse)
             assert ((y.double() - ref).abs() / bound).max().item() <= 1.0, (cfg, fuse)
