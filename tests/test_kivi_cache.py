@@ -289,13 +289,17 @@ def test_compiled_decoder_on_cuda(dtype):
                              config=cfg)
     assert kv.layers and not kv.skipped, kv.skipped
     tol = 1e-4 if dtype == torch.float32 else 5e-2
+    # the pass's default scale dtype: the cache's own for bf16 (packed-bf16 dequant), fp16 for fp32 caches
+    sdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    assert kv.caches["c_k_cache0"].k_scale.dtype == sdt
+    ref_kivi = {"bits": 2, "group": 32, "residual": 32, "scale_dtype": sdt}
     with torch.no_grad():
         prefill(seq[:, :100], torch.arange(100, device="cuda"))
         ref_m = tiny_decoder(**shape).to("cuda", dtype)
-        kivi_reference(ref_m, seq[:, :100], torch.arange(100, device="cuda"), {"bits": 2, "group": 32, "residual": 32})
+        kivi_reference(ref_m, seq[:, :100], torch.arange(100, device="cuda"), ref_kivi)
         for p in range(100, 150):
             pos = torch.tensor([p], device="cuda")
             out = decode(seq[:, p:p + 1], pos)
-            ref = kivi_reference(ref_m, seq[:, p:p + 1], pos, {"bits": 2, "group": 32, "residual": 32})
+            ref = kivi_reference(ref_m, seq[:, p:p + 1], pos, ref_kivi)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             assert err < tol, (p, err)
