@@ -114,6 +114,8 @@ def _quantize_groups(KN, VN, KR, VR, KC, KS, KM, VC, VS, VM, START, COUNT,
     nq0 = tl.where(n0 > R, (n0 - R) // G * G, 0)
     nq1 = tl.where(n1 > R, (n1 - R) // G * G, 0)
     g = nq0 // G + tl.program_id(1)
+    if (g + 1) * G > tl.minimum(nq1, CAPQ):  # no group completes here (most decode steps): nothing to do
+        return
     bh64 = bh.to(tl.int64)
     kn = KN + b.to(tl.int64) * kn_sb + (bh % H).to(tl.int64) * kn_sh
     vn = VN + b.to(tl.int64) * vn_sb + (bh % H).to(tl.int64) * vn_sh
