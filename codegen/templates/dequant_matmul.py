@@ -113,14 +113,6 @@ def _decode(b, ELEM: tl.constexpr, EPB: tl.constexpr):
 
 
 @triton.jit
-def _load_codes(codes, rn, j0, N, KB, s_cn, ELEM: tl.constexpr, EPB: tl.constexpr, BLOCK_KB: tl.constexpr):
-    # Byte columns j0 .. j0 + BLOCK_KB of rows rn decoded (_decode). Rows >= N and columns >= KB read 0.
-    rj = j0 + tl.arange(0, BLOCK_KB)
-    b = tl.load(codes + rn[:, None] * s_cn + rj[None, :], mask=(rn < N)[:, None] & (rj[None, :] < KB), other=0)
-    return _decode(b, ELEM, EPB)
-
-
-@triton.jit
 def _decode_zero(b, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.constexpr):
     # uint4 code bytes minus their group's zero point, unscaled: the zero point is folded into the constant
     # of the bit-trick decode, (2^23 + q) - (2^23 + z), so it costs nothing per element (exact: |q - z| < 16).
@@ -133,14 +125,6 @@ def _decode_zero(b, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.con
     lo = ((bi & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zb
     hi = (((bi >> 4) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zb
     return lo, hi
-
-
-@triton.jit
-def _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
-                     GB: tl.constexpr):
-    rj = j0 + tl.arange(0, BLOCK_KB)
-    b = tl.load(codes + rn[:, None] * s_cn + rj[None, :], mask=(rn < N)[:, None] & (rj[None, :] < KB), other=0)
-    return _decode_zero(b, z, BLOCK_N, BLOCK_KB, GB)
 
 
 @triton.jit
@@ -166,25 +150,28 @@ def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr,
 
 
 @triton.jit
-def _dequant_tile(codes, scales, zeros, rn, j0, N, KB, NB, s_cn, s_sn, s_zn,
-                  ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
-                  EPB: tl.constexpr, GB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
-    # The tile of _load_codes with its group scales (and zero points, folded into the decode) applied per
-    # element.
+def _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM: tl.constexpr, SCALE: tl.constexpr,
+                 PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_EACH: tl.constexpr, EPB: tl.constexpr,
+                 GB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+    # Raw code bytes of one K tile -> (lo, hi, s): the decoded fp32 elements (_decode; a zero point folded
+    # into the decode), scaled per element by their group scale when SCALE_EACH, and the tile's group
+    # scales for the POST path (per-row formats: none here, the epilogue scales; lo stands in for s).
     if PER_ROW:
-        lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
+        lo, hi = _decode(b, ELEM, EPB)
+        s = lo
     else:
         s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
         if HAS_ZERO:
-            lo, hi = _load_codes_zero(codes, rn, j0, N, KB, s_cn, z, BLOCK_N, BLOCK_KB, GB)
+            lo, hi = _decode_zero(b, z, BLOCK_N, BLOCK_KB, GB)
         else:
-            lo, hi = _load_codes(codes, rn, j0, N, KB, s_cn, ELEM, EPB, BLOCK_KB)
-        lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, False)
-        if EPB == 2:
-            hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, False)
-        else:
-            hi = lo
-    return lo, hi
+            lo, hi = _decode(b, ELEM, EPB)
+        if SCALE_EACH:  # zero points already folded
+            lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, False)
+            if EPB == 2:
+                hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, False)
+            else:
+                hi = lo
+    return lo, hi, s
 
 
 @triton.jit
@@ -247,18 +234,8 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
         else:
             b = tl.load(c_rows + (j0 + rjb)[None, :], mask=nk_ok & ((j0 + rjb)[None, :] < j_end), other=0)
             xe, xo = _load_x(x_rows, m_ok, j0, K, s_xk, EPB, BLOCK_M, BLOCK_KB)
-        if GROUPED_POST or not PER_ROW:
-            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
-        if HAS_ZERO:
-            lo, hi = _decode_zero(b, z, BLOCK_N, BLOCK_KB, GB)
-        else:
-            lo, hi = _decode(b, ELEM, EPB)
-        if not GROUPED_POST and not PER_ROW:  # per-element group scales (zero points already folded)
-            lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, False)
-            if EPB == 2:
-                hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, False)
-            else:
-                hi = lo
+        lo, hi, s = _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM, SCALE, PER_ROW, HAS_ZERO,
+                                 not GROUPED_POST and not PER_ROW, EPB, GB, BLOCK_N, BLOCK_KB)
         if EPB == 2:
             prod = xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :]
         else:
@@ -389,18 +366,8 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
             b_nxt = tl.load(c_rows + (j1 + rjb)[None, :], mask=nk_ok & ((j1 + rjb)[None, :] < j_end), other=0)
         else:
             b = tl.load(c_rows + (j0 + rjb)[None, :], mask=nk_ok & ((j0 + rjb)[None, :] < j_end), other=0)
-        if not PER_ROW:
-            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
-        if HAS_ZERO:
-            lo, hi = _decode_zero(b, z, BLOCK_N, BLOCK_KB, GB)
-        else:
-            lo, hi = _decode(b, ELEM, EPB)
-        if not GROUPED_POST and not PER_ROW:  # per-element group scales (zero points already folded)
-            lo = _apply_group(lo, s, z, BLOCK_N, BLOCK_KB, GB, False)
-            if EPB == 2:
-                hi = _apply_group(hi, s, z, BLOCK_N, BLOCK_KB, GB, False)
-            else:
-                hi = lo
+        lo, hi, s = _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM, SCALE, PER_ROW, HAS_ZERO,
+                                 not GROUPED_POST and not PER_ROW, EPB, GB, BLOCK_N, BLOCK_KB)
         if EPB == 2:
             w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE))
         else:
