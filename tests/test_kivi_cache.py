@@ -187,7 +187,7 @@ def kivi_reference(m: KVCacheLlama, ids, pos, kivi=None):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kh, vh = getattr(m, f"k_cache{i}"), getattr(m, f"v_cache{i}")
         kh[:b, :, pos], vh[:b, :, pos] = k, v
-        kq, vq = (x.to(q.dtype) for x in kivi_dequantize(kivi_quantize(kh[:b, :, :n], vh[:b, :, :n], **kivi)))
+        kq, vq = (deq.to(q.dtype) for deq in kivi_dequantize(kivi_quantize(kh[:b, :, :n], vh[:b, :, :n], **kivi)))
         attn = F.scaled_dot_product_attention(q, kq, vq, attn_mask=mask, enable_gqa=True)
         x = x + layer.o_proj(attn.transpose(1, 2).reshape(b, t, nh * hd))
         h = layer.mlp_norm(x)
