@@ -386,7 +386,7 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
         x2, words, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
         bias if bias is not None else dummy, out, partials, M, n, K, KW, NB, per_split, x2.stride(0), x2.stride(1),
         words.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0), out.stride(1),
-        BITS=4 if kf["EPB"] == 2 else 8, ELEM=kf["ELEM"], SCALE=kf["SCALE"], PER_ROW=kf["PER_ROW"], HAS_ZERO=kf["HAS_ZERO"],
+        15 if kf["EPB"] == 2 else 255, BITS=4 if kf["EPB"] == 2 else 8, ELEM=kf["ELEM"], SCALE=kf["SCALE"], PER_ROW=kf["PER_ROW"], HAS_ZERO=kf["HAS_ZERO"],
         HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None, STEP=kf["STEP"], GW=gw, SPLIT=splits > 1,
         OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, **launch)
     if splits > 1:

@@ -39,21 +39,25 @@ from fxforge.codegen.quant_helpers import u2f as _u2f
 @triton.jit
 def _word_fma(part, wd, xi, SHIFT: tl.constexpr, zf3, s3, BITS: tl.constexpr, ELEM: tl.constexpr,
               PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr, POST: tl.constexpr):
-    # part += x_i * (the code at bit SHIFT of every word, decoded; group-scaled per element unless POST).
-    # uint4: (2^23 + q) - (2^23 + z) with zf3 = 2^23 + z. int8: the words were XORed with 0x80808080, so
-    # the byte is c + 128 and (2^23 + c + 128) - (2^23 + 128) = c.
+    # Shift decode (fp4 / fp8 codes): part += x_i * (the code at bit SHIFT of every word, decoded;
+    # group-scaled per element unless POST).
     if BITS == 4:
-        c = (wd >> SHIFT) & 15
-        if HAS_ZERO:
-            v = (c | 0x4B000000).to(tl.float32, bitcast=True) - zf3
-        else:
-            v = _nibble_value(c, ELEM)
+        v = _nibble_value((wd >> SHIFT) & 15, ELEM)
     else:
-        c = (wd >> SHIFT) & 255
-        if ELEM == 4:
-            v = _e4m3_value(c)
-        else:
-            v = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        v = _e4m3_value((wd >> SHIFT) & 255)
+    if not PER_ROW and not POST:
+        v = v * s3
+    return part + xi[None, :, :] * v
+
+
+@triton.jit
+def _plane_fma(part, src, xi, mask, zf, s3, PER_ROW: tl.constexpr, POST: tl.constexpr):
+    # Mask decode (integer codes): the plane's code c sits at bits BITS·J of src under mask = (2^BITS - 1)
+    # << BITS·J, so (src & mask) | 0x4B000000 is the float 2^23 + c·2^(BITS·J) (one LOP3, no shift) and
+    # minus zf = 2^23 + z·2^(BITS·J) it is (c - z)·2^(BITS·J) exactly; xi arrives pre-scaled by 2^-(BITS·J),
+    # so the product equals x_i·(c - z) bit for bit. mask is a runtime value so that ptxas keeps the masks
+    # in registers (as immediates it re-materialized one MOV per use: 0.6 instructions per element).
+    v = ((src & mask) | 0x4B000000).to(tl.float32, bitcast=True) - zf
     if not PER_ROW and not POST:
         v = v * s3
     return part + xi[None, :, :] * v
@@ -61,14 +65,18 @@ def _word_fma(part, wd, xi, SHIFT: tl.constexpr, zf3, s3, BITS: tl.constexpr, EL
 
 @triton.jit
 def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partials,
-                       M, N, K, KW, NB, KW_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
+                       M, N, K, KW, NB, KW_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on, mask0,
                        BITS: tl.constexpr, ELEM: tl.constexpr, SCALE: tl.constexpr, PER_ROW: tl.constexpr,
                        HAS_ZERO: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr,
                        GW: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_G: tl.constexpr, INTERPRETED: tl.constexpr, POST: tl.constexpr = True):
+                       BLOCK_G: tl.constexpr, INTERPRETED: tl.constexpr, POST: tl.constexpr = True,
+                       PREFETCH: tl.constexpr = True):
     # codes: int32 words [N, KW]; ELEM / SCALE / PER_ROW / HAS_ZERO / HAS_TS / STEP as in dequant_matmul.py
-    # (runtime/quant_linear.py kernel_format); KW_PER_SPLIT a multiple of BLOCK_G * GW.
+    # (runtime/quant_linear.py kernel_format); KW_PER_SPLIT a multiple of BLOCK_G * GW; mask0 = 2^BITS - 1.
+    # PREFETCH: the next step's words are loaded before this step's math (register double buffering), so
+    # each warp keeps a load in flight while it decodes.
     EPW: tl.constexpr = 32 // BITS  # elements per word
+    MASKED: tl.constexpr = ELEM <= 2  # integer codes: mask decode (_plane_fma); fp codes: shift decode
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -83,26 +91,49 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     xr = x + m * s_xm
     c_rows = codes + rn[:, None, None] * s_cn
     n_ok3 = n_ok[:, None, None]
+    ie = tl.arange(0, EPW)
+    # mask decode: element i of a word is read at plane J(i) (see below), so x_i is pre-scaled by 2^-(BITS·J)
+    if BITS == 4:
+        xsc = tl.exp2(-4.0 * tl.where(ie <= 4, ie, ie - 3).to(tl.float32))
+    else:
+        xsc = tl.exp2(-8.0 * (ie % 2).to(tl.float32))
+    rw0 = rg[:, None] * GW + rt[None, :]  # [BLOCK_G, GW] word offsets of a step
+    if PREFETCH:
+        rw = w_start + rw0
+        wd_next = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
     for w0 in range(w_start, w_end, TW):
-        rw = w0 + rg[:, None] * GW + rt[None, :]  # [BLOCK_G, GW] word indices
-        wd = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
+        rw = w0 + rw0
+        if PREFETCH:
+            wd = wd_next
+            rwn = rw + TW
+            wd_next = tl.load(c_rows + rwn[None, :, :], mask=n_ok3 & (rwn < w_end)[None, :, :], other=0)
+        else:
+            wd = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
         if BITS == 8 and ELEM != 4:
-            wd = wd ^ -2139062144  # 0x80808080: signed bytes -> offset binary
-        if PER_ROW:  # scales in the epilogue; s3 / zf3 are not read
+            wd = wd ^ -2139062144  # 0x80808080: signed bytes -> offset binary c + 128
+        if ELEM == 2:
+            wd = wd ^ -2004318072  # 0x88888888: int4 two's complement -> offset binary c + 8
+        # zq: the code's offset (zero point, 8 for int4, 128 for int8); z3 its float per (row, group)
+        if PER_ROW:  # scales in the epilogue; s3 is not read
             s3 = tl.zeros((BLOCK_N, BLOCK_G, 1), dtype=tl.float32)
-            zf3 = s3
+            z3 = s3 + (128.0 if BITS == 8 else 0.0)
         else:
             g = w0 // GW + rg
             g_ok = n_ok[:, None] & (g[None, :] < NB)
             s3 = _scale_value(tl.load(scales + rn[:, None] * s_sn + g[None, :], mask=g_ok, other=0), SCALE)[:, :, None]
-            zf3 = s3
-            if HAS_ZERO:  # 2^23 + z, the constant the decode subtracts
-                zf = _u2f(tl.load(zeros + rn[:, None] * s_zn + g[None, :], mask=g_ok, other=0).to(tl.int32))
-                zf3 = (zf + 8388608.0)[:, :, None]
+            if HAS_ZERO:
+                z3 = _u2f(tl.load(zeros + rn[:, None] * s_zn + g[None, :], mask=g_ok, other=0).to(tl.int32))[:, :, None]
+            else:
+                z3 = tl.zeros((BLOCK_N, BLOCK_G, 1), dtype=tl.float32) + (8.0 if ELEM == 2 else (128.0 if BITS == 8 else 0.0))
         # x[EPW·w .. EPW·w + EPW) for every word w: one contiguous 16 / 8-byte load per word, split in registers
-        kx = rw[:, :, None] * EPW + tl.arange(0, EPW)[None, None, :]
+        kx = rw[:, :, None] * EPW + ie[None, None, :]
         xv = tl.load(xr + kx * s_xk, mask=kx < K, other=0.0).to(tl.float32)
-        part = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
+        if MASKED:
+            xv = xv * xsc[None, None, :]
+        if PER_ROW:  # no per-group factor: accumulate straight into acc3 (saves one FADD per word)
+            part = acc3
+        else:
+            part = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
         if BITS == 4:
             xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 4, 2)))  # elements 0 2 4 6 | 1 3 5 7
             xee, xeo = tl.split(tl.reshape(xe, (BLOCK_G, GW, 2, 2)))  # 0 4 | 2 6
@@ -111,23 +142,52 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
             x2, x6 = tl.split(xeo)
             x1, x5 = tl.split(xoe)
             x3, x7 = tl.split(xoo)
-            part = _word_fma(part, wd, x0, 0, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x1, 4, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x2, 8, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x3, 12, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x4, 16, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x5, 20, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x6, 24, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x7, 28, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+            if MASKED:
+                # planes J = 0..4 of the word (bits 0..19) and, after one shift by 12, J = 2..4 for
+                # elements 5..7 (bits 20..31): 2^23 + c·16^J stays below 2^23 + 2^20, exact
+                zf0 = z3 + 8388608.0
+                zf1 = z3 * 16.0 + 8388608.0
+                zf2 = z3 * 256.0 + 8388608.0
+                zf3 = z3 * 4096.0 + 8388608.0
+                zf4 = z3 * 65536.0 + 8388608.0
+                wh = wd >> 12
+                part = _plane_fma(part, wd, x0, mask0, zf0, s3, PER_ROW, POST)
+                part = _plane_fma(part, wd, x1, mask0 << 4, zf1, s3, PER_ROW, POST)
+                part = _plane_fma(part, wd, x2, mask0 << 8, zf2, s3, PER_ROW, POST)
+                part = _plane_fma(part, wd, x3, mask0 << 12, zf3, s3, PER_ROW, POST)
+                part = _plane_fma(part, wd, x4, mask0 << 16, zf4, s3, PER_ROW, POST)
+                part = _plane_fma(part, wh, x5, mask0 << 8, zf2, s3, PER_ROW, POST)
+                part = _plane_fma(part, wh, x6, mask0 << 12, zf3, s3, PER_ROW, POST)
+                part = _plane_fma(part, wh, x7, mask0 << 16, zf4, s3, PER_ROW, POST)
+            else:
+                part = _word_fma(part, wd, x0, 0, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x1, 4, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x2, 8, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x3, 12, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x4, 16, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x5, 20, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x6, 24, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x7, 28, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
         else:
             xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 2, 2)))  # elements 0 2 | 1 3
             x0, x2 = tl.split(xe)
             x1, x3 = tl.split(xo)
-            part = _word_fma(part, wd, x0, 0, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x1, 8, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x2, 16, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-            part = _word_fma(part, wd, x3, 24, zf3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-        if POST and not PER_ROW:
+            if MASKED:  # bytes 0, 1 at planes J = 0, 1; bytes 2, 3 the same after one shift by 16
+                zf0 = z3 + 8388608.0
+                zf1 = z3 * 256.0 + 8388608.0
+                wh = wd >> 16
+                part = _plane_fma(part, wd, x0, mask0, zf0, s3, PER_ROW, POST)
+                part = _plane_fma(part, wd, x1, mask0 << 8, zf1, s3, PER_ROW, POST)
+                part = _plane_fma(part, wh, x2, mask0, zf0, s3, PER_ROW, POST)
+                part = _plane_fma(part, wh, x3, mask0 << 8, zf1, s3, PER_ROW, POST)
+            else:
+                part = _word_fma(part, wd, x0, 0, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x1, 8, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x2, 16, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x3, 24, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+        if PER_ROW:
+            acc3 = part
+        elif POST:
             acc3 += part * s3
         else:
             acc3 += part

@@ -1,0 +1,93 @@
+"""One-call H100 probe of the words GEMV (codegen/templates/dequant_gemv_words.py) after the mask decode
+and register prefetch (session 10): M = 1, 4096 x 4096 and 14336 x 4096 ("4096x14336"), the integer
+formats that take the mask decode (w8a16, w4a16 g128, nvint4, mxint8) and the fp4 ones (shift decode,
+prefetch only), over a grid of (BLOCK_N, code bytes per row per step, warps, PREFETCH); bf16 cuBLAS in the
+same run as the baseline. Timing exactly as bench_quant.py: one CUDA graph of 20 launches, weights
+rotating over > 200 MB of copies so every launch reads HBM. Every row carries its error against the
+float64 reference of the same quantized math (the kernel's own correctness is tested on the CPU).
+
+Usage (repo root): ``python benchmarks/probe_gemv_words.py`` -> $OUT and benchmarks/results/probe_gemv_words.*
+"""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, graph_time_us, out_dirs, rel_err
+from fxforge.passes.quant.formats import dequantize, quantize
+from fxforge.runtime import quant_linear as ql
+
+SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
+FORMATS = ["w8a16", "w4a16_g128", "nvint4", "mxint8", "mxfp4", "nvfp4"]
+# (BLOCK_N, code bytes per row per step, warps, PREFETCH)
+GRID4 = [(16, 256, 4, True), (16, 256, 4, False), (8, 256, 4, True), (8, 512, 4, True), (16, 128, 4, True),
+         (32, 128, 4, True), (32, 256, 8, True), (16, 512, 8, True), (8, 256, 2, True), (4, 512, 2, True)]
+GRID8 = [(8, 1024, 4, True), (8, 1024, 4, False), (16, 512, 4, True), (32, 256, 4, True), (16, 256, 4, True),
+         (32, 512, 8, True), (8, 512, 4, True), (64, 128, 4, True), (16, 1024, 8, True)]
+SHORT = {"nvint4", "mxint8", "mxfp4", "nvfp4"}  # first 5 grid points only
+
+
+def time_config(x, args, fmt, K, cfg, copies) -> float:
+    """Per-launch us of one config, weights rotating over ``copies``."""
+    def run(i):
+        c, s, z, t = args[i % copies]
+        ql.quant_linear_apply(x, c, s, z, t, None, fmt, K, config=dict(cfg), check=False)
+    return graph_time_us(run)
+
+
+def probe_shape(res, lines, t0, wl, N, K) -> None:
+    copies = max(2, -(-200_000_000 // (N * K * 2)))
+    ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
+    res.add(wl, "bf16", "time", bf, "us")
+    lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | 1.00 | {ql.bytes_model('bf16', N, K, 1)['expected_us'] / bf:.3f} | |")
+    for fmt in FORMATS:
+        qts = [quantize(w, fmt) for w in ws]
+        args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
+        ref = x.double() @ dequantize(qts[0]).double().t()
+        kf = ql.kernel_format(fmt)
+        gb = 4 * ql.WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
+        grid = GRID4 if kf["EPB"] == 2 else GRID8
+        if fmt in SHORT:
+            grid = grid[:5]
+        impl = fmt.split("_")[0]
+        for bn, kbytes, w, pf in grid:
+            cfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
+                   "PREFETCH": pf, "num_warps": w, "num_stages": 1}
+            name = f"n{bn} kb{kbytes} w{w} pf{int(pf)}"
+            try:
+                err = rel_err(ql.quant_linear_apply(x, *args[0], None, fmt, K, config=dict(cfg)), ref)
+                us = time_config(x, args, fmt, K, cfg, copies)
+            except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
+                print(f"{wl} {fmt} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                traceback.print_exc(limit=2)
+                continue
+            frac = ql.bytes_model(fmt, N, K, 1)["expected_us"] / us
+            res.add(wl, f"{impl}[{name}]", "time", us, "us")
+            res.add(wl, f"{impl}[{name}]", "speedup_vs_bf16", bf / us, "x")
+            res.add(wl, f"{impl}[{name}]", "fraction_of_hbm", frac, "ratio")
+            res.add(wl, f"{impl}[{name}]", "rel_err_vs_quant_ref", err, "rel_err")
+            lines.append(f"| {wl} | {impl} | {name} | {us:.2f} | {bf / us:.2f} | {frac:.3f} | {err:.2e} |")
+            print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+
+
+def main() -> None:
+    t0 = time.time()
+    res = Results("probe_gemv_words")
+    lines = ["| workload | impl | config | us | x bf16 | frac HBM | rel err vs quant ref |", "|---|---|---|---|---|---|---|"]
+    torch.manual_seed(0)
+    for wl, (N, K) in SHAPES.items():
+        probe_shape(res, lines, t0, wl, N, K)
+        torch.cuda.empty_cache()
+    res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
+
+
+if __name__ == "__main__":
+    main()
