@@ -1,7 +1,7 @@
 """One-call H100 probe of the words GEMV (codegen/templates/dequant_gemv_words.py) after the mask decode
 and register prefetch (session 10): M = 1, 4096 x 4096 and 14336 x 4096 ("4096x14336"), the integer
 formats that take the mask decode (w8a16, w4a16 g128, nvint4, mxint8) and the fp4 ones (shift decode,
-prefetch only), over a grid of (BLOCK_N, code bytes per row per step, warps, PREFETCH); bf16 cuBLAS in the
+prefetch only), over a grid of (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, maxnreg); bf16 cuBLAS in the
 same run as the baseline. Timing exactly as bench_quant.py: one CUDA graph of 20 launches, weights
 rotating over > 200 MB of copies so every launch reads HBM. Every row carries its error against the
 float64 reference of the same quantized math (the kernel's own correctness is tested on the CPU).
@@ -24,12 +24,15 @@ from fxforge.runtime import quant_linear as ql
 
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
 FORMATS = ["w8a16", "w4a16_g128", "nvint4", "mxint8", "mxfp4", "nvfp4"]
-# (BLOCK_N, code bytes per row per step, warps, PREFETCH)
-GRID4 = [(16, 256, 4, True), (16, 256, 4, False), (8, 256, 4, True), (8, 512, 4, True), (16, 128, 4, True),
-         (32, 128, 4, True), (32, 256, 8, True), (16, 512, 8, True), (8, 256, 2, True), (4, 512, 2, True)]
-GRID8 = [(8, 1024, 4, True), (8, 1024, 4, False), (16, 512, 4, True), (32, 256, 4, True), (16, 256, 4, True),
-         (32, 512, 8, True), (8, 512, 4, True), (64, 128, 4, True), (16, 1024, 8, True)]
-SHORT = {"nvint4", "mxint8", "mxfp4", "nvfp4"}  # first 5 grid points only
+# (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, maxnreg or 0). Round 2 (round 1 in git
+# history: depth 1 won at 4-bit, n16 x 256 B 18.7 us / n8 x 512 B 8.1 us; 8-bit n16 x 256 B 24.2 / n8 x 512 B 9.4)
+GRID4 = [(16, 256, 4, 1, 0), (16, 256, 4, 2, 0), (8, 512, 4, 1, 0), (8, 512, 4, 2, 0), (16, 128, 4, 2, 0),
+         (8, 256, 4, 2, 0), (16, 256, 4, 2, 96), (32, 128, 4, 2, 0), (8, 1024, 4, 1, 0), (4, 1024, 4, 1, 0),
+         (16, 256, 8, 2, 0)]
+GRID8 = [(16, 256, 4, 1, 0), (16, 256, 4, 2, 0), (8, 512, 4, 2, 0), (8, 1024, 4, 1, 0), (8, 1024, 4, 2, 0),
+         (16, 128, 4, 2, 0), (32, 128, 4, 2, 0), (16, 512, 4, 2, 0), (32, 256, 4, 2, 0), (16, 256, 8, 2, 0),
+         (16, 256, 4, 2, 48)]
+SHORT = {"nvint4", "mxint8", "mxfp4", "nvfp4"}  # first 6 grid points only
 
 
 def time_config(x, args, fmt, K, cfg, copies) -> float:
@@ -56,12 +59,15 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
         gb = 4 * ql.WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
         grid = GRID4 if kf["EPB"] == 2 else GRID8
         if fmt in SHORT:
-            grid = grid[:5]
+            grid = grid[:6]
         impl = fmt.split("_")[0]
-        for bn, kbytes, w, pf in grid:
+        for bn, kbytes, w, pf, mr in grid:
             cfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
                    "PREFETCH": pf, "num_warps": w, "num_stages": 1}
-            name = f"n{bn} kb{kbytes} w{w} pf{int(pf)}"
+            name = f"n{bn} kb{kbytes} w{w} pf{pf}"
+            if mr:
+                cfg["maxnreg"] = mr
+                name += f" r{mr}"
             try:
                 err = rel_err(ql.quant_linear_apply(x, *args[0], None, fmt, K, config=dict(cfg)), ref)
                 us = time_config(x, args, fmt, K, cfg, copies)

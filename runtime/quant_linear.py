@@ -381,7 +381,7 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     dummy = scales
     launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
     if interpreted:
-        launch.pop("num_warps", None), launch.pop("num_stages", None)
+        launch.pop("num_warps", None), launch.pop("num_stages", None), launch.pop("maxnreg", None)
     ks["dequant_gemv_words"][(n_tiles, splits, M)](
         x2, words, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
         bias if bias is not None else dummy, out, partials, M, n, K, KW, NB, per_split, x2.stride(0), x2.stride(1),

@@ -151,7 +151,8 @@ def test_every_tile_path_of_grouped_formats(fmt):
                           # 4-bit GEMV on int32 words (8-bit formats: falls back to the byte-tile default)
                           (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 2, "WORDS": True}, None),
                           (3, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_G": 1, "WORDS": True, "POST": False}, 3),
-                          (2, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 1, "WORDS": True, "PREFETCH": False}, 2)]:
+                          (2, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 1, "WORDS": True, "PREFETCH": False}, 2),
+                          (1, {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_G": 1, "WORDS": True, "PREFETCH": 2}, None)]:
         if m > ql.GEMV_MAX_M and cfg["BLOCK_KB"] * ql.kernel_format(fmt)["EPB"] < 16:
             continue
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
@@ -174,7 +175,8 @@ def test_swap_ab_gemm_and_words_gemv_per_row_formats(fmt):
     # the GEMV on int32 words (4 codes per word; per-row scales in the epilogue), M = 1 and 3, split-K
     for m, cfg, split in [(1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 2, "WORDS": True}, None),
                           (3, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_G": 1, "WORDS": True}, 3),
-                          (2, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 1, "WORDS": True, "PREFETCH": False}, None)]:
+                          (2, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 1, "WORDS": True, "PREFETCH": False}, None),
+                          (1, {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_G": 1, "WORDS": True, "PREFETCH": 2}, 2)]:
         y = ql.quant_linear_apply(x[:m], *_args(qt, bias, fmt, k), config=cfg, split_k=split)
         _check_kernel(y, x[:m], qt, bias, gemm=False)
 

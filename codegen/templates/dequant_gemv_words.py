@@ -70,11 +70,12 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                        HAS_ZERO: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr,
                        GW: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_G: tl.constexpr, INTERPRETED: tl.constexpr, POST: tl.constexpr = True,
-                       PREFETCH: tl.constexpr = True):
+                       PREFETCH: tl.constexpr = 1):
     # codes: int32 words [N, KW]; ELEM / SCALE / PER_ROW / HAS_ZERO / HAS_TS / STEP as in dequant_matmul.py
     # (runtime/quant_linear.py kernel_format); KW_PER_SPLIT a multiple of BLOCK_G * GW; mask0 = 2^BITS - 1.
-    # PREFETCH: the next step's words are loaded before this step's math (register double buffering), so
-    # each warp keeps a load in flight while it decodes.
+    # PREFETCH (0, 1, 2): the words of the next 1 or 2 steps are loaded before this step's math (register
+    # buffering: Triton does not pipeline loads that feed no tl.dot), so each warp keeps loads in flight
+    # while it decodes.
     EPW: tl.constexpr = 32 // BITS  # elements per word
     MASKED: tl.constexpr = ELEM <= 2  # integer codes: mask decode (_plane_fma); fp codes: shift decode
     pid_n = tl.program_id(0)
@@ -98,12 +99,20 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     else:
         xsc = tl.exp2(-8.0 * (ie % 2).to(tl.float32))
     rw0 = rg[:, None] * GW + rt[None, :]  # [BLOCK_G, GW] word offsets of a step
-    if PREFETCH:
+    if PREFETCH >= 1:
         rw = w_start + rw0
         wd_next = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
+    if PREFETCH >= 2:
+        rw = w_start + TW + rw0
+        wd_next2 = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
     for w0 in range(w_start, w_end, TW):
         rw = w0 + rw0
-        if PREFETCH:
+        if PREFETCH == 2:
+            wd = wd_next
+            wd_next = wd_next2
+            rwn = rw + 2 * TW
+            wd_next2 = tl.load(c_rows + rwn[None, :, :], mask=n_ok3 & (rwn < w_end)[None, :, :], other=0)
+        elif PREFETCH == 1:
             wd = wd_next
             rwn = rw + TW
             wd_next = tl.load(c_rows + rwn[None, :, :], mask=n_ok3 & (rwn < w_end)[None, :, :], other=0)
