@@ -127,15 +127,25 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
                "num_warps": w, "num_stages": st}
         if cfg not in out:
             out.append(cfg)
-    if M <= 4:  # words: (BLOCK_N, bytes of codes per row per step, warps, POST)
-        # Second H100 probe (benchmarks/results/probe_quant.md, M = 1, 4096^2 / 4096 x 14336): words won
-        # both formats and go first: 4-bit 16 rows x 256 B 10.3 / 22.3 us (16 x 512 B: 9.6 / 25.1; the
-        # byte kernel 14.9 / 43.4), 8-bit 8 rows x 1024 B 10.1 / 26.7 us (byte kernel 9.9 / 27.8).
+    if M <= 4:  # words: (BLOCK_N, bytes of codes per row per step, warps, PREFETCH depth, maxnreg or 0)
+        # H100 probes of the mask-decode kernel (benchmarks/results/probe_gemv_words*.md, M = 1, bf16 cuBLAS
+        # 15.6-16.2 / 41.7 us): 8 rows x 512 B won every format at 4096^2 (w4a16 8.1-8.2, w8a16 9.4,
+        # nvint4 10.0, mxfp4 12.2 us) and the fp4 / nvint4 formats at 14336 rows too; at 14336 rows w4a16
+        # and the 8-bit formats ran best with 16 rows x 256 B (19.0 / 24.2-24.5 us; 8 x 512 B: 21.9 / 26.2).
+        # Deeper prefetch (2) and a 48-96 register cap did not help; ncu: the 16-row w4a16 launch is
+        # register-limited to 4 CTAs per SM on triton 3.6 (125 registers), 1.7 waves.
         gb = 4 * WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
-        wc = ([(16, 256, 4, True), (16, 512, 4, True), (32, 256, 4, True), (32, 256, 4, False)] if kf["EPB"] == 2 else
-              [(8, 1024, 4, True), (16, 512, 4, True), (32, 256, 4, True)])
-        words = [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True,
-                  "POST": post, "num_warps": w, "num_stages": 1} for bn, kbytes, w, post in wc]
+        big = N >= 8192 and (kf["EPB"] == 1 or gb >= 64)  # 16-row tiles need 16-word (64 B) groups
+        wc = [(16, 256, 4, 1, 0), (8, 512, 4, 1, 0)] if big else [(8, 512, 4, 1, 0), (16, 256, 4, 1, 0)]
+        wc += ([(8, 256, 4, 2, 0), (16, 128, 4, 2, 0), (16, 256, 4, 1, 80), (16, 256, 4, 1, 64)] if kf["EPB"] == 2 else
+               [(8, 1024, 4, 1, 0), (16, 128, 4, 2, 0), (32, 256, 4, 2, 0), (16, 256, 4, 1, 48)])
+        words = []
+        for bn, kbytes, w, pf, mr in wc:
+            cfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
+                   "PREFETCH": pf, "num_warps": w, "num_stages": 1}
+            if mr:
+                cfg["maxnreg"] = mr
+            words.append(cfg)
         out = words + out
     return out
 
