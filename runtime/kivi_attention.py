@@ -214,7 +214,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
                                "kivi_decode_attention")
     cfg = dict(blocks or kivi_configs(LQ, H, HKV, D, cache.group, interpreted, cache.bits, cache.v_group)[0])
     if interpreted:
-        cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+        cfg.pop("num_warps", None), cfg.pop("num_stages", None), cfg.pop("maxnreg", None)
     bm, head = cfg["BLOCK_M"], cfg["HEAD_DIM"]
     fp = fast_path(D, cache.bits, cache.group, cache.v_group) if head == D else None
     fast = bool(cfg.pop("FAST", True)) and fp is not None

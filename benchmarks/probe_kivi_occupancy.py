@@ -1,0 +1,67 @@
+"""H100 probe: does occupancy limit the KIVI decode-attention kernel? ncu (session 10) showed the 2-bit
+default (2 warps, 3 stages, 64 splits, 168 registers) at 1.9 active warps per scheduler and 45% issue
+utilization, and the 4-bit default (1 warp, 255 registers, 128 splits) the same. This sweep trades
+stages, splits and a register cap (``maxnreg``: 128 registers let 8 two-warp programs share an SM)
+against each other at issue 4's kv_decode_32k shape (B = 1, 32 / 8 heads, D = 128, 32K tokens, bf16,
+bf16 scales), timed exactly as bench_kv_decode.py (CUDA graph, launches rotating over 3 caches so every
+call reads HBM), with bf16 SDPA in the same run.
+
+Usage (repo root): ``python benchmarks/probe_kivi_occupancy.py`` -> results/probe_kivi_occupancy.*"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, graph_time_us, out_dirs, rel_err
+from fxforge.passes.quant.kv import kivi_dequantize, kivi_quantize
+from fxforge.runtime.kivi_attention import kivi_configs, kivi_decode_attention
+
+# (warps, stages, splits, maxnreg or 0)
+GRID = {2: [(2, 3, 64, 0), (2, 2, 64, 0), (2, 2, 128, 0), (2, 2, 128, 128), (2, 2, 256, 128), (1, 2, 128, 0),
+            (1, 2, 256, 0), (2, 3, 128, 0)],
+        4: [(1, 2, 128, 0), (1, 2, 256, 0), (2, 2, 128, 168), (2, 2, 128, 0), (4, 2, 64, 0), (4, 2, 128, 0),
+            (2, 2, 64, 0)]}
+
+
+def main() -> None:
+    res = Results("probe_kivi_occupancy")
+    lines = ["| impl | warps | stages | splits | maxnreg | us | x SDPA | rel err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
+    B, HQ, HKV, S, D = 1, 32, 8, 32768, 128
+    torch.manual_seed(0)
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    kv = [(torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16),
+           torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+    sdpa = graph_time_us(lambda i: F.scaled_dot_product_attention(q, *kv[i % 3], enable_gqa=True))
+    res.add("kv_decode_32k", "sdpa", "time", sdpa, "us")
+    lines.append(f"| sdpa | | | | | {sdpa:.2f} | 1.00 | |")
+    for bits, grid in GRID.items():
+        caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=torch.bfloat16) for a, b in kv]
+        kd, vd = kivi_dequantize(caches[0])
+        ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)
+        base = kivi_configs(1, HQ, HKV, D, 32, False, bits=bits, v_group=32)[0]
+        for w, st, splits, mr in grid:
+            cfg = dict(base, num_warps=w, num_stages=st)
+            if mr:
+                cfg["maxnreg"] = mr
+            name = f"kivi{bits}[w{w} s{st} sp{splits}" + (f" r{mr}]" if mr else "]")
+            try:
+                err = rel_err(kivi_decode_attention(q, caches[0], blocks=dict(cfg), num_splits=splits), ref)
+                us = graph_time_us(lambda i, cfg=cfg, splits=splits, caches=caches: kivi_decode_attention(
+                    q, caches[i % 3], blocks=dict(cfg), num_splits=splits))
+            except Exception as e:  # noqa: BLE001 — a config that fails is reported, the sweep goes on
+                print(f"{name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            res.add("kv_decode_32k", name, "time", us, "us")
+            res.add("kv_decode_32k", name, "speedup_vs_sdpa", sdpa / us, "x")
+            res.add("kv_decode_32k", name, "rel_err_vs_fp64_same_cache", err, "rel_err")
+            lines.append(f"| kivi{bits} | {w} | {st} | {splits} | {mr or ''} | {us:.2f} | {sdpa / us:.2f} | {err:.1e} |")
+            print(lines[-1], flush=True)
+    res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
+
+
+if __name__ == "__main__":
+    main()
