@@ -71,16 +71,24 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     # H100, 32K, bf16 (results/probe_kivi.md, second sweep): fewer warps win, since each thread's mma
     # fragments then hold more tokens per channel and its scale conversions serve more elements: 2-bit
     # 2 warps / 3 stages / 64 splits 46.7 us, 4-bit 1 warp / 2 stages / 128 splits 42.6 us (4 warps: 58-62)
+    # Session 10 (results/probe_kivi_occupancy.md; ncu: the 2-bit default ran 1.9 warps per scheduler at 45%
+    # issue): at D = 128, 2-bit, 2 warps / 2 stages capped at 128 registers (8 programs per SM, 128 splits)
+    # 41.6 us vs 44.3 for the uncapped 3-stage default (small spills, outside the hot path mostly).
     if fast:
-        first = (group, 2, 3, False) if bits == 2 else (group, 1, 2, False)
-        cands = [first, (group, 1, 2, False), (group, 2, 3, False), (group, 4, 2, False), (group, 4, 3, True)]
+        first = (group, 2, 3, False, 0) if bits == 2 else (group, 1, 2, False, 0)
+        cands = [first, (group, 1, 2, False, 0), (group, 2, 3, False, 0), (group, 4, 2, False, 0),
+                 (group, 4, 3, True, 0)]
+        if bits == 2 and d == 128:
+            cands.insert(0, (group, 2, 2, False, 128))
     else:
-        cands = [(64 if head < 256 else 32, 4, 2, False), (32, 4, 2, False)]
+        cands = [(64 if head < 256 else 32, 4, 2, False, 0), (32, 4, 2, False, 0)]
     out = []
-    for bn, w, st, vf in cands:
+    for bn, w, st, vf, regs in cands:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FAST": fast, "num_warps": w, "num_stages": st}
         if fast:
             cfg.update(K_FOLD=False, V_FOLD=vf)
+        if regs:
+            cfg["maxnreg"] = regs
         if cfg not in out:
             out.append(cfg)
     if fast:  # the GENERAL path stays a candidate (autotuning, OutOfResources fallback)
@@ -93,12 +101,14 @@ PROGRAMS_PER_SM = {1: 8, 2: 4, 4: 4, 8: 2}  # by num_warps; H100 FAST path (prob
 MIN_SPLIT_TOKENS = 128  # 1-warp programs: 128 splits of 256 tokens at 32K
 
 
-def auto_splits(n_quant: int, programs: int, block_n: int, device, num_warps: int = 4) -> int:
-    """Splits of the quantized tokens on CUDA: about PROGRAMS_PER_SM programs per SM, each split at least
-    MIN_SPLIT_TOKENS tokens, a power of two (B=1, Hkv=8, 32K on 132 SMs: 64 splits of 512 tokens for
-    2-4 warps, 128 of 256 for 1 warp)."""
+def auto_splits(n_quant: int, programs: int, block_n: int, device, num_warps: int = 4, maxnreg: int | None = None) -> int:
+    """Splits of the quantized tokens on CUDA: about PROGRAMS_PER_SM programs per SM (with a register cap:
+    as many as the register file holds, 65536 / (32·warps·maxnreg)), each split at least MIN_SPLIT_TOKENS
+    tokens, a power of two (B=1, Hkv=8, 32K on 132 SMs: 64 splits of 512 tokens for 2-4 warps, 128 of 256
+    for 1 warp or for 2 warps capped at 128 registers)."""
     sms = da.sm_count(device)
-    want = -(-PROGRAMS_PER_SM.get(num_warps, 2) * sms // max(programs, 1))
+    per_sm = 65536 // (32 * num_warps * maxnreg) if maxnreg else PROGRAMS_PER_SM.get(num_warps, 2)
+    want = -(-per_sm * sms // max(programs, 1))
     cap = max(1, n_quant // max(MIN_SPLIT_TOKENS, block_n))
     ns = max(1, min(want, cap))
     return 1 << (ns.bit_length() - 1) if ns > 1 else 1  # a power of two: equal chunks of a power-of-two cache
@@ -226,7 +236,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     row_tiles = -(-((H // HKV) * LQ) // bm)
     bn = cfg["BLOCK_N"]
     if num_splits is None and not interpreted and NQ:
-        num_splits = auto_splits(NQ, B * HKV * row_tiles, bn, q.device, cfg.get("num_warps", 4))
+        num_splits = auto_splits(NQ, B * HKV * row_tiles, bn, q.device, cfg.get("num_warps", 4), cfg.get("maxnreg"))
     splits, chunk = da.split_plan(NQ, B * HKV * row_tiles, bn, q.device, num_splits) if NQ else (1, bn)
     acc_ws, ml_ws = da.split_workspace(workspace, B, H, LQ, D, splits, out, "kivi_decode_attention")
     ks, km = _pair_strides(cache.k_scale, cache.k_min)

@@ -237,6 +237,11 @@ def test_configs():
         assert auto_splits(32736, 8, 32, torch.device("cpu"), w) == 1 << (want.bit_length() - 1)
     assert PROGRAMS_PER_SM[1] * 132 // 8 >= 128 and PROGRAMS_PER_SM[2] * 132 // 8 >= 64
     assert auto_splits(512, 8, 32, torch.device("cpu")) <= 2
+    # a register cap sets the programs per SM from the register file: 2 warps x 128 registers -> 8
+    want = -(-8 * sms // 8)
+    assert auto_splits(32736, 8, 32, torch.device("cpu"), 2, 128) == 1 << (want.bit_length() - 1)
+    assert cfg[0].get("maxnreg") == 128 and cfg[0]["num_stages"] == 2  # 2-bit, D = 128 default
+    assert "maxnreg" not in kivi_configs(1, 32, 8, 64, 32, False)[0]  # other head dims: not measured
 
 
 def _bad(**changes):
