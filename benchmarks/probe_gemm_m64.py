@@ -1,0 +1,77 @@
+"""H100 probe: more K splits for the M = 64 dequant GEMM (issue 4's gemm_4096x4096_m64 row). ncu (session
+10, benchmarks/profile_gemm_m64.py) showed the defaults at 0.48 waves: 128-192 programs of 4-8 warps on
+132 SMs, 1.5 active warps per scheduler, 25-35% issue utilization. This sweep raises SPLIT_K (4, 6, 8)
+for the SWAP (64 / 128-wide weight tiles) and the plain (32 / 64-wide) configs of every weight-only
+format, next to bf16 cuBLAS in the same run, timed as bench_quant.py (CUDA graph of 20 launches, weights
+rotating over > 200 MB of copies; the split-K reduce kernel included).
+
+Usage (repo root): ``python benchmarks/probe_gemm_m64.py`` -> results/probe_gemm_m64.*"""
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, graph_time_us, out_dirs, rel_err
+from fxforge.passes.quant.formats import dequantize, quantize
+from fxforge.runtime import quant_linear as ql
+
+FORMATS = ["w4a16_g128", "w8a16", "mxint8", "nvint4", "nvfp4", "mxfp4"]
+
+
+def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    cfgs = ql.gemm_configs(M, N, K, fmt, False)
+    out = [("default", cfgs[0])]
+    swap = next((c for c in cfgs if c.get("SWAP") and c["BLOCK_N"] == 64), None)
+    plain = next((c for c in cfgs if not c.get("SWAP")), None)
+    for sk in (4, 6, 8):
+        if swap is not None:
+            out.append((f"swap n64 w4 sk{sk}", dict(swap, SPLIT_K=sk)))
+            out.append((f"swap n64 w4 s4 sk{sk}", dict(swap, SPLIT_K=sk, num_stages=4)))
+        if plain is not None:
+            out.append((f"plain n{plain['BLOCK_N']} w{plain['num_warps']} sk{sk}", dict(plain, SPLIT_K=sk)))
+            if plain["BLOCK_N"] != 32:
+                out.append((f"plain n32 w4 sk{sk}", dict(plain, SPLIT_K=sk, BLOCK_N=32, num_warps=4)))
+    return out
+
+
+def main() -> None:
+    res = Results("probe_gemm_m64")
+    lines = ["| format | config | us | x bf16 | rel err vs quant ref |", "|---|---|---|---|---|"]
+    M, N, K = 64, 4096, 4096
+    copies = max(2, -(-200_000_000 // (N * K * 2)))
+    torch.manual_seed(0)
+    ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
+    res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
+    lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
+    for fmt in FORMATS:
+        qts = [quantize(w, fmt) for w in ws]
+        args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
+        ref = x.double() @ dequantize(qts[0]).double().t()
+        impl = fmt.split("_")[0]
+        for name, cfg in variants(fmt, M, N, K):
+            try:
+                err = rel_err(ql.quant_linear_apply(x, *args[0], None, fmt, K, config=dict(cfg)), ref)
+                us = graph_time_us(lambda i, cfg=cfg, args=args, fmt=fmt: ql.quant_linear_apply(
+                    x, *args[i % copies], None, fmt, K, config=dict(cfg), check=False))
+            except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
+                print(f"{fmt} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                traceback.print_exc(limit=1)
+                continue
+            res.add("gemm_4096x4096_m64", f"{impl}[{name}]", "time", us, "us")
+            res.add("gemm_4096x4096_m64", f"{impl}[{name}]", "speedup_vs_bf16", bf / us, "x")
+            res.add("gemm_4096x4096_m64", f"{impl}[{name}]", "rel_err_vs_quant_ref", err, "rel_err")
+            lines.append(f"| {impl} | {name} | {us:.2f} | {bf / us:.2f} | {err:.1e} |")
+            print(lines[-1], flush=True)
+        del qts, args
+    res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
+
+
+if __name__ == "__main__":
+    main()
