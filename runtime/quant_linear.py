@@ -194,6 +194,15 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
             # third H100 probe (results/probe_quant_s9.md, M = 64, 4096^2, bf16 cuBLAS 15.0 us): SWAP with
             # 128-wide N tiles, 4 K splits, 4 stages 15.8 us (0.95x) vs the first config's 17.2 us
             cands.insert(0, dict(swap, BLOCK_N=128, num_warps=4, num_stages=4, SPLIT_K=4))
+        if bm == 64 and N // 64 <= 96:
+            # fourth H100 probe (results/probe_gemm_m64.md, M = 64, 4096^2, bf16 cuBLAS 14.5 us; ncu had the
+            # defaults at 0.48 waves): more K splits. SWAP 64-wide, 4 splits: w4a16 14.9 us (was 17.1),
+            # w8a16 15.0 (15.7), mxfp4 21.1 (25.2); 16-element groups (NV) 8 splits: nvint4 19.7 (20.8),
+            # nvfp4 23.3 (24.0); mxint8: the plain 64-wide 8-warp tile with 4 splits 18.5 (21.6)
+            if kf["GB"] == 32 and epb == 1:
+                cands.insert(0, dict(first, PREFETCH=False, SPLIT_K=4))
+            else:
+                cands.insert(0, dict(swap, BLOCK_N=64, num_warps=4, SPLIT_K=8 if epb == 2 and kf["GB"] == 8 else 4))
     out = []
     for cfg in cands:
         if cfg not in out:
