@@ -20,9 +20,25 @@ from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
 FORMATS = ["w4a16_g128", "w8a16", "mxint8", "nvint4", "nvfp4", "mxfp4"]
+FINE = __import__("os").environ.get("PROBE_FINE") == "1"  # round 2: around the SWAP 64-wide 4-split winner
+
+
+def fine_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    """Round 2 (w4a16 / w8a16 only): K splits 3-5, stages 2-4, code bytes per step x1 / x2."""
+    base = ql.gemm_configs(M, N, K, fmt, False)[0]
+    out = [("default", base)]
+    for sk in (3, 4, 5):
+        for st in (2, 3, 4):
+            for kbm in (1, 2):
+                cfg = dict(base, SPLIT_K=sk, num_stages=st, BLOCK_KB=base["BLOCK_KB"] * kbm)
+                if cfg != base:
+                    out.append((f"swap n64 w4 sk{sk} s{st} kb{cfg['BLOCK_KB']}", cfg))
+    return out
 
 
 def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    if FINE:
+        return fine_variants(fmt, M, N, K)
     cfgs = ql.gemm_configs(M, N, K, fmt, False)
     out = [("default", cfgs[0])]
     swap = next((c for c in cfgs if c.get("SWAP") and c["BLOCK_N"] == 64), None)
@@ -39,7 +55,7 @@ def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    res = Results("probe_gemm_m64")
+    res = Results("probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
     lines = ["| format | config | us | x bf16 | rel err vs quant ref |", "|---|---|---|---|---|"]
     M, N, K = 64, 4096, 4096
     copies = max(2, -(-200_000_000 // (N * K * 2)))
@@ -50,7 +66,7 @@ def main() -> None:
     bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
     res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
     lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
-    for fmt in FORMATS:
+    for fmt in FORMATS[:2] if FINE else FORMATS:
         qts = [quantize(w, fmt) for w in ws]
         args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
         ref = x.double() @ dequantize(qts[0]).double().t()
