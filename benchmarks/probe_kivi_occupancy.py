@@ -20,7 +20,9 @@ from common import Results, graph_time_us, out_dirs, rel_err
 from fxforge.passes.quant.kv import kivi_dequantize, kivi_quantize
 from fxforge.runtime.kivi_attention import kivi_configs, kivi_decode_attention
 
-# (warps, stages, splits, maxnreg or 0)
+SCALES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[__import__("os").environ.get("PROBE_SCALES", "bf16")]
+# (warps, stages, splits, maxnreg or 0). PROBE_SCALES=fp32: 4-byte scales, which Triton's pipeliner can
+# move with cp.async (2-byte bf16 scale loads stay synchronous LDG.U16 in the loop: 64 per step per thread)
 GRID = {2: [(2, 3, 64, 0), (2, 2, 64, 0), (2, 2, 128, 0), (2, 2, 128, 128), (2, 2, 256, 128), (1, 2, 128, 0),
             (1, 2, 256, 0), (2, 3, 128, 0)],
         4: [(1, 2, 128, 0), (1, 2, 256, 0), (2, 2, 128, 168), (2, 2, 128, 0), (4, 2, 64, 0), (4, 2, 128, 0),
@@ -28,7 +30,7 @@ GRID = {2: [(2, 3, 64, 0), (2, 2, 64, 0), (2, 2, 128, 0), (2, 2, 128, 128), (2, 
 
 
 def main() -> None:
-    res = Results("probe_kivi_occupancy")
+    res = Results("probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]))
     lines = ["| impl | warps | stages | splits | maxnreg | us | x SDPA | rel err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
     B, HQ, HKV, S, D = 1, 32, 8, 32768, 128
     torch.manual_seed(0)
@@ -39,7 +41,7 @@ def main() -> None:
     res.add("kv_decode_32k", "sdpa", "time", sdpa, "us")
     lines.append(f"| sdpa | | | | | {sdpa:.2f} | 1.00 | |")
     for bits, grid in GRID.items():
-        caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=torch.bfloat16) for a, b in kv]
+        caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=SCALES) for a, b in kv]
         kd, vd = kivi_dequantize(caches[0])
         ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)
         base = kivi_configs(1, HQ, HKV, D, 32, False, bits=bits, v_group=32)[0]
@@ -47,7 +49,7 @@ def main() -> None:
             cfg = dict(base, num_warps=w, num_stages=st)
             if mr:
                 cfg["maxnreg"] = mr
-            name = f"kivi{bits}[w{w} s{st} sp{splits}" + (f" r{mr}]" if mr else "]")
+            name = f"kivi{bits}{'' if SCALES == torch.bfloat16 else '_' + str(SCALES).split('.')[-1]}[w{w} s{st} sp{splits}" + (f" r{mr}]" if mr else "]")
             try:
                 err = rel_err(kivi_decode_attention(q, caches[0], blocks=dict(cfg), num_splits=splits), ref)
                 us = graph_time_us(lambda i, cfg=cfg, splits=splits, caches=caches: kivi_decode_attention(
