@@ -106,8 +106,10 @@ def _decode(b, ELEM: tl.constexpr, EPB: tl.constexpr):
     else:
         if ELEM == 4:
             lo = _e4m3_value(b.to(tl.int32))
-        else:  # signed bytes: 2^23 + (c + 128) built from bits, minus 2^23 + 128 (no I2F)
-            lo = ((b.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        else:  # signed bytes: 2^23 + (c + 128) built from bits, minus 2^23 + 128 (no I2F). The byte
+            # zero-extended is c + 256·[c < 0], so one XOR with 0x4B000080 flips its bit 7 (c + 128) and
+            # sets the exponent bits of 2^23 (was an add, an OR and a sign extension)
+            lo = (b.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         hi = lo
     return lo, hi
 
