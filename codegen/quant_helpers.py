@@ -57,6 +57,19 @@ def nibble_value(c, ELEM: tl.constexpr):
 
 
 @triton.jit
+def e2m1_at(w, P: tl.constexpr):
+    # The e2m1 code whose bit 0 sits at bit P of the int32 w (other bits ignored), decoded as nibble_value
+    # ELEM 3 does but straight from w: exponent / mantissa bits P+1..P+2 / P to fp32 bits 23-24 / 22 and
+    # bit P+3 to bit 31 take one shift and one mask each, without first extracting the nibble.
+    if P <= 22:
+        lo = (w << (22 - P)) & 0x01C00000
+    else:
+        lo = (w >> (P - 22)) & 0x01C00000
+    bits = lo | ((w << (28 - P)) & -2147483648)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2^126
+
+
+@triton.jit
 def epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE: tl.constexpr, PER_ROW: tl.constexpr,
                    HAS_TS: tl.constexpr, STEP: tl.constexpr):
     # Factors constant along K, applied once to the fp32 accumulator [BLOCK_M, BLOCK_N].

@@ -28,9 +28,9 @@
 # w4a16_g128 8.80 MB (2.93 us at 3.0 TB/s), w8a16 16.80 MB (5.60 us).
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import e2m1_at as _e2m1_at
 from fxforge.codegen.quant_helpers import e4m3_value as _e4m3_value
 from fxforge.codegen.quant_helpers import epilogue_scale as _epilogue_scale
-from fxforge.codegen.quant_helpers import nibble_value as _nibble_value
 from fxforge.codegen.quant_helpers import scale_value as _scale_value
 from fxforge.codegen.quant_helpers import store_out as _store_out
 from fxforge.codegen.quant_helpers import u2f as _u2f
@@ -42,7 +42,7 @@ def _word_fma(part, wd, xi, SHIFT: tl.constexpr, zf3, s3, BITS: tl.constexpr, EL
     # Shift decode (fp4 / fp8 codes): part += x_i * (the code at bit SHIFT of every word, decoded;
     # group-scaled per element unless POST).
     if BITS == 4:
-        v = _nibble_value((wd >> SHIFT) & 15, ELEM)
+        v = _e2m1_at(wd, SHIFT)  # the only 4-bit shift-decoded element type (integer codes: _plane_fma)
     else:
         v = _e4m3_value((wd >> SHIFT) & 255)
     if not PER_ROW and not POST:

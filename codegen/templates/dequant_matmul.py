@@ -69,6 +69,7 @@
 # runtime/quant_linear.py bytes_model() computes these for any shape.
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import e2m1_at as _e2m1_at
 from fxforge.codegen.quant_helpers import e4m3_value as _e4m3_value
 from fxforge.codegen.quant_helpers import epilogue_scale as _epilogue_scale
 from fxforge.codegen.quant_helpers import nibble_value as _nibble_value
@@ -101,8 +102,12 @@ def _decode(b, ELEM: tl.constexpr, EPB: tl.constexpr):
     # and (4-bit only) k = 2j + 1.
     if EPB == 2:
         bi = b.to(tl.int32)
-        lo = _nibble_value(bi & 15, ELEM)
-        hi = _nibble_value((bi >> 4) & 15, ELEM)
+        if ELEM == 3:  # e2m1 straight from the byte (no nibble extraction)
+            lo = _e2m1_at(bi, 0)
+            hi = _e2m1_at(bi, 4)
+        else:
+            lo = _nibble_value(bi & 15, ELEM)
+            hi = _nibble_value((bi >> 4) & 15, ELEM)
     else:
         if ELEM == 4:
             lo = _e4m3_value(b.to(tl.int32))
