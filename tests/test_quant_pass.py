@@ -439,3 +439,23 @@ def test_layer_sqnr_report():
 def _ql_args(gm, node_name):
     node = next(n for n in gm.graph.nodes if n.name == node_name)
     return node.args[1:5]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_gpu_decode_paths_match_float64_reference(fmt):
+    # The decode paths only the GPU compiles (the interpreter keeps the fp32 decodes): the SWAP GEMM's
+    # packed 16-bit uint4 / int4 decode, e2m1 / e4m3 through fp32 subnormals, the words GEMV's mask decode,
+    # the K-split M = 64 defaults. Random codes over every value (subnormal scales included) with bf16 x,
+    # and quantized Gaussian weights with bf16 / fp16 x; M = 1, 3 (words GEMV), 64 (GEMM); N = 200 is
+    # not a multiple of any tile.
+    k, n = 640, 200
+    cases = [(_random_packed(n, k, fmt, seed=11), torch.bfloat16), (_pack(n, k, fmt, seed=12)[1], torch.bfloat16),
+             (_pack(n, k, fmt, seed=13)[1], torch.float16)]
+    g = torch.Generator().manual_seed(14)
+    for qt, dtype in cases:
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, fmt, k)]
+        for m in (1, 3, 64):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            y = ql.quant_linear_apply(x.cuda(), *args).cpu()
+            _check_kernel(y, x, qt, None, gemm=m > ql.GEMV_DISPATCH_M)

@@ -135,6 +135,48 @@ def _decode_zero(b, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.con
 
 
 @triton.jit
+def _decode_zero_packed(b, z, BLOCK_N: tl.constexpr, KE: tl.constexpr, ACT: tl.constexpr):
+    # GPU SWAP path, uint4 codes minus the group's zero point [BLOCK_N] straight in the 16-bit dot dtype,
+    # in element order: BASE | c is the float BASE + c (bf16 0x4300 = 128, fp16 0x6400 = 1024; ulp 1), and
+    # minus BASE + z it is c - z exactly -- the same values the fp32 decode casts. Adjacent elements share
+    # a 32-bit register, so the subtraction runs packed (HADD2) with no fp32 round trip / F2FP.
+    bi = b.to(tl.int32)
+    if ACT == 2:
+        lo = ((bi & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = (((bi >> 4) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        zb = (z + 128.0).to(tl.bfloat16)
+    else:
+        lo = ((bi & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (((bi >> 4) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        zb = (z + 1024.0).to(tl.float16)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, KE)) - zb[:, None]
+
+
+@triton.jit
+def _decode_int4_scaled_packed(b, s, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.constexpr,
+                               KE: tl.constexpr, ACT: tl.constexpr):
+    # GPU SWAP path, int4 two's-complement codes (nvint4) times their group scale s (fp32, exact in the
+    # 16-bit dot dtype: E4M3 values), in the dot dtype: (c ^ 8) | BASE is BASE + c + 8, minus BASE + 8 it
+    # is c exactly; c·s then rounds once, as the fp32 decode's cast of the exact product does.
+    bi = b.to(tl.int32)
+    if ACT == 2:
+        lo = (((bi & 15) ^ 8) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = ((((bi >> 4) & 15) ^ 8) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE)) - 136.0
+        sd = s.to(tl.bfloat16)
+    else:
+        lo = (((bi & 15) ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = ((((bi >> 4) & 15) ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE)) - 1032.0
+        sd = s.to(tl.float16)
+    if BLOCK_KB <= GB:
+        w = w * sd[:, None]
+    else:
+        w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_KB // GB, 2 * GB)) * sd[:, :, None], (BLOCK_N, KE))
+    return w
+
+
+@triton.jit
 def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
                   GB: tl.constexpr, BLOCK_KB: tl.constexpr):
     # Scale (decoded, fp32) and zero point of the groups a K tile touches: [BLOCK_N] when the tile lies
@@ -352,6 +394,12 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     x_rows = x + rm[:, None] * s_xm
     GROUPED_POST: tl.constexpr = POST and (not PER_ROW) and BLOCK_KB <= GB
     KE: tl.constexpr = EPB * BLOCK_KB  # elements of K per step
+    # PACKED: uint4 + zero point, tile inside one group, 16-bit activations, on the GPU: decode straight to
+    # the dot dtype (_decode_zero_packed); the interpreter keeps the fp32 decode (same values)
+    PACKED: tl.constexpr = SWAP and HAS_ZERO and EPB == 2 and GROUPED_POST and ACT != 0 and not INTERPRETED
+    # PACKED_INT4: int4 codes scaled per element (nvint4), same conditions otherwise
+    PACKED_INT4: tl.constexpr = (SWAP and ELEM == 2 and not GROUPED_POST and not PER_ROW and ACT != 0
+                                 and not INTERPRETED)
     # SWAP ("swap AB"): acc^T [BLOCK_N, BLOCK_M] += w [BLOCK_N, KE] @ x^T: the decoded weight tile is the
     # register A operand of wgmma (no shared-memory round trip of the decoded tile; BLOCK_N >= 64 is the
     # wgmma M side), x^T the pipelined shared-memory B operand; transposed back once after the K loop.
@@ -373,12 +421,19 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
             b_nxt = tl.load(c_rows + (j1 + rjb)[None, :], mask=nk_ok & ((j1 + rjb)[None, :] < j_end), other=0)
         else:
             b = tl.load(c_rows + (j0 + rjb)[None, :], mask=nk_ok & ((j0 + rjb)[None, :] < j_end), other=0)
-        lo, hi, s = _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM, SCALE, PER_ROW, HAS_ZERO,
-                                 not GROUPED_POST and not PER_ROW, EPB, GB, BLOCK_N, BLOCK_KB)
-        if EPB == 2:
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE))
+        if PACKED:
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+            w = _decode_zero_packed(b, z, BLOCK_N, KE, ACT)
+        elif PACKED_INT4:
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+            w = _decode_int4_scaled_packed(b, s, BLOCK_N, BLOCK_KB, GB, KE, ACT)
         else:
-            w = lo
+            lo, hi, s = _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM, SCALE, PER_ROW, HAS_ZERO,
+                                     not GROUPED_POST and not PER_ROW, EPB, GB, BLOCK_N, BLOCK_KB)
+            if EPB == 2:
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE))
+            else:
+                w = lo
         rk = EPB * j0 + tl.arange(0, KE)
         xv = tl.load(x_rows + rk[None, :] * s_xk, mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
         if SWAP:
