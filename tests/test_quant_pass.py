@@ -442,6 +442,7 @@ def _ql_args(gm, node_name):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_gpu_decode_paths_match_float64_reference(fmt):
     # The decode paths only the GPU compiles (the interpreter keeps the fp32 decodes): the SWAP GEMM's
