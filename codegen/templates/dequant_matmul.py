@@ -177,6 +177,25 @@ def _decode_int4_scaled_packed(b, s, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constex
 
 
 @triton.jit
+def _decode_e2m1_scaled_packed(b, s, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.constexpr,
+                               KE: tl.constexpr):
+    # GPU SWAP path, e2m1 codes (mxfp4, nvfp4) times their group scale s, straight in bf16: exponent /
+    # mantissa / sign bits moved to bf16 bits 7-8 / 6 / 15 make 2^(e - 127)·(1 + m/2), or the subnormal
+    # m·2^-127 for e = 0, and one packed multiply by 2^126 gives the e2m1 value exactly; times s (E8M0 /
+    # E4M3, exact in bf16) the product is exact too -- the values the fp32 decode casts.
+    bi = b.to(tl.int32)
+    lo = (((bi & 7) << 6) | ((bi & 8) << 12)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    hi = (((bi & 0x70) << 2) | ((bi & 0x80) << 8)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE)) * 8.507059173023462e37  # 2^126
+    sd = s.to(tl.bfloat16)
+    if BLOCK_KB <= GB:
+        w = w * sd[:, None]
+    else:
+        w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_KB // GB, 2 * GB)) * sd[:, :, None], (BLOCK_N, KE))
+    return w
+
+
+@triton.jit
 def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
                   GB: tl.constexpr, BLOCK_KB: tl.constexpr):
     # Scale (decoded, fp32) and zero point of the groups a K tile touches: [BLOCK_N] when the tile lies
@@ -400,6 +419,9 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     # PACKED_INT4: int4 codes scaled per element (nvint4), same conditions otherwise
     PACKED_INT4: tl.constexpr = (SWAP and ELEM == 2 and not GROUPED_POST and not PER_ROW and ACT != 0
                                  and not INTERPRETED)
+    # PACKED_E2M1: e2m1 codes scaled per element (mxfp4, nvfp4), bf16 activations (the scales' range)
+    PACKED_E2M1: tl.constexpr = (SWAP and ELEM == 3 and not GROUPED_POST and not PER_ROW and ACT == 2
+                                 and not INTERPRETED)
     # SWAP ("swap AB"): acc^T [BLOCK_N, BLOCK_M] += w [BLOCK_N, KE] @ x^T: the decoded weight tile is the
     # register A operand of wgmma (no shared-memory round trip of the decoded tile; BLOCK_N >= 64 is the
     # wgmma M side), x^T the pipelined shared-memory B operand; transposed back once after the K loop.
@@ -427,6 +449,9 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
         elif PACKED_INT4:
             s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
             w = _decode_int4_scaled_packed(b, s, BLOCK_N, BLOCK_KB, GB, KE, ACT)
+        elif PACKED_E2M1:
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+            w = _decode_e2m1_scaled_packed(b, s, BLOCK_N, BLOCK_KB, GB, KE)
         else:
             lo, hi, s = _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM, SCALE, PER_ROW, HAS_ZERO,
                                      not GROUPED_POST and not PER_ROW, EPB, GB, BLOCK_N, BLOCK_KB)
