@@ -196,25 +196,44 @@ def _decode_e2m1_scaled_packed(b, s, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constex
 
 
 @triton.jit
-def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
-                  GB: tl.constexpr, BLOCK_KB: tl.constexpr):
-    # Scale (decoded, fp32) and zero point of the groups a K tile touches: [BLOCK_N] when the tile lies
-    # inside one group (BLOCK_KB <= GB), else [BLOCK_N, BLOCK_KB // GB].
+def _group_raw(scales, zeros, rn, j0, N, NB, s_sn, s_zn, HAS_ZERO: tl.constexpr, GB: tl.constexpr,
+               BLOCK_KB: tl.constexpr):
+    # The stored scale (and zero point) of the groups a K tile touches, undecoded: [BLOCK_N] when the tile
+    # lies inside one group (BLOCK_KB <= GB), else [BLOCK_N, BLOCK_KB // GB]; groups past NB read 0.
     n_ok = rn < N
     if BLOCK_KB <= GB:
         g = j0 // GB
-        s = _scale_value(tl.load(scales + rn * s_sn + g, mask=n_ok, other=0), SCALE)
+        g_ok = n_ok & ((rn * 0 + g) < NB)
+        s = tl.load(scales + rn * s_sn + g, mask=g_ok, other=0)
         z = s
-        if HAS_ZERO:  # uint8 zero point -> float by the bit trick (no I2F)
-            z = _u2f(tl.load(zeros + rn * s_zn + g, mask=n_ok, other=0).to(tl.int32))
+        if HAS_ZERO:
+            z = tl.load(zeros + rn * s_zn + g, mask=g_ok, other=0)
     else:
         rg = j0 // GB + tl.arange(0, BLOCK_KB // GB)
         g_ok = n_ok[:, None] & (rg[None, :] < NB)
-        s = _scale_value(tl.load(scales + rn[:, None] * s_sn + rg[None, :], mask=g_ok, other=0), SCALE)
+        s = tl.load(scales + rn[:, None] * s_sn + rg[None, :], mask=g_ok, other=0)
         z = s
         if HAS_ZERO:
-            z = _u2f(tl.load(zeros + rn[:, None] * s_zn + rg[None, :], mask=g_ok, other=0).to(tl.int32))
+            z = tl.load(zeros + rn[:, None] * s_zn + rg[None, :], mask=g_ok, other=0)
     return s, z
+
+
+@triton.jit
+def _group_decode(s, z, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr):
+    # _group_raw's values -> (scale as fp32, zero point as fp32; the uint8 zero point by the bit trick)
+    sv = _scale_value(s, SCALE)
+    zv = sv
+    if HAS_ZERO:
+        zv = _u2f(z.to(tl.int32))
+    return sv, zv
+
+
+@triton.jit
+def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  GB: tl.constexpr, BLOCK_KB: tl.constexpr):
+    # Scale (decoded, fp32) and zero point of the groups a K tile touches (see _group_raw).
+    s, z = _group_raw(scales, zeros, rn, j0, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
+    return _group_decode(s, z, SCALE, HAS_ZERO)
 
 
 @triton.jit
@@ -434,6 +453,9 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     rjb = tl.arange(0, BLOCK_KB)
     c_rows = codes + rn[:, None] * s_cn
     nk_ok = (rn < N)[:, None]
+    ANY_PACKED: tl.constexpr = PACKED or PACKED_INT4 or PACKED_E2M1
+    if ANY_PACKED:  # group params one step ahead: Triton does not pipeline these small loads
+        gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j_start, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
     if PREFETCH:  # the next code tile is loaded before this one is decoded (as in dequant_gemv)
         b_nxt = tl.load(c_rows + (j_start + rjb)[None, :], mask=nk_ok & ((j_start + rjb)[None, :] < j_end), other=0)
     for j0 in range(j_start, j_end, BLOCK_KB):
@@ -443,14 +465,14 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
             b_nxt = tl.load(c_rows + (j1 + rjb)[None, :], mask=nk_ok & ((j1 + rjb)[None, :] < j_end), other=0)
         else:
             b = tl.load(c_rows + (j0 + rjb)[None, :], mask=nk_ok & ((j0 + rjb)[None, :] < j_end), other=0)
+        if ANY_PACKED:  # this step's group params were loaded a step ahead; load the next step's now
+            s, z = _group_decode(gs_nxt, gz_nxt, SCALE, HAS_ZERO)
+            gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j0 + BLOCK_KB, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
         if PACKED:
-            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
             w = _decode_zero_packed(b, z, BLOCK_N, KE, ACT)
         elif PACKED_INT4:
-            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
             w = _decode_int4_scaled_packed(b, s, BLOCK_N, BLOCK_KB, GB, KE, ACT)
         elif PACKED_E2M1:
-            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
             w = _decode_e2m1_scaled_packed(b, s, BLOCK_N, BLOCK_KB, GB, KE)
         else:
             lo, hi, s = _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM, SCALE, PER_ROW, HAS_ZERO,
