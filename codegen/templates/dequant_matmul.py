@@ -453,8 +453,11 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     rjb = tl.arange(0, BLOCK_KB)
     c_rows = codes + rn[:, None] * s_cn
     nk_ok = (rn < N)[:, None]
-    ANY_PACKED: tl.constexpr = PACKED or PACKED_INT4 or PACKED_E2M1
-    if ANY_PACKED:  # group params one step ahead: Triton does not pipeline these small loads
+    # per-element-scaled packed paths: group params one step ahead (Triton does not pipeline these small
+    # loads). H100, M = 64: mxfp4 18.0 -> 16.5 us, nvint4 19.4 -> 18.2, nvfp4 18.3 -> 17.7; the uint4 POST
+    # path got slower with it (14.7 -> 17.9) and loads them in step
+    SCALES_AHEAD: tl.constexpr = PACKED_INT4 or PACKED_E2M1
+    if SCALES_AHEAD:
         gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j_start, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
     if PREFETCH:  # the next code tile is loaded before this one is decoded (as in dequant_gemv)
         b_nxt = tl.load(c_rows + (j_start + rjb)[None, :], mask=nk_ok & ((j_start + rjb)[None, :] < j_end), other=0)
@@ -465,10 +468,11 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
             b_nxt = tl.load(c_rows + (j1 + rjb)[None, :], mask=nk_ok & ((j1 + rjb)[None, :] < j_end), other=0)
         else:
             b = tl.load(c_rows + (j0 + rjb)[None, :], mask=nk_ok & ((j0 + rjb)[None, :] < j_end), other=0)
-        if ANY_PACKED:  # this step's group params were loaded a step ahead; load the next step's now
+        if SCALES_AHEAD:  # this step's group params were loaded a step ahead; load the next step's now
             s, z = _group_decode(gs_nxt, gz_nxt, SCALE, HAS_ZERO)
             gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j0 + BLOCK_KB, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
         if PACKED:
+            s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
             w = _decode_zero_packed(b, z, BLOCK_N, KE, ACT)
         elif PACKED_INT4:
             w = _decode_int4_scaled_packed(b, s, BLOCK_N, BLOCK_KB, GB, KE, ACT)
