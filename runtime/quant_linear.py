@@ -105,12 +105,10 @@ def bytes_model(fmt: str, N: int, K: int, M: int = 1, act_bytes: int = 2, splits
 def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     """GEMV launch configs, default first: BLOCK_M (rows of x per program, next_pow2(M)), BLOCK_N (weight
     rows), BLOCK_KB (code bytes per row per step), POST (grouped formats: scale per group after the
-    partial dot), PREFETCH and, on the GPU, num_warps / num_stages. Defaults = the H100 winners of
-    benchmarks/results/probe_quant.md (M = 1, 4096 x 4096 and 14336 x 4096): 8-bit 8 x 1024 bytes, 4
-    warps, PREFETCH off (9.9 / 27.9 us; PREFETCH on was 1.2-1.5x slower); 4-bit 8 x 256 bytes with
-    per-element group scales (POST off: 15.1 / 43.8 us; POST on 19-57 us). M <= 4: WORDS configs go
-    first (``dequant_gemv_words``: int32 words of codes, one 16- or 8-byte x load per word, no even / odd
-    split; BLOCK_G scale groups of codes per row per step); they won the second probe (numbers below)."""
+    partial dot), PREFETCH and, on the GPU, num_warps / num_stages (and maxnreg for some candidates). M <= 4
+    on the GPU: WORDS configs first (``dequant_gemv_words``: int32 words of codes, mask decode for integer
+    codes, BLOCK_G scale groups of codes per row per step); the byte-tile kernel's configs follow (its H100
+    winners of benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
     if interpreted:  # the interpreter's cost is per program and per op: few, small-but-not-tiny programs

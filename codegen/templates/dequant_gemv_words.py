@@ -10,18 +10,24 @@
 #                         read little-endian: no repacking). A step loads a [BLOCK_N, BLOCK_G, GW] tile of
 #                         words (BLOCK_G whole scale groups of GW words per row; per-row formats: GW is just
 #                         the tile shape) and x[EPW·w .. EPW·w + EPW) for every word with one 16-byte (4-bit)
-#                         / 8-byte (8-bit) load, split in registers: x arrives in the words' layout, so no
-#                         layout conversion and no even / odd split as in the byte-tile GEMV. Element i of
-#                         every word: one shift + mask, the bit-trick decode (OR + FADD; zero points folded
-#                         into the subtracted constant, int8 made offset-binary by one XOR of the word with
-#                         0x80808080) and one FMA with x_i, i = 0 .. EPW - 1 in order. POST (grouped formats):
-#                         the group scale multiplies each word's partial sum once (1/EPW of a multiply per
-#                         element) instead of every element; per-row scales, the tensor scale and the MXINT8
-#                         step are applied in the epilogue. One row of x per program: grid (N tiles, K splits,
-#                         M); with K splits each writes fp32 partials [SPLITS, M, N] for dequant_splitk_reduce.
-#                         Why: second H100 probe (benchmarks/results/probe_quant.md, M = 1, 4096^2 / 4096 x
-#                         14336): 4-bit 10.3 / 22.3 us (byte tiles 14.9 / 43.4), 8-bit 10.1 / 26.7 us (byte
-#                         tiles 9.9 / 27.8: on par, ahead on the larger shape).
+#                         / 8-byte (8-bit) load, split in registers. Integer codes (int8, uint4 + zero point,
+#                         int4) use the mask decode (_plane_fma): element i is read in place at plane J(i)
+#                         (4-bit: J = i for i <= 4, i - 3 after one shift of the word by 12; 8-bit: J = i % 2
+#                         after one shift by 16) as (word & mask_J) | 0x4B000000 = 2^23 + c·2^(BITS·J), one
+#                         LOP3, minus 2^23 + z·2^(BITS·J) (FADD; int8 / int4 made offset-binary by one XOR of
+#                         the word), times x_i pre-scaled by 2^-(BITS·J) (FFMA): products bit-identical to a
+#                         shift-and-mask decode. fp codes (e2m1, e4m3) keep a shift decode. POST (grouped
+#                         formats): the group scale multiplies each word's partial sum once; per-row scales,
+#                         the tensor scale and the MXINT8 step are applied in the epilogue. PREFETCH (1, 2):
+#                         the words of the next step(s) are loaded before this step's math. One row of x per
+#                         program: grid (N tiles, K splits, M); with K splits each writes fp32 partials
+#                         [SPLITS, M, N] for dequant_splitk_reduce.
+#                         H100 (results/quant_gpu.md, session 10; bf16 cuBLAS 15.9 / 42.1 us): 4096^2 /
+#                         4096 x 14336, M = 1: w4a16 8.4 / 18.8 us (was 9.6 / 22.7 before the mask decode and
+#                         prefetch), w8a16 9.5 / 25.0 (10.0 / 26.6), nvint4 10.1 / 27.3, mxfp4 10.9 / 26.8.
+#                         sm_90 loop: ~5 instructions per element (w4a16 16 x 256 B; the shift decode took 6.1).
+#                         ncu (14336 rows, w4a16): 125 registers on triton 3.6 -> 4 CTAs per SM, 1.7 waves,
+#                         issue slots 58% busy -- the tail wave and x's per-CTA reload are what is left.
 #
 # Bytes model: as dequant_matmul.py (runtime/quant_linear.py bytes_model()): N * K * bytes_per_weight(fmt, K,
 # N) + M * K * act_bytes + M * N * out_bytes + 2 * SPLITS * M * N * 4 with K splits; 4096 x 4096, M = 1, bf16:

@@ -24,6 +24,13 @@
 #                         wgmma M side), x^T the cp.async-pipelined B operand, transposed once at the end.
 #                         ptxas sm_90 (Triton 3.9, M=64, 128 x 128 / 64 x 64 bytes): 103-200 registers, no
 #                         spills for every format; PREFETCH=False lets Triton pipeline the code tiles too.
+#                         On the GPU with 16-bit activations the SWAP tile of uint4 + zero point (POST),
+#                         int4 (nvint4) and e2m1 (mxfp4 / nvfp4, bf16) codes is decoded straight to the dot
+#                         dtype in packed pairs (_decode_*_packed: BASE | c minus BASE + z; e2m1 through a
+#                         bf16 subnormal and one multiply by 2^126), the same values as the fp32 decode;
+#                         the per-element-scaled ones load their group scales a K step ahead. H100, M = 64,
+#                         4096^2 (results/quant_gpu.md; bf16 cuBLAS 14.9 us): w8a16 14.3, w4a16 14.9,
+#                         mxfp4 16.3, nvfp4 17.3, nvint4 18.5, mxint8 18.9 us (session 9: 15.7-25.6).
 #   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype (also for
 #                         dequant_gemv_words).
 # The GEMV on int32 words of codes (WORDS configs, first for M <= 4 on the GPU) is dequant_gemv_words.py;
@@ -43,10 +50,11 @@
 #
 # Decoding (exact, integer bit operations only: int -> float conversions are 1/8 of the FP32 rate on the
 # H100, so codes become floats as the bits of 2^23 + c minus 2^23):
-#   elements  int8 (w8a16, mxint8) signed byte; uint4 nibble (minus the group's integer zero point);
-#             int4 (nvint4) two's complement nibble; e2m1 (mxfp4, nvfp4) sign | 2-bit exp | 1-bit mantissa
-#             assembled as fp32 bits; e4m3 (w8a16_fp8, mxfp8) built from its bits (exponent e + 120,
-#             subnormals m · 2^-9).
+#   elements  int8 (w8a16, mxint8) signed byte (one XOR of the zero-extended byte with 0x4B000080);
+#             uint4 nibble (minus the group's integer zero point); int4 (nvint4) two's complement nibble;
+#             e2m1 (mxfp4, nvfp4) and e4m3 (w8a16_fp8, mxfp8): the code's bits moved into an fp32 whose
+#             zero exponent is a subnormal, times 2^126 / 2^120 (exact, no selects; mul.f32 keeps
+#             subnormals).
 #   scales    bf16 / fp32 loaded as floats; E8M0 code c -> 2^(c - 127) built as the fp32 bits c << 23
 #             (c = 0 -> 2^-127); E4M3 decoded in-kernel from the stored uint8 bits (1 byte per scale,
 #             the storage counted by metrics.bytes_per_weight: nothing is pre-decoded at pack time).
