@@ -151,14 +151,13 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
 def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     """Tensor-core launch configs for M > GEMV_MAX_M, default first (tl.dot needs 16+ on every side).
     BLOCK_M covers up to 64 rows, so each weight tile is decoded once per K step for all of them; SPLIT_K
-    None: ``auto_split_k_gemm`` (enough programs for the SMs). Defaults = the H100 winners of
-    benchmarks/results/probe_quant.md at M = 64, 4096^2 (19.3-26 us vs bf16 15.1: all still slower):
-    per-row / g128 formats: 32-wide N tiles, the group scale after the partial dot (POST); groups < 64
-    bytes (MX, NV, g32 / g64): per-element scaling over a 128-element K tile (POST on 16-32 byte groups
-    was 1.7x slower), NV formats 64 x 32 bytes with 4 K splits. Second and third: SWAP ("swap AB": the
-    decoded weight tile is wgmma's register A operand, x^T the cp.async-pipelined B operand; no
-    shared-memory round trip for the decoded tile; ptxas sm_90: 103-200 registers, no spills) with wide
-    N tiles (128 / 64) + split-K and PREFETCH off (the code tiles then go through cp.async too)."""
+    None: ``auto_split_k_gemm`` (enough programs for the SMs). Small M: a 32-wide plain tile (group scale
+    after the partial dot, POST, for per-row / g128 formats; per-element scaling over a 128-element K tile
+    for smaller groups), SWAP ("swap AB": the decoded weight tile is wgmma's register A operand, x^T the
+    cp.async-pipelined B operand) with 64 / 128-wide tiles. At M = 33..64 with at most 96 64-row tiles the
+    defaults are the session-10 H100 winners (results/probe_gemm_m64*.md, quant_gpu.md; bf16 cuBLAS 14.9 us
+    at 4096^2): SWAP 64-wide with 4 K splits (8 for 16-element groups), mxint8 / mxfp8 the plain 64-wide
+    8-warp tile with 4 splits."""
     kf = kernel_format(fmt)
     if interpreted:
         return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_KB": 32, "GROUP_M": 8}]
