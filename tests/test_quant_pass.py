@@ -100,6 +100,18 @@ def test_decoding_of_every_code_and_scale_is_exact(fmt):
     assert torch.equal(QL(x, *_args(qt, None, fmt, k)), want)
     for r in range(0, k, 16):
         assert torch.equal(ql.quant_linear_apply(x[r:r + 16], *_args(qt, None, fmt, k), split_k=2), want[r:r + 16])
+    # the words GEMV (mask decode for integer codes with POST, shift decode otherwise), 4 rows at a time;
+    # K = 84 so per-row formats have whole int32 words of codes too
+    k = 84
+    qt = _random_packed(n, k, fmt, seed=4)
+    x = torch.eye(k)
+    want = dequantize(qt).T
+    words = [{"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 1, "WORDS": True, "POST": post, "PREFETCH": pf}
+             for post, pf in ((True, 1), (False, 0), (True, 2))]
+    for i, cfg in enumerate(words):
+        for r in range(i, k, 12):  # a few row blocks per config keeps the interpreter time down
+            got = ql.quant_linear_apply(x[r:r + 4], *_args(qt, None, fmt, k), config=dict(cfg), split_k=1 + r % 3)
+            assert torch.equal(got, want[r:r + 4]), (cfg, r)
 
 
 CASES = [  # (M, K, N, activation dtype, bias, split_k): K never a multiple of the block

@@ -43,14 +43,22 @@ from fxforge.codegen.quant_helpers import u2f as _u2f
 
 
 @triton.jit
-def _word_fma(part, wd, xi, SHIFT: tl.constexpr, zf3, s3, BITS: tl.constexpr, ELEM: tl.constexpr,
+def _word_fma(part, wd, xi, SHIFT: tl.constexpr, z3, s3, BITS: tl.constexpr, ELEM: tl.constexpr,
               PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr, POST: tl.constexpr):
-    # Shift decode (fp4 / fp8 codes): part += x_i * (the code at bit SHIFT of every word, decoded;
-    # group-scaled per element unless POST).
+    # Shift decode: part += x_i * (the code at bit SHIFT of every word, decoded; group-scaled per element
+    # unless POST). fp codes always; integer codes when scaled per element (POST off: the mask decode's
+    # 2^(BITS·J) factor would meet the scale before x and could overflow where (c - z)·s does not). z3: the
+    # code's offset (zero point; 8 / 128 after the int4 / int8 XOR), subtracted with 2^23 by the bit trick.
     if BITS == 4:
-        v = _e2m1_at(wd, SHIFT)  # the only 4-bit shift-decoded element type (integer codes: _plane_fma)
+        if ELEM == 3:
+            v = _e2m1_at(wd, SHIFT)
+        else:
+            v = (((wd >> SHIFT) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (z3 + 8388608.0)
     else:
-        v = _e4m3_value((wd >> SHIFT) & 255)
+        if ELEM == 4:
+            v = _e4m3_value((wd >> SHIFT) & 255)
+        else:
+            v = (((wd >> SHIFT) & 255) | 0x4B000000).to(tl.float32, bitcast=True) - (z3 + 8388608.0)
     if not PER_ROW and not POST:
         v = v * s3
     return part + xi[None, :, :] * v
@@ -83,7 +91,9 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     # buffering: Triton does not pipeline loads that feed no tl.dot), so each warp keeps loads in flight
     # while it decodes.
     EPW: tl.constexpr = 32 // BITS  # elements per word
-    MASKED: tl.constexpr = ELEM <= 2  # integer codes: mask decode (_plane_fma); fp codes: shift decode
+    # integer codes: mask decode (_plane_fma), unless scaled per element (POST off on a grouped format);
+    # fp codes: shift decode (_word_fma)
+    MASKED: tl.constexpr = ELEM <= 2 and (POST or PER_ROW)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -101,9 +111,10 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     ie = tl.arange(0, EPW)
     # mask decode: element i of a word is read at plane J(i) (see below), so x_i is pre-scaled by 2^-(BITS·J)
     if BITS == 4:
-        xsc = tl.exp2(-4.0 * tl.where(ie <= 4, ie, ie - 3).to(tl.float32))
+        plane = tl.where(ie <= 4, ie, ie - 3)
     else:
-        xsc = tl.exp2(-8.0 * (ie % 2).to(tl.float32))
+        plane = ie % 2
+    xsc = ((127 - BITS * plane) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS·J) from its bits: exact
     rw0 = rg[:, None] * GW + rt[None, :]  # [BLOCK_G, GW] word offsets of a step
     if PREFETCH >= 1:
         rw = w_start + rw0
@@ -131,7 +142,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
         # zq: the code's offset (zero point, 8 for int4, 128 for int8); z3 its float per (row, group)
         if PER_ROW:  # scales in the epilogue; s3 is not read
             s3 = tl.zeros((BLOCK_N, BLOCK_G, 1), dtype=tl.float32)
-            z3 = s3 + (128.0 if BITS == 8 else 0.0)
+            z3 = s3 + (8.0 if ELEM == 2 else (128.0 if BITS == 8 else 0.0))
         else:
             g = w0 // GW + rg
             g_ok = n_ok[:, None] & (g[None, :] < NB)
