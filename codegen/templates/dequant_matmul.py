@@ -143,64 +143,55 @@ def _decode_zero(b, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.con
 
 
 @triton.jit
-def _decode_zero_packed(b, z, BLOCK_N: tl.constexpr, KE: tl.constexpr, ACT: tl.constexpr):
-    # GPU SWAP path, uint4 codes minus the group's zero point [BLOCK_N] straight in the 16-bit dot dtype,
-    # in element order: BASE | c is the float BASE + c (bf16 0x4300 = 128, fp16 0x6400 = 1024; ulp 1), and
-    # minus BASE + z it is c - z exactly -- the same values the fp32 decode casts. Adjacent elements share
-    # a 32-bit register, so the subtraction runs packed (HADD2) with no fp32 round trip / F2FP.
-    bi = b.to(tl.int32)
+def _as_dot_dtype(lo, hi, BLOCK_N: tl.constexpr, KE: tl.constexpr, ACT: tl.constexpr):
+    # int32 bit patterns of 16-bit floats for the low / high nibble of each code byte -> the [BLOCK_N, KE]
+    # tile in the dot dtype (bf16 for ACT 2, else fp16), in element order: adjacent elements share a
+    # 32-bit register, so the arithmetic on the tile runs packed (HADD2 / HMUL2).
     if ACT == 2:
-        lo = ((bi & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        hi = (((bi >> 4) & 15) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        zb = (z + 128.0).to(tl.bfloat16)
+        lo = lo.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = hi.to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
-        lo = ((bi & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        hi = (((bi >> 4) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        zb = (z + 1024.0).to(tl.float16)
-    return tl.reshape(tl.join(lo, hi), (BLOCK_N, KE)) - zb[:, None]
+        lo = lo.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = hi.to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, KE))
 
 
 @triton.jit
-def _decode_int4_scaled_packed(b, s, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.constexpr,
-                               KE: tl.constexpr, ACT: tl.constexpr):
+def _decode_zero_packed(b, z, BLOCK_N: tl.constexpr, KE: tl.constexpr, ACT: tl.constexpr):
+    # GPU SWAP path, uint4 codes minus the group's zero point [BLOCK_N] straight in the 16-bit dot dtype:
+    # BASE | c is the float BASE + c (bf16 0x4300 = 128, fp16 0x6400 = 1024; ulp 1), and minus BASE + z
+    # it is c - z exactly -- the same values the fp32 decode casts, with no fp32 round trip / F2FP.
+    BASE: tl.constexpr = 0x4300 if ACT == 2 else 0x6400
+    bi = b.to(tl.int32)
+    w = _as_dot_dtype((bi & 15) | BASE, ((bi >> 4) & 15) | BASE, BLOCK_N, KE, ACT)
+    return w - (z + (128.0 if ACT == 2 else 1024.0)).to(w.dtype)[:, None]
+
+
+@triton.jit
+def _decode_int4_scaled_packed(b, s, BLOCK_N: tl.constexpr, GB: tl.constexpr, KE: tl.constexpr,
+                               ACT: tl.constexpr):
     # GPU SWAP path, int4 two's-complement codes (nvint4) times their group scale s (fp32, exact in the
     # 16-bit dot dtype: E4M3 values), in the dot dtype: (c ^ 8) | BASE is BASE + c + 8, minus BASE + 8 it
     # is c exactly; c·s then rounds once, as the fp32 decode's cast of the exact product does.
+    BASE: tl.constexpr = 0x4300 if ACT == 2 else 0x6400
     bi = b.to(tl.int32)
-    if ACT == 2:
-        lo = (((bi & 15) ^ 8) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        hi = ((((bi >> 4) & 15) ^ 8) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE)) - 136.0
-        sd = s.to(tl.bfloat16)
-    else:
-        lo = (((bi & 15) ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        hi = ((((bi >> 4) & 15) ^ 8) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE)) - 1032.0
-        sd = s.to(tl.float16)
-    if BLOCK_KB <= GB:
-        w = w * sd[:, None]
-    else:
-        w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_KB // GB, 2 * GB)) * sd[:, :, None], (BLOCK_N, KE))
-    return w
+    w = _as_dot_dtype(((bi & 15) ^ 8) | BASE, (((bi >> 4) & 15) ^ 8) | BASE, BLOCK_N, KE, ACT)
+    w = w - (136.0 if ACT == 2 else 1032.0)
+    sd = s.to(w.dtype)  # the element group is 2·GB elements of the tile
+    return _apply_group(w, sd, sd, BLOCK_N, KE, 2 * GB, False)
 
 
 @triton.jit
-def _decode_e2m1_scaled_packed(b, s, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.constexpr,
-                               KE: tl.constexpr):
+def _decode_e2m1_scaled_packed(b, s, BLOCK_N: tl.constexpr, GB: tl.constexpr, KE: tl.constexpr):
     # GPU SWAP path, e2m1 codes (mxfp4, nvfp4) times their group scale s, straight in bf16: exponent /
     # mantissa / sign bits moved to bf16 bits 7-8 / 6 / 15 make 2^(e - 127)·(1 + m/2), or the subnormal
     # m·2^-127 for e = 0, and one packed multiply by 2^126 gives the e2m1 value exactly; times s (E8M0 /
     # E4M3, exact in bf16) the product is exact too -- the values the fp32 decode casts.
     bi = b.to(tl.int32)
-    lo = (((bi & 7) << 6) | ((bi & 8) << 12)).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    hi = (((bi & 0x70) << 2) | ((bi & 0x80) << 8)).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE)) * 8.507059173023462e37  # 2^126
+    w = _as_dot_dtype(((bi & 7) << 6) | ((bi & 8) << 12), ((bi & 0x70) << 2) | ((bi & 0x80) << 8), BLOCK_N, KE, 2)
+    w = w * 8.507059173023462e37  # 2^126
     sd = s.to(tl.bfloat16)
-    if BLOCK_KB <= GB:
-        w = w * sd[:, None]
-    else:
-        w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_KB // GB, 2 * GB)) * sd[:, :, None], (BLOCK_N, KE))
-    return w
+    return _apply_group(w, sd, sd, BLOCK_N, KE, 2 * GB, False)
 
 
 @triton.jit
@@ -483,9 +474,9 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
             s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
             w = _decode_zero_packed(b, z, BLOCK_N, KE, ACT)
         elif PACKED_INT4:
-            w = _decode_int4_scaled_packed(b, s, BLOCK_N, BLOCK_KB, GB, KE, ACT)
+            w = _decode_int4_scaled_packed(b, s, BLOCK_N, GB, KE, ACT)
         elif PACKED_E2M1:
-            w = _decode_e2m1_scaled_packed(b, s, BLOCK_N, BLOCK_KB, GB, KE)
+            w = _decode_e2m1_scaled_packed(b, s, BLOCK_N, GB, KE)
         else:
             lo, hi, s = _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM, SCALE, PER_ROW, HAS_ZERO,
                                      not GROUPED_POST and not PER_ROW, EPB, GB, BLOCK_N, BLOCK_KB)
