@@ -44,7 +44,7 @@ from fxforge.codegen.quant_helpers import u2f as _u2f
 
 @triton.jit
 def _word_fma(part, wd, xi, SHIFT: tl.constexpr, z3, s3, BITS: tl.constexpr, ELEM: tl.constexpr,
-              PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr, POST: tl.constexpr):
+              PER_ROW: tl.constexpr, POST: tl.constexpr):
     # Shift decode: part += x_i * (the code at bit SHIFT of every word, decoded; group-scaled per element
     # unless POST). fp codes always; integer codes when scaled per element (POST off: the mask decode's
     # 2^(BITS·J) factor would meet the scale before x and could overflow where (c - z)·s does not). z3: the
@@ -186,14 +186,14 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                 part = _plane_fma(part, wh, x6, mask0 << 12, zf3, s3, PER_ROW, POST)
                 part = _plane_fma(part, wh, x7, mask0 << 16, zf4, s3, PER_ROW, POST)
             else:
-                part = _word_fma(part, wd, x0, 0, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x1, 4, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x2, 8, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x3, 12, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x4, 16, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x5, 20, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x6, 24, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x7, 28, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x0, 0, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x1, 4, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x2, 8, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x3, 12, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x4, 16, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x5, 20, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x6, 24, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x7, 28, z3, s3, BITS, ELEM, PER_ROW, POST)
         else:
             xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 2, 2)))  # elements 0 2 | 1 3
             x0, x2 = tl.split(xe)
@@ -207,10 +207,10 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                 part = _plane_fma(part, wh, x2, mask0, zf0, s3, PER_ROW, POST)
                 part = _plane_fma(part, wh, x3, mask0 << 8, zf1, s3, PER_ROW, POST)
             else:
-                part = _word_fma(part, wd, x0, 0, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x1, 8, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x2, 16, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
-                part = _word_fma(part, wd, x3, 24, z3, s3, BITS, ELEM, PER_ROW, HAS_ZERO, POST)
+                part = _word_fma(part, wd, x0, 0, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x1, 8, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x2, 16, z3, s3, BITS, ELEM, PER_ROW, POST)
+                part = _word_fma(part, wd, x3, 24, z3, s3, BITS, ELEM, PER_ROW, POST)
         if PER_ROW:
             acc3 = part
         elif POST:
