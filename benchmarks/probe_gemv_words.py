@@ -10,6 +10,7 @@ Usage (repo root): ``python benchmarks/probe_gemv_words.py`` -> $OUT and benchma
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -24,15 +25,18 @@ from fxforge.runtime import quant_linear as ql
 
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
 FORMATS = ["w8a16", "w4a16_g128", "nvint4", "mxint8", "mxfp4", "nvfp4"]
-# (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, maxnreg or 0). Round 2 (round 1 in git
-# history: depth 1 won at 4-bit, n16 x 256 B 18.7 us / n8 x 512 B 8.1 us; 8-bit n16 x 256 B 24.2 / n8 x 512 B 9.4)
-GRID4 = [(16, 256, 4, 1, 0), (16, 256, 4, 2, 0), (8, 512, 4, 1, 0), (8, 512, 4, 2, 0), (16, 128, 4, 2, 0),
-         (8, 256, 4, 2, 0), (16, 256, 4, 2, 96), (32, 128, 4, 2, 0), (8, 1024, 4, 1, 0), (4, 1024, 4, 1, 0),
-         (16, 256, 8, 2, 0)]
-GRID8 = [(16, 256, 4, 1, 0), (16, 256, 4, 2, 0), (8, 512, 4, 2, 0), (8, 1024, 4, 1, 0), (8, 1024, 4, 2, 0),
-         (16, 128, 4, 2, 0), (32, 128, 4, 2, 0), (16, 512, 4, 2, 0), (32, 256, 4, 2, 0), (16, 256, 8, 2, 0),
-         (16, 256, 4, 2, 48)]
-SHORT = {"nvint4", "mxint8", "mxfp4", "nvfp4"}  # first 6 grid points only
+# (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, PREFETCH_X, LOOP_STAGES). Round 6 (session
+# 11; round 5 found PREFETCH_X worth 5-15%): the [group, row, word] tile layout (several rows per thread share one conversion of x), the per-plane
+# exponent decode (x unscaled), PREFETCH_X (x and the group scales / zero points of the next step loaded with
+# its words) and LOOP_STAGES (tl.range(num_stages=...): Triton pipelines the loads it finds in the loop --
+# with PREFETCH 1 those of x / scales -- through cp.async). Rounds 1-4: git history, results/probe_gemv_words*.
+GRID4 = [(16, 512, 4, 1, 1, 1), (16, 256, 4, 1, 1, 1), (16, 256, 4, 2, 1, 1), (16, 512, 4, 2, 1, 1),
+         (16, 512, 8, 1, 1, 1), (8, 512, 4, 1, 1, 1), (16, 256, 4, 1, 1, 3), (8, 512, 4, 2, 1, 1),
+         (32, 512, 8, 1, 1, 1), (16, 1024, 8, 1, 1, 1), (32, 256, 8, 2, 1, 1)]
+GRID8 = [(16, 256, 4, 1, 1, 1), (16, 256, 4, 2, 1, 1), (16, 1024, 8, 1, 1, 1), (8, 512, 4, 1, 1, 1),
+         (8, 512, 4, 2, 1, 1), (8, 512, 2, 1, 1, 1), (16, 512, 8, 1, 1, 1), (32, 256, 8, 2, 1, 1),
+         (16, 512, 4, 1, 1, 1), (8, 1024, 4, 1, 1, 1)]
+SHORT = {"nvint4", "mxint8", "mxfp4", "nvfp4"}  # first 8 grid points only
 
 
 def time_config(x, args, fmt, K, cfg, copies) -> float:
@@ -59,15 +63,12 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
         gb = 4 * ql.WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
         grid = GRID4 if kf["EPB"] == 2 else GRID8
         if fmt in SHORT:
-            grid = grid[:6]
+            grid = grid[:8]
         impl = fmt.split("_")[0]
-        for bn, kbytes, w, pf, mr in grid:
+        for bn, kbytes, w, pf, pfx, ls in grid:
             cfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
-                   "PREFETCH": pf, "num_warps": w, "num_stages": 1}
-            name = f"n{bn} kb{kbytes} w{w} pf{pf}"
-            if mr:
-                cfg["maxnreg"] = mr
-                name += f" r{mr}"
+                   "PREFETCH": pf, "PREFETCH_X": pfx, "LOOP_STAGES": ls, "num_warps": w, "num_stages": 1}
+            name = f"n{bn} kb{kbytes} w{w} pf{pf}{'x' if pfx else ''} ls{ls}"
             try:
                 err = rel_err(ql.quant_linear_apply(x, *args[0], None, fmt, K, config=dict(cfg)), ref)
                 us = time_config(x, args, fmt, K, cfg, copies)
@@ -86,7 +87,7 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
 
 def main() -> None:
     t0 = time.time()
-    res = Results("probe_gemv_words")
+    res = Results(os.environ.get("PROBE_NAME", "probe_gemv_words"))
     lines = ["| workload | impl | config | us | x bf16 | frac HBM | rel err vs quant ref |", "|---|---|---|---|---|---|---|"]
     torch.manual_seed(0)
     for wl, (N, K) in SHAPES.items():

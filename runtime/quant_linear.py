@@ -105,9 +105,9 @@ def bytes_model(fmt: str, N: int, K: int, M: int = 1, act_bytes: int = 2, splits
 def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     """GEMV launch configs, default first: BLOCK_M (rows of x per program, next_pow2(M)), BLOCK_N (weight
     rows), BLOCK_KB (code bytes per row per step), POST (grouped formats: scale per group after the
-    partial dot), PREFETCH and, on the GPU, num_warps / num_stages (and maxnreg for some candidates). M <= 4
+    partial dot), PREFETCH and, on the GPU, num_warps / num_stages. M <= 4
     on the GPU: WORDS configs first (``dequant_gemv_words``: int32 words of codes, mask decode for integer
-    codes, BLOCK_G scale groups of codes per row per step); the byte-tile kernel's configs follow (its H100
+    codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X); the byte-tile kernel's configs follow (its H100
     winners of benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
@@ -125,25 +125,25 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
                "num_warps": w, "num_stages": st}
         if cfg not in out:
             out.append(cfg)
-    if M <= 4:  # words: (BLOCK_N, bytes of codes per row per step, warps, PREFETCH depth, maxnreg or 0)
-        # H100 probes of the mask-decode kernel (benchmarks/results/probe_gemv_words*.md, M = 1, bf16 cuBLAS
-        # 15.6-16.2 / 41.7 us): 8 rows x 512 B won every format at 4096^2 (w4a16 8.1-8.2, w8a16 9.4,
-        # nvint4 10.0, mxfp4 12.2 us) and the fp4 / nvint4 formats at 14336 rows too; at 14336 rows w4a16
-        # and the 8-bit formats ran best with 16 rows x 256 B (19.0 / 24.2-24.5 us; 8 x 512 B: 21.9 / 26.2).
-        # Deeper prefetch (2) and a 48-96 register cap did not help; ncu: the 16-row w4a16 launch is
-        # register-limited to 4 CTAs per SM on triton 3.6 (125 registers), 1.7 waves.
+    if M <= 4:  # words: (BLOCK_N, bytes of codes per row per step, warps, PREFETCH_X)
+        # H100 probes of the [group, row, word] tile kernel (benchmarks/results/probe_gemv_words_r5.md, _r6.md,
+        # M = 1, bf16 cuBLAS 15.6 / 41.7 us): with x and the group scales prefetched with the next step's words
+        # (PREFETCH_X, 5-15% faster everywhere) 16 rows x 256 B won every format at 14336 rows (w4a16 17.6,
+        # w8a16 22.8-23.1 us), 16 x 512 B the 4-bit formats at 4096^2 (w4a16 7.2 us), 16 x 1024 B over 8 warps
+        # the 8-bit ones (w8a16 9.0 us). Deeper prefetch (2), the cp.async loop pipeline (LOOP_STAGES) and
+        # 32-row tiles did not win anywhere by more than the ~3% run-to-run spread.
         gb = 4 * WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
-        big = N >= 8192 and (kf["EPB"] == 1 or gb >= 64)  # 16-row tiles need 16-word (64 B) groups
-        wc = [(16, 256, 4, 1, 0), (8, 512, 4, 1, 0)] if big else [(8, 512, 4, 1, 0), (16, 256, 4, 1, 0)]
-        wc += ([(8, 256, 4, 2, 0), (16, 128, 4, 2, 0), (16, 256, 4, 1, 80), (16, 256, 4, 1, 64)] if kf["EPB"] == 2 else
-               [(8, 1024, 4, 1, 0), (16, 128, 4, 2, 0), (32, 256, 4, 2, 0), (16, 256, 4, 1, 48)])
+        if N >= 8192:
+            wc = [(16, 256, 4, 1), (8, 512, 4, 1), (16, 512, 4, 1)]
+        elif kf["EPB"] == 2:
+            wc = [(16, 512, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1)]
+        else:
+            wc = [(16, 1024, 8, 1), (8, 1024, 4, 1), (8, 512, 4, 1)]
+        wc += [(16, 256, 4, 0), (8, 512, 4, 0)]
         words = []
-        for bn, kbytes, w, pf, mr in wc:
-            cfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
-                   "PREFETCH": pf, "num_warps": w, "num_stages": 1}
-            if mr:
-                cfg["maxnreg"] = mr
-            words.append(cfg)
+        for bn, kbytes, w, pfx in wc:
+            words.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
+                          "PREFETCH": 1, "PREFETCH_X": pfx, "num_warps": w, "num_stages": 1})
         out = words + out
     return out
 

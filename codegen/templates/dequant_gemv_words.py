@@ -46,9 +46,8 @@ from fxforge.codegen.quant_helpers import u2f as _u2f
 def _word_fma(part, wd, xi, SHIFT: tl.constexpr, z3, s3, BITS: tl.constexpr, ELEM: tl.constexpr,
               PER_ROW: tl.constexpr, POST: tl.constexpr):
     # Shift decode: part += x_i * (the code at bit SHIFT of every word, decoded; group-scaled per element
-    # unless POST). fp codes always; integer codes when scaled per element (POST off: the mask decode's
-    # 2^(BITS·J) factor would meet the scale before x and could overflow where (c - z)·s does not). z3: the
-    # code's offset (zero point; 8 / 128 after the int4 / int8 XOR), subtracted with 2^23 by the bit trick.
+    # unless POST). fp codes always; integer codes when scaled per element (POST off). z3: the code's
+    # offset (zero point; 8 / 128 after the int4 / int8 XOR), subtracted with 2^23 by the bit trick.
     if BITS == 4:
         if ELEM == 3:
             v = _e2m1_at(wd, SHIFT)
@@ -61,20 +60,31 @@ def _word_fma(part, wd, xi, SHIFT: tl.constexpr, z3, s3, BITS: tl.constexpr, ELE
             v = (((wd >> SHIFT) & 255) | 0x4B000000).to(tl.float32, bitcast=True) - (z3 + 8388608.0)
     if not PER_ROW and not POST:
         v = v * s3
-    return part + xi[None, :, :] * v
+    return part + xi[:, None, :] * v
 
 
 @triton.jit
-def _plane_fma(part, src, xi, mask, zf, s3, PER_ROW: tl.constexpr, POST: tl.constexpr):
-    # Mask decode (integer codes): the plane's code c sits at bits BITS·J of src under mask = (2^BITS - 1)
-    # << BITS·J, so (src & mask) | 0x4B000000 is the float 2^23 + c·2^(BITS·J) (one LOP3, no shift) and
-    # minus zf = 2^23 + z·2^(BITS·J) it is (c - z)·2^(BITS·J) exactly; xi arrives pre-scaled by 2^-(BITS·J),
-    # so the product equals x_i·(c - z) bit for bit. mask is a runtime value so that ptxas keeps the masks
-    # in registers (as immediates it re-materialized one MOV per use: 0.6 instructions per element).
-    v = ((src & mask) | 0x4B000000).to(tl.float32, bitcast=True) - zf
-    if not PER_ROW and not POST:
-        v = v * s3
-    return part + xi[None, :, :] * v
+def _plane_fma(part, src, xi, mask, EXP: tl.constexpr, zf):
+    # Mask decode (integer codes, scaled after the partial dot): the plane's code c sits at bits BITS·J of
+    # src under mask = (2^BITS - 1) << BITS·J; OR-ed with the exponent field EXP = (150 - BITS·J) << 23 it is
+    # the float 2^(23 - BITS·J)·(1 + c·2^(BITS·J - 23)) = 2^(23 - BITS·J) + c (one LOP3, no shift, exact),
+    # and minus zf = 2^(23 - BITS·J) + z it is c - z exactly: x_i is used as loaded. mask is a runtime
+    # value so that ptxas keeps the masks in registers (as immediates it re-materialized one MOV per use).
+    v = ((src & mask) | EXP).to(tl.float32, bitcast=True) - zf
+    return part + xi[:, None, :] * v
+
+
+@triton.jit
+def _x_step(xr, rw, ie, s_xk, K, EPW: tl.constexpr):
+    # x[EPW·w .. EPW·w + EPW) for every word w of a step, as stored: one contiguous 16 / 8-byte load per word
+    kx = rw[:, :, None] * EPW + ie[None, None, :]
+    return tl.load(xr + kx * s_xk, mask=kx < K, other=0.0)
+
+
+@triton.jit
+def _group_step(ptr, rn, n_ok, g, NB, stride):
+    # one value per (group g, row rn) of a step: [BLOCK_G, BLOCK_N], as stored
+    return tl.load(ptr + rn[None, :] * stride + g[:, None], mask=(g[:, None] < NB) & n_ok[None, :], other=0)
 
 
 @triton.jit
@@ -84,12 +94,18 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                        HAS_ZERO: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr,
                        GW: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_G: tl.constexpr, INTERPRETED: tl.constexpr, POST: tl.constexpr = True,
-                       PREFETCH: tl.constexpr = 1):
+                       PREFETCH: tl.constexpr = 1, LOOP_STAGES: tl.constexpr = 1,
+                       PREFETCH_X: tl.constexpr = 0):
     # codes: int32 words [N, KW]; ELEM / SCALE / PER_ROW / HAS_ZERO / HAS_TS / STEP as in dequant_matmul.py
     # (runtime/quant_linear.py kernel_format); KW_PER_SPLIT a multiple of BLOCK_G * GW; mask0 = 2^BITS - 1.
     # PREFETCH (0, 1, 2): the words of the next 1 or 2 steps are loaded before this step's math (register
     # buffering: Triton does not pipeline loads that feed no tl.dot), so each warp keeps loads in flight
     # while it decodes.
+    # Tiles are [BLOCK_G, BLOCK_N, GW] (group, row, word): with the words contiguous and the other two axes
+    # tied, Triton's coalescing gives the lanes to the words and then the groups of one row, and the warps
+    # (and register repeats) to the rows, so each thread holds several rows of the same words and converts
+    # each x element once for all of them (rows on the lanes made every thread convert its own copy of x:
+    # 7.4 instead of ~3.5 instructions per element on triton 3.6).
     EPW: tl.constexpr = 32 // BITS  # elements per word
     # integer codes: mask decode (_plane_fma), unless scaled per element (POST off on a grouped format);
     # fp codes: shift decode (_word_fma)
@@ -102,64 +118,92 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     rg = tl.arange(0, BLOCK_G)
     rt = tl.arange(0, GW)
     TW: tl.constexpr = BLOCK_G * GW
-    acc3 = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_G, BLOCK_N, GW), dtype=tl.float32)
     w_start = pid_k * KW_PER_SPLIT
     w_end = tl.minimum(w_start + KW_PER_SPLIT, KW)
     xr = x + m * s_xm
-    c_rows = codes + rn[:, None, None] * s_cn
-    n_ok3 = n_ok[:, None, None]
+    c_rows = codes + rn[None, :, None] * s_cn
+    n_ok3 = n_ok[None, :, None]
     ie = tl.arange(0, EPW)
-    # mask decode: element i of a word is read at plane J(i) (see below), so x_i is pre-scaled by 2^-(BITS·J)
-    if BITS == 4:
-        plane = tl.where(ie <= 4, ie, ie - 3)
-    else:
-        plane = ie % 2
-    xsc = ((127 - BITS * plane) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS·J) from its bits: exact
     rw0 = rg[:, None] * GW + rt[None, :]  # [BLOCK_G, GW] word offsets of a step
     if PREFETCH >= 1:
         rw = w_start + rw0
-        wd_next = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
+        wd_next = tl.load(c_rows + rw[:, None, :], mask=n_ok3 & (rw < w_end)[:, None, :], other=0)
+        if PREFETCH_X:  # x and the group scales / zero points of the next step too (their L2 latency)
+            x_next = _x_step(xr, rw, ie, s_xk, K, EPW)
+            if not PER_ROW:
+                s_next = _group_step(scales, rn, n_ok, w_start // GW + rg, NB, s_sn)
+                if HAS_ZERO:
+                    z_next = _group_step(zeros, rn, n_ok, w_start // GW + rg, NB, s_zn)
     if PREFETCH >= 2:
         rw = w_start + TW + rw0
-        wd_next2 = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
-    for w0 in range(w_start, w_end, TW):
+        wd_next2 = tl.load(c_rows + rw[:, None, :], mask=n_ok3 & (rw < w_end)[:, None, :], other=0)
+        if PREFETCH_X:
+            x_next2 = _x_step(xr, rw, ie, s_xk, K, EPW)
+            if not PER_ROW:
+                s_next2 = _group_step(scales, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_sn)
+                if HAS_ZERO:
+                    z_next2 = _group_step(zeros, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_zn)
+    for w0 in tl.range(w_start, w_end, TW, num_stages=LOOP_STAGES):
         rw = w0 + rw0
         if PREFETCH == 2:
             wd = wd_next
             wd_next = wd_next2
             rwn = rw + 2 * TW
-            wd_next2 = tl.load(c_rows + rwn[None, :, :], mask=n_ok3 & (rwn < w_end)[None, :, :], other=0)
+            wd_next2 = tl.load(c_rows + rwn[:, None, :], mask=n_ok3 & (rwn < w_end)[:, None, :], other=0)
         elif PREFETCH == 1:
             wd = wd_next
             rwn = rw + TW
-            wd_next = tl.load(c_rows + rwn[None, :, :], mask=n_ok3 & (rwn < w_end)[None, :, :], other=0)
+            wd_next = tl.load(c_rows + rwn[:, None, :], mask=n_ok3 & (rwn < w_end)[:, None, :], other=0)
         else:
-            wd = tl.load(c_rows + rw[None, :, :], mask=n_ok3 & (rw < w_end)[None, :, :], other=0)
+            wd = tl.load(c_rows + rw[:, None, :], mask=n_ok3 & (rw < w_end)[:, None, :], other=0)
+        g = w0 // GW + rg
+        if PREFETCH_X and PREFETCH == 2:
+            x_raw = x_next
+            x_next = x_next2
+            x_next2 = _x_step(xr, rw + 2 * TW, ie, s_xk, K, EPW)
+            if not PER_ROW:
+                s_raw = s_next
+                s_next = s_next2
+                s_next2 = _group_step(scales, rn, n_ok, g + 2 * BLOCK_G, NB, s_sn)
+                if HAS_ZERO:
+                    z_raw = z_next
+                    z_next = z_next2
+                    z_next2 = _group_step(zeros, rn, n_ok, g + 2 * BLOCK_G, NB, s_zn)
+        elif PREFETCH_X and PREFETCH == 1:
+            x_raw = x_next
+            x_next = _x_step(xr, rw + TW, ie, s_xk, K, EPW)
+            if not PER_ROW:
+                s_raw = s_next
+                s_next = _group_step(scales, rn, n_ok, g + BLOCK_G, NB, s_sn)
+                if HAS_ZERO:
+                    z_raw = z_next
+                    z_next = _group_step(zeros, rn, n_ok, g + BLOCK_G, NB, s_zn)
+        else:
+            x_raw = _x_step(xr, rw, ie, s_xk, K, EPW)
+            if not PER_ROW:
+                s_raw = _group_step(scales, rn, n_ok, g, NB, s_sn)
+                if HAS_ZERO:
+                    z_raw = _group_step(zeros, rn, n_ok, g, NB, s_zn)
         if BITS == 8 and ELEM != 4:
             wd = wd ^ -2139062144  # 0x80808080: signed bytes -> offset binary c + 128
         if ELEM == 2:
             wd = wd ^ -2004318072  # 0x88888888: int4 two's complement -> offset binary c + 8
-        # zq: the code's offset (zero point, 8 for int4, 128 for int8); z3 its float per (row, group)
+        # zq: the code's offset (zero point, 8 for int4, 128 for int8); z3 its float per (group, row)
         if PER_ROW:  # scales in the epilogue; s3 is not read
-            s3 = tl.zeros((BLOCK_N, BLOCK_G, 1), dtype=tl.float32)
+            s3 = tl.zeros((BLOCK_G, BLOCK_N, 1), dtype=tl.float32)
             z3 = s3 + (8.0 if ELEM == 2 else (128.0 if BITS == 8 else 0.0))
         else:
-            g = w0 // GW + rg
-            g_ok = n_ok[:, None] & (g[None, :] < NB)
-            s3 = _scale_value(tl.load(scales + rn[:, None] * s_sn + g[None, :], mask=g_ok, other=0), SCALE)[:, :, None]
+            s3 = _scale_value(s_raw, SCALE)[:, :, None]
             if HAS_ZERO:
-                z3 = _u2f(tl.load(zeros + rn[:, None] * s_zn + g[None, :], mask=g_ok, other=0).to(tl.int32))[:, :, None]
+                z3 = _u2f(z_raw.to(tl.int32))[:, :, None]
             else:
-                z3 = tl.zeros((BLOCK_N, BLOCK_G, 1), dtype=tl.float32) + (8.0 if ELEM == 2 else (128.0 if BITS == 8 else 0.0))
-        # x[EPW·w .. EPW·w + EPW) for every word w: one contiguous 16 / 8-byte load per word, split in registers
-        kx = rw[:, :, None] * EPW + ie[None, None, :]
-        xv = tl.load(xr + kx * s_xk, mask=kx < K, other=0.0).to(tl.float32)
-        if MASKED:
-            xv = xv * xsc[None, None, :]
+                z3 = tl.zeros((BLOCK_G, BLOCK_N, 1), dtype=tl.float32) + (8.0 if ELEM == 2 else (128.0 if BITS == 8 else 0.0))
+        xv = x_raw.to(tl.float32)  # split into the words' elements in registers below
         if PER_ROW:  # no per-group factor: accumulate straight into acc3 (saves one FADD per word)
             part = acc3
         else:
-            part = tl.zeros((BLOCK_N, BLOCK_G, GW), dtype=tl.float32)
+            part = tl.zeros((BLOCK_G, BLOCK_N, GW), dtype=tl.float32)
         if BITS == 4:
             xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 4, 2)))  # elements 0 2 4 6 | 1 3 5 7
             xee, xeo = tl.split(tl.reshape(xe, (BLOCK_G, GW, 2, 2)))  # 0 4 | 2 6
@@ -170,21 +214,21 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
             x3, x7 = tl.split(xoo)
             if MASKED:
                 # planes J = 0..4 of the word (bits 0..19) and, after one shift by 12, J = 2..4 for
-                # elements 5..7 (bits 20..31): 2^23 + c·16^J stays below 2^23 + 2^20, exact
+                # elements 5..7 (bits 20..31); the float of plane J is 2^(23 - 4J) + c
                 zf0 = z3 + 8388608.0
-                zf1 = z3 * 16.0 + 8388608.0
-                zf2 = z3 * 256.0 + 8388608.0
-                zf3 = z3 * 4096.0 + 8388608.0
-                zf4 = z3 * 65536.0 + 8388608.0
+                zf1 = z3 + 524288.0
+                zf2 = z3 + 32768.0
+                zf3 = z3 + 2048.0
+                zf4 = z3 + 128.0
                 wh = wd >> 12
-                part = _plane_fma(part, wd, x0, mask0, zf0, s3, PER_ROW, POST)
-                part = _plane_fma(part, wd, x1, mask0 << 4, zf1, s3, PER_ROW, POST)
-                part = _plane_fma(part, wd, x2, mask0 << 8, zf2, s3, PER_ROW, POST)
-                part = _plane_fma(part, wd, x3, mask0 << 12, zf3, s3, PER_ROW, POST)
-                part = _plane_fma(part, wd, x4, mask0 << 16, zf4, s3, PER_ROW, POST)
-                part = _plane_fma(part, wh, x5, mask0 << 8, zf2, s3, PER_ROW, POST)
-                part = _plane_fma(part, wh, x6, mask0 << 12, zf3, s3, PER_ROW, POST)
-                part = _plane_fma(part, wh, x7, mask0 << 16, zf4, s3, PER_ROW, POST)
+                part = _plane_fma(part, wd, x0, mask0, 0x4B000000, zf0)
+                part = _plane_fma(part, wd, x1, mask0 << 4, 0x49000000, zf1)
+                part = _plane_fma(part, wd, x2, mask0 << 8, 0x47000000, zf2)
+                part = _plane_fma(part, wd, x3, mask0 << 12, 0x45000000, zf3)
+                part = _plane_fma(part, wd, x4, mask0 << 16, 0x43000000, zf4)
+                part = _plane_fma(part, wh, x5, mask0 << 8, 0x47000000, zf2)
+                part = _plane_fma(part, wh, x6, mask0 << 12, 0x45000000, zf3)
+                part = _plane_fma(part, wh, x7, mask0 << 16, 0x43000000, zf4)
             else:
                 part = _word_fma(part, wd, x0, 0, z3, s3, BITS, ELEM, PER_ROW, POST)
                 part = _word_fma(part, wd, x1, 4, z3, s3, BITS, ELEM, PER_ROW, POST)
@@ -198,14 +242,14 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
             xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 2, 2)))  # elements 0 2 | 1 3
             x0, x2 = tl.split(xe)
             x1, x3 = tl.split(xo)
-            if MASKED:  # bytes 0, 1 at planes J = 0, 1; bytes 2, 3 the same after one shift by 16
+            if MASKED:  # bytes 0, 1 at planes J = 0, 1 (floats 2^23 + c, 2^15 + c); bytes 2, 3 after a shift by 16
                 zf0 = z3 + 8388608.0
-                zf1 = z3 * 256.0 + 8388608.0
+                zf1 = z3 + 32768.0
                 wh = wd >> 16
-                part = _plane_fma(part, wd, x0, mask0, zf0, s3, PER_ROW, POST)
-                part = _plane_fma(part, wd, x1, mask0 << 8, zf1, s3, PER_ROW, POST)
-                part = _plane_fma(part, wh, x2, mask0, zf0, s3, PER_ROW, POST)
-                part = _plane_fma(part, wh, x3, mask0 << 8, zf1, s3, PER_ROW, POST)
+                part = _plane_fma(part, wd, x0, mask0, 0x4B000000, zf0)
+                part = _plane_fma(part, wd, x1, mask0 << 8, 0x47000000, zf1)
+                part = _plane_fma(part, wh, x2, mask0, 0x4B000000, zf0)
+                part = _plane_fma(part, wh, x3, mask0 << 8, 0x47000000, zf1)
             else:
                 part = _word_fma(part, wd, x0, 0, z3, s3, BITS, ELEM, PER_ROW, POST)
                 part = _word_fma(part, wd, x1, 8, z3, s3, BITS, ELEM, PER_ROW, POST)
@@ -217,7 +261,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
             acc3 += part * s3
         else:
             acc3 += part
-    acc = tl.sum(tl.sum(acc3, 2), 1)[None, :]  # [1, BLOCK_N]
+    acc = tl.sum(tl.sum(acc3, 2), 0)[None, :]  # [1, BLOCK_N]
     acc = _epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE, PER_ROW, HAS_TS, STEP)
     rm = m + tl.arange(0, 1)
     if SPLIT:
