@@ -24,18 +24,19 @@ from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
-FORMATS = ["w8a16", "w4a16_g128", "nvint4", "mxint8", "mxfp4", "nvfp4"]
-# (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, PREFETCH_X, LOOP_STAGES). Round 6 (session
-# 11; round 5 found PREFETCH_X worth 5-15%): the [group, row, word] tile layout (several rows per thread share one conversion of x), the per-plane
+FORMATS = [f for f in ["w8a16", "w4a16_g128", "nvint4", "mxint8", "mxfp4", "nvfp4"]
+           if f in os.environ.get("PROBE_FORMATS", "w8a16,w4a16_g128,nvint4,mxint8,mxfp4,nvfp4").split(",")]
+# (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, PREFETCH_X, LOOP_STAGES). Round 7 (session
+# 11; round 5 found PREFETCH_X worth 5-15%, round 6 the defaults; round 7 looks for the last few % of w8a16): the [group, row, word] tile layout (several rows per thread share one conversion of x), the per-plane
 # exponent decode (x unscaled), PREFETCH_X (x and the group scales / zero points of the next step loaded with
 # its words) and LOOP_STAGES (tl.range(num_stages=...): Triton pipelines the loads it finds in the loop --
 # with PREFETCH 1 those of x / scales -- through cp.async). Rounds 1-4: git history, results/probe_gemv_words*.
-GRID4 = [(16, 512, 4, 1, 1, 1), (16, 256, 4, 1, 1, 1), (16, 256, 4, 2, 1, 1), (16, 512, 4, 2, 1, 1),
-         (16, 512, 8, 1, 1, 1), (8, 512, 4, 1, 1, 1), (16, 256, 4, 1, 1, 3), (8, 512, 4, 2, 1, 1),
-         (32, 512, 8, 1, 1, 1), (16, 1024, 8, 1, 1, 1), (32, 256, 8, 2, 1, 1)]
-GRID8 = [(16, 256, 4, 1, 1, 1), (16, 256, 4, 2, 1, 1), (16, 1024, 8, 1, 1, 1), (8, 512, 4, 1, 1, 1),
-         (8, 512, 4, 2, 1, 1), (8, 512, 2, 1, 1, 1), (16, 512, 8, 1, 1, 1), (32, 256, 8, 2, 1, 1),
-         (16, 512, 4, 1, 1, 1), (8, 1024, 4, 1, 1, 1)]
+GRID4 = [(16, 512, 4, 1, 1, 1), (16, 256, 4, 1, 1, 1), (16, 1024, 8, 1, 1, 1), (8, 1024, 4, 1, 1, 1),
+         (16, 256, 2, 1, 1, 1), (16, 128, 4, 1, 1, 1), (32, 128, 4, 1, 1, 1), (8, 256, 2, 1, 1, 1)]
+GRID8 = [(16, 1024, 8, 1, 1, 1), (16, 256, 4, 1, 1, 1), (16, 2048, 8, 1, 1, 1), (8, 2048, 4, 1, 1, 1),
+         (32, 1024, 8, 1, 1, 1), (16, 1024, 4, 1, 1, 1), (16, 1024, 16, 1, 1, 1), (16, 2048, 16, 1, 1, 1),
+         (16, 256, 2, 1, 1, 1), (16, 128, 4, 1, 1, 1), (8, 256, 2, 1, 1, 1), (32, 128, 4, 1, 1, 1),
+         (16, 512, 8, 1, 1, 1), (8, 128, 2, 1, 1, 1)]
 SHORT = {"nvint4", "mxint8", "mxfp4", "nvfp4"}  # first 8 grid points only
 
 
