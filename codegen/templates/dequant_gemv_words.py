@@ -7,27 +7,36 @@
 #   dequant_gemv_words    BITS 4 or 8 (constexpr). Codes viewed as int32 [N, KW] (KW = code bytes / 4): word
 #                         w of a row holds EPW = 32 / BITS consecutive elements k = EPW·w .. EPW·w + EPW - 1,
 #                         element EPW·w + i in bits BITS·i .. BITS·i + BITS - 1 (the formats.py byte layout
-#                         read little-endian: no repacking). A step loads a [BLOCK_N, BLOCK_G, GW] tile of
-#                         words (BLOCK_G whole scale groups of GW words per row; per-row formats: GW is just
-#                         the tile shape) and x[EPW·w .. EPW·w + EPW) for every word with one 16-byte (4-bit)
-#                         / 8-byte (8-bit) load, split in registers. Integer codes (int8, uint4 + zero point,
-#                         int4) use the mask decode (_plane_fma): element i is read in place at plane J(i)
-#                         (4-bit: J = i for i <= 4, i - 3 after one shift of the word by 12; 8-bit: J = i % 2
-#                         after one shift by 16) as (word & mask_J) | 0x4B000000 = 2^23 + c·2^(BITS·J), one
-#                         LOP3, minus 2^23 + z·2^(BITS·J) (FADD; int8 / int4 made offset-binary by one XOR of
-#                         the word), times x_i pre-scaled by 2^-(BITS·J) (FFMA): products bit-identical to a
-#                         shift-and-mask decode. fp codes (e2m1, e4m3) keep a shift decode. POST (grouped
-#                         formats): the group scale multiplies each word's partial sum once; per-row scales,
-#                         the tensor scale and the MXINT8 step are applied in the epilogue. PREFETCH (1, 2):
-#                         the words of the next step(s) are loaded before this step's math. One row of x per
-#                         program: grid (N tiles, K splits, M); with K splits each writes fp32 partials
-#                         [SPLITS, M, N] for dequant_splitk_reduce.
-#                         H100 (results/quant_gpu.md, session 10; bf16 cuBLAS 15.9 / 42.1 us): 4096^2 /
-#                         4096 x 14336, M = 1: w4a16 8.4 / 18.8 us (was 9.6 / 22.7 before the mask decode and
-#                         prefetch), w8a16 9.5 / 25.0 (10.0 / 26.6), nvint4 10.1 / 27.3, mxfp4 10.9 / 26.8.
-#                         sm_90 loop: ~5 instructions per element (w4a16 16 x 256 B; the shift decode took 6.1).
-#                         ncu (14336 rows, w4a16): 125 registers on triton 3.6 -> 4 CTAs per SM, 1.7 waves,
-#                         issue slots 58% busy -- the tail wave and x's per-CTA reload are what is left.
+#                         read little-endian: no repacking). A step loads a [BLOCK_G, BLOCK_N, GW] tile of
+#                         words (group, row, word: BLOCK_G whole scale groups of GW words per row; per-row
+#                         formats: GW is just the tile shape) and x[EPW·w .. EPW·w + EPW) for every word with
+#                         one 16-byte (4-bit) / 8-byte (8-bit) load, split in registers. With the rows in the
+#                         middle, Triton gives the lanes to the words and groups of one row and the warps to
+#                         the rows, so a thread holds several rows of the same words and converts each x
+#                         element once for all of them (rows first put them on the lanes: each thread
+#                         converted its own x, 7.4 instead of 5.4 instructions per element on triton 3.6).
+#                         Integer codes (int8, uint4 + zero point, int4) use the mask decode (_plane_fma):
+#                         element i is read in place at plane J(i) (4-bit: J = i for i <= 4, i - 3 after one
+#                         shift of the word by 12; 8-bit: J = i % 2 after one shift by 16): (word & mask_J) |
+#                         exponent(2^(23 - BITS·J)) is the float 2^(23 - BITS·J) + c (one LOP3), minus
+#                         2^(23 - BITS·J) + z (FADD; int8 / int4 made offset-binary by one XOR of the word),
+#                         times x_i as loaded (FFMA): products bit-identical to a shift-and-mask decode. fp
+#                         codes (e2m1, e4m3) keep a shift decode. POST (grouped formats): the group scale
+#                         multiplies each word's partial sum once; per-row scales, the tensor scale and the
+#                         MXINT8 step are applied in the epilogue. PREFETCH (1, 2): the words of the next
+#                         step(s) are loaded before this step's math; PREFETCH_X: x and the group scales /
+#                         zero points of the next step(s) too (their L2 latency was on every step's critical
+#                         path: 5-15% on the H100). LOOP_STAGES: tl.range(num_stages=...), Triton's cp.async
+#                         pipeline of the loads it finds in the loop (measured, not a default: slower or even).
+#                         One row of x per program: grid (N tiles, K splits, M); with K splits each writes fp32
+#                         partials [SPLITS, M, N] for dequant_splitk_reduce.
+#                         H100 (results/quant_gpu.md, session 11; bf16 cuBLAS 15.8 / 42.2 us): 4096^2 /
+#                         4096 x 14336, M = 1: w4a16 7.1 / 17.5 us (session 10: 8.4 / 18.8), w8a16 9.0 / 23.2
+#                         (9.5 / 25.0), nvint4 7.1 / 18.3, mxfp4 8.0 / 20.5, nvfp4 8.4 / 21.1, mxint8 9.0 / 23.5.
+#                         sm_90 loop (triton 3.6): 5.5 instructions per element (w4a16 16 x 256 B: 3 decode +
+#                         FMA, the rest x's conversion through shared memory -- 6 barriers per step -- and
+#                         addressing). ncu (14336 rows, w4a16): 96 registers, 5 CTAs per SM, 1.36 waves, issue
+#                         slots 58% busy, 34% of stalls on global-load scoreboards (before PREFETCH_X).
 #
 # Bytes model: as dequant_matmul.py (runtime/quant_linear.py bytes_model()): N * K * bytes_per_weight(fmt, K,
 # N) + M * K * act_bytes + M * N * out_bytes + 2 * SPLITS * M * N * 4 with K splits; 4096 x 4096, M = 1, bf16:
