@@ -26,17 +26,17 @@ from fxforge.runtime import quant_linear as ql
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
 FORMATS = [f for f in ["w8a16", "w4a16_g128", "nvint4", "mxint8", "mxfp4", "nvfp4"]
            if f in os.environ.get("PROBE_FORMATS", "w8a16,w4a16_g128,nvint4,mxint8,mxfp4,nvfp4").split(",")]
-# (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, PREFETCH_X, LOOP_STAGES). Round 7 (session
-# 11; round 5 found PREFETCH_X worth 5-15%, round 6 the defaults; round 7 looks for the last few % of w8a16): the [group, row, word] tile layout (several rows per thread share one conversion of x), the per-plane
+# (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, PREFETCH_X, LOOP_STAGES, XT). Round 8
+# (session 11; r5 found PREFETCH_X worth 5-15%, r6 the defaults, r7 nothing more in tiles / warps): XT, x
+# loaded as [word, group, element] (lanes in the words' order: 126 -> 96 registers, 343 -> 326 instructions
+# per w4a16 step on triton 3.6): the [group, row, word] tile layout (several rows per thread share one conversion of x), the per-plane
 # exponent decode (x unscaled), PREFETCH_X (x and the group scales / zero points of the next step loaded with
 # its words) and LOOP_STAGES (tl.range(num_stages=...): Triton pipelines the loads it finds in the loop --
 # with PREFETCH 1 those of x / scales -- through cp.async). Rounds 1-4: git history, results/probe_gemv_words*.
-GRID4 = [(16, 512, 4, 1, 1, 1), (16, 256, 4, 1, 1, 1), (16, 1024, 8, 1, 1, 1), (8, 1024, 4, 1, 1, 1),
-         (16, 256, 2, 1, 1, 1), (16, 128, 4, 1, 1, 1), (32, 128, 4, 1, 1, 1), (8, 256, 2, 1, 1, 1)]
-GRID8 = [(16, 1024, 8, 1, 1, 1), (16, 256, 4, 1, 1, 1), (16, 2048, 8, 1, 1, 1), (8, 2048, 4, 1, 1, 1),
-         (32, 1024, 8, 1, 1, 1), (16, 1024, 4, 1, 1, 1), (16, 1024, 16, 1, 1, 1), (16, 2048, 16, 1, 1, 1),
-         (16, 256, 2, 1, 1, 1), (16, 128, 4, 1, 1, 1), (8, 256, 2, 1, 1, 1), (32, 128, 4, 1, 1, 1),
-         (16, 512, 8, 1, 1, 1), (8, 128, 2, 1, 1, 1)]
+GRID4 = [(16, 512, 4, 1, 1, 1, 0), (16, 512, 4, 1, 1, 1, 1), (16, 256, 4, 1, 1, 1, 0), (16, 256, 4, 1, 1, 1, 1),
+         (8, 512, 4, 1, 1, 1, 1), (16, 256, 2, 1, 1, 1, 1), (32, 256, 8, 1, 1, 1, 1), (16, 1024, 8, 1, 1, 1, 1)]
+GRID8 = [(16, 1024, 8, 1, 1, 1, 0), (16, 1024, 8, 1, 1, 1, 1), (16, 256, 4, 1, 1, 1, 0), (16, 256, 4, 1, 1, 1, 1),
+         (8, 512, 4, 1, 1, 1, 1), (16, 512, 4, 1, 1, 1, 1), (8, 256, 2, 1, 1, 1, 1), (32, 256, 8, 1, 1, 1, 1)]
 SHORT = {"nvint4", "mxint8", "mxfp4", "nvfp4"}  # first 8 grid points only
 
 
@@ -66,10 +66,10 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
         if fmt in SHORT:
             grid = grid[:8]
         impl = fmt.split("_")[0]
-        for bn, kbytes, w, pf, pfx, ls in grid:
+        for bn, kbytes, w, pf, pfx, ls, xt in grid:
             cfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
-                   "PREFETCH": pf, "PREFETCH_X": pfx, "LOOP_STAGES": ls, "num_warps": w, "num_stages": 1}
-            name = f"n{bn} kb{kbytes} w{w} pf{pf}{'x' if pfx else ''} ls{ls}"
+                   "PREFETCH": pf, "PREFETCH_X": pfx, "LOOP_STAGES": ls, "XT": xt, "num_warps": w, "num_stages": 1}
+            name = f"n{bn} kb{kbytes} w{w} pf{pf}{'x' if pfx else ''} ls{ls}{' xt' if xt else ''}"
             try:
                 err = rel_err(ql.quant_linear_apply(x, *args[0], None, fmt, K, config=dict(cfg)), ref)
                 us = time_config(x, args, fmt, K, cfg, copies)

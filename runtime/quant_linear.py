@@ -107,7 +107,7 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     rows), BLOCK_KB (code bytes per row per step), POST (grouped formats: scale per group after the
     partial dot), PREFETCH and, on the GPU, num_warps / num_stages. M <= 4
     on the GPU: WORDS configs first (``dequant_gemv_words``: int32 words of codes, mask decode for integer
-    codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X); the byte-tile kernel's configs follow (its H100
+    codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X, XT); the byte-tile kernel's configs follow (its H100
     winners of benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
@@ -140,10 +140,13 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
         else:
             wc = [(16, 1024, 8, 1), (8, 1024, 4, 1), (8, 512, 4, 1)]
         wc += [(16, 256, 4, 0), (8, 512, 4, 0)]
+        # XT (x loaded as [word, group, element], its lanes in the codes' order: fewer registers and shared-
+        # memory round trips) for integer codes: probe r8 2-5% faster; the fp4 formats were even or slower
+        xt = 1 if kf["ELEM"] <= 2 else 0
         words = []
         for bn, kbytes, w, pfx in wc:
             words.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
-                          "PREFETCH": 1, "PREFETCH_X": pfx, "num_warps": w, "num_stages": 1})
+                          "PREFETCH": 1, "PREFETCH_X": pfx, "XT": xt if pfx else 0, "num_warps": w, "num_stages": 1})
         out = words + out
     return out
 

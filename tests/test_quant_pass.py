@@ -106,9 +106,9 @@ def test_decoding_of_every_code_and_scale_is_exact(fmt):
     qt = _random_packed(n, k, fmt, seed=4)
     x = torch.eye(k)
     want = dequantize(qt).T
-    # (x and the group scales of the next step prefetched with its words: PREFETCH_X)
-    words = [{"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 1, "WORDS": True, "POST": post, "PREFETCH": pf, "PREFETCH_X": pfx}
-             for post, pf, pfx in ((True, 1, 1), (False, 0, 0), (True, 2, 1), (False, 1, 1))]
+    # (x and the group scales of the next step prefetched with its words: PREFETCH_X; x as [word, group, element]: XT)
+    words = [{"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 1, "WORDS": True, "POST": post, "PREFETCH": pf, "PREFETCH_X": pfx,
+              "XT": xt} for post, pf, pfx, xt in ((True, 1, 1, 1), (False, 0, 0, 0), (True, 2, 1, 0), (False, 1, 1, 1))]
     for i, cfg in enumerate(words):
         for r in range(i, k, 16):  # a few row blocks per config keeps the interpreter time down
             got = ql.quant_linear_apply(x[r:r + 4], *_args(qt, None, fmt, k), config=dict(cfg), split_k=1 + r % 3)

@@ -26,8 +26,10 @@
 #                         MXINT8 step are applied in the epilogue. PREFETCH (1, 2): the words of the next
 #                         step(s) are loaded before this step's math; PREFETCH_X: x and the group scales /
 #                         zero points of the next step(s) too (their L2 latency was on every step's critical
-#                         path: 5-15% on the H100). LOOP_STAGES: tl.range(num_stages=...), Triton's cp.async
-#                         pipeline of the loads it finds in the loop (measured, not a default: slower or even).
+#                         path: 5-15% on the H100). XT: x loaded as [word, group, element] (its lanes then
+#                         follow the codes' order: 126 -> 96 registers, 343 -> 326 instructions per w4a16
+#                         step on triton 3.6; 2-5% for integer codes). LOOP_STAGES: tl.range(num_stages=...),
+#                         Triton's cp.async pipeline of the loop's loads (measured, not a default: slower).
 #                         One row of x per program: grid (N tiles, K splits, M); with K splits each writes fp32
 #                         partials [SPLITS, M, N] for dequant_splitk_reduce.
 #                         H100 (results/quant_gpu.md, session 11; bf16 cuBLAS 15.8 / 42.2 us): 4096^2 /
@@ -84,9 +86,13 @@ def _plane_fma(part, src, xi, mask, EXP: tl.constexpr, zf):
 
 
 @triton.jit
-def _x_step(xr, rw, ie, s_xk, K, EPW: tl.constexpr):
+def _x_step(xr, rw, ie, s_xk, K, EPW: tl.constexpr, XT: tl.constexpr = 0):
     # x[EPW·w .. EPW·w + EPW) for every word w of a step, as stored: one contiguous 16 / 8-byte load per word
-    kx = rw[:, :, None] * EPW + ie[None, None, :]
+    # ([BLOCK_G, GW, EPW]; XT: [GW, BLOCK_G, EPW])
+    if XT:
+        kx = tl.trans(rw)[:, :, None] * EPW + ie[None, None, :]
+    else:
+        kx = rw[:, :, None] * EPW + ie[None, None, :]
     return tl.load(xr + kx * s_xk, mask=kx < K, other=0.0)
 
 
@@ -104,7 +110,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                        GW: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_G: tl.constexpr, INTERPRETED: tl.constexpr, POST: tl.constexpr = True,
                        PREFETCH: tl.constexpr = 1, LOOP_STAGES: tl.constexpr = 1,
-                       PREFETCH_X: tl.constexpr = 0):
+                       PREFETCH_X: tl.constexpr = 0, XT: tl.constexpr = 0):
     # codes: int32 words [N, KW]; ELEM / SCALE / PER_ROW / HAS_ZERO / HAS_TS / STEP as in dequant_matmul.py
     # (runtime/quant_linear.py kernel_format); KW_PER_SPLIT a multiple of BLOCK_G * GW; mask0 = 2^BITS - 1.
     # PREFETCH (0, 1, 2): the words of the next 1 or 2 steps are loaded before this step's math (register
@@ -139,7 +145,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
         rw = w_start + rw0
         wd_next = tl.load(c_rows + rw[:, None, :], mask=n_ok3 & (rw < w_end)[:, None, :], other=0)
         if PREFETCH_X:  # x and the group scales / zero points of the next step too (their L2 latency)
-            x_next = _x_step(xr, rw, ie, s_xk, K, EPW)
+            x_next = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
             if not PER_ROW:
                 s_next = _group_step(scales, rn, n_ok, w_start // GW + rg, NB, s_sn)
                 if HAS_ZERO:
@@ -148,7 +154,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
         rw = w_start + TW + rw0
         wd_next2 = tl.load(c_rows + rw[:, None, :], mask=n_ok3 & (rw < w_end)[:, None, :], other=0)
         if PREFETCH_X:
-            x_next2 = _x_step(xr, rw, ie, s_xk, K, EPW)
+            x_next2 = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
             if not PER_ROW:
                 s_next2 = _group_step(scales, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_sn)
                 if HAS_ZERO:
@@ -170,7 +176,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
         if PREFETCH_X and PREFETCH == 2:
             x_raw = x_next
             x_next = x_next2
-            x_next2 = _x_step(xr, rw + 2 * TW, ie, s_xk, K, EPW)
+            x_next2 = _x_step(xr, rw + 2 * TW, ie, s_xk, K, EPW, XT)
             if not PER_ROW:
                 s_raw = s_next
                 s_next = s_next2
@@ -181,7 +187,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                     z_next2 = _group_step(zeros, rn, n_ok, g + 2 * BLOCK_G, NB, s_zn)
         elif PREFETCH_X and PREFETCH == 1:
             x_raw = x_next
-            x_next = _x_step(xr, rw + TW, ie, s_xk, K, EPW)
+            x_next = _x_step(xr, rw + TW, ie, s_xk, K, EPW, XT)
             if not PER_ROW:
                 s_raw = s_next
                 s_next = _group_step(scales, rn, n_ok, g + BLOCK_G, NB, s_sn)
@@ -189,7 +195,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                     z_raw = z_next
                     z_next = _group_step(zeros, rn, n_ok, g + BLOCK_G, NB, s_zn)
         else:
-            x_raw = _x_step(xr, rw, ie, s_xk, K, EPW)
+            x_raw = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
             if not PER_ROW:
                 s_raw = _group_step(scales, rn, n_ok, g, NB, s_sn)
                 if HAS_ZERO:
@@ -214,13 +220,21 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
         else:
             part = tl.zeros((BLOCK_G, BLOCK_N, GW), dtype=tl.float32)
         if BITS == 4:
-            xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 4, 2)))  # elements 0 2 4 6 | 1 3 5 7
-            xee, xeo = tl.split(tl.reshape(xe, (BLOCK_G, GW, 2, 2)))  # 0 4 | 2 6
-            xoe, xoo = tl.split(tl.reshape(xo, (BLOCK_G, GW, 2, 2)))  # 1 5 | 3 7
+            if XT:
+                xe, xo = tl.split(tl.reshape(xv, (GW, BLOCK_G, 4, 2)))  # elements 0 2 4 6 | 1 3 5 7
+                xee, xeo = tl.split(tl.reshape(xe, (GW, BLOCK_G, 2, 2)))  # 0 4 | 2 6
+                xoe, xoo = tl.split(tl.reshape(xo, (GW, BLOCK_G, 2, 2)))  # 1 5 | 3 7
+            else:
+                xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 4, 2)))  # elements 0 2 4 6 | 1 3 5 7
+                xee, xeo = tl.split(tl.reshape(xe, (BLOCK_G, GW, 2, 2)))  # 0 4 | 2 6
+                xoe, xoo = tl.split(tl.reshape(xo, (BLOCK_G, GW, 2, 2)))  # 1 5 | 3 7
             x0, x4 = tl.split(xee)
             x2, x6 = tl.split(xeo)
             x1, x5 = tl.split(xoe)
             x3, x7 = tl.split(xoo)
+            if XT:
+                x0, x1, x2, x3 = tl.trans(x0), tl.trans(x1), tl.trans(x2), tl.trans(x3)
+                x4, x5, x6, x7 = tl.trans(x4), tl.trans(x5), tl.trans(x6), tl.trans(x7)
             if MASKED:
                 # planes J = 0..4 of the word (bits 0..19) and, after one shift by 12, J = 2..4 for
                 # elements 5..7 (bits 20..31); the float of plane J is 2^(23 - 4J) + c
@@ -248,9 +262,14 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                 part = _word_fma(part, wd, x6, 24, z3, s3, BITS, ELEM, PER_ROW, POST)
                 part = _word_fma(part, wd, x7, 28, z3, s3, BITS, ELEM, PER_ROW, POST)
         else:
-            xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 2, 2)))  # elements 0 2 | 1 3
+            if XT:
+                xe, xo = tl.split(tl.reshape(xv, (GW, BLOCK_G, 2, 2)))  # elements 0 2 | 1 3
+            else:
+                xe, xo = tl.split(tl.reshape(xv, (BLOCK_G, GW, 2, 2)))  # elements 0 2 | 1 3
             x0, x2 = tl.split(xe)
             x1, x3 = tl.split(xo)
+            if XT:
+                x0, x1, x2, x3 = tl.trans(x0), tl.trans(x1), tl.trans(x2), tl.trans(x3)
             if MASKED:  # bytes 0, 1 at planes J = 0, 1 (floats 2^23 + c, 2^15 + c); bytes 2, 3 after a shift by 16
                 zf0 = z3 + 8388608.0
                 zf1 = z3 + 32768.0
