@@ -21,7 +21,7 @@ from fxforge.runtime import quant_linear as ql
 
 FORMATS = ["w4a16_g128", "w8a16", "mxint8", "nvint4", "nvfp4", "mxfp4"]
 FINE = __import__("os").environ.get("PROBE_FINE") == "1"  # round 2: around the SWAP 64-wide 4-split winner
-FUSED = __import__("os").environ.get("PROBE_FUSED") == "1"  # round 3: the fused split-K reduce
+MX8 = __import__("os").environ.get("PROBE_MX8") == "1"  # round 4: MXINT8 after the one-FFMA decode
 
 
 def fine_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
@@ -37,28 +37,25 @@ def fine_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     return out
 
 
-def fused_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
-    """Round 3 (session 11, PROBE_FUSED=1): the split-K reduce fused into the GEMM (the last split of a tile
-    sums the partials, Marlin-style counters) against the separate reduce kernel, and K splits 2-16 with the
-    fused reduce for the default and the other 64-wide tile. Result (results/probe_gemm_m64_fused.md): the
-    fused tail (fence + counter + L2 reads on the critical path) was 0.2-5 us slower for every format, so
-    FUSED_REDUCE was not kept; this variant list needs that commit's kernel (git history) to run."""
+def mx8_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    """Round 4 (session 11, PROBE_MX8=1): MXINT8 after the one-FFMA decode (int8 times E8M0 scale), plain
+    64-wide tiles over warps / code bytes per step / K splits, and the SWAP tile. (Round 3, the fused
+    split-K reduce, is in git history with its kernel: results/probe_gemm_m64_fused.md.)"""
     cfgs = ql.gemm_configs(M, N, K, fmt, False)
     base = cfgs[0]
-    out = [("default, reduce kernel", dict(base, FUSED_REDUCE=False)), ("default, fused", dict(base, FUSED_REDUCE=True))]
-    other = next((c for c in cfgs if bool(c.get("SWAP")) != bool(base.get("SWAP")) and c["BLOCK_N"] == 64), None)
-    for sk in (2, 4, 6, 8, 16):
-        if sk != base.get("SPLIT_K"):
-            out.append((f"default sk{sk} fused", dict(base, SPLIT_K=sk)))
-        if other is not None:
-            kind = "swap" if other.get("SWAP") else "plain"
-            out.append((f"{kind} n64 w{other['num_warps']} sk{sk} fused", dict(other, SPLIT_K=sk)))
+    out = [("default", base)]
+    for w, kb, sk, st in [(4, 128, 4, 3), (8, 256, 4, 3), (4, 256, 4, 3), (8, 128, 2, 3), (4, 128, 2, 3),
+                          (8, 128, 8, 3), (4, 128, 8, 3), (4, 128, 4, 4), (8, 128, 4, 4), (4, 64, 4, 4)]:
+        out.append((f"plain n64 w{w} kb{kb} sk{sk} s{st}", dict(base, num_warps=w, BLOCK_KB=kb, SPLIT_K=sk,
+                                                              num_stages=st)))
+    out.append(("plain n128 w8 kb128 sk4", dict(base, BLOCK_N=128, SPLIT_K=4)))
+    out.append(("swap n64 w4 kb128 sk4", dict(base, SWAP=True, num_warps=4, SPLIT_K=4)))
     return out
 
 
 def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
-    if FUSED:
-        return fused_variants(fmt, M, N, K)
+    if MX8:
+        return mx8_variants(fmt, M, N, K)
     if FINE:
         return fine_variants(fmt, M, N, K)
     cfgs = ql.gemm_configs(M, N, K, fmt, False)
@@ -77,7 +74,7 @@ def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    res = Results("probe_gemm_m64_fused" if FUSED else "probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
+    res = Results("probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
     lines = ["| format | config | us | x bf16 | rel err vs quant ref |", "|---|---|---|---|---|"]
     M, N, K = 64, 4096, 4096
     copies = max(2, -(-200_000_000 // (N * K * 2)))
@@ -88,7 +85,7 @@ def main() -> None:
     bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
     res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
     lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
-    for fmt in FORMATS[:2] if FINE else FORMATS:
+    for fmt in FORMATS[:2] if FINE else ["mxint8"] if MX8 else FORMATS:
         qts = [quantize(w, fmt) for w in ws]
         args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
         ref = x.double() @ dequantize(qts[0]).double().t()

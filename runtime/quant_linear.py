@@ -160,7 +160,7 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     cp.async-pipelined B operand) with 64 / 128-wide tiles. At M = 33..64 with at most 96 64-row tiles the
     defaults are the session-10 H100 winners (results/probe_gemm_m64*.md, quant_gpu.md; bf16 cuBLAS 14.9 us
     at 4096^2): SWAP 64-wide with 4 K splits (8 for 16-element groups), mxint8 / mxfp8 the plain 64-wide
-    8-warp tile with 4 splits."""
+    tile with 4 splits (mxint8 on 4 warps since its one-FFMA decode, session 11; mxfp8 on 8)."""
     kf = kernel_format(fmt)
     if interpreted:
         return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_KB": 32, "GROUP_M": 8}]
@@ -199,8 +199,10 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
             # defaults at 0.48 waves): more K splits. SWAP 64-wide, 4 splits: w4a16 14.9 us (was 17.1),
             # w8a16 15.0 (15.7), mxfp4 21.1 (25.2); 16-element groups (NV) 8 splits: nvint4 19.7 (20.8),
             # nvfp4 23.3 (24.0); mxint8: the plain 64-wide 8-warp tile with 4 splits 18.5 (21.6)
+            # MXINT8 after the one-FFMA decode (int8 x E8M0, session 11, results/probe_gemm_m64_mx8.md): the
+            # same tile on 4 warps 16.8 us vs 18.8 on 8
             if kf["GB"] == 32 and epb == 1:
-                cands.insert(0, dict(first, PREFETCH=False, SPLIT_K=4))
+                cands.insert(0, dict(first, PREFETCH=False, SPLIT_K=4, num_warps=4 if kf["ELEM"] == 0 else 8))
             else:
                 cands.insert(0, dict(swap, BLOCK_N=64, num_warps=4, SPLIT_K=8 if epb == 2 and kf["GB"] == 8 else 4))
     out = []

@@ -100,6 +100,11 @@ def test_decoding_of_every_code_and_scale_is_exact(fmt):
     assert torch.equal(QL(x, *_args(qt, None, fmt, k)), want)
     for r in range(0, k, 16):
         assert torch.equal(ql.quant_linear_apply(x[r:r + 16], *_args(qt, None, fmt, k), split_k=2), want[r:r + 16])
+    # the GEMM scaling every element (POST off) over two groups per K step (MXINT8: the one-FFMA decode)
+    each = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KB": max(16, 2 * ql.kernel_format(fmt)["GB"]), "GROUP_M": 1,
+            "POST": False}
+    for r in range(0, k, 32):
+        assert torch.equal(ql.quant_linear_apply(x[r:r + 16], *_args(qt, None, fmt, k), config=dict(each)), want[r:r + 16])
     # the words GEMV (mask decode for integer codes with POST, shift decode otherwise), 4 rows at a time;
     # K = 84 so per-row formats have whole int32 words of codes too
     k = 84

@@ -50,7 +50,8 @@
 #
 # Decoding (exact, integer bit operations only: int -> float conversions are 1/8 of the FP32 rate on the
 # H100, so codes become floats as the bits of 2^23 + c minus 2^23):
-#   elements  int8 (w8a16, mxint8) signed byte (one XOR of the zero-extended byte with 0x4B000080);
+#   elements  int8 (w8a16, mxint8) signed byte (one XOR of the zero-extended byte with 0x4B000080; MXINT8
+#             scaled per element: one FFMA, (2^23 + c + 128)·2^e - (2^23 + 128)·2^e, exact for e <= 103);
 #             uint4 nibble (minus the group's integer zero point); int4 (nvint4) two's complement nibble;
 #             e2m1 (mxfp4, nvfp4) and e4m3 (w8a16_fp8, mxfp8): the code's bits moved into an fp32 whose
 #             zero exponent is a subnormal, times 2^126 / 2^120 (exact, no selects; mul.f32 keeps
@@ -247,6 +248,17 @@ def _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM: tl.constexpr
         s = lo
     else:
         s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
+        if SCALE_EACH and ELEM == 0 and SCALE == 1 and EPB == 1:
+            # int8 codes times E8M0 (power-of-two) scales in one FFMA per element: (2^23 + c + 128)·s minus
+            # (2^23 + 128)·s, both products exact (s = 2^e, e <= 103: formats.quantize refuses larger
+            # MXINT8 scales), so the difference is c·s exactly (was a FADD and a FMUL)
+            v = (b.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
+            if BLOCK_KB <= GB:
+                lo = tl.fma(v, s[:, None], (s * -8388736.0)[:, None])
+            else:
+                v3 = tl.reshape(v, (BLOCK_N, BLOCK_KB // GB, GB))
+                lo = tl.reshape(tl.fma(v3, s[:, :, None], (s * -8388736.0)[:, :, None]), (BLOCK_N, BLOCK_KB))
+            return lo, lo, s
         if HAS_ZERO:
             lo, hi = _decode_zero(b, z, BLOCK_N, BLOCK_KB, GB)
         else:
