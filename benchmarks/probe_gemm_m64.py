@@ -22,18 +22,22 @@ from fxforge.runtime import quant_linear as ql
 FORMATS = ["w4a16_g128", "w8a16", "mxint8", "nvint4", "nvfp4", "mxfp4"]
 FINE = __import__("os").environ.get("PROBE_FINE") == "1"  # round 2: around the SWAP 64-wide 4-split winner
 MX8 = __import__("os").environ.get("PROBE_MX8") == "1"  # round 4: MXINT8 after the one-FFMA decode
+FINE_BLOCK = __import__("os").environ.get("PROBE_FINE_BLOCK") == "1"  # round 5: round 2's grid, block formats
 
 
 def fine_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
-    """Round 2 (w4a16 / w8a16 only): K splits 3-5, stages 2-4, code bytes per step x1 / x2."""
+    """Round 2 (w4a16 / w8a16; with PROBE_FINE_BLOCK=1 the block formats, session 11): K splits around the
+    default, stages 2-4, code bytes per step x1 / x2."""
     base = ql.gemm_configs(M, N, K, fmt, False)[0]
     out = [("default", base)]
-    for sk in (3, 4, 5):
+    d = base.get("SPLIT_K") or 4
+    for sk in ((d // 2, d, d + d // 2) if FINE_BLOCK else (3, 4, 5)):
         for st in (2, 3, 4):
             for kbm in (1, 2):
                 cfg = dict(base, SPLIT_K=sk, num_stages=st, BLOCK_KB=base["BLOCK_KB"] * kbm)
                 if cfg != base:
-                    out.append((f"swap n64 w4 sk{sk} s{st} kb{cfg['BLOCK_KB']}", cfg))
+                    kind = "swap" if cfg.get("SWAP") else "plain"
+                    out.append((f"{kind} n{cfg['BLOCK_N']} w{cfg['num_warps']} sk{sk} s{st} kb{cfg['BLOCK_KB']}", cfg))
     return out
 
 
@@ -56,7 +60,7 @@ def mx8_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     if MX8:
         return mx8_variants(fmt, M, N, K)
-    if FINE:
+    if FINE or FINE_BLOCK:
         return fine_variants(fmt, M, N, K)
     cfgs = ql.gemm_configs(M, N, K, fmt, False)
     out = [("default", cfgs[0])]
@@ -74,7 +78,8 @@ def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    res = Results("probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
+    res = Results("probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine_block" if FINE_BLOCK
+                  else "probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
     lines = ["| format | config | us | x bf16 | rel err vs quant ref |", "|---|---|---|---|---|"]
     M, N, K = 64, 4096, 4096
     copies = max(2, -(-200_000_000 // (N * K * 2)))
@@ -85,7 +90,7 @@ def main() -> None:
     bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
     res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
     lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
-    for fmt in FORMATS[:2] if FINE else ["mxint8"] if MX8 else FORMATS:
+    for fmt in FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK else ["mxint8"] if MX8 else FORMATS:
         qts = [quantize(w, fmt) for w in ws]
         args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
         ref = x.double() @ dequantize(qts[0]).double().t()

@@ -203,6 +203,10 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
             # same tile on 4 warps 16.8 us vs 18.8 on 8
             if kf["GB"] == 32 and epb == 1:
                 cands.insert(0, dict(first, PREFETCH=False, SPLIT_K=4, num_warps=4 if kf["ELEM"] == 0 else 8))
+            elif epb == 2 and kf["GB"] == 8 and kf["ELEM"] == 2:
+                # nvint4 (session 11, results/probe_gemm_m64_fine_block.md): 64-byte steps with 4 splits
+                # 16.4-16.5 us vs 17.0 for 32-byte steps with 8
+                cands.insert(0, dict(swap, BLOCK_N=64, num_warps=4, BLOCK_KB=64, SPLIT_K=4))
             else:
                 cands.insert(0, dict(swap, BLOCK_N=64, num_warps=4, SPLIT_K=8 if epb == 2 and kf["GB"] == 8 else 4))
     out = []
