@@ -23,6 +23,7 @@ FORMATS = ["w4a16_g128", "w8a16", "mxint8", "nvint4", "nvfp4", "mxfp4"]
 FINE = __import__("os").environ.get("PROBE_FINE") == "1"  # round 2: around the SWAP 64-wide 4-split winner
 MX8 = __import__("os").environ.get("PROBE_MX8") == "1"  # round 4: MXINT8 after the one-FFMA decode
 FINE_BLOCK = __import__("os").environ.get("PROBE_FINE_BLOCK") == "1"  # round 5: round 2's grid, block formats
+PDL = __import__("os").environ.get("PROBE_PDL") == "1"  # round 6: the reduce with programmatic dependent launch
 
 
 def fine_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
@@ -57,7 +58,18 @@ def mx8_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     return out
 
 
+def pdl_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    """Round 6 (session 11, PROBE_PDL=1): the split-K reduce launched with programmatic dependent launch
+    (the GEMM lets it be scheduled at once, it waits for the GEMM's grid) or plainly, default configs; each
+    measured twice, interleaved."""
+    base = ql.gemm_configs(M, N, K, fmt, False)[0]
+    return [("default, PDL", dict(base, PDL=True)), ("default, no PDL", dict(base, PDL=False)),
+            ("default, PDL (again)", dict(base, PDL=True)), ("default, no PDL (again)", dict(base, PDL=False))]
+
+
 def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    if PDL:
+        return pdl_variants(fmt, M, N, K)
     if MX8:
         return mx8_variants(fmt, M, N, K)
     if FINE or FINE_BLOCK:
@@ -78,8 +90,9 @@ def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    res = Results("probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine_block" if FINE_BLOCK
-                  else "probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
+    name = ("probe_gemm_m64_pdl" if PDL else "probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine_block"
+            if FINE_BLOCK else "probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
+    res = Results(name)
     lines = ["| format | config | us | x bf16 | rel err vs quant ref |", "|---|---|---|---|---|"]
     M, N, K = 64, 4096, 4096
     copies = max(2, -(-200_000_000 // (N * K * 2)))

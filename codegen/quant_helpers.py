@@ -7,6 +7,8 @@ so a code c becomes a float as the bits of 2^23 + c minus 2^23 (one OR + one FAD
 import triton
 import triton.language as tl
 from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
+from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+from triton.language.extra.cuda import gdc_wait as _gdc_wait
 
 
 @triton.jit
@@ -93,3 +95,20 @@ def store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS: tl.constexpr, 
         acc = _round_bf16(acc)
     tl.store(out + rm[:, None] * s_om + rn[None, :] * s_on, acc.to(out.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def pdl_launch_dependents(INTERPRETED: tl.constexpr):
+    # Programmatic dependent launch (sm_90): the kernel after this one (the split-K reduce, launched with
+    # launch_pdl) may be scheduled as soon as every program of this one has passed here; it blocks in
+    # pdl_wait until this grid has finished and its writes are visible, so only its launch latency (and the
+    # gap between the two kernels) is hidden. A no-op without PDL and in the interpreter.
+    if not INTERPRETED:
+        _gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(INTERPRETED: tl.constexpr):
+    # the dependent side of pdl_launch_dependents: wait for the previous grid's completion and memory
+    if not INTERPRETED:
+        _gdc_wait()

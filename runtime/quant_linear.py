@@ -47,6 +47,8 @@ GEMV_DISPATCH_M = 4  # the default dispatch sends up to this many rows to the GE
 # once for all rows instead of once per row block
 CPU_SMS = 4  # stand-in SM count for the interpreter (split-K heuristics see a tiny GPU)
 REDUCE_BLOCK = 1024
+REDUCE_PDL = True  # default of the PDL config key: the split-K reduce with programmatic dependent launch
+# (quant_helpers.pdl_*; GPU only)
 WORDS_ROW_GW = 16  # WORDS GEMV, per-row formats: words per inner tile row (BLOCK_G of them per step)
 HBM_TBPS = 3.0  # H100 SXM achievable HBM bandwidth used by the bytes model
 # (fmt, M, N, K, x dtype, device index) -> {"index": config used, "failed": cfg, "error": str} (default path)
@@ -201,8 +203,11 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
             # nvfp4 23.3 (24.0); mxint8: the plain 64-wide 8-warp tile with 4 splits 18.5 (21.6)
             # MXINT8 after the one-FFMA decode (int8 x E8M0, session 11, results/probe_gemm_m64_mx8.md): the
             # same tile on 4 warps 16.8 us vs 18.8 on 8
+            # The split-K reduce with PDL (results/probe_gemm_m64_pdl.md): 0.2-0.6 us faster for every format
+            # but mxint8 (0.1-0.5 us slower, both pairs of runs): off there
             if kf["GB"] == 32 and epb == 1:
-                cands.insert(0, dict(first, PREFETCH=False, SPLIT_K=4, num_warps=4 if kf["ELEM"] == 0 else 8))
+                cands.insert(0, dict(first, PREFETCH=False, SPLIT_K=4, num_warps=4 if kf["ELEM"] == 0 else 8,
+                                     PDL=kf["ELEM"] != 0))
             elif epb == 2 and kf["GB"] == 8 and kf["ELEM"] == 2:
                 # nvint4 (session 11, results/probe_gemm_m64_fine_block.md): 64-byte steps with 4 splits
                 # 16.4-16.5 us vs 17.0 for 32-byte steps with 8
@@ -338,15 +343,17 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     cfg_split = cfg.pop("SPLIT_K", None)
+    pdl = bool(cfg.pop("PDL", REDUCE_PDL)) and not interpreted
     if cfg.pop("WORDS", False):
         if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
-                               split_k if split_k is not None else cfg_split, interpreted).reshape(*lead, n)
+                               split_k if split_k is not None else cfg_split, interpreted, pdl).reshape(*lead, n)
         # the int32 view needs whole words per row: the first byte-tile config instead
         cfg = dict(next(c for c in gemv_configs(M, n, K, fmt, interpreted) if not c.get("WORDS")))
         if interpreted:
             cfg.pop("num_warps", None), cfg.pop("num_stages", None)
         cfg_split = cfg.pop("SPLIT_K", None)
+        cfg.pop("PDL", None)
     _check_blocks(cfg, kf, gemv)
     bkb = cfg["BLOCK_KB"]
     if gemv:
@@ -371,7 +378,7 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         ks["dequant_gemm"][(m_tiles * n_tiles, splits)](*ptrs, partials, M, n, K, KB, NB, per_split, *strides,
                                                          ACT=_ACT_DTYPES[x.dtype], SPLIT=splits > 1, **common, **cfg)
     if splits > 1:
-        kw = {} if interpreted else {"num_warps": 4}
+        kw = {} if interpreted else {"num_warps": 4, "launch_pdl": pdl}
         ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
             partials, ptrs[5], out, M, n, splits, out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
             OUT_BF16=x.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK, INTERPRETED=interpreted, **kw)
@@ -382,7 +389,7 @@ def _words_ok(codes: torch.Tensor) -> bool:
     return codes.shape[1] % 4 == 0 and codes.storage_offset() % 4 == 0 and codes.stride(0) % 4 == 0
 
 
-def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted):
+def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted, pdl=False):
     """``dequant_gemv_words`` launch (codes read as int32 words, BITS 4 or 8; one row of x per program)."""
     M, n = out.shape
     K = x2.shape[1]
@@ -415,7 +422,7 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
         HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None, STEP=kf["STEP"], GW=gw, SPLIT=splits > 1,
         OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, **launch)
     if splits > 1:
-        kw = {} if interpreted else {"num_warps": 4}
+        kw = {} if interpreted else {"num_warps": 4, "launch_pdl": pdl}
         ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
             partials, bias if bias is not None else dummy, out, M, n, splits, out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK,

@@ -48,6 +48,9 @@ import triton.language as tl
 from fxforge.codegen.quant_helpers import e2m1_at as _e2m1_at
 from fxforge.codegen.quant_helpers import e4m3_value as _e4m3_value
 from fxforge.codegen.quant_helpers import epilogue_scale as _epilogue_scale
+from fxforge.codegen.quant_helpers import (
+    pdl_launch_dependents as _pdl_launch_dependents,
+)
 from fxforge.codegen.quant_helpers import scale_value as _scale_value
 from fxforge.codegen.quant_helpers import store_out as _store_out
 from fxforge.codegen.quant_helpers import u2f as _u2f
@@ -125,6 +128,8 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     # integer codes: mask decode (_plane_fma), unless scaled per element (POST off on a grouped format);
     # fp codes: shift decode (_word_fma)
     MASKED: tl.constexpr = ELEM <= 2 and (POST or PER_ROW)
+    if SPLIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
+        _pdl_launch_dependents(INTERPRETED)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)

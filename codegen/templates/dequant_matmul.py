@@ -32,7 +32,11 @@
 #                         4096^2 (results/quant_gpu.md; bf16 cuBLAS 14.9 us): w8a16 14.3, w4a16 14.9,
 #                         mxfp4 16.3, nvfp4 17.3, nvint4 18.5, mxint8 18.9 us (session 9: 15.7-25.6).
 #   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype (also for
-#                         dequant_gemv_words).
+#                         dequant_gemv_words). Launched with programmatic dependent launch (PDL config key,
+#                         default on): the kernel before it lets it be scheduled at once and it waits in
+#                         griddepcontrol.wait, hiding its launch gap (H100, M = 64: 0.2-0.6 us of 14-17).
+#                         A reduce fused into the GEMM (last split of a tile sums, Marlin-style counters)
+#                         was slower (results/probe_gemm_m64_fused.md).
 # The GEMV on int32 words of codes (WORDS configs, first for M <= 4 on the GPU) is dequant_gemv_words.py;
 # the decode / scale / epilogue helpers both templates use are in codegen/quant_helpers.py.
 #
@@ -82,6 +86,8 @@ from fxforge.codegen.quant_helpers import e2m1_at as _e2m1_at
 from fxforge.codegen.quant_helpers import e4m3_value as _e4m3_value
 from fxforge.codegen.quant_helpers import epilogue_scale as _epilogue_scale
 from fxforge.codegen.quant_helpers import nibble_value as _nibble_value
+from fxforge.codegen.quant_helpers import pdl_launch_dependents as _pdl_launch_dependents
+from fxforge.codegen.quant_helpers import pdl_wait as _pdl_wait
 from fxforge.codegen.quant_helpers import scale_value as _scale_value
 from fxforge.codegen.quant_helpers import store_out as _store_out
 from fxforge.codegen.quant_helpers import u2f as _u2f
@@ -297,6 +303,8 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     # POST (grouped formats): the group scale is applied once per (row, group) to the partial dot of the
     # unscaled codes, and a zero point z through sum(x·(q - z)) = sum(x·q) - z·sum(x): per element only
     # the decode and one FMA remain. Else the tile is scaled per element before the dot (old path).
+    if SPLIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
+        _pdl_launch_dependents(INTERPRETED)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -364,6 +372,7 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
 @triton.jit
 def dequant_splitk_reduce(partials, bias, out, M, N, SPLITS, s_om, s_on, HAS_BIAS: tl.constexpr,
                           OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    _pdl_wait(INTERPRETED)  # launched with PDL after the GEMM / GEMV that wrote the partials
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -427,6 +436,8 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     # one dot of K = 2 * BLOCK_KB runs against contiguous x. POST with a tile inside one scale group
     # (BLOCK_KB <= GB): the dot runs on the unscaled codes (exact in bf16 / fp16) and the group's scale
     # (and zero point, via sum(x)) is applied to the [BLOCK_M, BLOCK_N] partial: no per-element scaling.
+    if SPLIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
+        _pdl_launch_dependents(INTERPRETED)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
