@@ -164,10 +164,20 @@ def _as_dot_dtype(lo, hi, BLOCK_N: tl.constexpr, KE: tl.constexpr, ACT: tl.const
 
 
 @triton.jit
+def _nibble_pair(b, BASE: tl.constexpr):
+    # code bytes [BLOCK_N, BLOCK_KB] -> int32 holding the 16-bit patterns BASE | low nibble (bits 0-15) and
+    # BASE | high nibble (bits 16-31): byte·(1 + 2^12) puts the nibbles at bits 0-3 and 16-19 (its two
+    # shifted copies do not overlap, so no carries), one multiply and one mask-or per byte
+    bu = b.to(tl.uint32)
+    return (((bu * 0x1001) & 0x000F000F) | (BASE * 0x10001)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _decode_zero_packed(b, z, BLOCK_N: tl.constexpr, KE: tl.constexpr, ACT: tl.constexpr):
     # GPU SWAP path, uint4 codes minus the group's zero point [BLOCK_N] straight in the 16-bit dot dtype:
     # BASE | c is the float BASE + c (bf16 0x4300 = 128, fp16 0x6400 = 1024; ulp 1), and minus BASE + z
     # it is c - z exactly -- the same values the fp32 decode casts, with no fp32 round trip / F2FP.
+    # (per byte: two masks and a shift; _nibble_pair's multiply made this loop longer: 395 -> 427 on sm_90)
     BASE: tl.constexpr = 0x4300 if ACT == 2 else 0x6400
     bi = b.to(tl.int32)
     w = _as_dot_dtype((bi & 15) | BASE, ((bi >> 4) & 15) | BASE, BLOCK_N, KE, ACT)
@@ -181,8 +191,8 @@ def _decode_int4_scaled_packed(b, s, BLOCK_N: tl.constexpr, GB: tl.constexpr, KE
     # 16-bit dot dtype: E4M3 values), in the dot dtype: (c ^ 8) | BASE is BASE + c + 8, minus BASE + 8 it
     # is c exactly; c·s then rounds once, as the fp32 decode's cast of the exact product does.
     BASE: tl.constexpr = 0x4300 if ACT == 2 else 0x6400
-    bi = b.to(tl.int32)
-    w = _as_dot_dtype(((bi & 15) ^ 8) | BASE, (((bi >> 4) & 15) ^ 8) | BASE, BLOCK_N, KE, ACT)
+    pair = _nibble_pair(b, BASE) ^ 0x00080008  # offset binary c + 8 in both halves (sm_90 loop 529 -> 481)
+    w = _as_dot_dtype(pair & 0xFFFF, (pair >> 16) & 0xFFFF, BLOCK_N, KE, ACT)
     w = w - (136.0 if ACT == 2 else 1032.0)
     sd = s.to(w.dtype)  # the element group is 2·GB elements of the tile
     return _apply_group(w, sd, sd, BLOCK_N, KE, 2 * GB, False)
@@ -194,8 +204,13 @@ def _decode_e2m1_scaled_packed(b, s, BLOCK_N: tl.constexpr, GB: tl.constexpr, KE
     # mantissa / sign bits moved to bf16 bits 7-8 / 6 / 15 make 2^(e - 127)·(1 + m/2), or the subnormal
     # m·2^-127 for e = 0, and one packed multiply by 2^126 gives the e2m1 value exactly; times s (E8M0 /
     # E4M3, exact in bf16) the product is exact too -- the values the fp32 decode casts.
-    bi = b.to(tl.int32)
-    w = _as_dot_dtype(((bi & 7) << 6) | ((bi & 8) << 12), ((bi & 0x70) << 2) | ((bi & 0x80) << 8), BLOCK_N, KE, 2)
+    # Both nibbles of a byte at once: byte·(2^6 + 2^18) puts the low nibble's magnitude bits at 6-8 and the
+    # high nibble's at 22-24, byte·(2^12 + 2^24) the signs at 15 and 31 (the two shifted copies never
+    # overlap, so no carries; the masks clear the other bits): one 32-bit register holding the bf16 pair
+    # (was four shifts and four masks per byte)
+    bu = b.to(tl.uint32)
+    pair = (((bu * 0x40040) & 0x01C001C0) | ((bu * 0x1001000) & 0x80008000)).to(tl.int32, bitcast=True)
+    w = _as_dot_dtype(pair & 0xFFFF, (pair >> 16) & 0xFFFF, BLOCK_N, KE, 2)
     w = w * 8.507059173023462e37  # 2^126
     sd = s.to(tl.bfloat16)
     return _apply_group(w, sd, sd, BLOCK_N, KE, 2 * GB, False)
