@@ -86,7 +86,9 @@ from fxforge.codegen.quant_helpers import e2m1_at as _e2m1_at
 from fxforge.codegen.quant_helpers import e4m3_value as _e4m3_value
 from fxforge.codegen.quant_helpers import epilogue_scale as _epilogue_scale
 from fxforge.codegen.quant_helpers import nibble_value as _nibble_value
-from fxforge.codegen.quant_helpers import pdl_launch_dependents as _pdl_launch_dependents
+from fxforge.codegen.quant_helpers import (
+    pdl_launch_dependents as _pdl_launch_dependents,
+)
 from fxforge.codegen.quant_helpers import pdl_wait as _pdl_wait
 from fxforge.codegen.quant_helpers import scale_value as _scale_value
 from fxforge.codegen.quant_helpers import store_out as _store_out
