@@ -24,6 +24,7 @@ FINE = __import__("os").environ.get("PROBE_FINE") == "1"  # round 2: around the 
 MX8 = __import__("os").environ.get("PROBE_MX8") == "1"  # round 4: MXINT8 after the one-FFMA decode
 FINE_BLOCK = __import__("os").environ.get("PROBE_FINE_BLOCK") == "1"  # round 5: round 2's grid, block formats
 PDL = __import__("os").environ.get("PROBE_PDL") == "1"  # round 6: the reduce with programmatic dependent launch
+KB = __import__("os").environ.get("PROBE_KB") == "1"  # round 7: code bytes per step after the pair decodes
 
 
 def fine_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
@@ -67,7 +68,23 @@ def pdl_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
             ("default, PDL (again)", dict(base, PDL=True)), ("default, no PDL (again)", dict(base, PDL=False))]
 
 
+def kb_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    """Round 7 (session 11, PROBE_KB=1): after the one-multiply nibble-pair decodes the decode is cheaper
+    per element, so larger code steps (fewer fixed per-step instructions) may pay: BLOCK_KB x K splits."""
+    base = ql.gemm_configs(M, N, K, fmt, False)[0]
+    out = [("default", base)]
+    kbs = (64, 128, 256) if ql.kernel_format(fmt)["EPB"] == 1 else (32, 64, 128)
+    for kb in kbs:
+        for sk in (4, 8):
+            cfg = dict(base, BLOCK_KB=kb, SPLIT_K=sk)
+            if cfg != base:
+                out.append((f"kb{kb} sk{sk}", cfg))
+    return out
+
+
 def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    if KB:
+        return kb_variants(fmt, M, N, K)
     if PDL:
         return pdl_variants(fmt, M, N, K)
     if MX8:
@@ -90,7 +107,7 @@ def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    name = ("probe_gemm_m64_pdl" if PDL else "probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine_block"
+    name = ("probe_gemm_m64_kb" if KB else "probe_gemm_m64_pdl" if PDL else "probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine_block"
             if FINE_BLOCK else "probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
     res = Results(name)
     lines = ["| format | config | us | x bf16 | rel err vs quant ref |", "|---|---|---|---|---|"]
@@ -103,7 +120,7 @@ def main() -> None:
     bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
     res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
     lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
-    for fmt in FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK else ["mxint8"] if MX8 else FORMATS:
+    for fmt in (FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK or KB else ["mxint8"] if MX8 else FORMATS):
         qts = [quantize(w, fmt) for w in ws]
         args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
         ref = x.double() @ dequantize(qts[0]).double().t()

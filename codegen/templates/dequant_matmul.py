@@ -193,7 +193,9 @@ def _decode_int4_scaled_packed(b, s, BLOCK_N: tl.constexpr, GB: tl.constexpr, KE
     # 16-bit dot dtype: E4M3 values), in the dot dtype: (c ^ 8) | BASE is BASE + c + 8, minus BASE + 8 it
     # is c exactly; c·s then rounds once, as the fp32 decode's cast of the exact product does.
     BASE: tl.constexpr = 0x4300 if ACT == 2 else 0x6400
-    pair = _nibble_pair(b, BASE) ^ 0x00080008  # offset binary c + 8 in both halves (sm_90 loop 529 -> 481)
+    # offset binary c + 8 in both halves: (nibbles ^ 8) | BASE is one mask-xor, the OR bits lie outside
+    bu = b.to(tl.uint32)
+    pair = (((bu * 0x1001) & 0x000F000F) ^ (BASE * 0x10001 + 0x00080008)).to(tl.int32, bitcast=True)
     w = _as_dot_dtype(pair & 0xFFFF, (pair >> 16) & 0xFFFF, BLOCK_N, KE, ACT)
     w = w - (136.0 if ACT == 2 else 1032.0)
     sd = s.to(w.dtype)  # the element group is 2·GB elements of the tile
