@@ -98,17 +98,18 @@ def store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS: tl.constexpr, 
 
 
 @triton.jit
-def pdl_launch_dependents(INTERPRETED: tl.constexpr):
-    # Programmatic dependent launch (sm_90): the kernel after this one (the split-K reduce, launched with
-    # launch_pdl) may be scheduled as soon as every program of this one has passed here; it blocks in
-    # pdl_wait until this grid has finished and its writes are visible, so only its launch latency (and the
-    # gap between the two kernels) is hidden. A no-op without PDL and in the interpreter.
-    if not INTERPRETED:
+def pdl_launch_dependents(ENABLED: tl.constexpr):
+    # Programmatic dependent launch (sm_90+; ENABLED is the kernels' PDL constexpr, False in the
+    # interpreter and on older GPUs, where griddepcontrol does not exist): the kernel after this one (the
+    # split-K reduce, launched with launch_pdl) may be scheduled as soon as every program of this one has
+    # passed here; it blocks in pdl_wait until this grid has finished and its writes are visible, so only its
+    # launch latency (and the gap between the two kernels) is hidden.
+    if ENABLED:
         _gdc_launch_dependents()
 
 
 @triton.jit
-def pdl_wait(INTERPRETED: tl.constexpr):
+def pdl_wait(ENABLED: tl.constexpr):
     # the dependent side of pdl_launch_dependents: wait for the previous grid's completion and memory
-    if not INTERPRETED:
+    if ENABLED:
         _gdc_wait()

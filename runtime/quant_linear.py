@@ -343,7 +343,7 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     cfg_split = cfg.pop("SPLIT_K", None)
-    pdl = bool(cfg.pop("PDL", REDUCE_PDL)) and not interpreted
+    pdl = bool(cfg.pop("PDL", REDUCE_PDL)) and _pdl_capable(x.device)
     if cfg.pop("WORDS", False):
         if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
@@ -373,16 +373,24 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     partials = torch.empty((splits, M, n), dtype=torch.float32, device=x.device) if splits > 1 else out
     if gemv:
         ks["dequant_gemv"][(n_tiles, splits, m_tiles)](*ptrs, partials, M, n, K, KB, NB, per_split, *strides,
-                                                         SPLIT=splits > 1, ACC3=cfg["BLOCK_M"] <= 4, **common, **cfg)
+                                                         SPLIT=splits > 1, ACC3=cfg["BLOCK_M"] <= 4, PDL=pdl, **common,
+                                                         **cfg)
     else:
         ks["dequant_gemm"][(m_tiles * n_tiles, splits)](*ptrs, partials, M, n, K, KB, NB, per_split, *strides,
-                                                         ACT=_ACT_DTYPES[x.dtype], SPLIT=splits > 1, **common, **cfg)
+                                                         ACT=_ACT_DTYPES[x.dtype], SPLIT=splits > 1, PDL=pdl, **common,
+                                                         **cfg)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4, "launch_pdl": pdl}
+        kw["PDL"] = pdl
         ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
             partials, ptrs[5], out, M, n, splits, out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
             OUT_BF16=x.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK, INTERPRETED=interpreted, **kw)
     return out.reshape(*lead, n)
+
+
+def _pdl_capable(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol) exists from sm_90 on; never in the interpreter."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _words_ok(codes: torch.Tensor) -> bool:
@@ -420,9 +428,10 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
         words.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0), out.stride(1),
         15 if kf["EPB"] == 2 else 255, BITS=4 if kf["EPB"] == 2 else 8, ELEM=kf["ELEM"], SCALE=kf["SCALE"], PER_ROW=kf["PER_ROW"], HAS_ZERO=kf["HAS_ZERO"],
         HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None, STEP=kf["STEP"], GW=gw, SPLIT=splits > 1,
-        OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, **launch)
+        OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, PDL=pdl, **launch)
     if splits > 1:
         kw = {} if interpreted else {"num_warps": 4, "launch_pdl": pdl}
+        kw["PDL"] = pdl
         ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
             partials, bias if bias is not None else dummy, out, M, n, splits, out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK,

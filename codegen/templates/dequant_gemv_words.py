@@ -113,7 +113,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                        GW: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_G: tl.constexpr, INTERPRETED: tl.constexpr, POST: tl.constexpr = True,
                        PREFETCH: tl.constexpr = 1, LOOP_STAGES: tl.constexpr = 1,
-                       PREFETCH_X: tl.constexpr = 0, XT: tl.constexpr = 0):
+                       PREFETCH_X: tl.constexpr = 0, XT: tl.constexpr = 0, PDL: tl.constexpr = False):
     # codes: int32 words [N, KW]; ELEM / SCALE / PER_ROW / HAS_ZERO / HAS_TS / STEP as in dequant_matmul.py
     # (runtime/quant_linear.py kernel_format); KW_PER_SPLIT a multiple of BLOCK_G * GW; mask0 = 2^BITS - 1.
     # PREFETCH (0, 1, 2): the words of the next 1 or 2 steps are loaded before this step's math (register
@@ -129,7 +129,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     # fp codes: shift decode (_word_fma)
     MASKED: tl.constexpr = ELEM <= 2 and (POST or PER_ROW)
     if SPLIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
-        _pdl_launch_dependents(INTERPRETED)
+        _pdl_launch_dependents(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)

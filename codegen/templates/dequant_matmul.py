@@ -318,12 +318,12 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
                  HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr, EPB: tl.constexpr,
                  GB: tl.constexpr, SPLIT: tl.constexpr, ACC3: tl.constexpr, OUT_BF16: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, INTERPRETED: tl.constexpr,
-                 POST: tl.constexpr = True, PREFETCH: tl.constexpr = True):
+                 POST: tl.constexpr = True, PREFETCH: tl.constexpr = True, PDL: tl.constexpr = False):
     # POST (grouped formats): the group scale is applied once per (row, group) to the partial dot of the
     # unscaled codes, and a zero point z through sum(x·(q - z)) = sum(x·q) - z·sum(x): per element only
     # the decode and one FMA remain. Else the tile is scaled per element before the dot (old path).
     if SPLIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
-        _pdl_launch_dependents(INTERPRETED)
+        _pdl_launch_dependents(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -390,8 +390,9 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
 
 @triton.jit
 def dequant_splitk_reduce(partials, bias, out, M, N, SPLITS, s_om, s_on, HAS_BIAS: tl.constexpr,
-                          OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
-    _pdl_wait(INTERPRETED)  # launched with PDL after the GEMM / GEMV that wrote the partials
+                          OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    _pdl_wait(PDL)  # launched with PDL after the GEMM / GEMV that wrote the partials
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -450,13 +451,13 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
                  GB: tl.constexpr, ACT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP_M: tl.constexpr, INTERPRETED: tl.constexpr,
                  SPLIT: tl.constexpr = False, POST: tl.constexpr = True, PREFETCH: tl.constexpr = True,
-                 SWAP: tl.constexpr = False):
+                 SWAP: tl.constexpr = False, PDL: tl.constexpr = False):
     # Grid (M tiles x N tiles, K splits). 4-bit tiles are interleaved back to element order (tl.join) so
     # one dot of K = 2 * BLOCK_KB runs against contiguous x. POST with a tile inside one scale group
     # (BLOCK_KB <= GB): the dot runs on the unscaled codes (exact in bf16 / fp16) and the group's scale
     # (and zero point, via sum(x)) is applied to the [BLOCK_M, BLOCK_N] partial: no per-element scaling.
     if SPLIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
-        _pdl_launch_dependents(INTERPRETED)
+        _pdl_launch_dependents(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
