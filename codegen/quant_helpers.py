@@ -7,8 +7,24 @@ so a code c becomes a float as the bits of 2^23 + c minus 2^23 (one OR + one FAD
 import triton
 import triton.language as tl
 from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
-from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
-from triton.language.extra.cuda import gdc_wait as _gdc_wait
+
+try:  # griddepcontrol wrappers: triton >= 3.4
+    from triton.language.extra.cuda import (
+        gdc_launch_dependents as _gdc_launch_dependents,
+    )
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # older triton: programmatic dependent launch stays off (runtime/quant_linear.py)
+    HAS_GDC = False
+
+    @triton.jit
+    def _gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def _gdc_wait():
+        pass
 
 
 @triton.jit
@@ -100,7 +116,7 @@ def store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS: tl.constexpr, 
 @triton.jit
 def pdl_launch_dependents(ENABLED: tl.constexpr):
     # Programmatic dependent launch (sm_90+; ENABLED is the kernels' PDL constexpr, False in the
-    # interpreter and on older GPUs, where griddepcontrol does not exist): the kernel after this one (the
+    # interpreter, on older GPUs and triton < 3.4, where griddepcontrol is missing): the kernel after this one (the
     # split-K reduce, launched with launch_pdl) may be scheduled as soon as every program of this one has
     # passed here; it blocks in pdl_wait until this grid has finished and its writes are visible, so only its
     # launch latency (and the gap between the two kernels) is hidden.

@@ -161,8 +161,8 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     for smaller groups), SWAP ("swap AB": the decoded weight tile is wgmma's register A operand, x^T the
     cp.async-pipelined B operand) with 64 / 128-wide tiles. At M = 33..64 with at most 96 64-row tiles the
     defaults are the session-10 H100 winners (results/probe_gemm_m64*.md, quant_gpu.md; bf16 cuBLAS 14.9 us
-    at 4096^2): SWAP 64-wide with 4 K splits (8 for 16-element groups), mxint8 / mxfp8 the plain 64-wide
-    tile with 4 splits (mxint8 on 4 warps since its one-FFMA decode, session 11; mxfp8 on 8)."""
+    at 4096^2): SWAP 64-wide with 4 K splits (nvfp4: 8; nvint4: 64-byte steps, 4 splits), mxint8 / mxfp8 the
+    plain 64-wide tile with 4 splits (mxint8 on 4 warps since its one-FFMA decode, session 11; mxfp8 on 8)."""
     kf = kernel_format(fmt)
     if interpreted:
         return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_KB": 32, "GROUP_M": 8}]
@@ -380,8 +380,9 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
                                                          ACT=_ACT_DTYPES[x.dtype], SPLIT=splits > 1, PDL=pdl, **common,
                                                          **cfg)
     if splits > 1:
-        kw = {} if interpreted else {"num_warps": 4, "launch_pdl": pdl}
-        kw["PDL"] = pdl
+        kw = {} if interpreted else {"num_warps": 4}
+        if pdl:  # (older launchers do not know the option at all)
+            kw.update(launch_pdl=True, PDL=True)
         ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
             partials, ptrs[5], out, M, n, splits, out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
             OUT_BF16=x.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK, INTERPRETED=interpreted, **kw)
@@ -389,8 +390,13 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
 
 
 def _pdl_capable(device: torch.device) -> bool:
-    """Programmatic dependent launch (griddepcontrol) exists from sm_90 on; never in the interpreter."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Programmatic dependent launch (griddepcontrol): NVIDIA sm_90 and later with triton >= 3.4; never in
+    the interpreter (also not with CUDA tensors under TRITON_INTERPRET=1) and not on ROCm, whose capability
+    numbers mean something else."""
+    from fxforge.codegen.quant_helpers import HAS_GDC
+
+    return (device.type == "cuda" and HAS_GDC and torch.version.hip is None and not interpreter_active()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _words_ok(codes: torch.Tensor) -> bool:
@@ -421,7 +427,7 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     dummy = scales
     launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
     if interpreted:
-        launch.pop("num_warps", None), launch.pop("num_stages", None), launch.pop("maxnreg", None)
+        launch.pop("num_warps", None), launch.pop("num_stages", None)
     ks["dequant_gemv_words"][(n_tiles, splits, M)](
         x2, words, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
         bias if bias is not None else dummy, out, partials, M, n, K, KW, NB, per_split, x2.stride(0), x2.stride(1),
@@ -430,8 +436,9 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
         HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None, STEP=kf["STEP"], GW=gw, SPLIT=splits > 1,
         OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, PDL=pdl, **launch)
     if splits > 1:
-        kw = {} if interpreted else {"num_warps": 4, "launch_pdl": pdl}
-        kw["PDL"] = pdl
+        kw = {} if interpreted else {"num_warps": 4}
+        if pdl:  # (older launchers do not know the option at all)
+            kw.update(launch_pdl=True, PDL=True)
         ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
             partials, bias if bias is not None else dummy, out, M, n, splits, out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK,

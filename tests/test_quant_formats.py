@@ -318,13 +318,13 @@ def test_bad_inputs_raise_clear_errors():
         quantize(torch.tensor([[1.0, float("nan")]]), "w8a16")
     with pytest.raises(TypeError):
         quantize(torch.ones(2, 2, dtype=torch.int32), "w8a16")
-    # MXINT8 blocks whose E8M0 exponent the kernels' one-FFMA decode cannot take exactly (|w| >= 2^104)
+    # MXINT8 blocks whose E8M0 exponent the kernels' one-FFMA decode cannot take exactly (|w| >= 2^105)
     w = torch.ones(2, 64, dtype=torch.float64)
-    w[1, 40] = 2.0 ** 104
+    w[1, 40] = 2.0 ** 105
     with pytest.raises(ValueError, match="MXINT8 kernels"):
         quantize(w, "mxint8")
-    w[1, 40] = 2.0 ** 103  # the largest block the kernels take
-    assert int(quantize(w, "mxint8").scales.max()) == 127 + 103
+    w[1, 40] = 2.0 ** 104  # the largest block the kernels take
+    assert int(quantize(w, "mxint8").scales.max()) == 127 + 104
     with pytest.raises(ValueError, match="zero points"):
         QuantFormat("bad", "uint4", 32, "e8m0", symmetric=False, zero_point=True)
     with pytest.raises(ValueError, match="element type"):

@@ -101,10 +101,12 @@ def test_decoding_of_every_code_and_scale_is_exact(fmt):
     for r in range(0, k, 16):
         assert torch.equal(ql.quant_linear_apply(x[r:r + 16], *_args(qt, None, fmt, k), split_k=2), want[r:r + 16])
     # the GEMM scaling every element (POST off) over two groups per K step (MXINT8: the one-FFMA decode)
-    each = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KB": max(16, 2 * ql.kernel_format(fmt)["GB"]), "GROUP_M": 1,
-            "POST": False}
-    for r in range(0, k, 32):
-        assert torch.equal(ql.quant_linear_apply(x[r:r + 16], *_args(qt, None, fmt, k), config=dict(each)), want[r:r + 16])
+    kf = ql.kernel_format(fmt)
+    for kb in {max(16, 2 * kf["GB"]), max(16 // kf["EPB"], kf["GB"])}:  # two groups per step; one (or less)
+        each = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KB": kb, "GROUP_M": 1, "POST": False}
+        for r in range(0, k, 32):
+            got = ql.quant_linear_apply(x[r:r + 16], *_args(qt, None, fmt, k), config=dict(each))
+            assert torch.equal(got, want[r:r + 16]), (kb, r)
     # the words GEMV (mask decode for integer codes with POST, shift decode otherwise), 4 rows at a time;
     # K = 84 so per-row formats have whole int32 words of codes too
     k = 84
@@ -115,7 +117,7 @@ def test_decoding_of_every_code_and_scale_is_exact(fmt):
     words = [{"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 1, "WORDS": True, "POST": post, "PREFETCH": pf, "PREFETCH_X": pfx,
               "XT": xt} for post, pf, pfx, xt in ((True, 1, 1, 1), (False, 0, 0, 0), (True, 2, 1, 0), (False, 1, 1, 1))]
     for i, cfg in enumerate(words):
-        for r in range(i, k, 16):  # a few row blocks per config keeps the interpreter time down
+        for r in range(i, k, 13):  # 13 is coprime to 8: every element position of a word, in a few row blocks
             got = ql.quant_linear_apply(x[r:r + 4], *_args(qt, None, fmt, k), config=dict(cfg), split_k=1 + r % 3)
             assert torch.equal(got, want[r:r + 4]), (cfg, r)
 
@@ -452,6 +454,28 @@ def test_layer_sqnr_report():
     assert QuantReport.from_graph(gm).layers[0]["name"] == "fc1"
     with pytest.raises(ConfigError, match="already quantized"):
         layer_sqnr(gm, inputs, format="w8a16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["w4a16_g128", "w8a16", "nvint4", "mxfp4", "mxint8"])
+def test_gpu_multi_step_gemv_and_pdl_reduce(fmt):
+    # The compiled words GEMV over many K steps (PREFETCH_X / XT carry x, scales and words across steps)
+    # and the split-K reduce launched with and without programmatic dependent launch (GEMV and M = 64
+    # GEMM): the same bits either way, and within the fp64 bound. K = 2080: the last group is partial.
+    k, n = 2080, 200
+    _, qt = _pack(n, k, fmt, seed=21)
+    g = torch.Generator().manual_seed(22)
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, fmt, k)]
+    for m in (1, 3, 64):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        make = ql.gemv_configs if m <= ql.GEMV_DISPATCH_M else ql.gemm_configs
+        cfg = make(m, n, k, fmt, False)[0]
+        for split in ((1, 3) if m <= ql.GEMV_DISPATCH_M else (None, 3)):
+            y_pdl = ql.quant_linear_apply(x.cuda(), *args, config=dict(cfg, PDL=True), split_k=split).cpu()
+            y_off = ql.quant_linear_apply(x.cuda(), *args, config=dict(cfg, PDL=False), split_k=split).cpu()
+            assert torch.equal(y_pdl, y_off), (m, split)
+            _check_kernel(y_pdl, x, qt, None, gemm=m > ql.GEMV_DISPATCH_M)
 
 
 def _ql_args(gm, node_name):

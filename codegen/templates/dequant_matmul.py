@@ -55,7 +55,7 @@
 # Decoding (exact, integer bit operations only: int -> float conversions are 1/8 of the FP32 rate on the
 # H100, so codes become floats as the bits of 2^23 + c minus 2^23):
 #   elements  int8 (w8a16, mxint8) signed byte (one XOR of the zero-extended byte with 0x4B000080; MXINT8
-#             scaled per element: one FFMA, (2^23 + c + 128)·2^e - (2^23 + 128)·2^e, exact for e <= 103);
+#             scaled per element: one FFMA, (2^23 + c + 128)·2^e - (2^23 + 128)·2^e, exact for e <= 104);
 #             uint4 nibble (minus the group's integer zero point); int4 (nvint4) two's complement nibble;
 #             e2m1 (mxfp4, nvfp4) and e4m3 (w8a16_fp8, mxfp8): the code's bits moved into an fp32 whose
 #             zero exponent is a subnormal, times 2^126 / 2^120 (exact, no selects; mul.f32 keeps
@@ -166,20 +166,11 @@ def _as_dot_dtype(lo, hi, BLOCK_N: tl.constexpr, KE: tl.constexpr, ACT: tl.const
 
 
 @triton.jit
-def _nibble_pair(b, BASE: tl.constexpr):
-    # code bytes [BLOCK_N, BLOCK_KB] -> int32 holding the 16-bit patterns BASE | low nibble (bits 0-15) and
-    # BASE | high nibble (bits 16-31): byte·(1 + 2^12) puts the nibbles at bits 0-3 and 16-19 (its two
-    # shifted copies do not overlap, so no carries), one multiply and one mask-or per byte
-    bu = b.to(tl.uint32)
-    return (((bu * 0x1001) & 0x000F000F) | (BASE * 0x10001)).to(tl.int32, bitcast=True)
-
-
-@triton.jit
 def _decode_zero_packed(b, z, BLOCK_N: tl.constexpr, KE: tl.constexpr, ACT: tl.constexpr):
     # GPU SWAP path, uint4 codes minus the group's zero point [BLOCK_N] straight in the 16-bit dot dtype:
     # BASE | c is the float BASE + c (bf16 0x4300 = 128, fp16 0x6400 = 1024; ulp 1), and minus BASE + z
     # it is c - z exactly -- the same values the fp32 decode casts, with no fp32 round trip / F2FP.
-    # (per byte: two masks and a shift; _nibble_pair's multiply made this loop longer: 395 -> 427 on sm_90)
+    # (per byte: two masks and a shift; the one-multiply nibble pair made this loop longer: 395 -> 427)
     BASE: tl.constexpr = 0x4300 if ACT == 2 else 0x6400
     bi = b.to(tl.int32)
     w = _as_dot_dtype((bi & 15) | BASE, ((bi >> 4) & 15) | BASE, BLOCK_N, KE, ACT)
@@ -275,7 +266,7 @@ def _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM: tl.constexpr
         s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
         if SCALE_EACH and ELEM == 0 and SCALE == 1 and EPB == 1:
             # int8 codes times E8M0 (power-of-two) scales in one FFMA per element: (2^23 + c + 128)·s minus
-            # (2^23 + 128)·s, both products exact (s = 2^e, e <= 103: formats.quantize refuses larger
+            # (2^23 + 128)·s, both products exact (s = 2^e, e <= 104: formats.quantize refuses larger
             # MXINT8 scales), so the difference is c·s exactly (was a FADD and a FMUL)
             v = (b.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
             if BLOCK_KB <= GB:

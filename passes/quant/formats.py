@@ -98,7 +98,7 @@ ELEMENTS: dict[str, ElemSpec] = {
     "fp4_e2m1": ElemSpec("fp4_e2m1", 4, "fp", 6.0, mant_bits=1, bias=1),
 }
 SCALE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "e8m0": 1, "e4m3": 1}
-MXINT8_MAX_EXP = 103  # largest E8M0 exponent quantize gives MXINT8 (see quantize)
+MXINT8_MAX_EXP = 104  # largest E8M0 exponent quantize gives MXINT8 (see quantize)
 E4M3_MAX = 448.0
 E4M3_MIN = 2.0 ** -9  # smallest positive (subnormal) E4M3
 
@@ -355,9 +355,9 @@ def quantize(w: torch.Tensor, fmt: QuantFormat | str) -> QuantizedTensor:
         if fmt.scale == "e8m0":
             _, e = torch.frexp(amax)
             e = torch.where(amax > 0, e - 1 - spec.emax, torch.full_like(e, -127)).clamp(-127, 127)
-            if spec.kind == "int" and bool((e > MXINT8_MAX_EXP).any()):
-                # the kernels decode an int8 code c times 2^e as (2^23 + c + 128)·2^e - (2^23 + 128)·2^e in
-                # fp32 (dequant_matmul._decode_tile): exact only while (2^24)·2^e stays finite
+            if spec.kind == "int" and spec.bits == 8 and bool((e > MXINT8_MAX_EXP).any()):
+                # the kernels decode an int8 code c times 2^e as fma(2^23 + c + 128, 2^e, -(2^23 + 128)·2^e)
+                # in fp32 (dequant_matmul._decode_tile): exact while the addend (2^23 + 128)·2^e is finite
                 raise ValueError(f"quantize({fmt.name}): a 32-element block has |w| >= 2^{MXINT8_MAX_EXP + 1} "
                                  f"(E8M0 exponent above {MXINT8_MAX_EXP}); the MXINT8 kernels cannot decode it exactly")
             s, scales = exp2i(e), (e + 127).to(torch.uint8)
