@@ -25,6 +25,7 @@ MX8 = __import__("os").environ.get("PROBE_MX8") == "1"  # round 4: MXINT8 after 
 FINE_BLOCK = __import__("os").environ.get("PROBE_FINE_BLOCK") == "1"  # round 5: round 2's grid, block formats
 PDL = __import__("os").environ.get("PROBE_PDL") == "1"  # round 6: the reduce with programmatic dependent launch
 KB = __import__("os").environ.get("PROBE_KB") == "1"  # round 7: code bytes per step after the pair decodes
+N128 = __import__("os").environ.get("PROBE_N128") == "1"  # round 8: SWAP on two warpgroups (128-row tiles)
 
 
 def fine_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
@@ -82,7 +83,29 @@ def kb_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     return out
 
 
+def n128_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    """Round 8 (session 12, PROBE_N128=1): offline sm_90 SASS (ptxas of triton 3.6) has every 4-warp SWAP
+    tile of the per-element-scaled formats issuing its wgmmas one at a time (WARPGROUP.DEPBAR 0 after
+    each: ptxas reuses one A-register quad), the 8-warp 128-row tiles not. SWAP 128 rows x 8 warps over K
+    splits and stages; MXINT8 also in SWAP with its scales a step ahead (new)."""
+    base = ql.gemm_configs(M, N, K, fmt, False)[0]
+    swap = dict(base, SWAP=True, PREFETCH=False)
+    out = [("default", base)]
+    for sk in (2, 4, 8):
+        for st in (3, 4):
+            out.append((f"swap n128 w8 sk{sk} s{st} kb{swap['BLOCK_KB']}",
+                        dict(swap, BLOCK_N=128, num_warps=8, SPLIT_K=sk, num_stages=st)))
+    if fmt == "mxint8":
+        for st in (3, 4):
+            out.append((f"swap n64 w4 sk4 s{st} kb128", dict(swap, BLOCK_N=64, num_warps=4, SPLIT_K=4, num_stages=st)))
+        out.append(("swap n128 w8 sk4 s4 kb64", dict(swap, BLOCK_N=128, num_warps=8, SPLIT_K=4, num_stages=4,
+                                                     BLOCK_KB=64)))
+    return out
+
+
 def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    if N128:
+        return n128_variants(fmt, M, N, K)
     if KB:
         return kb_variants(fmt, M, N, K)
     if PDL:
@@ -107,7 +130,7 @@ def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    name = ("probe_gemm_m64_kb" if KB else "probe_gemm_m64_pdl" if PDL else "probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine_block"
+    name = ("probe_gemm_m64_n128" if N128 else "probe_gemm_m64_kb" if KB else "probe_gemm_m64_pdl" if PDL else "probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine_block"
             if FINE_BLOCK else "probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
     res = Results(name)
     lines = ["| format | config | us | x bf16 | rel err vs quant ref |", "|---|---|---|---|---|"]
@@ -120,7 +143,7 @@ def main() -> None:
     bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
     res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
     lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
-    for fmt in (FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK or KB else ["mxint8"] if MX8 else FORMATS):
+    for fmt in (FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK or KB or N128 else ["mxint8"] if MX8 else FORMATS):
         qts = [quantize(w, fmt) for w in ws]
         args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
         ref = x.double() @ dequantize(qts[0]).double().t()

@@ -114,6 +114,18 @@ def _apply_group(w, s, z, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.
 
 
 @triton.jit
+def _group_bcast(s, BLOCK_N: tl.constexpr, KE: tl.constexpr, GE: tl.constexpr):
+    # per-group values s ([BLOCK_N] when the tile lies in one group, KE <= GE, else [BLOCK_N, KE // GE]) ->
+    # [BLOCK_N, KE], each repeated over its group's GE elements. Broadcasting the small tensor (rather than
+    # viewing the tile as [BLOCK_N, KE // GE, GE]) keeps the tile's own layout: Triton can then load the
+    # codes straight in the wgmma register-operand layout (sm_90 SASS: no shared-memory conversion of the
+    # decoded tile, no serialized wgmma).
+    if KE <= GE:
+        return tl.broadcast_to(s[:, None], (BLOCK_N, KE))
+    return tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, KE // GE, GE)), (BLOCK_N, KE))
+
+
+@triton.jit
 def _decode(b, ELEM: tl.constexpr, EPB: tl.constexpr):
     # Raw code bytes [BLOCK_N, BLOCK_KB] -> fp32 *unscaled* element values (lo, hi): elements k = EPB * j
     # and (4-bit only) k = 2j + 1.
@@ -189,8 +201,7 @@ def _decode_int4_scaled_packed(b, s, BLOCK_N: tl.constexpr, GB: tl.constexpr, KE
     pair = (((bu * 0x1001) & 0x000F000F) ^ (BASE * 0x10001 + 0x00080008)).to(tl.int32, bitcast=True)
     w = _as_dot_dtype(pair & 0xFFFF, (pair >> 16) & 0xFFFF, BLOCK_N, KE, ACT)
     w = w - (136.0 if ACT == 2 else 1032.0)
-    sd = s.to(w.dtype)  # the element group is 2·GB elements of the tile
-    return _apply_group(w, sd, sd, BLOCK_N, KE, 2 * GB, False)
+    return w * _group_bcast(s.to(w.dtype), BLOCK_N, KE, 2 * GB)  # the element group is 2·GB elements
 
 
 @triton.jit
@@ -207,8 +218,7 @@ def _decode_e2m1_scaled_packed(b, s, BLOCK_N: tl.constexpr, GB: tl.constexpr, KE
     pair = (((bu * 0x40040) & 0x01C001C0) | ((bu * 0x1001000) & 0x80008000)).to(tl.int32, bitcast=True)
     w = _as_dot_dtype(pair & 0xFFFF, (pair >> 16) & 0xFFFF, BLOCK_N, KE, 2)
     w = w * 8.507059173023462e37  # 2^126
-    sd = s.to(tl.bfloat16)
-    return _apply_group(w, sd, sd, BLOCK_N, KE, 2 * GB, False)
+    return w * _group_bcast(s.to(tl.bfloat16), BLOCK_N, KE, 2 * GB)
 
 
 @triton.jit
@@ -253,6 +263,16 @@ def _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE: tl.constexpr,
 
 
 @triton.jit
+def _decode_int8_e8m0(b, s, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.constexpr):
+    # MXINT8: int8 codes [BLOCK_N, BLOCK_KB] times their E8M0 (power-of-two) group scales s (fp32) in one
+    # FFMA per element: (2^23 + c + 128)·s minus (2^23 + 128)·s, both products exact (s = 2^e, e <= 104:
+    # formats.quantize refuses larger MXINT8 scales), so the difference is c·s exactly (was a FADD and a
+    # FMUL); c·s has at most 8 significant bits, so its cast to bf16 / fp16 for the dot is exact too.
+    v = (b.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
+    return tl.fma(v, _group_bcast(s, BLOCK_N, BLOCK_KB, GB), _group_bcast(s * -8388736.0, BLOCK_N, BLOCK_KB, GB))
+
+
+@triton.jit
 def _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM: tl.constexpr, SCALE: tl.constexpr,
                  PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_EACH: tl.constexpr, EPB: tl.constexpr,
                  GB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
@@ -265,15 +285,7 @@ def _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM: tl.constexpr
     else:
         s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
         if SCALE_EACH and ELEM == 0 and SCALE == 1 and EPB == 1:
-            # int8 codes times E8M0 (power-of-two) scales in one FFMA per element: (2^23 + c + 128)·s minus
-            # (2^23 + 128)·s, both products exact (s = 2^e, e <= 104: formats.quantize refuses larger
-            # MXINT8 scales), so the difference is c·s exactly (was a FADD and a FMUL)
-            v = (b.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
-            if BLOCK_KB <= GB:
-                lo = tl.fma(v, s[:, None], (s * -8388736.0)[:, None])
-            else:
-                v3 = tl.reshape(v, (BLOCK_N, BLOCK_KB // GB, GB))
-                lo = tl.reshape(tl.fma(v3, s[:, :, None], (s * -8388736.0)[:, :, None]), (BLOCK_N, BLOCK_KB))
+            lo = _decode_int8_e8m0(b, s, BLOCK_N, BLOCK_KB, GB)
             return lo, lo, s
         if HAS_ZERO:
             lo, hi = _decode_zero(b, z, BLOCK_N, BLOCK_KB, GB)
@@ -489,7 +501,11 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
     # per-element-scaled packed paths: group params one step ahead (Triton does not pipeline these small
     # loads). H100, M = 64: mxfp4 18.0 -> 16.5 us, nvint4 19.4 -> 18.2, nvfp4 18.3 -> 17.7; the uint4 POST
     # path got slower with it (14.7 -> 17.9) and loads them in step
-    SCALES_AHEAD: tl.constexpr = PACKED_INT4 or PACKED_E2M1
+    # SWAP_MX8: MXINT8 (int8 x E8M0, _decode_int8_e8m0) in the SWAP tile, its scales also a step ahead: in
+    # step, their global-load latency was exposed every step (sm_90 SASS: LDG then a barrier in the loop)
+    SWAP_MX8: tl.constexpr = (SWAP and ELEM == 0 and SCALE == 1 and EPB == 1 and not GROUPED_POST
+                              and not PER_ROW)
+    SCALES_AHEAD: tl.constexpr = PACKED_INT4 or PACKED_E2M1 or SWAP_MX8
     if SCALES_AHEAD:
         gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j_start, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
     if PREFETCH:  # the next code tile is loaded before this one is decoded (as in dequant_gemv)
@@ -511,6 +527,8 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
             w = _decode_int4_scaled_packed(b, s, BLOCK_N, GB, KE, ACT)
         elif PACKED_E2M1:
             w = _decode_e2m1_scaled_packed(b, s, BLOCK_N, GB, KE)
+        elif SWAP_MX8:
+            w = _decode_int8_e8m0(b, s, BLOCK_N, BLOCK_KB, GB)
         else:
             lo, hi, s = _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM, SCALE, PER_ROW, HAS_ZERO,
                                      not GROUPED_POST and not PER_ROW, EPB, GB, BLOCK_N, BLOCK_KB)
