@@ -168,6 +168,12 @@ def test_every_tile_path_of_grouped_formats(fmt):
                           (20, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_KB": gb, "GROUP_M": 2, "SWAP": True}, None),
                           (20, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_KB": max(16, 2 * gb), "GROUP_M": 2, "SWAP": True,
                                 "PREFETCH": False, "POST": False}, 2),
+                          # SWAP with the next step's tile decoded ahead (per-element scales; the last, masked
+                          # tile of each split decoded and dropped), splits of 1-3 steps
+                          (20, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_KB": max(16, 2 * gb), "GROUP_M": 2, "SWAP": True,
+                                "PREFETCH": False, "POST": False, "DECODE_AHEAD": True}, 2),
+                          (20, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KB": max(16, gb), "GROUP_M": 2, "SWAP": True,
+                                "POST": False, "DECODE_AHEAD": True}, 7),
                           # 4-bit GEMV on int32 words (8-bit formats: falls back to the byte-tile default)
                           (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 2, "WORDS": True}, None),
                           (3, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_G": 1, "WORDS": True, "POST": False}, 3),
@@ -476,6 +482,31 @@ def test_gpu_multi_step_gemv_and_pdl_reduce(fmt):
             y_off = ql.quant_linear_apply(x.cuda(), *args, config=dict(cfg, PDL=False), split_k=split).cpu()
             assert torch.equal(y_pdl, y_off), (m, split)
             _check_kernel(y_pdl, x, qt, None, gemm=m > ql.GEMV_DISPATCH_M)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["mxint8", "mxfp8", "nvint4", "nvfp4", "mxfp4"])
+def test_gpu_m64_candidate_tiles(fmt):
+    # The M = 64 tiles probe_gemm_m64.py round 8 measures (session 12, compiled offline only so far): SWAP
+    # with MXINT8's scales a step ahead, SWAP on two warpgroups (128 rows, 8 warps), and DECODE_AHEAD (the
+    # loop-carried decoded tile wgmma reads from shared memory). Random codes over every value and
+    # quantized Gaussian weights; K = 2080 (a partial last group, many steps per split), N = 200.
+    k, n, m = 2080, 200, 64
+    g = torch.Generator().manual_seed(31)
+    base = ql.gemm_configs(m, 4096, 4096, fmt, False)[0]
+    kb = base["BLOCK_KB"]
+    cfgs = [dict(base, SWAP=True, PREFETCH=False, BLOCK_N=64, num_warps=4, SPLIT_K=4),
+            dict(base, SWAP=True, PREFETCH=False, BLOCK_N=128, num_warps=8, SPLIT_K=2, num_stages=4),
+            dict(base, SWAP=True, PREFETCH=False, BLOCK_N=64, num_warps=4, SPLIT_K=4, DECODE_AHEAD=True),
+            dict(base, SWAP=True, PREFETCH=False, BLOCK_N=128, num_warps=8, SPLIT_K=3, DECODE_AHEAD=True,
+                 BLOCK_KB=2 * kb)]
+    for qt in (_random_packed(n, k, fmt, seed=32), _pack(n, k, fmt, seed=33)[1]):
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, fmt, k)]
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        for cfg in cfgs:
+            y = ql.quant_linear_apply(x.cuda(), *args, config=dict(cfg)).cpu()
+            _check_kernel(y, x, qt, None, gemm=True)
 
 
 def _ql_args(gm, node_name):

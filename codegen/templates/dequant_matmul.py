@@ -28,9 +28,14 @@
 #                         int4 (nvint4) and e2m1 (mxfp4 / nvfp4, bf16) codes is decoded straight to the dot
 #                         dtype in packed pairs (_decode_*_packed: BASE | c minus BASE + z; e2m1 through a
 #                         bf16 subnormal and one multiply by 2^126), the same values as the fp32 decode;
-#                         the per-element-scaled ones load their group scales a K step ahead. H100, M = 64,
-#                         4096^2 (results/quant_gpu.md; bf16 cuBLAS 14.9 us): w8a16 14.3, w4a16 14.9,
-#                         mxfp4 16.3, nvfp4 17.3, nvint4 18.5, mxint8 18.9 us (session 9: 15.7-25.6).
+#                         the per-element-scaled ones (MXINT8 too) load their group scales a K step ahead.
+#                         DECODE_AHEAD (per-element scales, no zero points): the next step's tile is decoded
+#                         in this step; wgmma then reads the loop-carried tile from shared memory. Offline
+#                         sm_90 SASS (triton 3.6): the 4-warp SWAP tiles of these formats otherwise issue
+#                         their wgmmas one at a time (ptxas reuses one A-register quad and waits after each),
+#                         with DECODE_AHEAD not, and their loops are ~20% shorter; not yet timed on a GPU.
+#                         H100, M = 64, 4096^2 (results/quant_gpu.md; bf16 cuBLAS 14.95 us): w8a16 13.9,
+#                         w4a16 14.7, mxfp4 14.5, nvfp4 15.2, nvint4 15.5, mxint8 17.1 us (session 11).
 #   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype (also for
 #                         dequant_gemv_words). Launched with programmatic dependent launch (PDL config key,
 #                         default on): the kernel before it lets it be scheduled at once and it waits in
@@ -219,6 +224,30 @@ def _decode_e2m1_scaled_packed(b, s, BLOCK_N: tl.constexpr, GB: tl.constexpr, KE
     w = _as_dot_dtype(pair & 0xFFFF, (pair >> 16) & 0xFFFF, BLOCK_N, KE, 2)
     w = w * 8.507059173023462e37  # 2^126
     return w * _group_bcast(s.to(tl.bfloat16), BLOCK_N, KE, 2 * GB)
+
+
+@triton.jit
+def _scaled_decode(b, s, ELEM: tl.constexpr, SCALE: tl.constexpr, EPB: tl.constexpr, PACKED_INT4: tl.constexpr,
+                   PACKED_E2M1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GB: tl.constexpr,
+                   KE: tl.constexpr, ACT: tl.constexpr):
+    # Code bytes [BLOCK_N, BLOCK_KB] times their group scales s (fp32; formats without zero points) ->
+    # the [BLOCK_N, KE] tile in element order: the packed 16-bit decodes of nvint4 / mxfp4 / nvfp4 on the
+    # GPU, the one-FFMA MXINT8 decode, else the fp32 decode scaled per element (the interpreter's path).
+    if PACKED_INT4:
+        w = _decode_int4_scaled_packed(b, s, BLOCK_N, GB, KE, ACT)
+    elif PACKED_E2M1:
+        w = _decode_e2m1_scaled_packed(b, s, BLOCK_N, GB, KE)
+    elif ELEM == 0 and SCALE == 1 and EPB == 1:
+        w = _decode_int8_e8m0(b, s, BLOCK_N, BLOCK_KB, GB)
+    else:
+        lo, hi = _decode(b, ELEM, EPB)
+        lo = _apply_group(lo, s, s, BLOCK_N, BLOCK_KB, GB, False)
+        if EPB == 2:
+            hi = _apply_group(hi, s, s, BLOCK_N, BLOCK_KB, GB, False)
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, KE))
+        else:
+            w = lo
+    return w
 
 
 @triton.jit
@@ -454,7 +483,7 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
                  GB: tl.constexpr, ACT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, GROUP_M: tl.constexpr, INTERPRETED: tl.constexpr,
                  SPLIT: tl.constexpr = False, POST: tl.constexpr = True, PREFETCH: tl.constexpr = True,
-                 SWAP: tl.constexpr = False, PDL: tl.constexpr = False):
+                 SWAP: tl.constexpr = False, PDL: tl.constexpr = False, DECODE_AHEAD: tl.constexpr = False):
     # Grid (M tiles x N tiles, K splits). 4-bit tiles are interleaved back to element order (tl.join) so
     # one dot of K = 2 * BLOCK_KB runs against contiguous x. POST with a tile inside one scale group
     # (BLOCK_KB <= GB): the dot runs on the unscaled codes (exact in bf16 / fp16) and the group's scale
@@ -510,25 +539,42 @@ def dequant_gemm(x, codes, scales, zeros, tensor_scale, bias, out, partials,
         gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j_start, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
     if PREFETCH:  # the next code tile is loaded before this one is decoded (as in dequant_gemv)
         b_nxt = tl.load(c_rows + (j_start + rjb)[None, :], mask=nk_ok & ((j_start + rjb)[None, :] < j_end), other=0)
+    # DECODE_AHEAD (per-element-scaled formats without zero points, SWAP): the next step's tile is decoded
+    # in this step, so the dot's operand is a loop-carried tile; Triton then stages it in shared memory for
+    # wgmma (sm_90 SASS of the 4-bit formats, triton 3.6: no serialized wgmmas, loops 20% shorter)
+    AHEAD: tl.constexpr = DECODE_AHEAD and SWAP and not GROUPED_POST and not PER_ROW and not HAS_ZERO
+    if AHEAD and not SCALES_AHEAD:
+        gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j_start, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
+    if AHEAD:
+        b0 = tl.load(c_rows + (j_start + rjb)[None, :], mask=nk_ok & ((j_start + rjb)[None, :] < j_end), other=0)
+        s0 = _group_decode(gs_nxt, gz_nxt, SCALE, HAS_ZERO)[0]
+        gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j_start + BLOCK_KB, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
+        w_nxt = _scaled_decode(b0, s0, ELEM, SCALE, EPB, PACKED_INT4, PACKED_E2M1, BLOCK_N, BLOCK_KB, GB, KE, ACT)
     for j0 in range(j_start, j_end, BLOCK_KB):
-        if PREFETCH:
+        if AHEAD:
+            w = w_nxt
+            j1 = j0 + BLOCK_KB
+            b1 = tl.load(c_rows + (j1 + rjb)[None, :], mask=nk_ok & ((j1 + rjb)[None, :] < j_end), other=0)
+            s1 = _group_decode(gs_nxt, gz_nxt, SCALE, HAS_ZERO)[0]
+            gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j1 + BLOCK_KB, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
+            w_nxt = _scaled_decode(b1, s1, ELEM, SCALE, EPB, PACKED_INT4, PACKED_E2M1, BLOCK_N, BLOCK_KB, GB, KE,
+                                   ACT)
+        elif PREFETCH:
             b = b_nxt
             j1 = j0 + BLOCK_KB
             b_nxt = tl.load(c_rows + (j1 + rjb)[None, :], mask=nk_ok & ((j1 + rjb)[None, :] < j_end), other=0)
         else:
             b = tl.load(c_rows + (j0 + rjb)[None, :], mask=nk_ok & ((j0 + rjb)[None, :] < j_end), other=0)
-        if SCALES_AHEAD:  # this step's group params were loaded a step ahead; load the next step's now
+        if SCALES_AHEAD and not AHEAD:  # this step's group params were loaded a step ahead; the next's now
             s, z = _group_decode(gs_nxt, gz_nxt, SCALE, HAS_ZERO)
             gs_nxt, gz_nxt = _group_raw(scales, zeros, rn, j0 + BLOCK_KB, N, NB, s_sn, s_zn, HAS_ZERO, GB, BLOCK_KB)
-        if PACKED:
+        if AHEAD:
+            pass
+        elif PACKED:
             s, z = _group_params(scales, zeros, rn, j0, N, NB, s_sn, s_zn, SCALE, HAS_ZERO, GB, BLOCK_KB)
             w = _decode_zero_packed(b, z, BLOCK_N, KE, ACT)
-        elif PACKED_INT4:
-            w = _decode_int4_scaled_packed(b, s, BLOCK_N, GB, KE, ACT)
-        elif PACKED_E2M1:
-            w = _decode_e2m1_scaled_packed(b, s, BLOCK_N, GB, KE)
-        elif SWAP_MX8:
-            w = _decode_int8_e8m0(b, s, BLOCK_N, BLOCK_KB, GB)
+        elif SCALES_AHEAD:
+            w = _scaled_decode(b, s, ELEM, SCALE, EPB, PACKED_INT4, PACKED_E2M1, BLOCK_N, BLOCK_KB, GB, KE, ACT)
         else:
             lo, hi, s = _decode_tile(b, scales, zeros, rn, j0, N, NB, s_sn, s_zn, ELEM, SCALE, PER_ROW, HAS_ZERO,
                                      not GROUPED_POST and not PER_ROW, EPB, GB, BLOCK_N, BLOCK_KB)
