@@ -37,9 +37,11 @@ from .kernels import first_that_fits, interpreter_active, next_pow2, template_ke
 _CODEGEN = Path(__file__).resolve().parent.parent / "codegen"
 TEMPLATE = _CODEGEN / "templates" / "dequant_matmul.py"
 WORDS_TEMPLATE = _CODEGEN / "templates" / "dequant_gemv_words.py"
+KSPAN_TEMPLATE = _CODEGEN / "templates" / "dequant_gemv_kspan.py"
 HELPERS = _CODEGEN / "quant_helpers.py"  # @triton.jit helpers both templates import
 KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce")
 WORDS_KERNELS = ("dequant_gemv_words",)
+KSPAN_KERNELS = ("dequant_gemv_kspan",)
 GEMV_MAX_M = 16  # the GEMV kernel takes up to this many rows (a config without GROUP_M selects it)
 GEMV_DISPATCH_M = 4  # the default dispatch sends up to this many rows to the GEMV: the 853M decoder's decode
 # step at batch 16 measured 8.4 ms through the GEMV against 1.6 ms in bf16
@@ -65,7 +67,7 @@ _SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "e8m0": torch.ui
 def template_source() -> str:
     """The source of the quant kernels: dequant_matmul.py first (its header holds the bytes model), then
     dequant_gemv_words.py and the helpers module both import."""
-    return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, HELPERS))
+    return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, KSPAN_TEMPLATE, HELPERS))
 
 
 def kernels_for(device_type: str) -> dict:
@@ -73,7 +75,8 @@ def kernels_for(device_type: str) -> dict:
 
     cache = current().cache_dir
     return {**dict(zip(KERNELS, template_kernels(str(TEMPLATE), KERNELS, device_type, cache))),
-            **dict(zip(WORDS_KERNELS, template_kernels(str(WORDS_TEMPLATE), WORDS_KERNELS, device_type, cache)))}
+            **dict(zip(WORDS_KERNELS, template_kernels(str(WORDS_TEMPLATE), WORDS_KERNELS, device_type, cache))),
+            **dict(zip(KSPAN_KERNELS, template_kernels(str(KSPAN_TEMPLATE), KSPAN_KERNELS, device_type, cache)))}
 
 
 @functools.lru_cache(maxsize=64)
@@ -404,18 +407,25 @@ def _words_ok(codes: torch.Tensor) -> bool:
 
 
 def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted, pdl=False):
-    """``dequant_gemv_words`` launch (codes read as int32 words, BITS 4 or 8; one row of x per program)."""
+    """``dequant_gemv_words`` launch (codes read as int32 words, BITS 4 or 8; one row of x per program), or with
+    KSPAN in the config ``dequant_gemv_kspan`` (Q runs of WPT words per row per step, lanes and warps over K)."""
     M, n = out.shape
     K = x2.shape[1]
     ks = kernels_for(x2.device.type)
     words = codes.view(torch.int32)
     KW, NB = words.shape[1], scales.shape[1]
-    gw = kf["GB"] // 4 if not kf["PER_ROW"] else WORDS_ROW_GW
-    tw = cfg["BLOCK_G"] * gw
-    for key in ("BLOCK_N", "BLOCK_G"):
+    cfg = dict(cfg)
+    kspan = bool(cfg.pop("KSPAN", False))
+    gw = kf["GB"] // 4 if not kf["PER_ROW"] else (1 if kspan else WORDS_ROW_GW)
+    keys = ("BLOCK_N", "Q", "WPT") if kspan else ("BLOCK_N", "BLOCK_G")
+    for key in keys:
         v = cfg[key]
         if v < 1 or v & (v - 1):
             raise ValueError(f"quant_linear: {key} must be a power of two, got {v}")
+    if kspan and not kf["PER_ROW"] and gw % cfg["WPT"]:
+        raise ValueError(f"quant_linear: KSPAN runs of WPT={cfg['WPT']} words must lie in one scale group "
+                         f"({gw} words)")
+    tw = cfg["Q"] * cfg["WPT"] if kspan else cfg["BLOCK_G"] * gw
     n_tiles = _cdiv(n, cfg["BLOCK_N"])
     if splits is None:
         splits = auto_split_k(n_tiles * M, KW, tw, x2.device)
@@ -428,11 +438,14 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
     if interpreted:
         launch.pop("num_warps", None), launch.pop("num_stages", None)
-    ks["dequant_gemv_words"][(n_tiles, splits, M)](
+    if kspan:
+        launch.pop("POST", None), launch.pop("PREFETCH_X", None), launch.pop("XT", None)
+    kernel, extra = (ks["dequant_gemv_kspan"], (1,)) if kspan else (ks["dequant_gemv_words"], ())
+    kernel[(n_tiles, splits, M)](
         x2, words, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
         bias if bias is not None else dummy, out, partials, M, n, K, KW, NB, per_split, x2.stride(0), x2.stride(1),
         words.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0), out.stride(1),
-        15 if kf["EPB"] == 2 else 255, BITS=4 if kf["EPB"] == 2 else 8, ELEM=kf["ELEM"], SCALE=kf["SCALE"], PER_ROW=kf["PER_ROW"], HAS_ZERO=kf["HAS_ZERO"],
+        15 if kf["EPB"] == 2 else 255, *extra, BITS=4 if kf["EPB"] == 2 else 8, ELEM=kf["ELEM"], SCALE=kf["SCALE"], PER_ROW=kf["PER_ROW"], HAS_ZERO=kf["HAS_ZERO"],
         HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None, STEP=kf["STEP"], GW=gw, SPLIT=splits > 1,
         OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, PDL=pdl, **launch)
     if splits > 1:
@@ -450,7 +463,7 @@ def _check_blocks(cfg: dict, kf: dict, gemv: bool) -> None:
     if cfg.get("WORDS"):
         if not gemv:
             raise ValueError("quant_linear: WORDS configs are for the GEMV only")
-        for key in ("BLOCK_N", "BLOCK_G"):
+        for key in (("BLOCK_N", "Q", "WPT") if cfg.get("KSPAN") else ("BLOCK_N", "BLOCK_G")):
             v = cfg[key]
             if v < 1 or v & (v - 1):
                 raise ValueError(f"quant_linear: {key} must be a power of two, got {v}")

@@ -186,6 +186,29 @@ def test_every_tile_path_of_grouped_formats(fmt):
         _check_kernel(y, x, qt, None, gemm=m > ql.GEMV_MAX_M)
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_kspan_words_gemv(fmt):
+    # dequant_gemv_kspan (lanes and warps over K, rows in registers): every format, M = 1 and 3, rows and K
+    # not multiples of the tiles (K = 600: the last group partial, the last step past the words), runs of
+    # 1-4 words per thread, K splits, with and without prefetch; random codes over every value and
+    # quantized Gaussian weights
+    k, n = 600, 20
+    gw = ql.kernel_format(fmt)["GB"] // 4 if not ql.kernel_format(fmt)["PER_ROW"] else 4
+    g = torch.Generator().manual_seed(41)
+    for qt in (_random_packed(n, k, fmt, seed=42), _pack(n, k, fmt, seed=43)[1]):
+        assert ql._words_ok(qt.codes)  # (else the byte-tile GEMV would run instead)
+        bias = torch.randn(n, generator=g)
+        for m, cfg, split in [(1, {"BLOCK_N": 8, "Q": 4, "WPT": min(4, gw)}, None),
+                              (3, {"BLOCK_N": 16, "Q": 2, "WPT": min(2, gw)}, 3),
+                              (1, {"BLOCK_N": 4, "Q": 8, "WPT": 1, "PREFETCH": 0}, 2)]:
+            x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+            cfg = dict(cfg, BLOCK_M=1, WORDS=True, KSPAN=True)
+            y = ql.quant_linear_apply(x, *_args(qt, bias, fmt, k), config=cfg, split_k=split)
+            _check_kernel(y, x, qt, bias, gemm=False)
+    with pytest.raises(ValueError, match="power of two"):
+        ql.quant_linear_apply(x, *_args(qt, bias, fmt, k), config=dict(cfg, Q=3))
+
+
 @pytest.mark.parametrize("fmt", ["w8a16", "w8a16_fp8"])
 def test_swap_ab_gemm_and_words_gemv_per_row_formats(fmt):
     # SWAP: the decoded tile is the A operand of w @ x^T; per-output-channel scales on the transposed acc
