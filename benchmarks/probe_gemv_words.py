@@ -26,18 +26,25 @@ from fxforge.runtime import quant_linear as ql
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
 FORMATS = [f for f in ["w8a16", "w4a16_g128", "nvint4", "mxint8", "mxfp4", "nvfp4"]
            if f in os.environ.get("PROBE_FORMATS", "w8a16,w4a16_g128,nvint4,mxint8,mxfp4,nvfp4").split(",")]
-# (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, PREFETCH_X, LOOP_STAGES, XT). Round 8
+# (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, PREFETCH_X, XT). Round 8
 # (session 11; r5 found PREFETCH_X worth 5-15%, r6 the defaults, r7 nothing more in tiles / warps): XT, x
 # loaded as [word, group, element] (lanes in the words' order: 126 -> 96 registers, 343 -> 326 instructions
 # per w4a16 step on triton 3.6): the [group, row, word] tile layout (several rows per thread share one conversion of x), the per-plane
-# exponent decode (x unscaled), PREFETCH_X (x and the group scales / zero points of the next step loaded with
-# its words) and LOOP_STAGES (tl.range(num_stages=...): Triton pipelines the loads it finds in the loop --
-# with PREFETCH 1 those of x / scales -- through cp.async). Rounds 1-4: git history, results/probe_gemv_words*.
-GRID4 = [(16, 512, 4, 1, 1, 1, 0), (16, 512, 4, 1, 1, 1, 1), (16, 256, 4, 1, 1, 1, 0), (16, 256, 4, 1, 1, 1, 1),
-         (8, 512, 4, 1, 1, 1, 1), (16, 256, 2, 1, 1, 1, 1), (32, 256, 8, 1, 1, 1, 1), (16, 1024, 8, 1, 1, 1, 1)]
-GRID8 = [(16, 1024, 8, 1, 1, 1, 0), (16, 1024, 8, 1, 1, 1, 1), (16, 256, 4, 1, 1, 1, 0), (16, 256, 4, 1, 1, 1, 1),
-         (8, 512, 4, 1, 1, 1, 1), (16, 512, 4, 1, 1, 1, 1), (8, 256, 2, 1, 1, 1, 1), (32, 256, 8, 1, 1, 1, 1)]
+# exponent decode (x unscaled) and PREFETCH_X (x and the group scales / zero points of the next step loaded
+# with its words). The loop-pipeline knob LOOP_STAGES those rounds also swept (slower everywhere) is gone from
+# the kernel. Rounds 1-4: git history, results/probe_gemv_words*.
+GRID4 = [(16, 512, 4, 1, 1, 0), (16, 512, 4, 1, 1, 1), (16, 256, 4, 1, 1, 0), (16, 256, 4, 1, 1, 1),
+         (8, 512, 4, 1, 1, 1), (16, 256, 2, 1, 1, 1), (32, 256, 8, 1, 1, 1), (16, 1024, 8, 1, 1, 1)]
+GRID8 = [(16, 1024, 8, 1, 1, 0), (16, 1024, 8, 1, 1, 1), (16, 256, 4, 1, 1, 0), (16, 256, 4, 1, 1, 1),
+         (8, 512, 4, 1, 1, 1), (16, 512, 4, 1, 1, 1), (8, 256, 2, 1, 1, 1), (32, 256, 8, 1, 1, 1)]
 SHORT = {"nvint4", "mxint8", "mxfp4", "nvfp4"}  # first 8 grid points only
+# Round 9 (session 12, PROBE_KSPAN=1; built without a GPU): dequant_gemv_kspan (lanes and warps over K, rows in
+# registers, x loaded in the codes' layout: no shared-memory conversion; offline sm_90 SASS w4a16 4.9
+# instructions per element vs 5.5) next to the words default. (BLOCK_N, Q runs, WPT words per run, warps,
+# PREFETCH); WPT is capped at the words per scale group.
+KSPAN = os.environ.get("PROBE_KSPAN") == "1"
+KSPAN_GRID = [(8, 128, 4, 4, 1), (8, 128, 4, 4, 0), (16, 128, 2, 4, 1), (8, 128, 2, 4, 1), (8, 256, 2, 8, 1),
+              (16, 64, 2, 2, 1), (4, 128, 4, 4, 1), (8, 64, 4, 2, 1)]
 
 
 def time_config(x, args, fmt, K, cfg, copies) -> float:
@@ -66,10 +73,20 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
         if fmt in SHORT:
             grid = grid[:8]
         impl = fmt.split("_")[0]
-        for bn, kbytes, w, pf, pfx, ls, xt in grid:
+        cands = []
+        for bn, kbytes, w, pf, pfx, xt in grid:
             cfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
-                   "PREFETCH": pf, "PREFETCH_X": pfx, "LOOP_STAGES": ls, "XT": xt, "num_warps": w, "num_stages": 1}
-            name = f"n{bn} kb{kbytes} w{w} pf{pf}{'x' if pfx else ''} ls{ls}{' xt' if xt else ''}"
+                   "PREFETCH": pf, "PREFETCH_X": pfx, "XT": xt, "num_warps": w, "num_stages": 1}
+            cands.append((f"n{bn} kb{kbytes} w{w} pf{pf}{'x' if pfx else ''}{' xt' if xt else ''}", cfg))
+        if KSPAN:
+            gw = 4 if kf["PER_ROW"] else kf["GB"] // 4
+            cands = [("words default", ql.gemv_configs(1, N, K, fmt, False)[0])]
+            for bn, q, wpt, w, pf in KSPAN_GRID:
+                wpt = min(wpt, gw)
+                cands.append((f"kspan n{bn} q{q} wpt{wpt} w{w} pf{pf}",
+                              {"BLOCK_M": 1, "BLOCK_N": bn, "Q": q, "WPT": wpt, "WORDS": True, "KSPAN": True,
+                               "PREFETCH": pf, "num_warps": w, "num_stages": 1}))
+        for name, cfg in cands:
             try:
                 err = rel_err(ql.quant_linear_apply(x, *args[0], None, fmt, K, config=dict(cfg)), ref)
                 us = time_config(x, args, fmt, K, cfg, copies)
@@ -88,7 +105,7 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
 
 def main() -> None:
     t0 = time.time()
-    res = Results(os.environ.get("PROBE_NAME", "probe_gemv_words"))
+    res = Results(os.environ.get("PROBE_NAME", "probe_gemv_kspan" if KSPAN else "probe_gemv_words"))
     lines = ["| workload | impl | config | us | x bf16 | frac HBM | rel err vs quant ref |", "|---|---|---|---|---|---|---|"]
     torch.manual_seed(0)
     for wl, (N, K) in SHAPES.items():

@@ -135,7 +135,7 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
         # M = 1, bf16 cuBLAS 15.6 / 41.7 us): with x and the group scales prefetched with the next step's words
         # (PREFETCH_X, 5-15% faster everywhere) 16 rows x 256 B won every format at 14336 rows (w4a16 17.6,
         # w8a16 22.8-23.1 us), 16 x 512 B the 4-bit formats at 4096^2 (w4a16 7.2 us), 16 x 1024 B over 8 warps
-        # the 8-bit ones (w8a16 9.0 us). Deeper prefetch (2), the cp.async loop pipeline (LOOP_STAGES) and
+        # the 8-bit ones (w8a16 9.0 us). Deeper prefetch (2), the cp.async loop pipeline (tl.range stages; since removed) and
         # 32-row tiles did not win anywhere by more than the ~3% run-to-run spread.
         gb = 4 * WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
         if N >= 8192:

@@ -28,8 +28,8 @@
 #                         zero points of the next step(s) too (their L2 latency was on every step's critical
 #                         path: 5-15% on the H100). XT: x loaded as [word, group, element] (its lanes then
 #                         follow the codes' order: 126 -> 96 registers, 343 -> 326 instructions per w4a16
-#                         step on triton 3.6; 2-5% for integer codes). LOOP_STAGES: tl.range(num_stages=...),
-#                         Triton's cp.async pipeline of the loop's loads (measured, not a default: slower).
+#                         step on triton 3.6; 2-5% for integer codes). Triton's cp.async pipeline of the
+#                         loop's loads (tl.range num_stages) was measured slower everywhere and dropped.
 #                         One row of x per program: grid (N tiles, K splits, M); with K splits each writes fp32
 #                         partials [SPLITS, M, N] for dequant_splitk_reduce.
 #                         H100 (results/quant_gpu.md, session 11; bf16 cuBLAS 15.8 / 42.2 us): 4096^2 /
@@ -112,7 +112,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                        HAS_ZERO: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, STEP: tl.constexpr,
                        GW: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_G: tl.constexpr, INTERPRETED: tl.constexpr, POST: tl.constexpr = True,
-                       PREFETCH: tl.constexpr = 1, LOOP_STAGES: tl.constexpr = 1,
+                       PREFETCH: tl.constexpr = 1,
                        PREFETCH_X: tl.constexpr = 0, XT: tl.constexpr = 0, PDL: tl.constexpr = False):
     # codes: int32 words [N, KW]; ELEM / SCALE / PER_ROW / HAS_ZERO / HAS_TS / STEP as in dequant_matmul.py
     # (runtime/quant_linear.py kernel_format); KW_PER_SPLIT a multiple of BLOCK_G * GW; mask0 = 2^BITS - 1.
@@ -164,7 +164,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                 s_next2 = _group_step(scales, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_sn)
                 if HAS_ZERO:
                     z_next2 = _group_step(zeros, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_zn)
-    for w0 in tl.range(w_start, w_end, TW, num_stages=LOOP_STAGES):
+    for w0 in range(w_start, w_end, TW):
         rw = w0 + rw0
         if PREFETCH == 2:
             wd = wd_next
