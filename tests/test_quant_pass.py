@@ -532,6 +532,26 @@ def test_gpu_m64_candidate_tiles(fmt):
             _check_kernel(y, x, qt, None, gemm=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_gpu_kspan_words_gemv(fmt):
+    # the compiled K-span GEMV (probe round 9 configs; compiled offline only in session 12): M = 1 and 3,
+    # K = 2080 (a partial last group), N = 200, with and without prefetch, K splits
+    k, n = 2080, 200
+    gw = ql.kernel_format(fmt)["GB"] // 4 if not ql.kernel_format(fmt)["PER_ROW"] else 4
+    g = torch.Generator().manual_seed(51)
+    for qt in (_random_packed(n, k, fmt, seed=52), _pack(n, k, fmt, seed=53)[1]):
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, fmt, k)]
+        for m, (bn, q, wpt, w, pf), split in [(1, (8, 128, 4, 4, 1), None), (3, (16, 64, 2, 2, 0), 3),
+                                              (1, (8, 256, 2, 8, 1), 2)]:
+            x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+            cfg = {"BLOCK_M": 1, "BLOCK_N": bn, "Q": q, "WPT": min(wpt, gw), "WORDS": True, "KSPAN": True,
+                   "PREFETCH": pf, "num_warps": w, "num_stages": 1}
+            y = ql.quant_linear_apply(x.cuda(), *args, config=cfg, split_k=split).cpu()
+            _check_kernel(y, x, qt, None, gemm=False)
+
+
 def _ql_args(gm, node_name):
     node = next(n for n in gm.graph.nodes if n.name == node_name)
     return node.args[1:5]
