@@ -88,6 +88,33 @@ def e2m1_at(w, P: tl.constexpr):
 
 
 @triton.jit
+def word_code_at(wd, SHIFT: tl.constexpr, BITS: tl.constexpr, ELEM: tl.constexpr, off):
+    # The code at bit SHIFT of every int32 word wd (the words GEMVs' shift decode): e2m1 / e4m3 decoded,
+    # integer codes as 2^23 + c minus 2^23 + off (off: the code's offset / zero point, a float or tensor)
+    if BITS == 4:
+        if ELEM == 3:
+            v = e2m1_at(wd, SHIFT)
+        else:
+            v = (((wd >> SHIFT) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (off + 8388608.0)
+    else:
+        if ELEM == 4:
+            v = e4m3_value((wd >> SHIFT) & 255)
+        else:
+            v = (((wd >> SHIFT) & 255) | 0x4B000000).to(tl.float32, bitcast=True) - (off + 8388608.0)
+    return v
+
+
+@triton.jit
+def plane_code(src, mask, EXP: tl.constexpr, c0):
+    # The words GEMVs' mask decode: the integer code under mask (plane J: mask = (2^BITS - 1) << BITS·J)
+    # OR-ed with EXP, the exponent field of 2^(23 - BITS·J), is the float 2^(23 - BITS·J) + c (one LOP3, no
+    # shift, exact); minus c0 = that power of two plus the code's offset it is c - offset exactly. mask is a
+    # runtime value so that ptxas keeps the masks in registers (as immediates it re-materialized one MOV
+    # per use).
+    return ((src & mask) | EXP).to(tl.float32, bitcast=True) - c0
+
+
+@triton.jit
 def epilogue_scale(acc, scales, tensor_scale, rn, N, s_sn, SCALE: tl.constexpr, PER_ROW: tl.constexpr,
                    HAS_TS: tl.constexpr, STEP: tl.constexpr):
     # Factors constant along K, applied once to the fp32 accumulator [BLOCK_M, BLOCK_N].

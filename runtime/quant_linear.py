@@ -414,17 +414,10 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     ks = kernels_for(x2.device.type)
     words = codes.view(torch.int32)
     KW, NB = words.shape[1], scales.shape[1]
+    _check_words(cfg, kf)
     cfg = dict(cfg)
     kspan = bool(cfg.pop("KSPAN", False))
-    gw = kf["GB"] // 4 if not kf["PER_ROW"] else (1 if kspan else WORDS_ROW_GW)
-    keys = ("BLOCK_N", "Q", "WPT") if kspan else ("BLOCK_N", "BLOCK_G")
-    for key in keys:
-        v = cfg[key]
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"quant_linear: {key} must be a power of two, got {v}")
-    if kspan and not kf["PER_ROW"] and gw % cfg["WPT"]:
-        raise ValueError(f"quant_linear: KSPAN runs of WPT={cfg['WPT']} words must lie in one scale group "
-                         f"({gw} words)")
+    gw = _words_group(kf, kspan)
     tw = cfg["Q"] * cfg["WPT"] if kspan else cfg["BLOCK_G"] * gw
     n_tiles = _cdiv(n, cfg["BLOCK_N"])
     if splits is None:
@@ -459,14 +452,29 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     return out
 
 
+def _words_group(kf: dict, kspan: bool) -> int:
+    """Words per scale group of the words kernels (per-row formats: the words kernel's tile row, 1 for K-span)."""
+    return kf["GB"] // 4 if not kf["PER_ROW"] else (1 if kspan else WORDS_ROW_GW)
+
+
+def _check_words(cfg: dict, kf: dict) -> None:
+    """ValueError for a words-GEMV config (WORDS, or WORDS + KSPAN) the kernels cannot run."""
+    kspan = bool(cfg.get("KSPAN"))
+    for key in (("BLOCK_N", "Q", "WPT") if kspan else ("BLOCK_N", "BLOCK_G")):
+        v = cfg[key]
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"quant_linear: {key} must be a power of two, got {v}")
+    gw = _words_group(kf, kspan)
+    if kspan and not kf["PER_ROW"] and gw % cfg["WPT"]:
+        raise ValueError(f"quant_linear: KSPAN runs of WPT={cfg['WPT']} words must lie in one scale group "
+                         f"({gw} words)")
+
+
 def _check_blocks(cfg: dict, kf: dict, gemv: bool) -> None:
     if cfg.get("WORDS"):
         if not gemv:
             raise ValueError("quant_linear: WORDS configs are for the GEMV only")
-        for key in (("BLOCK_N", "Q", "WPT") if cfg.get("KSPAN") else ("BLOCK_N", "BLOCK_G")):
-            v = cfg[key]
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"quant_linear: {key} must be a power of two, got {v}")
+        _check_words(cfg, kf)
         return
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_KB"):
         v = cfg[key]

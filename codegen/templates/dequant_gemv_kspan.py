@@ -33,40 +33,28 @@
 # (N / BLOCK_N times in all, from L2): 4096 x 4096 bf16, 16 rows per program: 256 x 8 KB.
 import triton
 import triton.language as tl
-from fxforge.codegen.quant_helpers import e2m1_at as _e2m1_at
-from fxforge.codegen.quant_helpers import e4m3_value as _e4m3_value
 from fxforge.codegen.quant_helpers import epilogue_scale as _epilogue_scale
 from fxforge.codegen.quant_helpers import (
     pdl_launch_dependents as _pdl_launch_dependents,
 )
+from fxforge.codegen.quant_helpers import plane_code as _plane_code
 from fxforge.codegen.quant_helpers import scale_value as _scale_value
 from fxforge.codegen.quant_helpers import store_out as _store_out
 from fxforge.codegen.quant_helpers import u2f as _u2f
+from fxforge.codegen.quant_helpers import word_code_at as _word_code_at
 
 
 @triton.jit
 def _masked(src, xi, mask, EXP: tl.constexpr, C: tl.constexpr):
-    # x_i times the integer code under mask (plane J: mask = (2^BITS - 1) << BITS·J, EXP the exponent field
-    # of 2^(23 - BITS·J)): (src & mask) | EXP is the float 2^(23 - BITS·J) + c, minus C (that power of two
-    # plus the code's offset) exactly c - offset. mask is a runtime value (ptxas keeps it in a register).
-    v = ((src & mask) | EXP).to(tl.float32, bitcast=True) - C
-    return xi[:, :, None] * v
+    # x_i times the integer code under mask minus its offset (quant_helpers.plane_code; C: 2^(23 - BITS·J)
+    # plus the offset)
+    return xi[:, :, None] * _plane_code(src, mask, EXP, C)
 
 
 @triton.jit
 def _shifted(wd, xi, SHIFT: tl.constexpr, BITS: tl.constexpr, ELEM: tl.constexpr, OFF: tl.constexpr):
     # x_i times the code at bit SHIFT of every word: e2m1 / e4m3 decoded, integer codes minus OFF
-    if BITS == 4:
-        if ELEM == 3:
-            v = _e2m1_at(wd, SHIFT)
-        else:
-            v = (((wd >> SHIFT) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (OFF + 8388608.0)
-    else:
-        if ELEM == 4:
-            v = _e4m3_value((wd >> SHIFT) & 255)
-        else:
-            v = (((wd >> SHIFT) & 255) | 0x4B000000).to(tl.float32, bitcast=True) - (OFF + 8388608.0)
-    return xi[:, :, None] * v
+    return xi[:, :, None] * _word_code_at(wd, SHIFT, BITS, ELEM, OFF)
 
 
 @triton.jit

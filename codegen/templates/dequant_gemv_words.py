@@ -45,15 +45,15 @@
 # w4a16_g128 8.80 MB (2.93 us at 3.0 TB/s), w8a16 16.80 MB (5.60 us).
 import triton
 import triton.language as tl
-from fxforge.codegen.quant_helpers import e2m1_at as _e2m1_at
-from fxforge.codegen.quant_helpers import e4m3_value as _e4m3_value
 from fxforge.codegen.quant_helpers import epilogue_scale as _epilogue_scale
 from fxforge.codegen.quant_helpers import (
     pdl_launch_dependents as _pdl_launch_dependents,
 )
+from fxforge.codegen.quant_helpers import plane_code as _plane_code
 from fxforge.codegen.quant_helpers import scale_value as _scale_value
 from fxforge.codegen.quant_helpers import store_out as _store_out
 from fxforge.codegen.quant_helpers import u2f as _u2f
+from fxforge.codegen.quant_helpers import word_code_at as _word_code_at
 
 
 @triton.jit
@@ -62,16 +62,7 @@ def _word_fma(part, wd, xi, SHIFT: tl.constexpr, z3, s3, BITS: tl.constexpr, ELE
     # Shift decode: part += x_i * (the code at bit SHIFT of every word, decoded; group-scaled per element
     # unless POST). fp codes always; integer codes when scaled per element (POST off). z3: the code's
     # offset (zero point; 8 / 128 after the int4 / int8 XOR), subtracted with 2^23 by the bit trick.
-    if BITS == 4:
-        if ELEM == 3:
-            v = _e2m1_at(wd, SHIFT)
-        else:
-            v = (((wd >> SHIFT) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (z3 + 8388608.0)
-    else:
-        if ELEM == 4:
-            v = _e4m3_value((wd >> SHIFT) & 255)
-        else:
-            v = (((wd >> SHIFT) & 255) | 0x4B000000).to(tl.float32, bitcast=True) - (z3 + 8388608.0)
+    v = _word_code_at(wd, SHIFT, BITS, ELEM, z3)
     if not PER_ROW and not POST:
         v = v * s3
     return part + xi[:, None, :] * v
@@ -79,13 +70,9 @@ def _word_fma(part, wd, xi, SHIFT: tl.constexpr, z3, s3, BITS: tl.constexpr, ELE
 
 @triton.jit
 def _plane_fma(part, src, xi, mask, EXP: tl.constexpr, zf):
-    # Mask decode (integer codes, scaled after the partial dot): the plane's code c sits at bits BITS·J of
-    # src under mask = (2^BITS - 1) << BITS·J; OR-ed with the exponent field EXP = (150 - BITS·J) << 23 it is
-    # the float 2^(23 - BITS·J)·(1 + c·2^(BITS·J - 23)) = 2^(23 - BITS·J) + c (one LOP3, no shift, exact),
-    # and minus zf = 2^(23 - BITS·J) + z it is c - z exactly: x_i is used as loaded. mask is a runtime
-    # value so that ptxas keeps the masks in registers (as immediates it re-materialized one MOV per use).
-    v = ((src & mask) | EXP).to(tl.float32, bitcast=True) - zf
-    return part + xi[:, None, :] * v
+    # Mask decode (integer codes, scaled after the partial dot; quant_helpers.plane_code): minus zf =
+    # 2^(23 - BITS·J) + z the code is c - z exactly, and x_i is used as loaded.
+    return part + xi[:, None, :] * _plane_code(src, mask, EXP, zf)
 
 
 @triton.jit
