@@ -38,7 +38,8 @@ _CODEGEN = Path(__file__).resolve().parent.parent / "codegen"
 TEMPLATE = _CODEGEN / "templates" / "dequant_matmul.py"
 WORDS_TEMPLATE = _CODEGEN / "templates" / "dequant_gemv_words.py"
 KSPAN_TEMPLATE = _CODEGEN / "templates" / "dequant_gemv_kspan.py"
-HELPERS = _CODEGEN / "quant_helpers.py"  # @triton.jit helpers both templates import
+HELPERS = _CODEGEN / "quant_helpers.py"  # @triton.jit helpers the templates import
+PACKED_HELPERS = _CODEGEN / "quant_packed.py"  # the dequant GEMM's dot-operand decodes
 KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce")
 WORDS_KERNELS = ("dequant_gemv_words",)
 KSPAN_KERNELS = ("dequant_gemv_kspan",)
@@ -66,8 +67,8 @@ _SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "e8m0": torch.ui
 
 def template_source() -> str:
     """The source of the quant kernels: dequant_matmul.py first (its header holds the bytes model), then
-    dequant_gemv_words.py and the helpers module both import."""
-    return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, KSPAN_TEMPLATE, HELPERS))
+    the words GEMVs and the helper modules they import."""
+    return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, KSPAN_TEMPLATE, HELPERS, PACKED_HELPERS))
 
 
 def kernels_for(device_type: str) -> dict:
