@@ -209,9 +209,12 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
             # same tile on 4 warps 16.8 us vs 18.8 on 8
             # The split-K reduce with PDL (results/probe_gemm_m64_pdl.md): 0.2-0.6 us faster for every format
             # but mxint8 (0.1-0.5 us slower, both pairs of runs): off there
-            if kf["GB"] == 32 and epb == 1:
-                cands.insert(0, dict(first, PREFETCH=False, SPLIT_K=4, num_warps=4 if kf["ELEM"] == 0 else 8,
-                                     PDL=kf["ELEM"] != 0))
+            # MXINT8 in SWAP with its scales a step ahead (session 12) on two warpgroups (128-row tiles), 4
+            # splits, 3 stages (results/probe_gemm_m64_n128.md, bf16 cuBLAS 14.35 us): 15.37 us vs 17.09
+            if kf["GB"] == 32 and epb == 1 and kf["ELEM"] == 0:
+                cands.insert(0, dict(swap, BLOCK_N=128, num_warps=8, SPLIT_K=4, PDL=False))
+            elif kf["GB"] == 32 and epb == 1:
+                cands.insert(0, dict(first, PREFETCH=False, SPLIT_K=4, num_warps=8, PDL=True))
             elif epb == 2 and kf["GB"] == 8 and kf["ELEM"] == 2:
                 # nvint4 (session 11, results/probe_gemm_m64_fine_block.md): 64-byte steps with 4 splits
                 # 16.4-16.5 us vs 17.0 for 32-byte steps with 8
