@@ -165,8 +165,8 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     for smaller groups), SWAP ("swap AB": the decoded weight tile is wgmma's register A operand, x^T the
     cp.async-pipelined B operand) with 64 / 128-wide tiles. At M = 33..64 with at most 96 64-row tiles the
     defaults are the session-10 H100 winners (results/probe_gemm_m64*.md, quant_gpu.md; bf16 cuBLAS 14.9 us
-    at 4096^2): SWAP 64-wide with 4 K splits (nvfp4: 8; nvint4: 64-byte steps, 4 splits), mxint8 / mxfp8 the
-    plain 64-wide tile with 4 splits (mxint8 on 4 warps since its one-FFMA decode, session 11; mxfp8 on 8)."""
+    at 4096^2): SWAP 64-wide with 4 K splits (nvfp4: 8; nvint4: 64-byte steps, 4 splits), mxint8 SWAP 128-wide on 8
+    warps with 4 splits (session 13), mxfp8 the plain 64-wide tile on 8 warps with 4 splits."""
     kf = kernel_format(fmt)
     if interpreted:
         return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_KB": 32, "GROUP_M": 8}]
