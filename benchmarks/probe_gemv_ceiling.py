@@ -68,64 +68,66 @@ def read_time(ws, N, KW, bn, bw, warps, splits, unroll, stages, persist) -> floa
                                                              num_warps=warps, num_stages=1))
 
 
+def probe_shape(res, lines, t0, wl, N, K) -> None:
+    """bf16 cuBLAS, the read sweep and the words GEMV variants of one shape."""
+    copies = max(2, -(-200_000_000 // (N * K * 2)))
+    wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    bf = graph_time_us(lambda i: torch.mm(x, wb[i % copies].t(), out=y))
+    res.add(wl, "bf16", "time", bf, "us")
+    lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | {N * K * 2 / bf / 1e6:.2f} | 1.00 |")
+
+    def row(what, cfg_name, us, nbytes):
+        res.add(wl, f"{what}[{cfg_name}]", "time", us, "us")
+        res.add(wl, f"{what}[{cfg_name}]", "tbps", nbytes / us / 1e6, "TB/s")
+        lines.append(f"| {wl} | {what} | {cfg_name} | {us:.2f} | {nbytes / us / 1e6:.2f} | {bf / us:.2f} |")
+        print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+
+    for bits in (4, 8):
+        KW = K * bits // 32
+        nbytes = N * KW * 4
+        wc = max(2, -(-200_000_000 // nbytes))
+        ws = [torch.randint(-2**31, 2**31 - 1, (N, KW), device="cuda", dtype=torch.int32) for _ in range(wc)]
+        sweep = [(bn, bw, w, 1, u, st, 0) for bn, bw, w in [(16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4),
+                                                             (16, 256, 8), (8, 256, 4), (4, 512, 4)]
+                 for u, st in [(1, 1), (2, 1), (1, 3)]]
+        sweep += [(16, 128, 4, s, 1, 1, 0) for s in (2, 4)] + [(16, 128, 4, 1, u, 1, p) for u in (1, 2) for p in (4, 8)]
+        for bn, bw, w, s, u, st, p in sweep:
+            if KW % (s * bw * u) or N % bn:
+                continue
+            name = f"n{bn} bw{bw} w{w} sk{s} u{u} st{st}" + (f" persist{p}" if p else "")
+            try:
+                row(f"read{bits}", name, read_time(ws, N, KW, bn, bw, w, s, u, st, p), nbytes)
+            except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
+                print(f"{wl} read{bits} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        fmt = "w4a16_g128" if bits == 4 else "w8a16"
+        qts = [quantize(w, fmt) for w in wb]
+        args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
+        ref = x.double() @ dequantize(qts[0]).double().t()
+        qbytes = ql.bytes_model(fmt, N, K, 1)["expected_us"] * HBM / 1e6
+        base = ql.gemv_configs(1, N, K, fmt, False)[0]
+        for name, cfg, sk in [("default", base, None), ("default sk1", base, 1), ("default sk2", base, 2),
+                              ("default sk4", base, 4), ("n8", dict(base, BLOCK_N=8), None),
+                              ("n8 sk2", dict(base, BLOCK_N=8), 2)]:
+            def run(i, cfg=cfg, sk=sk, args=args, fmt=fmt):
+                c, s_, z, t = args[i % copies]
+                ql.quant_linear_apply(x, c, s_, z, t, None, fmt, K, config=dict(cfg), split_k=sk, check=False)
+            err = rel_err(ql.quant_linear_apply(x, *args[0], None, fmt, K, config=dict(cfg), split_k=sk), ref)
+            if err > 1e-2:
+                print(f"{wl} {fmt} {name}: rel err {err:.2e}", flush=True)
+                continue
+            row(fmt.split("_")[0], name, graph_time_us(run), qbytes)
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     t0 = time.time()
     res = Results(os.environ.get("PROBE_NAME", "probe_gemv_ceiling"))
     lines = ["| workload | what | config | us | TB/s of its bytes | x bf16 |", "|---|---|---|---|---|---|"]
     torch.manual_seed(0)
     for wl, (N, K) in SHAPES.items():
-        copies = max(2, -(-200_000_000 // (N * K * 2)))
-        wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
-        bf = graph_time_us(lambda i: torch.mm(x, wb[i % copies].t(), out=y))
-        res.add(wl, "bf16", "time", bf, "us")
-        lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | {N * K * 2 / bf / 1e6:.2f} | 1.00 |")
-
-        def row(what, cfg_name, us, nbytes):
-            res.add(wl, f"{what}[{cfg_name}]", "time", us, "us")
-            res.add(wl, f"{what}[{cfg_name}]", "tbps", nbytes / us / 1e6, "TB/s")
-            lines.append(f"| {wl} | {what} | {cfg_name} | {us:.2f} | {nbytes / us / 1e6:.2f} | {bf / us:.2f} |")
-            print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
-
-        for bits in (4, 8):
-            KW = K * bits // 32
-            nbytes = N * KW * 4
-            wc = max(2, -(-200_000_000 // nbytes))
-            ws = [torch.randint(-2**31, 2**31 - 1, (N, KW), device="cuda", dtype=torch.int32) for _ in range(wc)]
-            sweep = [(bn, bw, w, 1, u, st, 0) for bn, bw, w in [(16, 128, 4), (8, 128, 4), (16, 64, 4), (32, 64, 4),
-                                                                 (16, 256, 8), (8, 256, 4), (4, 512, 4)]
-                     for u, st in [(1, 1), (2, 1), (1, 3)]]
-            sweep += [(16, 128, 4, s, 1, 1, 0) for s in (2, 4)] + [(16, 128, 4, 1, u, 1, p) for u in (1, 2) for p in (4, 8)]
-            for bn, bw, w, s, u, st, p in sweep:
-                if KW % (s * bw * u) or N % bn:
-                    continue
-                name = f"n{bn} bw{bw} w{w} sk{s} u{u} st{st}" + (f" persist{p}" if p else "")
-                try:
-                    row(f"read{bits}", name, read_time(ws, N, KW, bn, bw, w, s, u, st, p), nbytes)
-                except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
-                    print(f"{wl} read{bits} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            del ws
-            fmt = "w4a16_g128" if bits == 4 else "w8a16"
-            qts = [quantize(w, fmt) for w in wb]
-            args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
-            ref = x.double() @ dequantize(qts[0]).double().t()
-            qbytes = ql.bytes_model(fmt, N, K, 1)["expected_us"] * HBM / 1e6
-            base = ql.gemv_configs(1, N, K, fmt, False)[0]
-            for name, cfg, sk in [("default", base, None), ("default sk1", base, 1), ("default sk2", base, 2),
-                                  ("default sk4", base, 4), ("n8", dict(base, BLOCK_N=8), None),
-                                  ("n8 sk2", dict(base, BLOCK_N=8), 2)]:
-                def run(i, cfg=cfg, sk=sk):
-                    c, s_, z, t = args[i % copies]
-                    ql.quant_linear_apply(x, c, s_, z, t, None, fmt, K, config=dict(cfg), split_k=sk, check=False)
-                err = rel_err(ql.quant_linear_apply(x, *args[0], None, fmt, K, config=dict(cfg), split_k=sk), ref)
-                if err > 1e-2:
-                    print(f"{wl} {fmt} {name}: rel err {err:.2e}", flush=True)
-                    continue
-                row(fmt.split("_")[0], name, graph_time_us(run), qbytes)
-            del qts, args
-            torch.cuda.empty_cache()
-        del wb
+        probe_shape(res, lines, t0, wl, N, K)
         torch.cuda.empty_cache()
     res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
 
