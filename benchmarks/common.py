@@ -7,6 +7,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -96,6 +97,20 @@ class Results:
             d.mkdir(parents=True, exist_ok=True)
             (d / f"{self.name}.json").write_text(json.dumps(doc, indent=1))
             (d / f"{self.name}.md").write_text("\n".join(md + (notes or [])) + "\n")
+
+
+def sweep_shapes(name: str, header: list[str], shapes: dict, probe_shape) -> None:
+    """A probe's main: ``probe_shape(res, lines, t0, workload, N, K)`` for each (workload, (N, K)) of
+    ``shapes``, seeded once, the CUDA cache emptied between shapes; the rows it adds go to the results file
+    ``name`` (``PROBE_NAME`` overrides) with its table lines (after ``header``) under "## Sweep"."""
+    t0 = time.time()
+    res = Results(os.environ.get("PROBE_NAME", name))
+    lines = list(header)
+    torch.manual_seed(0)
+    for wl, (N, K) in shapes.items():
+        probe_shape(res, lines, t0, wl, N, K)
+        torch.cuda.empty_cache()
+    res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
 
 
 def out_dirs() -> list:

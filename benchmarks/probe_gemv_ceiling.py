@@ -16,7 +16,6 @@ Usage (repo root): ``python benchmarks/probe_gemv_ceiling.py`` -> $OUT and bench
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, graph_time_us, out_dirs, rel_err
+from common import graph_time_us, rel_err, sweep_shapes
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
@@ -122,14 +121,8 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
 
 
 def main() -> None:
-    t0 = time.time()
-    res = Results(os.environ.get("PROBE_NAME", "probe_gemv_ceiling"))
-    lines = ["| workload | what | config | us | TB/s of its bytes | x bf16 |", "|---|---|---|---|---|---|"]
-    torch.manual_seed(0)
-    for wl, (N, K) in SHAPES.items():
-        probe_shape(res, lines, t0, wl, N, K)
-        torch.cuda.empty_cache()
-    res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
+    sweep_shapes("probe_gemv_ceiling", ["| workload | what | config | us | TB/s of its bytes | x bf16 |", "|---|---|---|---|---|---|"],
+                 SHAPES, probe_shape)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, graph_time_us, out_dirs, rel_err
+from common import graph_time_us, rel_err, sweep_shapes
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
@@ -104,14 +104,8 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
 
 
 def main() -> None:
-    t0 = time.time()
-    res = Results(os.environ.get("PROBE_NAME", "probe_gemv_kspan" if KSPAN else "probe_gemv_words"))
-    lines = ["| workload | impl | config | us | x bf16 | frac HBM | rel err vs quant ref |", "|---|---|---|---|---|---|---|"]
-    torch.manual_seed(0)
-    for wl, (N, K) in SHAPES.items():
-        probe_shape(res, lines, t0, wl, N, K)
-        torch.cuda.empty_cache()
-    res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
+    sweep_shapes("probe_gemv_kspan" if KSPAN else "probe_gemv_words", ["| workload | impl | config | us | x bf16 | frac HBM | rel err vs quant ref |", "|---|---|---|---|---|---|---|"],
+                 SHAPES, probe_shape)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,13 @@ def test_every_tile_path_of_grouped_formats(fmt):
         _check_kernel(y, x, qt, None, gemm=m > ql.GEMV_MAX_M)
 
 
+def _kspan_run_cap(fmt: str) -> int:
+    """The longest K-span run (WPT words) the tests use for ``fmt``: the words of one scale group (a run
+    must lie in one), 4 for per-row scales."""
+    kf = ql.kernel_format(fmt)
+    return 4 if kf["PER_ROW"] else kf["GB"] // 4
+
+
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_kspan_words_gemv(fmt):
     # dequant_gemv_kspan (lanes and warps over K, rows in registers): every format, M = 1 and 3, rows and K
@@ -193,7 +200,7 @@ def test_kspan_words_gemv(fmt):
     # 1-4 words per thread, K splits, with and without prefetch; random codes over every value and
     # quantized Gaussian weights
     k, n = 600, 20
-    gw = ql.kernel_format(fmt)["GB"] // 4 if not ql.kernel_format(fmt)["PER_ROW"] else 4
+    gw = _kspan_run_cap(fmt)
     g = torch.Generator().manual_seed(41)
     for qt in (_random_packed(n, k, fmt, seed=42), _pack(n, k, fmt, seed=43)[1]):
         assert ql._words_ok(qt.codes)  # (else the byte-tile GEMV would run instead)
@@ -539,7 +546,7 @@ def test_gpu_kspan_words_gemv(fmt):
     # the compiled K-span GEMV (probe round 9 configs; compiled offline only in session 12): M = 1 and 3,
     # K = 2080 (a partial last group), N = 200, with and without prefetch, K splits
     k, n = 2080, 200
-    gw = ql.kernel_format(fmt)["GB"] // 4 if not ql.kernel_format(fmt)["PER_ROW"] else 4
+    gw = _kspan_run_cap(fmt)
     g = torch.Generator().manual_seed(51)
     for qt in (_random_packed(n, k, fmt, seed=52), _pack(n, k, fmt, seed=53)[1]):
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, fmt, k)]
