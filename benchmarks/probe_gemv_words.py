@@ -43,6 +43,12 @@ SHORT = {"nvint4", "mxint8", "mxfp4", "nvfp4"}  # first 8 grid points only
 # instructions per element vs 5.5) next to the words default. (BLOCK_N, Q runs, WPT words per run, warps,
 # PREFETCH); WPT is capped at the words per scale group.
 KSPAN = os.environ.get("PROBE_KSPAN") == "1"
+# Round 10 (session 14, PROBE_REGS=1): occupancy and waves. At 14336 rows the 16-row default is 896 programs;
+# triton 3.6 gives w4a16 127 registers (4 programs per SM: 1.70 waves), nvint4 / mxfp4 / nvfp4 93-95 (5: 1.36
+# waves), w8a16 / mxint8 58-64 (8: one wave). A register cap (maxnreg) buys programs per SM (80: 6, 64: 8) at
+# the price of spills (w4a16 16 rows: 40 B at 80, 104 B at 64; 8 rows: none down to 64).
+REGS = os.environ.get("PROBE_REGS") == "1"
+REGS_GRID = [(16, None), (16, 96), (16, 80), (16, 72), (16, 64), (8, None), (8, 80), (8, 64)]
 KSPAN_GRID = [(8, 128, 4, 4, 1), (8, 128, 4, 4, 0), (16, 128, 2, 4, 1), (8, 128, 2, 4, 1), (8, 256, 2, 8, 1),
               (16, 64, 2, 2, 1), (4, 128, 4, 4, 1), (8, 64, 4, 2, 1)]
 
@@ -86,6 +92,10 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
                 cands.append((f"kspan n{bn} q{q} wpt{wpt} w{w} pf{pf}",
                               {"BLOCK_M": 1, "BLOCK_N": bn, "Q": q, "WPT": wpt, "WORDS": True, "KSPAN": True,
                                "PREFETCH": pf, "num_warps": w, "num_stages": 1}))
+        if REGS:
+            base = ql.gemv_configs(1, N, K, fmt, False)[0]
+            cands = [(f"default n{bn}" + (f" r{regs}" if regs else ""),
+                      dict(base, BLOCK_N=bn, **({"maxnreg": regs} if regs else {}))) for bn, regs in REGS_GRID]
         for name, cfg in cands:
             try:
                 err = rel_err(ql.quant_linear_apply(x, *args[0], None, fmt, K, config=dict(cfg)), ref)
@@ -104,7 +114,7 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
 
 
 def main() -> None:
-    sweep_shapes("probe_gemv_kspan" if KSPAN else "probe_gemv_words", ["| workload | impl | config | us | x bf16 | frac HBM | rel err vs quant ref |", "|---|---|---|---|---|---|---|"],
+    sweep_shapes("probe_gemv_kspan" if KSPAN else "probe_gemv_regs" if REGS else "probe_gemv_words", ["| workload | impl | config | us | x bf16 | frac HBM | rel err vs quant ref |", "|---|---|---|---|---|---|---|"],
                  SHAPES, probe_shape)
 
 

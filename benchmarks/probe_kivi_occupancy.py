@@ -28,9 +28,21 @@ GRID = {2: [(2, 3, 64, 0), (2, 2, 64, 0), (2, 2, 128, 0), (2, 2, 128, 128), (2, 
         4: [(1, 2, 128, 0), (1, 2, 256, 0), (2, 2, 128, 168), (2, 2, 128, 0), (4, 2, 64, 0), (4, 2, 128, 0),
             (2, 2, 64, 0)]}
 
+# PROBE_PACKED=1 (session 14): PACKED, the bit planes decoded in packed 16-bit pairs by one inline-PTX block
+# per 4 code bytes (offline sm_90 loops, triton 3.6: 2-bit 2 warps 1040 -> 906 instructions per 32-token
+# tile, 4-bit 1 warp 1606 -> 1255), against the same config without it, each twice (A B A B), plus a few
+# occupancy points with it. (warps, stages, splits, maxnreg or 0, PACKED)
+PACKED = __import__("os").environ.get("PROBE_PACKED") == "1"
+PACKED_GRID = {2: [(2, 2, 128, 128, False), (2, 2, 128, 128, True), (2, 2, 128, 128, False), (2, 2, 128, 128, True),
+                   (2, 3, 64, 0, True), (2, 2, 256, 128, True), (1, 2, 128, 0, True), (2, 2, 128, 0, True),
+                   (4, 2, 64, 0, True)],
+               4: [(1, 2, 128, 0, False), (1, 2, 128, 0, True), (1, 2, 128, 0, False), (1, 2, 128, 0, True),
+                   (1, 2, 256, 0, True), (2, 2, 128, 168, True), (2, 2, 128, 0, True), (2, 2, 64, 0, True)]}
+
 
 def main() -> None:
-    res = Results("probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]))
+    res = Results("probe_kivi_packed" if PACKED else
+                  "probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]))
     lines = ["| impl | warps | stages | splits | maxnreg | us | x SDPA | rel err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
     B, HQ, HKV, S, D = 1, 32, 8, 32768, 128
     torch.manual_seed(0)
@@ -40,18 +52,29 @@ def main() -> None:
     sdpa = graph_time_us(lambda i: F.scaled_dot_product_attention(q, *kv[i % 3], enable_gqa=True))
     res.add("kv_decode_32k", "sdpa", "time", sdpa, "us")
     lines.append(f"| sdpa | | | | | {sdpa:.2f} | 1.00 | |")
-    for bits, grid in GRID.items():
+    for bits, grid in (PACKED_GRID if PACKED else GRID).items():
         caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=SCALES) for a, b in kv]
         kd, vd = kivi_dequantize(caches[0])
         ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)
         base = kivi_configs(1, HQ, HKV, D, 32, False, bits=bits, v_group=32)[0]
-        for w, st, splits, mr in grid:
+        plain = None  # PACKED: the output of the first unpacked config, which packed ones must equal bit for bit
+        for w, st, splits, mr, *pk in grid:
             cfg = dict(base, num_warps=w, num_stages=st)
             if mr:
                 cfg["maxnreg"] = mr
-            name = f"kivi{bits}{'' if SCALES == torch.bfloat16 else '_' + str(SCALES).split('.')[-1]}[w{w} s{st} sp{splits}" + (f" r{mr}]" if mr else "]")
+            if pk:
+                cfg["PACKED"] = pk[0]
+            name = (f"kivi{bits}{'' if SCALES == torch.bfloat16 else '_' + str(SCALES).split('.')[-1]}[w{w} s{st} sp{splits}"
+                    + (f" r{mr}" if mr else "") + (" packed" if pk and pk[0] else "") + "]")
             try:
-                err = rel_err(kivi_decode_attention(q, caches[0], blocks=dict(cfg), num_splits=splits), ref)
+                o = kivi_decode_attention(q, caches[0], blocks=dict(cfg), num_splits=splits)
+                err = rel_err(o, ref)
+                if pk and not pk[0] and plain is None:
+                    plain = (splits, o.clone())
+                elif pk and pk[0] and plain is not None and plain[0] == splits:
+                    diff = (o.float() - plain[1].float()).abs().max().item()
+                    res.add("kv_decode_32k", name, "max_abs_diff_vs_unpacked", diff, "abs")
+                    print(name, "max |packed - unpacked|", diff, flush=True)
                 us = graph_time_us(lambda i, cfg=cfg, splits=splits, caches=caches: kivi_decode_attention(
                     q, caches[i % 3], blocks=dict(cfg), num_splits=splits))
             except Exception as e:  # noqa: BLE001 — a config that fails is reported, the sweep goes on

@@ -74,6 +74,9 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     # Session 10 (results/probe_kivi_occupancy.md; ncu: the 2-bit default ran 1.9 warps per scheduler at 45%
     # issue): at D = 128, 2-bit, 2 warps / 2 stages capped at 128 registers (8 programs per SM, 128 splits)
     # 41.6 us vs 44.3 for the uncapped 3-stage default (small spills, outside the hot path mostly).
+    # Session 14 (results/probe_kivi_packed.md): PACKED (planes decoded by inline PTX in 16-bit pairs, same
+    # output bits) 2-bit 41.9 -> 38.9 us, 4-bit 42.1 -> 39.3 (SDPA 51.9): on for every FAST config (the
+    # kernel ignores it for fp32 q, K_FOLD / V_FOLD and the interpreter).
     if fast:
         first = (group, 2, 3, False, 0) if bits == 2 else (group, 1, 2, False, 0)
         cands = [first, (group, 1, 2, False, 0), (group, 2, 3, False, 0), (group, 4, 2, False, 0),
@@ -86,7 +89,7 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     for bn, w, st, vf, regs in cands:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FAST": fast, "num_warps": w, "num_stages": st}
         if fast:
-            cfg.update(K_FOLD=False, V_FOLD=vf)
+            cfg.update(K_FOLD=False, V_FOLD=vf, PACKED=True)
         if regs:
             cfg["maxnreg"] = regs
         if cfg not in out:
