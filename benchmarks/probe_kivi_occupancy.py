@@ -39,9 +39,42 @@ PACKED_GRID = {2: [(2, 2, 128, 128, False), (2, 2, 128, 128, True), (2, 2, 128, 
                4: [(1, 2, 128, 0, False), (1, 2, 128, 0, True), (1, 2, 128, 0, False), (1, 2, 128, 0, True),
                    (1, 2, 256, 0, True), (2, 2, 128, 168, True), (2, 2, 128, 0, True), (2, 2, 64, 0, True)]}
 
+# PROBE_COMBINE=1 (session 14): the split combine kernel (decode_attention's, shared) -- old: one program per
+# row (B·H·LQ = 32), 32 splits per step, no PDL; chunks: BLOCK_D channels per program (4 x 32 -> 128
+# programs); s128: all 128 splits in one step; pdl: launched with programmatic dependent launch. Each
+# variant twice, the KIVI defaults (PACKED), 2- and 4-bit. (name, COMBINE_BLOCK_S, COMBINE_MIN_BLOCK_D, PDL)
+COMBINE = __import__("os").environ.get("PROBE_COMBINE") == "1"
+COMBINE_GRID = [("old", 32, 1024, False), ("chunks", 32, 32, False), ("chunks s128", 128, 32, False),
+                ("chunks s128 pdl", 128, 32, True)] * 2
+
+
+def combine_sweep(res, lines, q, kv, sdpa) -> None:
+    """PROBE_COMBINE: the KIVI defaults with each combine variant (module constants patched per run)."""
+    import fxforge.runtime.decode_attention as da
+    import fxforge.runtime.kivi_attention as ka
+    saved = (da.COMBINE_BLOCK_S, da.COMBINE_MIN_BLOCK_D, ka.pdl_capable)
+    for bits in (2, 4):
+        caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=SCALES) for a, b in kv]
+        kd, vd = kivi_dequantize(caches[0])
+        ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)
+        for name, bs, bd, pdl in COMBINE_GRID:
+            da.COMBINE_BLOCK_S, da.COMBINE_MIN_BLOCK_D = bs, bd
+            ka.pdl_capable = saved[2] if pdl else (lambda device: False)
+            try:
+                err = rel_err(kivi_decode_attention(q, caches[0]), ref)
+                us = graph_time_us(lambda i, caches=caches: kivi_decode_attention(q, caches[i % 3]))
+            finally:
+                da.COMBINE_BLOCK_S, da.COMBINE_MIN_BLOCK_D, ka.pdl_capable = saved
+            impl = f"kivi{bits}[combine {name}]"
+            res.add("kv_decode_32k", impl, "time", us, "us")
+            res.add("kv_decode_32k", impl, "speedup_vs_sdpa", sdpa / us, "x")
+            res.add("kv_decode_32k", impl, "rel_err_vs_fp64_same_cache", err, "rel_err")
+            lines.append(f"| {impl} | default | | | | {us:.2f} | {sdpa / us:.2f} | {err:.1e} |")
+            print(lines[-1], flush=True)
+
 
 def main() -> None:
-    res = Results("probe_kivi_packed" if PACKED else
+    res = Results("probe_kivi_combine" if COMBINE else "probe_kivi_packed" if PACKED else
                   "probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]))
     lines = ["| impl | warps | stages | splits | maxnreg | us | x SDPA | rel err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
     B, HQ, HKV, S, D = 1, 32, 8, 32768, 128
@@ -52,7 +85,9 @@ def main() -> None:
     sdpa = graph_time_us(lambda i: F.scaled_dot_product_attention(q, *kv[i % 3], enable_gqa=True))
     res.add("kv_decode_32k", "sdpa", "time", sdpa, "us")
     lines.append(f"| sdpa | | | | | {sdpa:.2f} | 1.00 | |")
-    for bits, grid in (PACKED_GRID if PACKED else GRID).items():
+    if COMBINE:
+        combine_sweep(res, lines, q, kv, sdpa)
+    for bits, grid in ({} if COMBINE else PACKED_GRID if PACKED else GRID).items():
         caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=SCALES) for a, b in kv]
         kd, vd = kivi_dequantize(caches[0])
         ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import next_pow2, template_kernels
+from .kernels import next_pow2, pdl_capable, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "decode_attention.py"
 NAME = "fxf_decode_attention"
@@ -21,7 +21,11 @@ NAME = "fxf_decode_attention"
 MIN_SPLIT_KEYS = 128  # a split reads at least this many keys (H100, S=2048, D=64: 16 splits of 128 keys 7.5 µs, 8 of 256 7.9)
 CPU_SMS = 4  # stand-in "SM count" for the interpreter: a few splits, like a tiny GPU
 MAX_BLOCK_M = 128  # query rows (head group × tokens) per program; more rows take a third grid axis
-COMBINE_BLOCK_S = 32  # splits merged per step of the combine kernel
+COMBINE_BLOCK_S = 128  # splits merged per step of the combine kernel (one step for the usual 64-128 splits)
+COMBINE_MIN_BLOCK_D = 32  # fewest channels per combine program (128-byte rows of the fp32 workspace)
+# The combine kernel with programmatic dependent launch after the split kernel (results/probe_kivi_combine.md,
+# KIVI 32K, H100): 2-bit 34.1 vs 34.1-34.2 us, 4-bit 35.1-35.2 vs 34.3-34.6: no gain, off.
+COMBINE_PDL = False
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory for the pipelined K/V tiles (H100/H200: 227 KB per block)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -193,6 +197,9 @@ def launch(kern1, kern2, q, k, v, mask, out, scale: float, num_splits: int | Non
     splits, chunk = split_plan(LK, B * HKV * row_tiles, bn, q.device, num_splits)
     acc_ws, ml_ws = split_workspace(workspace, B, H, LQ, D, splits, out, "decode_attention")
     out_bf16 = out.dtype == torch.bfloat16
+    pdl = COMBINE_PDL and splits > 1 and pdl_capable(q.device)
+    if pdl:
+        cfg["PDL"] = True
     kern1[(splits, B * HKV, row_tiles)](
         q, k, v, mask if mask is not None else q, out, acc_ws, ml_ws, scale,
         *q.stride(), *k.stride(), *v.stride(), *_mask_strides(mask), *out.stride(),
@@ -200,11 +207,26 @@ def launch(kern1, kern2, q, k, v, mask, out, scale: float, num_splits: int | Non
         HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool, SINGLE=splits == 1,
         OUT_BF16=out_bf16, IEEE=q.dtype == torch.float32, D_CONST=D, INTERPRETED=interpreted, **cfg)
     if splits > 1:
-        kw = {} if interpreted else {"num_warps": 4 if cfg["HEAD_DIM"] >= 128 else 2}
-        kern2[(B * H * LQ,)](acc_ws, ml_ws, out, *out.stride(), H, LQ, D, splits,
-                             BLOCK_S=min(next_pow2(splits), COMBINE_BLOCK_S), HEAD_DIM=cfg["HEAD_DIM"],
-                             OUT_BF16=out_bf16, INTERPRETED=interpreted, **kw)
+        launch_combine(kern2, acc_ws, ml_ws, out, splits, cfg["HEAD_DIM"], interpreted, pdl)
     return out
+
+
+def launch_combine(kern2, acc_ws, ml_ws, out, splits: int, head: int, interpreted: bool, pdl: bool) -> None:
+    """The combine kernel over ``splits`` partials of out [B, H, LQ, D]: one program per (row, BLOCK_D
+    channels), BLOCK_D halved from HEAD_DIM (down to COMBINE_MIN_BLOCK_D) while the programs would not
+    fill the SMs twice (B = 1, 32 heads, D = 128: 4 chunks, 128 programs); with ``pdl`` launched with
+    programmatic dependent launch after a split kernel that signalled it (PDL=True there)."""
+    B, H, LQ, D = out.shape
+    rows = B * H * LQ
+    block_s = min(next_pow2(splits), COMBINE_BLOCK_S)
+    block_d = head
+    while block_d > COMBINE_MIN_BLOCK_D and rows * (head // block_d) < 2 * sm_count(out.device):
+        block_d //= 2
+    kw = {} if interpreted else {"num_warps": 4 if block_s * block_d >= 4096 else 2}
+    if pdl:  # (older launchers do not know the option at all)
+        kw.update(launch_pdl=True, PDL=True)
+    kern2[(rows, head // block_d)](acc_ws, ml_ws, out, *out.stride(), H, LQ, D, splits, BLOCK_S=block_s, HEAD_DIM=head,
+                                   OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, BLOCK_D=block_d, **kw)
 
 
 def decode_attention(q, k, v, mask=None, *, scale: float | None = None, num_splits: int | None = None,

@@ -26,6 +26,16 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def pdl_capable(device) -> bool:
+    """Programmatic dependent launch (griddepcontrol): NVIDIA sm_90 and later with triton >= 3.4; never in
+    the interpreter (also not with CUDA tensors under TRITON_INTERPRET=1) and not on ROCm, whose capability
+    numbers mean something else."""
+    from fxforge.codegen.quant_helpers import HAS_GDC
+
+    return (device.type == "cuda" and HAS_GDC and torch.version.hip is None and not interpreter_active()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def versions() -> dict:
     import triton
     from fxforge import __version__

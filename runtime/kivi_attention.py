@@ -17,7 +17,7 @@ import torch
 
 from ..passes.quant.kv import KIVICache, kivi_bytes_per_token
 from . import decode_attention as da
-from .kernels import first_that_fits, next_pow2, template_kernels
+from .kernels import first_that_fits, next_pow2, pdl_capable, template_kernels
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "kivi_attention.py"
 NAME = "fxf_kivi_attention"
@@ -248,18 +248,16 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     out_bf16 = out.dtype == torch.bfloat16
     dot = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[q.dtype]
     lens = lengths if lengths is not None else out  # any pointer: unread without HAS_LENS
+    pdl = da.COMBINE_PDL and splits > 1 and pdl_capable(q.device)  # combine launched early (off: no gain)
     kern1[(splits, B * HKV, row_tiles)](
         q, kc, ks, km, vc, vs, vm, kr, vr, out, acc_ws, ml_ws, lens, scale,
         *q.stride(), *kc.stride(), *ks.stride(), *vc.stride(), *vs.stride(), *kr.stride(), *vr.stride(),
         *out.stride(), H, HKV, LQ, NQ, NR, cache.residual, max(NR, 1), chunk, splits,
         BITS=cache.bits, G=cache.group, GV=cache.v_group, D=D, BLOCK_R=16 if interpreted else 32, FAST=fast,
         W=w, NACC=nacc, SINGLE=splits == 1, OUT_BF16=out_bf16, DOT=dot, HAS_LENS=lengths is not None,
-        INTERPRETED=interpreted, **cfg)
+        INTERPRETED=interpreted, PDL=pdl, **cfg)
     if splits > 1:
-        kw = {} if interpreted else {"num_warps": 4 if head >= 128 else 2}
-        kern2[(B * H * LQ,)](acc_ws, ml_ws, out, *out.stride(), H, LQ, D, splits,
-                             BLOCK_S=min(next_pow2(splits), da.COMBINE_BLOCK_S), HEAD_DIM=head,
-                             OUT_BF16=out_bf16, INTERPRETED=interpreted, **kw)
+        da.launch_combine(kern2, acc_ws, ml_ws, out, splits, head, interpreted, pdl)
     return out
 
 

@@ -32,7 +32,13 @@ from pathlib import Path
 
 import torch
 
-from .kernels import first_that_fits, interpreter_active, next_pow2, template_kernels
+from .kernels import (
+    first_that_fits,
+    interpreter_active,
+    next_pow2,
+    pdl_capable,
+    template_kernels,
+)
 
 _CODEGEN = Path(__file__).resolve().parent.parent / "codegen"
 TEMPLATE = _CODEGEN / "templates" / "dequant_matmul.py"
@@ -350,7 +356,7 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     cfg_split = cfg.pop("SPLIT_K", None)
-    pdl = bool(cfg.pop("PDL", REDUCE_PDL)) and _pdl_capable(x.device)
+    pdl = bool(cfg.pop("PDL", REDUCE_PDL)) and pdl_capable(x.device)
     if cfg.pop("WORDS", False):
         if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
@@ -394,16 +400,6 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
             partials, ptrs[5], out, M, n, splits, out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
             OUT_BF16=x.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK, INTERPRETED=interpreted, **kw)
     return out.reshape(*lead, n)
-
-
-def _pdl_capable(device: torch.device) -> bool:
-    """Programmatic dependent launch (griddepcontrol): NVIDIA sm_90 and later with triton >= 3.4; never in
-    the interpreter (also not with CUDA tensors under TRITON_INTERPRET=1) and not on ROCm, whose capability
-    numbers mean something else."""
-    from fxforge.codegen.quant_helpers import HAS_GDC
-
-    return (device.type == "cuda" and HAS_GDC and torch.version.hip is None and not interpreter_active()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _words_ok(codes: torch.Tensor) -> bool:

@@ -359,18 +359,25 @@ def test_all_configs_on_cuda(case, bits, dtype):
             assert rel_err(out, ref) <= floor, ("bf16 scales", cfg)
 
 
+PACKED_CASES = [  # (B, Hq, Hkv, Tq, S, D, G, Gv), q dtype, scale dtype
+    *[(c, torch.bfloat16, torch.bfloat16) for c in [(1, 32, 8, 1, 4099, 128, 32, 32), (3, 16, 8, 4, 2048, 64, 32, 32),
+                                                     (1, 16, 2, 16, 1000, 256, 64, 64), (2, 8, 2, 3, 700, 64, 16, 16)]],
+    ((1, 32, 8, 1, 4099, 128, 32, 32), torch.float16, torch.float16),
+    ((2, 8, 2, 3, 700, 64, 16, 16), torch.bfloat16, torch.float32),
+    ((3, 16, 8, 4, 2048, 64, 32, 32), torch.float16, torch.bfloat16)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("case", [(1, 32, 8, 1, 4099, 128, 32, 32), (3, 16, 8, 4, 2048, 64, 32, 32),
-                                  (1, 16, 2, 16, 1000, 256, 64, 64), (2, 8, 2, 3, 700, 64, 16, 16)],
-                         ids=lambda c: "B{}H{}kv{}q{}S{}d{}g{}gv{}".format(*c))
+@pytest.mark.parametrize("case,dtype,scale_dtype", PACKED_CASES,
+                         ids=lambda c: "B{}H{}kv{}q{}S{}d{}g{}gv{}".format(*c) if isinstance(c, tuple) else str(c))
 def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     """PACKED (the FAST path's bit planes decoded by inline PTX in packed 16-bit pairs) gives the same output
-    bits as the per-code decode, for every FAST config of kivi_configs, with automatic and explicit splits;
-    and both stay within the error bound against float64 SDPA over the dequantized cache."""
+    bits as the per-code decode, for the first two FAST configs of kivi_configs (the defaults), with
+    automatic and explicit splits; and both stay within the error bound against float64 SDPA over the
+    dequantized cache. Shapes: D 64 / 128 / 256, groups 16 / 32 / 64, GQA 1-8, Tq 1-16; q bf16 / fp16;
+    bf16, fp16 and fp32 scales."""
     from fxforge.runtime.kivi_attention import _kernels, launch
     B, H, HKV, TQ, S, D, g, gv = case
     torch.manual_seed(0)
@@ -384,7 +391,7 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     k1, k2 = _kernels("cuda")
     fast = [c for c in kivi_configs(TQ, H, HKV, D, g, interpreted=False, bits=bits, v_group=gv) if c["FAST"]]
     assert fast
-    for cfg in fast:
+    for cfg in fast[:2]:
         for ns in (None, 3):
             outs = []
             for packed in (False, True):
@@ -393,3 +400,27 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
                 assert rel_err(out, ref) <= floor, (cfg, ns, packed)
                 outs.append(out)
             assert torch.equal(outs[0], outs[1]), (cfg, ns, (outs[0] - outs[1]).abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_combine_channel_chunks_and_pdl_are_bit_identical(bits, monkeypatch):
+    """The split combine kernel per (row, BLOCK_D channels) and launched with programmatic dependent launch
+    (COMBINE_PDL, off by default) writes the same bits as one program per row without PDL: each channel's
+    merge is the same arithmetic. KIVI 32 / 8 heads, D = 128, 8K tokens (32 rows -> 4 channel chunks)."""
+    import fxforge.runtime.decode_attention as da
+    from fxforge.runtime.kernels import pdl_capable
+    torch.manual_seed(0)
+    k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cache = kivi_quantize(k, v, bits=bits, group=32, residual=32, scale_dtype=torch.bfloat16)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for min_block_d, pdl in ((128, False), (32, False), (32, True)):
+        monkeypatch.setattr(da, "COMBINE_MIN_BLOCK_D", min_block_d)
+        monkeypatch.setattr(da, "COMBINE_PDL", pdl and pdl_capable(q.device))
+        outs.append(kivi_decode_attention(q, cache, num_splits=64))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    kd, vd = kivi_dequantize(cache)
+    assert rel_err(outs[0], sdpa(q, kd, vd, torch.float64)) <= 2 * rel_err(sdpa(q, kd, vd, torch.bfloat16),
+                                                                              sdpa(q, kd, vd, torch.float64)) + 1e-3

@@ -9,8 +9,12 @@
 # through an online softmax in base 2, and the program writes its unnormalized partial output
 # acc [B, H, LQ, SPLITS, D] plus the per-row running max m and sum l [B, H, LQ, SPLITS] (fp32,
 # m in log2 units). With SPLITS == 1 (SINGLE) it normalizes and writes the output directly.
-# Kernel 2 (FXFORGE_KERNEL_NAME_combine), grid (B·H·LQ,): merges the splits of one row with the
-# log-sum-exp rescale and writes the output in the output's dtype. Rows that see no key give 0.
+# Kernel 2 (FXFORGE_KERNEL_NAME_combine), grid (B·H·LQ, HEAD_DIM / BLOCK_D): merges the splits of one row
+# with the log-sum-exp rescale for BLOCK_D channels and writes them in the output's dtype (each program
+# recomputes the row's (m, l) merge: a few hundred bytes; chunks of D give a single decode row (B·H = 32
+# rows) enough programs to read the 2 MB workspace in parallel). Rows that see no key give 0. PDL (sm_90+):
+# kernel 1 lets it launch early and it waits for kernel 1's writes in griddepcontrol.wait (its launch gap
+# hidden, as for the quantized GEMV's split-K reduce).
 #
 # Bytes model (memory-bound; ~4·H·LQ·S·D FLOPs are negligible at LQ ≤ 16): bytes = K + V cache read
 # once, B·H_KV·S·D·2·elt, + q and out (B·H·LQ·D·elt each) + workspace (B·H·LQ·SPLITS·(D + 2)·4,
@@ -22,6 +26,10 @@
 # 5.0; SDPA 7.3): latency-bound, not bandwidth-bound, at that size.
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import (
+    pdl_launch_dependents as _pdl_launch_dependents,
+)
+from fxforge.codegen.quant_helpers import pdl_wait as _pdl_wait
 from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
 
 
@@ -76,7 +84,9 @@ def FXFORGE_KERNEL_NAME_split(Q, K, V, MASK, O, ACC, ML, sm_scale,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SINGLE: tl.constexpr,
                               OUT_BF16: tl.constexpr, IEEE: tl.constexpr, D_CONST: tl.constexpr,
-                              INTERPRETED: tl.constexpr):
+                              INTERPRETED: tl.constexpr, PDL: tl.constexpr = False):
+    if not SINGLE:  # the combine kernel may be scheduled now (it waits for this grid in pdl_wait)
+        _pdl_launch_dependents(PDL)
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)
@@ -127,16 +137,18 @@ def FXFORGE_KERNEL_NAME_split(Q, K, V, MASK, O, ACC, ML, sm_scale,
 @triton.jit
 def FXFORGE_KERNEL_NAME_combine(ACC, ML, O, o_sb, o_sh, o_sm, o_sd, H, LQ, D, SPLITS,
                                 BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, OUT_BF16: tl.constexpr,
-                                INTERPRETED: tl.constexpr):
+                                INTERPRETED: tl.constexpr, BLOCK_D: tl.constexpr = 0, PDL: tl.constexpr = False):
+    _pdl_wait(PDL)  # launched with PDL after the split kernel that wrote the workspace
     row = tl.program_id(0).to(tl.int64)  # (b, h, t) flattened
     t = row % LQ
     h = (row // LQ) % H
     b = row // (LQ * H)
-    offs_d = tl.arange(0, HEAD_DIM)
+    BD: tl.constexpr = HEAD_DIM if BLOCK_D == 0 else BLOCK_D  # channels of this program
+    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = offs_d < D
     m_run = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
     l_run = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    acc = tl.zeros([BD], tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_ok = offs_s < SPLITS

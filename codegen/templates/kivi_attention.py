@@ -41,7 +41,8 @@
 #
 # It writes the unnormalized partial output and (m, l) to the workspace; with SPLITS == 1 (SINGLE) it
 # normalizes and writes the output itself. Kernel 2 is decode_attention's combine kernel (the workspace
-# layout is the same: acc [B, H, LQ, SPLITS, D] then (m, l) [B, H, LQ, SPLITS, 2], fp32).
+# layout is the same: acc [B, H, LQ, SPLITS, D] then (m, l) [B, H, LQ, SPLITS, 2], fp32), launched with
+# programmatic dependent launch on sm_90+ (PDL: this kernel signals it at its start).
 #
 # Bytes model (memory-bound in principle; in practice issue-bound, see above): bytes = B·H_KV·(NQ·kivi_bytes_per_token(bits, D, G, GV)
 #   + NR·2·D·elt_residual) + q and out (B·H·LQ·D·elt each) + workspace (B·H·LQ·SPLITS·(D + 2)·4, written
@@ -54,6 +55,9 @@
 # against SDPA on the bf16 cache 52.2 µs (0.90x / 0.87x) — the issue's target is ≥ 2×: not met (issue-bound).
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import (
+    pdl_launch_dependents as _pdl_launch_dependents,
+)
 from fxforge.codegen.triton_helpers import round_bf16 as _round_bf16
 
 
@@ -442,7 +446,9 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, LEN
                               HEAD_DIM: tl.constexpr, FAST: tl.constexpr, W: tl.constexpr, NACC: tl.constexpr,
                               SINGLE: tl.constexpr, OUT_BF16: tl.constexpr, DOT: tl.constexpr,
                               HAS_LENS: tl.constexpr, INTERPRETED: tl.constexpr, K_FOLD: tl.constexpr = False,
-                              V_FOLD: tl.constexpr = False, PACKED: tl.constexpr = False):
+                              V_FOLD: tl.constexpr = False, PACKED: tl.constexpr = False, PDL: tl.constexpr = False):
+    if not SINGLE:  # the combine kernel (launched with PDL) may be scheduled now; it waits for this grid
+        _pdl_launch_dependents(PDL)
     PER: tl.constexpr = 8 // BITS
     DP: tl.constexpr = D // PER
     split = tl.program_id(0)
