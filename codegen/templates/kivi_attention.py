@@ -28,6 +28,10 @@
 #           centring on MID = (2^BITS - 1)/2 keeps |c - MID|·s within half a group's range, so rounding s, m'
 #           and the fma to bf16 errs like rounding the dequantized value itself. fp32 q: exact c·s + m and IEEE
 #           dots. No int -> float conversions (1/4-1/8 of the FP32 rate on the H100).
+#   PACKED  (GPU, bf16 / fp16 dots without folds; on in every FAST config): _planes_packed decodes 4 code
+#           bytes to every plane's c - MID in 16-bit pairs with one inline-PTX block (PRMT the bytes into the
+#           two halves once, then per plane and pair shift + LOP3 + packed subtract): the same values, the
+#           same output bits (GPU test), ~1.6 instructions per code instead of ~4.
 #   H100 (results/probe_kivi.md, offline sm_90 SASS): ~800 instructions per warp per 32-token tile with
 #           4 warps, i.e. ~13 per cached element, most of them converting and broadcasting the per-channel /
 #           per-token scales each thread's mma fragment needs (8 channels per thread per plane, 1 token each).
@@ -51,8 +55,14 @@
 #   bf16 cache (plain decode_attention): 2·S·D·2·H_KV = 134.2 MB → 44.7 µs at 3.0 TB/s;
 #   KIVI-2: 96 B/token/head (64 codes + 16 + 16) → 25.27 MB (5.31× smaller than bf16) + 0.55 MB q/out/
 #           workspace → 25.8 MB → 8.6 µs;   KIVI-4: 160 B/token/head → 42.6 MB → 14.2 µs.
-# Measured on the H100 (results/kv_decode_gpu.md, caches rotated past L2): KIVI-2 58.0 µs, KIVI-4 59.7 µs
-# against SDPA on the bf16 cache 52.2 µs (0.90x / 0.87x) — the issue's target is ≥ 2×: not met (issue-bound).
+# Measured on the H100 (results/kv_decode_gpu.md, caches rotated past L2, CUDA graphs; session 14): KIVI-2
+# 33.9 µs, KIVI-4 34.9 µs against SDPA on the bf16 cache 51.9 µs (1.53x / 1.49x; session 8: 0.90x) — the
+# issue's target is ≥ 2×: not met. Of session 13's 42 µs, ~5.5 went to the split combine (one program per
+# row, 32 programs: now per (row, 32 channels), all splits in one step) and ~3 to the per-code decode
+# (PACKED). sm_90 loop (triton 3.6, 2-bit default, 2 warps): 906 instructions per warp per 32-token tile
+# (1040 before PACKED), i.e. ~7 per cached element: packed decode + scale fma ~2.6, the per-token value
+# scales (64 LDG.U16 + PRMT pairs per tile), q's A fragments reloaded from shared memory into HMMA register
+# quads (~110 moves), the online softmax over 16 rows of which 4 are real (GQA 4).
 import triton
 import triton.language as tl
 from fxforge.codegen.quant_helpers import (
