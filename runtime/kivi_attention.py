@@ -197,6 +197,14 @@ def _pair_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a, b
 
 
+def _vs_word_ok(vs: torch.Tensor, vm: torch.Tensor, d: int, v_group: int) -> bool:
+    """VS_WORD (a token's value scales / mins read as one int64 each) needs 2-byte scales, exactly 4 value
+    groups per token stored contiguously and every token's 8 bytes 8-byte aligned."""
+    return (vs.element_size() == 2 and d // v_group == 4 and vs.stride(3) == 1
+            and all(st % 4 == 0 for st in vs.stride()[:3])
+            and vs.data_ptr() % 8 == 0 and vm.data_ptr() % 8 == 0)
+
+
 def _interpreted(q) -> bool:
     return q.device.type == "cpu"
 
@@ -234,7 +242,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     if fast:
         cfg["BLOCK_N"] = cache.group
     else:  # options of the FAST path only
-        cfg.pop("K_FOLD", None), cfg.pop("V_FOLD", None)
+        cfg.pop("K_FOLD", None), cfg.pop("V_FOLD", None), cfg.pop("VS_WORD", None)
     w, nacc = (fp["W"], fp["NACC"]) if fast else (head, 1)
     row_tiles = -(-((H // HKV) * LQ) // bm)
     bn = cfg["BLOCK_N"]
@@ -244,6 +252,8 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     acc_ws, ml_ws = da.split_workspace(workspace, B, H, LQ, D, splits, out, "kivi_decode_attention")
     ks, km = _pair_strides(cache.k_scale, cache.k_min)
     vs, vm = _pair_strides(cache.v_scale, cache.v_min)
+    if cfg.get("VS_WORD") and not _vs_word_ok(vs, vm, D, cache.v_group):
+        cfg["VS_WORD"] = False  # the template's 2-byte loads per group instead
     kc, vc, kr, vr = cache.k_codes, cache.v_codes, cache.k_residual, cache.v_residual
     out_bf16 = out.dtype == torch.bfloat16
     dot = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[q.dtype]

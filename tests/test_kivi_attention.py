@@ -156,6 +156,24 @@ def test_scale_dtypes_on_the_fast_path(bits, scale_dtype):
         check(out, q, cache)
 
 
+@pytest.mark.parametrize("bits,d,v_group,scale_dtype", [(2, 128, 32, torch.bfloat16), (4, 128, 32, torch.float16),
+                                                       (2, 64, 16, torch.bfloat16), (2, 128, 64, torch.bfloat16),
+                                                       (4, 128, 32, torch.float32)])
+def test_value_scales_read_as_words_give_the_same_bits(bits, d, v_group, scale_dtype):
+    """VS_WORD (a token's 4 value scales / mins read as one int64 each, fields extracted by shifts) gives the
+    same output bits as the 2-byte loads per group; where it does not apply (2 value groups per token, fp32
+    scales) the launch drops it and the result is the same too."""
+    from fxforge.runtime.kivi_attention import _vs_word_ok
+    torch.manual_seed(bits + d)
+    q, cache = make(1, 8, 2, 1, 5 * 32 + 7, d, bits, 32, v_group, torch.bfloat16, scale_dtype=scale_dtype)
+    eligible = _vs_word_ok(cache.v_scale, cache.v_min, d, v_group)
+    assert eligible == (scale_dtype != torch.float32 and d // v_group == 4)
+    base = {"BLOCK_M": 16, "BLOCK_N": 32, "HEAD_DIM": d, "FAST": True}
+    outs = [kivi_decode_attention(q, cache, num_splits=2, blocks=dict(base, VS_WORD=w)) for w in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+    check(outs[1], q, cache)
+
+
 def test_fast_path_eligibility():
     from fxforge.runtime.kivi_attention import fast_path
     assert fast_path(128, 2, 32, 32) == {"W": 32, "NACC": 4}
@@ -373,8 +391,9 @@ PACKED_CASES = [  # (B, Hq, Hkv, Tq, S, D, G, Gv), q dtype, scale dtype
 @pytest.mark.parametrize("case,dtype,scale_dtype", PACKED_CASES,
                          ids=lambda c: "B{}H{}kv{}q{}S{}d{}g{}gv{}".format(*c) if isinstance(c, tuple) else str(c))
 def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
-    """PACKED (the FAST path's bit planes decoded by inline PTX in packed 16-bit pairs) gives the same output
-    bits as the per-code decode, for the first two FAST configs of kivi_configs (the defaults), with
+    """PACKED (the FAST path's bit planes decoded by inline PTX in packed 16-bit pairs), alone and with
+    VS_WORD (value scales read as one int64 per token), gives the same output bits as the per-code decode,
+    for the first two FAST configs of kivi_configs (the defaults), with
     automatic and explicit splits; and both stay within the error bound against float64 SDPA over the
     dequantized cache. Shapes: D 64 / 128 / 256, groups 16 / 32 / 64, GQA 1-8, Tq 1-16; q bf16 / fp16;
     bf16, fp16 and fp32 scales."""
@@ -394,12 +413,13 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     for cfg in fast[:2]:
         for ns in (None, 3):
             outs = []
-            for packed in (False, True):
+            for packed, vs_word in ((False, False), (True, False), (True, True)):
                 out = torch.full_like(q, float("nan"))
-                launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg, PACKED=packed))
-                assert rel_err(out, ref) <= floor, (cfg, ns, packed)
+                launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg, PACKED=packed, VS_WORD=vs_word))
+                assert rel_err(out, ref) <= floor, (cfg, ns, packed, vs_word)
                 outs.append(out)
             assert torch.equal(outs[0], outs[1]), (cfg, ns, (outs[0] - outs[1]).abs().max().item())
+            assert torch.equal(outs[0], outs[2]), (cfg, ns, "VS_WORD", (outs[0] - outs[2]).abs().max().item())
 
 
 @pytest.mark.gpu

@@ -32,6 +32,10 @@
 #           bytes to every plane's c - MID in 16-bit pairs with one inline-PTX block (PRMT the bytes into the
 #           two halves once, then per plane and pair shift + LOP3 + packed subtract): the same values, the
 #           same output bits (GPU test), ~1.6 instructions per code instead of ~4.
+#   VS_WORD (opt-in config key; the launch drops it unless 2-byte scales, 4 value groups per token,
+#           contiguous and 8-byte aligned): each token's value scales and mins read as one int64 each and
+#           split by shifts -- the same values; offline sm_90 2-bit loop 906 -> 785 instructions per tile (the
+#           64 synchronous LDG.U16 become cp.async-pipelined 8-byte loads). Not yet timed on the GPU.
 #   H100 (results/probe_kivi.md, offline sm_90 SASS): ~800 instructions per warp per 32-token tile with
 #           4 warps, i.e. ~13 per cached element, most of them converting and broadcasting the per-channel /
 #           per-token scales each thread's mma fragment needs (8 channels per thread per plane, 1 token each).
@@ -126,6 +130,12 @@ def _planes_packed(b8, BITS: tl.constexpr, DOT: tl.constexpr):
         p2 = p0
         p3 = p1
     return p0, p1, p2, p3
+
+
+@triton.jit
+def _half_of(w, j: tl.constexpr, dtype: tl.constexpr):
+    """16-bit field j (0..3) of the int64 w as the 2-byte float type dtype (VS_WORD's value scales)."""
+    return ((w >> (16 * j)) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
 
 
 @triton.jit
@@ -279,11 +289,13 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
                ks_sg, ks_sd, vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, qk_scale,
                BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, DP: tl.constexpr, W: tl.constexpr,
                DOT: tl.constexpr, INTERPRETED: tl.constexpr, K_FOLD: tl.constexpr, V_FOLD: tl.constexpr,
-               PACKED: tl.constexpr = False):
+               PACKED: tl.constexpr = False, VS_WORD: tl.constexpr = False):
     """The G tokens [t0, t0 + G) of one key group (always all in range: NQ is a multiple of G).
     K_FOLD: key scales folded into q (q∘s per plane, the mins one per-row term) instead of dequantizing
     every key element; V_FOLD: value scales folded into P per token (P∘s per chunk, mins per row).
-    PACKED (GPU, bf16 / fp16 dots, no folds): the planes decoded in packed 16-bit pairs (_planes_packed)."""
+    PACKED (GPU, bf16 / fp16 dots, no folds): the planes decoded in packed 16-bit pairs (_planes_packed).
+    VS_WORD (2-byte value scales, 4 groups per token stored contiguously, 8-byte aligned): each token's
+    scales and mins read as one int64 each instead of 2-byte loads per group."""
     PER: tl.constexpr = 8 // BITS
     MID: tl.constexpr = ((1 << BITS) - 1) / 2
     PACK: tl.constexpr = PACKED and not INTERPRETED and DOT != 0 and not K_FOLD and not V_FOLD
@@ -329,6 +341,9 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
     # values: per W-wide channel chunk of a plane (inside one value group: one scale / min per token)
     offs_w = tl.arange(0, W)
     vc_rows = vc_base + offs_t[:, None] * vc_st
+    if VS_WORD:  # a token's 4 value groups: one 8-byte load each for its 2-byte scales and mins
+        vs_w = tl.load(vs_base.to(tl.pointer_type(tl.int64)) + offs_t * (vs_st // 4))
+        vm_w = tl.load(vm_base.to(tl.pointer_type(tl.int64)) + offs_t * (vs_st // 4))
     for c in tl.static_range(DP // W):
         vb = tl.load(vc_rows + (c * W + offs_w)[None, :] * vc_sj)  # uint8 [G, W]
         if PACK:
@@ -337,8 +352,12 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
             vb = vb.to(tl.int32)
         for i in tl.static_range(PER):
             grp = (i * DP + c * W) // GV
-            v_sc = tl.load(vs_base + offs_t * vs_st + grp * vs_sg)
-            v_mn = tl.load(vm_base + offs_t * vs_st + grp * vs_sg)
+            if VS_WORD:
+                v_sc = _half_of(vs_w, grp, vs_base.dtype.element_ty)
+                v_mn = _half_of(vm_w, grp, vm_base.dtype.element_ty)
+            else:
+                v_sc = tl.load(vs_base + offs_t * vs_st + grp * vs_sg)
+                v_mn = tl.load(vm_base + offs_t * vs_st + grp * vs_sg)
             acc_a = _pick(i * (DP // W) + c, acc0, acc1, acc2, acc3)
             if V_FOLD:  # P·v = (P∘s)·(c - MID) + P·(m + MID·s)
                 v_sc = v_sc.to(tl.float32)
@@ -456,7 +475,8 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, LEN
                               HEAD_DIM: tl.constexpr, FAST: tl.constexpr, W: tl.constexpr, NACC: tl.constexpr,
                               SINGLE: tl.constexpr, OUT_BF16: tl.constexpr, DOT: tl.constexpr,
                               HAS_LENS: tl.constexpr, INTERPRETED: tl.constexpr, K_FOLD: tl.constexpr = False,
-                              V_FOLD: tl.constexpr = False, PACKED: tl.constexpr = False, PDL: tl.constexpr = False):
+                              V_FOLD: tl.constexpr = False, PACKED: tl.constexpr = False, PDL: tl.constexpr = False,
+                              VS_WORD: tl.constexpr = False):
     if not SINGLE:  # the combine kernel (launched with PDL) may be scheduled now; it waits for this grid
         _pdl_launch_dependents(PDL)
     PER: tl.constexpr = 8 // BITS
@@ -516,7 +536,7 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, LEN
             acc0, acc1, acc2, acc3, l_i, m_i = _fast_step(
                 acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st, kc_sj, ks_base, km_base, ks_sg,
                 ks_sd, vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, qk_scale, BITS, G, GV, DP, W,
-                DOT, INTERPRETED, K_FOLD, V_FOLD, PACKED)
+                DOT, INTERPRETED, K_FOLD, V_FOLD, PACKED, VS_WORD)
     else:
         full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # only the chunk's last block is ragged
         for t0 in range(lo, full_end, BLOCK_N):
