@@ -24,8 +24,9 @@ from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
-FORMATS = [f for f in ["w8a16", "w4a16_g128", "nvint4", "mxint8", "mxfp4", "nvfp4"]
-           if f in os.environ.get("PROBE_FORMATS", "w8a16,w4a16_g128,nvint4,mxint8,mxfp4,nvfp4").split(",")]
+FORMATS = [f for f in ["w8a16", "w4a16_g128", "w4a16_g64", "nvint4", "mxint8", "mxfp4", "nvfp4"]
+           if f in os.environ.get("PROBE_FORMATS", "w4a16_g128,w4a16_g64" if os.environ.get("PROBE_PLANES") == "1"
+                                  else "w8a16,w4a16_g128,nvint4,mxint8,mxfp4,nvfp4").split(",")]
 # (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, PREFETCH_X, XT). Round 8
 # (session 11; r5 found PREFETCH_X worth 5-15%, r6 the defaults, r7 nothing more in tiles / warps): XT, x
 # loaded as [word, group, element] (lanes in the words' order: 126 -> 96 registers, 343 -> 326 instructions
@@ -49,6 +50,13 @@ KSPAN = os.environ.get("PROBE_KSPAN") == "1"
 # the price of spills (w4a16 16 rows: 40 B at 80, 104 B at 64; 8 rows: none down to 64).
 REGS = os.environ.get("PROBE_REGS") == "1"
 REGS_GRID = [(16, None), (16, 96), (16, 80), (16, 72), (16, 64), (8, None), (8, 80), (8, 64)]
+# Round 11 (session 14, PROBE_PLANES=1; built without a GPU): dequant_gemv_planes, the w4a16 family on the
+# tensor cores (codegen/templates/dequant_gemv_planes.py: nibble planes decoded by inline PTX, ~1 instruction
+# per code; offline sm_90 loops 2.7-3.9 instructions per element vs the words GEMV's 5.4) next to the words
+# default. (BLOCK_N, warps, stages, SPLIT_K or None: auto)
+PLANES = os.environ.get("PROBE_PLANES") == "1"
+PLANES_GRID = [(32, 1, 3, None), (32, 1, 2, None), (64, 1, 3, None), (64, 2, 3, None), (32, 2, 3, None),
+               (16, 1, 3, None), (64, 4, 3, None), (128, 4, 3, None), (32, 1, 3, 2), (32, 1, 3, 4), (64, 2, 3, 2)]
 KSPAN_GRID = [(8, 128, 4, 4, 1), (8, 128, 4, 4, 0), (16, 128, 2, 4, 1), (8, 128, 2, 4, 1), (8, 256, 2, 8, 1),
               (16, 64, 2, 2, 1), (4, 128, 4, 4, 1), (8, 64, 4, 2, 1)]
 
@@ -92,6 +100,13 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
                 cands.append((f"kspan n{bn} q{q} wpt{wpt} w{w} pf{pf}",
                               {"BLOCK_M": 1, "BLOCK_N": bn, "Q": q, "WPT": wpt, "WORDS": True, "KSPAN": True,
                                "PREFETCH": pf, "num_warps": w, "num_stages": 1}))
+        if PLANES:
+            cands = [("words default", ql.gemv_configs(1, N, K, fmt, False)[0])]
+            for bn, w, st, sk in PLANES_GRID:
+                cfg = {"PLANES": True, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                if sk:
+                    cfg["SPLIT_K"] = sk
+                cands.append((f"planes n{bn} w{w} s{st}" + (f" sk{sk}" if sk else ""), cfg))
         if REGS:
             base = ql.gemv_configs(1, N, K, fmt, False)[0]
             cands = [(f"default n{bn}" + (f" r{regs}" if regs else ""),
@@ -114,7 +129,8 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
 
 
 def main() -> None:
-    sweep_shapes("probe_gemv_kspan" if KSPAN else "probe_gemv_regs" if REGS else "probe_gemv_words", ["| workload | impl | config | us | x bf16 | frac HBM | rel err vs quant ref |", "|---|---|---|---|---|---|---|"],
+    sweep_shapes("probe_gemv_kspan" if KSPAN else "probe_gemv_regs" if REGS else "probe_gemv_planes" if PLANES
+                 else "probe_gemv_words", ["| workload | impl | config | us | x bf16 | frac HBM | rel err vs quant ref |", "|---|---|---|---|---|---|---|"],
                  SHAPES, probe_shape)
 
 

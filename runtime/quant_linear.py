@@ -44,11 +44,13 @@ _CODEGEN = Path(__file__).resolve().parent.parent / "codegen"
 TEMPLATE = _CODEGEN / "templates" / "dequant_matmul.py"
 WORDS_TEMPLATE = _CODEGEN / "templates" / "dequant_gemv_words.py"
 KSPAN_TEMPLATE = _CODEGEN / "templates" / "dequant_gemv_kspan.py"
+PLANES_TEMPLATE = _CODEGEN / "templates" / "dequant_gemv_planes.py"
 HELPERS = _CODEGEN / "quant_helpers.py"  # @triton.jit helpers the templates import
 PACKED_HELPERS = _CODEGEN / "quant_packed.py"  # the dequant GEMM's dot-operand decodes
 KERNELS = ("dequant_gemv", "dequant_gemm", "dequant_splitk_reduce")
 WORDS_KERNELS = ("dequant_gemv_words",)
 KSPAN_KERNELS = ("dequant_gemv_kspan",)
+PLANES_KERNELS = ("dequant_gemv_planes",)
 GEMV_MAX_M = 16  # the GEMV kernel takes up to this many rows (a config without GROUP_M selects it)
 GEMV_DISPATCH_M = 4  # the default dispatch sends up to this many rows to the GEMV: the 853M decoder's decode
 # step at batch 16 measured 8.4 ms through the GEMV against 1.6 ms in bf16
@@ -74,7 +76,8 @@ _SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "e8m0": torch.ui
 def template_source() -> str:
     """The source of the quant kernels: dequant_matmul.py first (its header holds the bytes model), then
     the words GEMVs and the helper modules they import."""
-    return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, KSPAN_TEMPLATE, HELPERS, PACKED_HELPERS))
+    return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, KSPAN_TEMPLATE, PLANES_TEMPLATE, HELPERS,
+                                              PACKED_HELPERS))
 
 
 def kernels_for(device_type: str) -> dict:
@@ -83,7 +86,8 @@ def kernels_for(device_type: str) -> dict:
     cache = current().cache_dir
     return {**dict(zip(KERNELS, template_kernels(str(TEMPLATE), KERNELS, device_type, cache))),
             **dict(zip(WORDS_KERNELS, template_kernels(str(WORDS_TEMPLATE), WORDS_KERNELS, device_type, cache))),
-            **dict(zip(KSPAN_KERNELS, template_kernels(str(KSPAN_TEMPLATE), KSPAN_KERNELS, device_type, cache)))}
+            **dict(zip(KSPAN_KERNELS, template_kernels(str(KSPAN_TEMPLATE), KSPAN_KERNELS, device_type, cache))),
+            **dict(zip(PLANES_KERNELS, template_kernels(str(PLANES_TEMPLATE), PLANES_KERNELS, device_type, cache)))}
 
 
 @functools.lru_cache(maxsize=64)
@@ -357,6 +361,16 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     cfg_split = cfg.pop("SPLIT_K", None)
     pdl = bool(cfg.pop("PDL", REDUCE_PDL)) and pdl_capable(x.device)
+    if cfg.pop("PLANES", False):
+        if gemv and planes_ok(kf, x.dtype, interpreted):
+            return _gemv_planes(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
+                                split_k if split_k is not None else cfg_split, interpreted, pdl).reshape(*lead, n)
+        # a format / dtype the planes GEMV does not take: the default GEMV config instead
+        cfg = dict(gemv_configs(M, n, K, fmt, interpreted)[0]) if gemv else dict(gemm_configs(M, n, K, fmt, interpreted)[0])
+        if interpreted:
+            cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+        cfg_split = cfg.pop("SPLIT_K", None)
+        cfg.pop("PDL", None)
     if cfg.pop("WORDS", False):
         if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
@@ -393,12 +407,7 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
                                                          ACT=_ACT_DTYPES[x.dtype], SPLIT=splits > 1, PDL=pdl, **common,
                                                          **cfg)
     if splits > 1:
-        kw = {} if interpreted else {"num_warps": 4}
-        if pdl:  # (older launchers do not know the option at all)
-            kw.update(launch_pdl=True, PDL=True)
-        ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
-            partials, ptrs[5], out, M, n, splits, out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
-            OUT_BF16=x.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK, INTERPRETED=interpreted, **kw)
+        _splitk_reduce(ks, partials, bias, out, splits, interpreted, pdl)
     return out.reshape(*lead, n)
 
 
@@ -442,13 +451,60 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
         HAS_TS=kf["HAS_TS"], HAS_BIAS=bias is not None, STEP=kf["STEP"], GW=gw, SPLIT=splits > 1,
         OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, PDL=pdl, **launch)
     if splits > 1:
-        kw = {} if interpreted else {"num_warps": 4}
-        if pdl:  # (older launchers do not know the option at all)
-            kw.update(launch_pdl=True, PDL=True)
-        ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
-            partials, bias if bias is not None else dummy, out, M, n, splits, out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK,
-            INTERPRETED=interpreted, **kw)
+        _splitk_reduce(ks, partials, bias, out, splits, interpreted, pdl)
+    return out
+
+
+def _splitk_reduce(ks, partials, bias, out, splits: int, interpreted: bool, pdl: bool) -> None:
+    """out = sum of the fp32 partials [splits, M, N] in split order (+ bias), launched after the GEMV / GEMM
+    that wrote them (with ``pdl``: programmatic dependent launch, the kernel before signalled it)."""
+    M, n = out.shape
+    kw = {} if interpreted else {"num_warps": 4}
+    if pdl:  # (older launchers do not know the option at all)
+        kw.update(launch_pdl=True, PDL=True)
+    ks["dequant_splitk_reduce"][(_cdiv(M * n, REDUCE_BLOCK),)](
+        partials, bias if bias is not None else partials, out, M, n, splits, out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=REDUCE_BLOCK,
+        INTERPRETED=interpreted, **kw)
+
+
+def planes_ok(kf: dict, x_dtype: torch.dtype, interpreted: bool) -> bool:
+    """The nibble-planes GEMV (dequant_gemv_planes.py) takes 4-bit integer codes with 16/32-bit float group
+    scales of at least 32 elements (its dot's K is a group's bytes) and bf16 / fp16 x (fp32 in the
+    interpreter only, which computes in fp32 anyway)."""
+    return (kf["EPB"] == 2 and kf["ELEM"] in (1, 2) and kf["SCALE"] == 0 and not kf["PER_ROW"] and kf["GB"] >= 16
+            and (x_dtype in (torch.bfloat16, torch.float16) or interpreted))
+
+
+def _gemv_planes(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted, pdl=False):
+    """``dequant_gemv_planes`` launch: one group of code bytes per step, BLOCK_N weight rows per program
+    (tensor-core M), all M <= 16 rows of x in one BLOCK_M = 16 tile, K splits through the split-K reduce."""
+    M, n = out.shape
+    K, KB = x2.shape[1], codes.shape[1]
+    gb = kf["GB"]
+    bn = cfg["BLOCK_N"]
+    if bn < 16 or bn & (bn - 1):
+        raise ValueError(f"quant_linear: PLANES BLOCK_N must be a power of two >= 16, got {bn}")
+    n_tiles = _cdiv(n, bn)
+    if splits is None:
+        splits = auto_split_k(n_tiles, KB, gb, x2.device)
+    if splits < 1:
+        raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
+    per_split = _cdiv(_cdiv(KB, splits), gb) * gb
+    splits = _cdiv(KB, per_split)
+    partials = torch.empty((splits, M, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
+    dummy = scales
+    launch = {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages", "maxnreg") and not interpreted}
+    ks = kernels_for(x2.device.type)
+    ks["dequant_gemv_planes"][(n_tiles, splits)](
+        x2, codes, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
+        bias if bias is not None else dummy, out, partials, M, n, K, KB, scales.shape[1], per_split, x2.stride(0),
+        x2.stride(1), codes.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0),
+        out.stride(1), ELEM=kf["ELEM"], HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], GB=gb,
+        ACT=_ACT_DTYPES[x2.dtype], HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=16,
+        BLOCK_N=bn, SPLIT=splits > 1, INTERPRETED=interpreted, PDL=pdl, **launch)
+    if splits > 1:
+        _splitk_reduce(ks, partials, bias, out, splits, interpreted, pdl)
     return out
 
 

@@ -1,0 +1,148 @@
+# fxforge dequant-GEMV template on the tensor cores, nibble planes: y = x @ dequant(W)^T (+ bias) for M <= 16
+# rows of x and a 4-bit integer weight W [N, K] with per-group 16-bit scales and optional uint8 zero points
+# (the w4a16 family: uint4 + zero point, groups of 32 / 64 / 128), codes packed by passes/quant/formats.py
+# (byte j of a row: element 2j in bits 0-3, element 2j + 1 in bits 4-7). Loaded by runtime/quant_linear.py
+# for PLANES configs (opt-in; benchmarks/probe_gemv_words.py round 11 times it against the words GEMV).
+#
+# Kernel
+#   dequant_gemv_planes   "Swap AB": out^T [BLOCK_N weight rows, BLOCK_M rows of x] accumulated in fp32 by
+#                         tl.dot on the tensor cores (mma M = weight rows: one real x row of 16 costs the
+#                         MMA unit, not the CUDA cores). One step = one scale group of GB code bytes per row.
+#                         The bytes are split into two "nibble planes" without interleaving (as KIVI's bit
+#                         planes): the low nibbles are the even elements 2j, the high nibbles the odd ones
+#                         2j + 1, so the group's dot is plane_lo @ x[2j]^T + plane_hi @ x[2j + 1]^T over the
+#                         same [BLOCK_N, GB] byte tile -- no join / reshape of decoded codes, and the uint8
+#                         tile reaches the MMA operand layout through Triton's cp.async + ldmatrix path.
+#                         Decode (GPU, bf16 / fp16 x): one inline-PTX block per 4 code bytes (pack=4: one
+#                         register) PRMTs bytes 0/1 and 2/3 into the two 16-bit halves, then per plane and
+#                         pair one LOP3 ((t & 0xF) | base, shifted by 4 for the high plane; int4 codes XORed
+#                         to offset binary in the same LOP3) gives base + c exactly (bf16 base 128, ulp 1;
+#                         fp16 base 1024, ulp 1): ~1 instruction per code; minus base + z (the group's zero
+#                         point, packed subtract) the code is c - z exactly, products with x exact, fp32 MMA
+#                         accumulation, the group scale applied to the [BLOCK_N, BLOCK_M] partial (POST),
+#                         the same math as the words GEMV up to the summation order. Interpreter: the same
+#                         values in fp32 (its low-precision dots are unreliable).
+#                         Grid (N tiles, K splits); with splits each writes fp32 partials [SPLITS, M, N] for
+#                         dequant_splitk_reduce (dequant_matmul.py).
+#
+# Bytes model: as the words GEMV (runtime/quant_linear.py bytes_model): 4096 x 14336, w4a16 g128, M = 1:
+# 29.8 MB of codes + 1.8 MB scales / zeros -> 10.5 us at 3.0 TB/s. Offline sm_90 (triton 3.6) loop counts are
+# in benchmarks/NOTES.md (session 14); not yet timed on the GPU.
+import triton
+import triton.language as tl
+from fxforge.codegen.quant_helpers import (
+    pdl_launch_dependents as _pdl_launch_dependents,
+)
+from fxforge.codegen.quant_helpers import store_out as _store_out
+
+
+def _nibble_planes_asm(base: int, xor: int) -> str:
+    """PTX: 4 code bytes ($4) -> low-nibble plane ($0, $1) and high-nibble plane ($2, $3), 16-bit pairs of
+    base + c (c XOR-ed with xor first: int4 -> offset binary)."""
+    lut = f"{(base | xor) * 0x10001:#010x}"
+    return "\n".join([
+        "{", ".reg .b32 t0, t1, u0, u1;",
+        "prmt.b32 t0, $4, 0, 0x4140;", "prmt.b32 t1, $4, 0, 0x4342;",
+        "shr.b32 u0, t0, 4;", "shr.b32 u1, t1, 4;",
+        # (t & 0x000F000F) ^ (base | xor): the mask leaves base's bits zero, so XOR sets them (LOP3 0x6a: (a & b) ^ c)
+        f"lop3.b32 $0, t0, 0x000f000f, {lut}, 0x6a;", f"lop3.b32 $1, t1, 0x000f000f, {lut}, 0x6a;",
+        f"lop3.b32 $2, u0, 0x000f000f, {lut}, 0x6a;", f"lop3.b32 $3, u1, 0x000f000f, {lut}, 0x6a;", "}"])
+
+
+_PLANES_BF16_U4 = tl.constexpr(_nibble_planes_asm(0x4300, 0))  # 128 + c
+_PLANES_BF16_I4 = tl.constexpr(_nibble_planes_asm(0x4300, 8))  # 128 + (c ^ 8) = 136 + c (two's complement)
+_PLANES_F16_U4 = tl.constexpr(_nibble_planes_asm(0x6400, 0))  # 1024 + c
+_PLANES_F16_I4 = tl.constexpr(_nibble_planes_asm(0x6400, 8))
+
+
+@triton.jit
+def _nibble_planes(cb, ELEM: tl.constexpr, ACT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """uint8 code tile -> (low plane, high plane) as base + c' (c' = c, or c ^ 8 for int4): in the dot dtype
+    on the GPU (bf16 base 128, fp16 base 1024; exact), in fp32 with base 0 in the interpreter."""
+    if INTERPRETED:
+        c = cb.to(tl.int32)
+        lo = c & 15
+        hi = (c >> 4) & 15
+        if ELEM == 2:
+            lo = lo ^ 8
+            hi = hi ^ 8
+        return lo.to(tl.float32), hi.to(tl.float32)
+    if ACT == 2:
+        if ELEM == 2:
+            lo, hi = tl.inline_asm_elementwise(_PLANES_BF16_I4, "=r,=r,=r,=r,r", [cb], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_PLANES_BF16_U4, "=r,=r,=r,=r,r", [cb], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
+    else:
+        if ELEM == 2:
+            lo, hi = tl.inline_asm_elementwise(_PLANES_F16_I4, "=r,=r,=r,=r,r", [cb], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_PLANES_F16_U4, "=r,=r,=r,=r,r", [cb], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+    return lo, hi
+
+
+@triton.jit
+def dequant_gemv_planes(x, codes, scales, zeros, tensor_scale, bias, out, partials,
+                        M, N, K, KB, NB, KB_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
+                        ELEM: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_TS: tl.constexpr, STEP: tl.constexpr,
+                        GB: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                        INTERPRETED: tl.constexpr, PDL: tl.constexpr = False):
+    # codes uint8 [N, KB] (KB = padded K / 2), scales [N, NB] bf16 / fp16 (one per group of GB bytes),
+    # zeros uint8 [N, NB] (HAS_ZERO); ELEM 1: uint4 (minus the zero point), 2: int4 two's complement;
+    # ACT 1: fp16 x, 2: bf16 x (the dot dtype). KB_PER_SPLIT: a multiple of GB.
+    if SPLIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
+        _pdl_launch_dependents(PDL)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    rj = tl.arange(0, GB)
+    # base + offset of the planes' values: c - z = value - (BASE + z), int4: value - (BASE + 8)
+    if INTERPRETED:
+        BASE: tl.constexpr = 0.0
+    elif ACT == 2:
+        BASE: tl.constexpr = 128.0
+    else:
+        BASE: tl.constexpr = 1024.0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    b_start = pid_k * KB_PER_SPLIT
+    b_end = tl.minimum(b_start + KB_PER_SPLIT, KB)
+    for b0 in range(b_start, b_end, GB):
+        g = b0 // GB
+        cb = tl.load(codes + rn[:, None] * s_cn + (b0 + rj)[None, :], mask=n_ok[:, None], other=0)  # [BLOCK_N, GB]
+        # x[:, 2·b0 .. 2·b0 + 2·GB) as stored (contiguous, vector loads), split in registers into the even
+        # (low-nibble) and odd (high-nibble) elements, transposed to the dot's [GB, BLOCK_M]
+        kx = 2 * b0 + tl.arange(0, 2 * GB)
+        xv = tl.load(x + rm[:, None] * s_xm + kx[None, :] * s_xk, mask=m_ok[:, None] & (kx < K)[None, :], other=0.0)
+        xe, xo = tl.split(tl.reshape(xv, (BLOCK_M, GB, 2)))
+        xe = tl.trans(xe)
+        xo = tl.trans(xo)
+        lo, hi = _nibble_planes(cb, ELEM, ACT, INTERPRETED)
+        if HAS_ZERO:
+            zq = tl.load(zeros + rn * s_zn + g, mask=n_ok, other=0).to(tl.float32) + BASE
+        else:
+            zq = tl.zeros((BLOCK_N,), dtype=tl.float32) + (BASE + (8.0 if ELEM == 2 else 0.0))
+        if INTERPRETED:  # fp32 values and an IEEE dot: exact products, as the GPU's
+            part = tl.dot(lo - zq[:, None], xe.to(tl.float32), input_precision="ieee")
+            part = tl.dot(hi - zq[:, None], xo.to(tl.float32), part, input_precision="ieee")
+        else:  # c - z exactly in the dot dtype (base + z is an integer below 2^8 / 2^11: exact)
+            zd = zq.to(lo.dtype)[:, None]
+            part = tl.dot(lo - zd, xe.to(lo.dtype))
+            part = tl.dot(hi - zd, xo.to(lo.dtype), part)
+        s = tl.load(scales + rn * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        acc += part * s[:, None]
+    if HAS_TS:
+        acc = acc * tl.load(tensor_scale)
+    if STEP != 1.0:
+        acc = acc * STEP
+    res = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    if SPLIT:
+        tl.store(partials + (pid_k * M + rm[:, None]) * N + rn[None, :], res, mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        _store_out(out, bias, res, rm, rn, M, N, s_om, s_on, HAS_BIAS, OUT_BF16, INTERPRETED)
