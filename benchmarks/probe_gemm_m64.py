@@ -26,6 +26,7 @@ FINE_BLOCK = __import__("os").environ.get("PROBE_FINE_BLOCK") == "1"  # round 5:
 PDL = __import__("os").environ.get("PROBE_PDL") == "1"  # round 6: the reduce with programmatic dependent launch
 KB = __import__("os").environ.get("PROBE_KB") == "1"  # round 7: code bytes per step after the pair decodes
 N128 = __import__("os").environ.get("PROBE_N128") == "1"  # round 8: SWAP on two warpgroups (128-row tiles)
+PLANES = __import__("os").environ.get("PROBE_PLANES") == "1"  # round 9: the nibble-planes kernel at M = 64
 
 
 def fine_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
@@ -115,7 +116,21 @@ def n128_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     return out
 
 
+def planes_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    """Round 9 (session 14, PROBE_PLANES=1; built without a GPU): dequant_gemv_planes (nibble planes decoded
+    by inline PTX, 64-row x tiles as the dot's N) for w4a16 g128 and nvint4 against the default.
+    (BLOCK_N, warps, stages, SPLIT_K)"""
+    out = [("default", ql.gemm_configs(M, N, K, fmt, False)[0])]
+    for bn, w, st, sk in [(64, 4, 3, 4), (64, 4, 4, 4), (128, 8, 3, 4), (128, 4, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8),
+                          (128, 8, 3, 2)]:
+        out.append((f"planes n{bn} w{w} s{st} sk{sk}", {"PLANES": True, "BLOCK_N": bn, "BLOCK_M": 64, "num_warps": w,
+                                                         "num_stages": st, "SPLIT_K": sk}))
+    return out
+
+
 def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
+    if PLANES:
+        return planes_variants(fmt, M, N, K)
     if N128:
         return n128_variants(fmt, M, N, K)
     if KB:
@@ -142,7 +157,7 @@ def variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 
 
 def main() -> None:
-    name = ("probe_gemm_m64_n128" if N128 else "probe_gemm_m64_kb" if KB else "probe_gemm_m64_pdl" if PDL else "probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine_block"
+    name = ("probe_gemm_m64_planes" if PLANES else "probe_gemm_m64_n128" if N128 else "probe_gemm_m64_kb" if KB else "probe_gemm_m64_pdl" if PDL else "probe_gemm_m64_mx8" if MX8 else "probe_gemm_m64_fine_block"
             if FINE_BLOCK else "probe_gemm_m64_fine" if FINE else "probe_gemm_m64")
     res = Results(name)
     lines = ["| format | config | us | x bf16 | rel err vs quant ref |", "|---|---|---|---|---|"]
@@ -155,7 +170,7 @@ def main() -> None:
     bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
     res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
     lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
-    for fmt in (FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK or KB or N128 else ["mxint8"] if MX8 else FORMATS):
+    for fmt in (["w4a16_g128", "nvint4"] if PLANES else FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK or KB or N128 else ["mxint8"] if MX8 else FORMATS):
         qts = [quantize(w, fmt) for w in ws]
         args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
         ref = x.double() @ dequantize(qts[0]).double().t()

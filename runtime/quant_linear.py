@@ -362,7 +362,7 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     cfg_split = cfg.pop("SPLIT_K", None)
     pdl = bool(cfg.pop("PDL", REDUCE_PDL)) and pdl_capable(x.device)
     if cfg.pop("PLANES", False):
-        if gemv and planes_ok(kf, x.dtype, interpreted):
+        if planes_ok(kf, x.dtype, interpreted):
             return _gemv_planes(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
                                 split_k if split_k is not None else cfg_split, interpreted, pdl).reshape(*lead, n)
         # a format / dtype the planes GEMV does not take: the default GEMV config instead
@@ -469,40 +469,47 @@ def _splitk_reduce(ks, partials, bias, out, splits: int, interpreted: bool, pdl:
 
 
 def planes_ok(kf: dict, x_dtype: torch.dtype, interpreted: bool) -> bool:
-    """The nibble-planes GEMV (dequant_gemv_planes.py) takes 4-bit integer codes with 16/32-bit float group
-    scales of at least 32 elements (its dot's K is a group's bytes) and bf16 / fp16 x (fp32 in the
+    """The nibble-planes kernel (dequant_gemv_planes.py) takes 4-bit integer codes (uint4 + zero point,
+    int4) with 16/32-bit float group scales of at least 32 elements (applied to a group's partial dot) or
+    E4M3 scales (nvint4: applied per element, exact in bf16 / fp16), and bf16 / fp16 x (fp32 in the
     interpreter only, which computes in fp32 anyway)."""
-    return (kf["EPB"] == 2 and kf["ELEM"] in (1, 2) and kf["SCALE"] == 0 and not kf["PER_ROW"] and kf["GB"] >= 16
+    return (kf["EPB"] == 2 and kf["ELEM"] in (1, 2) and not kf["PER_ROW"]
+            and (kf["SCALE"] == 0 and kf["GB"] >= 16 or kf["SCALE"] == 2)
             and (x_dtype in (torch.bfloat16, torch.float16) or interpreted))
 
 
 def _gemv_planes(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted, pdl=False):
-    """``dequant_gemv_planes`` launch: one group of code bytes per step, BLOCK_N weight rows per program
-    (tensor-core M), all M <= 16 rows of x in one BLOCK_M = 16 tile, K splits through the split-K reduce."""
+    """``dequant_gemv_planes`` launch: BLOCK_N weight rows per program (tensor-core M), BLOCK_M rows of x
+    (the dot's N; default 16, or 64 above 16 rows), STEP_B code bytes per step (a group with its scale on
+    the partial; E4M3-scaled 16-element groups: STEP_B, default 32, per-element scaled), K splits through
+    the split-K reduce."""
     M, n = out.shape
     K, KB = x2.shape[1], codes.shape[1]
     gb = kf["GB"]
-    bn = cfg["BLOCK_N"]
-    if bn < 16 or bn & (bn - 1):
-        raise ValueError(f"quant_linear: PLANES BLOCK_N must be a power of two >= 16, got {bn}")
+    bn, bm = cfg["BLOCK_N"], cfg.get("BLOCK_M", 16 if M <= 16 else 64)
+    step_b = gb if kf["SCALE"] == 0 else cfg.get("STEP_B", max(32, gb))
+    for key, v in (("BLOCK_N", bn), ("BLOCK_M", bm), ("STEP_B", step_b)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"quant_linear: PLANES {key} must be a power of two >= 16, got {v}")
     n_tiles = _cdiv(n, bn)
     if splits is None:
-        splits = auto_split_k(n_tiles, KB, gb, x2.device)
+        splits = auto_split_k(n_tiles * _cdiv(M, bm), KB, step_b, x2.device)
     if splits < 1:
         raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
-    per_split = _cdiv(_cdiv(KB, splits), gb) * gb
+    per_split = _cdiv(_cdiv(KB, splits), step_b) * step_b
     splits = _cdiv(KB, per_split)
     partials = torch.empty((splits, M, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
     dummy = scales
     launch = {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages", "maxnreg") and not interpreted}
     ks = kernels_for(x2.device.type)
-    ks["dequant_gemv_planes"][(n_tiles, splits)](
+    ks["dequant_gemv_planes"][(n_tiles, splits, _cdiv(M, bm))](
         x2, codes, scales, zeros if zeros is not None else dummy, tensor_scale if tensor_scale is not None else dummy,
         bias if bias is not None else dummy, out, partials, M, n, K, KB, scales.shape[1], per_split, x2.stride(0),
         x2.stride(1), codes.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, out.stride(0),
-        out.stride(1), ELEM=kf["ELEM"], HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], GB=gb,
-        ACT=_ACT_DTYPES[x2.dtype], HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=16,
-        BLOCK_N=bn, SPLIT=splits > 1, INTERPRETED=interpreted, PDL=pdl, **launch)
+        out.stride(1), ELEM=kf["ELEM"], SCALE=kf["SCALE"], HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"],
+        STEP=kf["STEP"], GB=gb, STEP_B=step_b, ACT=_ACT_DTYPES[x2.dtype], HAS_BIAS=bias is not None,
+        OUT_BF16=out.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, SPLIT=splits > 1, INTERPRETED=interpreted,
+        PDL=pdl, **launch)
     if splits > 1:
         _splitk_reduce(ks, partials, bias, out, splits, interpreted, pdl)
     return out

@@ -1,8 +1,9 @@
-# fxforge dequant-GEMV template on the tensor cores, nibble planes: y = x @ dequant(W)^T (+ bias) for M <= 16
-# rows of x and a 4-bit integer weight W [N, K] with per-group 16-bit scales and optional uint8 zero points
-# (the w4a16 family: uint4 + zero point, groups of 32 / 64 / 128), codes packed by passes/quant/formats.py
-# (byte j of a row: element 2j in bits 0-3, element 2j + 1 in bits 4-7). Loaded by runtime/quant_linear.py
-# for PLANES configs (opt-in; benchmarks/probe_gemv_words.py round 11 times it against the words GEMV).
+# fxforge dequant template on the tensor cores, nibble planes: y = x @ dequant(W)^T (+ bias) for a 4-bit
+# integer weight W [N, K] -- the w4a16 family (uint4 + zero point, 16/32-bit float scales per group of 32 /
+# 64 / 128) and nvint4 (int4, E4M3 scales per 16, tensor scale) -- codes packed by passes/quant/formats.py
+# (byte j of a row: element 2j in bits 0-3, element 2j + 1 in bits 4-7); x in BLOCK_M-row tiles (16 for the
+# GEMV, 64 above). Loaded by runtime/quant_linear.py for PLANES configs (opt-in until timed: probe rounds
+# benchmarks/probe_gemv_words.py PROBE_PLANES=1 at M = 1, probe_gemm_m64.py PROBE_PLANES=1 at M = 64).
 #
 # Kernel
 #   dequant_gemv_planes   "Swap AB": out^T [BLOCK_N weight rows, BLOCK_M rows of x] accumulated in fp32 by
@@ -20,20 +21,26 @@
 #                         fp16 base 1024, ulp 1): ~1 instruction per code; minus base + z (the group's zero
 #                         point, packed subtract) the code is c - z exactly, products with x exact, fp32 MMA
 #                         accumulation, the group scale applied to the [BLOCK_N, BLOCK_M] partial (POST),
-#                         the same math as the words GEMV up to the summation order. Interpreter: the same
-#                         values in fp32 (its low-precision dots are unreliable).
-#                         Grid (N tiles, K splits); with splits each writes fp32 partials [SPLITS, M, N] for
-#                         dequant_splitk_reduce (dequant_matmul.py).
+#                         the same math as the words GEMV up to the summation order. 16-element E4M3 groups
+#                         (nvint4): STEP_B bytes per step (32 / 64), each element times its group's scale
+#                         before the dot (int4 x E4M3 has at most 7 significant bits: exact in bf16 / fp16).
+#                         Interpreter: the same values in fp32 (its low-precision dots are unreliable).
+#                         Grid (N tiles, K splits, M tiles); with splits each writes fp32 partials [SPLITS,
+#                         M, N] for dequant_splitk_reduce (dequant_matmul.py).
+#                         Offline sm_90 loops (triton 3.6, instructions per weight element per thread):
+#                         w4a16 g128 BLOCK_M 16: 32 rows x 1 warp 3.0, 64 x 1 2.7, 64 x 4 (wgmma) 4.7 --
+#                         the words GEMV 5.4; nvint4 32-64 byte steps 4.4-4.9; BLOCK_M 64: w4a16 5.7-6.4.
 #
 # Bytes model: as the words GEMV (runtime/quant_linear.py bytes_model): 4096 x 14336, w4a16 g128, M = 1:
-# 29.8 MB of codes + 1.8 MB scales / zeros -> 10.5 us at 3.0 TB/s. Offline sm_90 (triton 3.6) loop counts are
-# in benchmarks/NOTES.md (session 14); not yet timed on the GPU.
+# 30.7 MB of codes, scales and zero points -> 10.3 us at 3.0 TB/s. Not yet timed on the GPU.
 import triton
 import triton.language as tl
 from fxforge.codegen.quant_helpers import (
     pdl_launch_dependents as _pdl_launch_dependents,
 )
+from fxforge.codegen.quant_helpers import scale_value as _scale_value
 from fxforge.codegen.quant_helpers import store_out as _store_out
+from fxforge.codegen.quant_packed import group_bcast as _group_bcast
 
 
 def _nibble_planes_asm(base: int, xor: int) -> str:
@@ -87,22 +94,27 @@ def _nibble_planes(cb, ELEM: tl.constexpr, ACT: tl.constexpr, INTERPRETED: tl.co
 @triton.jit
 def dequant_gemv_planes(x, codes, scales, zeros, tensor_scale, bias, out, partials,
                         M, N, K, KB, NB, KB_PER_SPLIT, s_xm, s_xk, s_cn, s_sn, s_zn, s_om, s_on,
-                        ELEM: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_TS: tl.constexpr, STEP: tl.constexpr,
-                        GB: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                        INTERPRETED: tl.constexpr, PDL: tl.constexpr = False):
-    # codes uint8 [N, KB] (KB = padded K / 2), scales [N, NB] bf16 / fp16 (one per group of GB bytes),
-    # zeros uint8 [N, NB] (HAS_ZERO); ELEM 1: uint4 (minus the zero point), 2: int4 two's complement;
-    # ACT 1: fp16 x, 2: bf16 x (the dot dtype). KB_PER_SPLIT: a multiple of GB.
+                        ELEM: tl.constexpr, SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_TS: tl.constexpr,
+                        STEP: tl.constexpr, GB: tl.constexpr, STEP_B: tl.constexpr, ACT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRETED: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    # codes uint8 [N, KB] (KB = padded K / 2); scales [N, NB], one per group of GB bytes (SCALE 0: bf16 /
+    # fp16 / fp32 values, 2: E4M3 bits); zeros uint8 [N, NB] (HAS_ZERO); ELEM 1: uint4 (minus the zero
+    # point), 2: int4 two's complement; ACT 1: fp16 x, 2: bf16 x (the dot dtype). STEP_B code bytes per
+    # step: GB (one group: its scale applied to the partial, POST) or a multiple of it (smaller groups: each
+    # element scaled before the dot -- c·s is exact in bf16 for int4 times E4M3). Grid (N tiles, K splits,
+    # M tiles); KB_PER_SPLIT a multiple of STEP_B.
+    POST: tl.constexpr = STEP_B == GB
     if SPLIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
         _pdl_launch_dependents(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    rm = tl.arange(0, BLOCK_M)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
-    rj = tl.arange(0, GB)
+    rj = tl.arange(0, STEP_B)
     # base + offset of the planes' values: c - z = value - (BASE + z), int4: value - (BASE + 8)
     if INTERPRETED:
         BASE: tl.constexpr = 0.0
@@ -113,14 +125,15 @@ def dequant_gemv_planes(x, codes, scales, zeros, tensor_scale, bias, out, partia
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     b_start = pid_k * KB_PER_SPLIT
     b_end = tl.minimum(b_start + KB_PER_SPLIT, KB)
-    for b0 in range(b_start, b_end, GB):
+    for b0 in range(b_start, b_end, STEP_B):
         g = b0 // GB
-        cb = tl.load(codes + rn[:, None] * s_cn + (b0 + rj)[None, :], mask=n_ok[:, None], other=0)  # [BLOCK_N, GB]
-        # x[:, 2·b0 .. 2·b0 + 2·GB) as stored (contiguous, vector loads), split in registers into the even
-        # (low-nibble) and odd (high-nibble) elements, transposed to the dot's [GB, BLOCK_M]
-        kx = 2 * b0 + tl.arange(0, 2 * GB)
+        cb = tl.load(codes + rn[:, None] * s_cn + (b0 + rj)[None, :], mask=n_ok[:, None] & (b0 + rj < b_end)[None, :],
+                     other=0)  # [BLOCK_N, STEP_B]; a step past the row's last group (per-element path) reads 0
+        # x[:, 2·b0 .. 2·b0 + 2·STEP_B) as stored (contiguous, vector loads), split in registers into the
+        # even (low-nibble) and odd (high-nibble) elements, transposed to the dot's [STEP_B, BLOCK_M]
+        kx = 2 * b0 + tl.arange(0, 2 * STEP_B)
         xv = tl.load(x + rm[:, None] * s_xm + kx[None, :] * s_xk, mask=m_ok[:, None] & (kx < K)[None, :], other=0.0)
-        xe, xo = tl.split(tl.reshape(xv, (BLOCK_M, GB, 2)))
+        xe, xo = tl.split(tl.reshape(xv, (BLOCK_M, STEP_B, 2)))
         xe = tl.trans(xe)
         xo = tl.trans(xo)
         lo, hi = _nibble_planes(cb, ELEM, ACT, INTERPRETED)
@@ -128,15 +141,34 @@ def dequant_gemv_planes(x, codes, scales, zeros, tensor_scale, bias, out, partia
             zq = tl.load(zeros + rn * s_zn + g, mask=n_ok, other=0).to(tl.float32) + BASE
         else:
             zq = tl.zeros((BLOCK_N,), dtype=tl.float32) + (BASE + (8.0 if ELEM == 2 else 0.0))
+        if POST:
+            s = _scale_value(tl.load(scales + rn * s_sn + g, mask=n_ok, other=0), SCALE)
+        else:  # the step's STEP_B // GB groups, each scale repeated over its GB bytes of both planes
+            gs = g + tl.arange(0, STEP_B // GB)
+            s = _scale_value(tl.load(scales + rn[:, None] * s_sn + gs[None, :], mask=n_ok[:, None] & (gs < NB)[None, :],
+                                     other=0), SCALE)
+            s_el = _group_bcast(s, BLOCK_N, STEP_B, GB)
         if INTERPRETED:  # fp32 values and an IEEE dot: exact products, as the GPU's
-            part = tl.dot(lo - zq[:, None], xe.to(tl.float32), input_precision="ieee")
-            part = tl.dot(hi - zq[:, None], xo.to(tl.float32), part, input_precision="ieee")
+            wl = lo - zq[:, None]
+            wh = hi - zq[:, None]
+            if not POST:
+                wl = wl * s_el
+                wh = wh * s_el
+            part = tl.dot(wl, xe.to(tl.float32), input_precision="ieee")
+            part = tl.dot(wh, xo.to(tl.float32), part, input_precision="ieee")
         else:  # c - z exactly in the dot dtype (base + z is an integer below 2^8 / 2^11: exact)
             zd = zq.to(lo.dtype)[:, None]
-            part = tl.dot(lo - zd, xe.to(lo.dtype))
-            part = tl.dot(hi - zd, xo.to(lo.dtype), part)
-        s = tl.load(scales + rn * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        acc += part * s[:, None]
+            wl = lo - zd
+            wh = hi - zd
+            if not POST:  # int4 times E4M3: at most 7 significant bits, exact in bf16
+                wl = wl * s_el.to(lo.dtype)
+                wh = wh * s_el.to(lo.dtype)
+            part = tl.dot(wl, xe.to(lo.dtype))
+            part = tl.dot(wh, xo.to(lo.dtype), part)
+        if POST:
+            acc += part * s[:, None]
+        else:
+            acc += part
     if HAS_TS:
         acc = acc * tl.load(tensor_scale)
     if STEP != 1.0:
