@@ -469,13 +469,15 @@ def _splitk_reduce(ks, partials, bias, out, splits: int, interpreted: bool, pdl:
 
 
 def planes_ok(kf: dict, x_dtype: torch.dtype, interpreted: bool) -> bool:
-    """The nibble-planes kernel (dequant_gemv_planes.py) takes 4-bit integer codes (uint4 + zero point,
-    int4) with 16/32-bit float group scales of at least 32 elements (applied to a group's partial dot) or
-    E4M3 scales (nvint4: applied per element, exact in bf16 / fp16), and bf16 / fp16 x (fp32 in the
-    interpreter only, which computes in fp32 anyway)."""
-    return (kf["EPB"] == 2 and kf["ELEM"] in (1, 2) and not kf["PER_ROW"]
-            and (kf["SCALE"] == 0 and kf["GB"] >= 16 or kf["SCALE"] == 2)
-            and (x_dtype in (torch.bfloat16, torch.float16) or interpreted))
+    """The nibble-planes kernel (dequant_gemv_planes.py) takes 4-bit codes -- uint4 + zero point / int4 with
+    16/32-bit float group scales of at least 32 elements (applied to a group's partial dot) or E4M3 scales
+    (nvint4: applied per element, exact in bf16 / fp16), e2m1 with E8M0 (mxfp4) or E4M3 (nvfp4) scales
+    (bf16 x only) -- and bf16 / fp16 x (fp32 in the interpreter only, which computes in fp32 anyway)."""
+    if kf["EPB"] != 2 or kf["PER_ROW"] or not (x_dtype in (torch.bfloat16, torch.float16) or interpreted):
+        return False
+    if kf["ELEM"] == 3:  # e2m1 (mxfp4: E8M0 per 32, on the partial; nvfp4: E4M3 per 16, per element): bf16 only
+        return (kf["SCALE"] == 1 and kf["GB"] >= 16 or kf["SCALE"] == 2) and (x_dtype == torch.bfloat16 or interpreted)
+    return kf["ELEM"] in (1, 2) and (kf["SCALE"] == 0 and kf["GB"] >= 16 or kf["SCALE"] == 2)
 
 
 def _gemv_planes(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted, pdl=False):
@@ -487,7 +489,10 @@ def _gemv_planes(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spl
     K, KB = x2.shape[1], codes.shape[1]
     gb = kf["GB"]
     bn, bm = cfg["BLOCK_N"], cfg.get("BLOCK_M", 16 if M <= 16 else 64)
-    step_b = gb if kf["SCALE"] == 0 else cfg.get("STEP_B", max(32, gb))
+    # w4a16: a group per step (scale on the partial); block formats: STEP_B bytes per step, each element
+    # scaled (their scales are exact in bf16: E4M3, E8M0 powers of two); offline sm_90: mxfp4 on 16-byte
+    # group steps 5-11 instructions per element, nvfp4 on 32 / 64-byte steps 6.2 / 5.7
+    step_b = gb if kf["SCALE"] == 0 else cfg.get("STEP_B", max(64, gb))
     for key, v in (("BLOCK_N", bn), ("BLOCK_M", bm), ("STEP_B", step_b)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"quant_linear: PLANES {key} must be a power of two >= 16, got {v}")

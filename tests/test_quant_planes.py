@@ -13,10 +13,10 @@ CASES = [  # (M, N, K, BLOCK_N, split_k)
     (1, 37, 200, 16, None), (3, 70, 600, 32, 3), (16, 20, 328, 16, 2), (1, 64, 1000, 64, None)]
 
 
-@pytest.mark.parametrize("fmt", ["w4a16_g32", "w4a16_g64", "w4a16_g128", "nvint4"])
+@pytest.mark.parametrize("fmt", ["w4a16_g32", "w4a16_g64", "w4a16_g128", "nvint4", "mxfp4", "nvfp4"])
 def test_planes_gemv_matches_the_quantized_math(fmt):
-    # w4a16: a group per step, its scale on the partial; nvint4 (16-element E4M3 groups): 32- and 64-byte
-    # steps with each element scaled (K = 600 / 200 / 1000: a last step past the row's groups)
+    # w4a16 / mxfp4: a group per step, its scale on the partial; nvint4 / nvfp4 (16-element E4M3 groups):
+    # 32- and 64-byte steps with each element scaled (K = 600 / 200 / 1000: a last step past the groups)
     g = torch.Generator().manual_seed(3)
     for i, (m, n, k, bn, split) in enumerate(CASES):
         for qt in (_random_packed(n, k, fmt, seed=m + n), _pack(n, k, fmt, seed=k)[1]):
@@ -31,7 +31,7 @@ def test_planes_kernel_at_m64_tiles():
     # above 16 rows of x: 64-row tiles of x (the dot's N) and partial M tiles (M = 70: two tiles)
     k, n = 256, 48
     g = torch.Generator().manual_seed(9)
-    for fmt in ("w4a16_g128", "nvint4"):
+    for fmt in ("w4a16_g128", "nvint4", "mxfp4"):
         _, qt = _pack(n, k, fmt, seed=11)
         x = torch.randn(70, k, generator=g).to(torch.bfloat16)
         y = ql.quant_linear_apply(x, *_args(qt, None, fmt, k), config={"PLANES": True, "BLOCK_N": 16}, split_k=2)
@@ -45,12 +45,14 @@ def test_planes_gemv_takes_only_what_it_can():
     assert not ql.planes_ok(kf("w4a16_g128"), torch.float32, False)  # fp32 x on the GPU
     assert ql.planes_ok(kf("w4a16_g128"), torch.float32, True)
     assert ql.planes_ok(kf("nvint4"), torch.float16, False)
-    for fmt in ("mxfp4", "nvfp4", "w8a16", "mxint8"):  # e2m1 codes, 8-bit codes
+    assert ql.planes_ok(kf("mxfp4"), torch.bfloat16, False) and ql.planes_ok(kf("nvfp4"), torch.bfloat16, False)
+    assert not ql.planes_ok(kf("mxfp4"), torch.float16, False)  # e2m1 through bf16 subnormals only
+    for fmt in ("w8a16", "mxint8", "mxfp8", "w8a16_fp8"):  # 8-bit codes
         assert not ql.planes_ok(kf(fmt), torch.bfloat16, False)
     k, n = 96, 24
     x = torch.randn(2, k).to(torch.bfloat16)
-    _, qt = _pack(n, k, "mxfp4", seed=1)
-    y = ql.quant_linear_apply(x, *_args(qt, None, "mxfp4", k), config={"PLANES": True, "BLOCK_N": 16})
+    _, qt = _pack(n, k, "mxint8", seed=1)
+    y = ql.quant_linear_apply(x, *_args(qt, None, "mxint8", k), config={"PLANES": True, "BLOCK_N": 16})
     _check_kernel(y, x, qt, None, gemm=False)
     _, qt = _pack(n, k, "w4a16_g32", seed=2)
     with pytest.raises(ValueError, match="PLANES BLOCK_N must be"):
@@ -60,10 +62,12 @@ def test_planes_gemv_takes_only_what_it_can():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("fmt", ["w4a16_g32", "w4a16_g128", "nvint4"])
+@pytest.mark.parametrize("fmt", ["w4a16_g32", "w4a16_g128", "nvint4", "mxfp4", "nvfp4"])
 def test_gpu_planes_gemv(fmt, dtype):
     # the compiled kernel (inline-PTX nibble decode, tensor cores): M = 1, 3, 16, 64, K = 2080 (a partial last
     # group), N = 200 (a partial row tile), warps 1-4, stages 2-4, K splits, bias
+    if fmt in ("mxfp4", "nvfp4") and dtype == torch.float16:
+        pytest.skip("e2m1 planes take bf16 x only (planes_ok)")
     k, n = 2080, 200
     g = torch.Generator().manual_seed(61)
     for qt in (_random_packed(n, k, fmt, seed=62), _pack(n, k, fmt, seed=63)[1]):

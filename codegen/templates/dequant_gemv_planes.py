@@ -35,6 +35,7 @@
 # 30.7 MB of codes, scales and zero points -> 10.3 us at 3.0 TB/s. Not yet timed on the GPU.
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import nibble_value as _nibble_value
 from fxforge.codegen.quant_helpers import (
     pdl_launch_dependents as _pdl_launch_dependents,
 )
@@ -62,18 +63,41 @@ _PLANES_F16_U4 = tl.constexpr(_nibble_planes_asm(0x6400, 0))  # 1024 + c
 _PLANES_F16_I4 = tl.constexpr(_nibble_planes_asm(0x6400, 8))
 
 
+def _e2m1_planes_asm() -> str:
+    """PTX: 4 e2m1 code bytes ($4) -> low / high nibble planes ($0, $1 / $2, $3) as bf16 pairs whose bits
+    hold the code's exponent and mantissa at bits 7-8 / 6 and its sign at bit 15: 2^(e - 127)·(1 + m/2), or
+    the subnormal m·2^-127 for e = 0 -- times 2^126 (done after) the e2m1 value exactly, as
+    quant_packed.decode_e2m1_scaled_packed (the M = 64 SWAP decode, GPU-tested) does."""
+    lines = ["{", ".reg .b32 t<2>, a, b;", "prmt.b32 t0, $4, 0, 0x4140;", "prmt.b32 t1, $4, 0, 0x4342;"]
+    for out, (mag, sign) in enumerate([(6, 12), (6, 12), (2, 8), (2, 8)]):  # low nibbles of t0, t1; high ones
+        t = f"t{out % 2}"
+        lines += [f"shl.b32 a, {t}, {mag};", f"shl.b32 b, {t}, {sign};", "and.b32 b, b, 0x80008000;",
+                  f"lop3.b32 ${out}, a, 0x01c001c0, b, 0xea;"]  # (a & magnitude mask) | sign
+    return "\n".join(lines + ["}"])
+
+
+_PLANES_BF16_E2M1 = tl.constexpr(_e2m1_planes_asm())
+
+
 @triton.jit
 def _nibble_planes(cb, ELEM: tl.constexpr, ACT: tl.constexpr, INTERPRETED: tl.constexpr):
     """uint8 code tile -> (low plane, high plane) as base + c' (c' = c, or c ^ 8 for int4): in the dot dtype
-    on the GPU (bf16 base 128, fp16 base 1024; exact), in fp32 with base 0 in the interpreter."""
+    on the GPU (bf16 base 128, fp16 base 1024; exact), in fp32 with base 0 in the interpreter; e2m1 codes
+    (ELEM 3, bf16 only): their values exactly."""
     if INTERPRETED:
         c = cb.to(tl.int32)
         lo = c & 15
         hi = (c >> 4) & 15
+        if ELEM == 3:
+            return _nibble_value(lo, 3), _nibble_value(hi, 3)
         if ELEM == 2:
             lo = lo ^ 8
             hi = hi ^ 8
         return lo.to(tl.float32), hi.to(tl.float32)
+    if ELEM == 3:
+        lo, hi = tl.inline_asm_elementwise(_PLANES_BF16_E2M1, "=r,=r,=r,=r,r", [cb], dtype=(tl.bfloat16, tl.bfloat16),
+                                           is_pure=True, pack=4)
+        return lo * 8.507059173023462e37, hi * 8.507059173023462e37  # 2^126 (exact, bf16 subnormals kept)
     if ACT == 2:
         if ELEM == 2:
             lo, hi = tl.inline_asm_elementwise(_PLANES_BF16_I4, "=r,=r,=r,=r,r", [cb], dtype=(tl.bfloat16, tl.bfloat16),
@@ -139,7 +163,7 @@ def dequant_gemv_planes(x, codes, scales, zeros, tensor_scale, bias, out, partia
         lo, hi = _nibble_planes(cb, ELEM, ACT, INTERPRETED)
         if HAS_ZERO:
             zq = tl.load(zeros + rn * s_zn + g, mask=n_ok, other=0).to(tl.float32) + BASE
-        else:
+        elif ELEM != 3:
             zq = tl.zeros((BLOCK_N,), dtype=tl.float32) + (BASE + (8.0 if ELEM == 2 else 0.0))
         if POST:
             s = _scale_value(tl.load(scales + rn * s_sn + g, mask=n_ok, other=0), SCALE)
@@ -149,18 +173,26 @@ def dequant_gemv_planes(x, codes, scales, zeros, tensor_scale, bias, out, partia
                                      other=0), SCALE)
             s_el = _group_bcast(s, BLOCK_N, STEP_B, GB)
         if INTERPRETED:  # fp32 values and an IEEE dot: exact products, as the GPU's
-            wl = lo - zq[:, None]
-            wh = hi - zq[:, None]
+            if ELEM == 3:  # e2m1 values as decoded
+                wl = lo
+                wh = hi
+            else:
+                wl = lo - zq[:, None]
+                wh = hi - zq[:, None]
             if not POST:
                 wl = wl * s_el
                 wh = wh * s_el
             part = tl.dot(wl, xe.to(tl.float32), input_precision="ieee")
             part = tl.dot(wh, xo.to(tl.float32), part, input_precision="ieee")
         else:  # c - z exactly in the dot dtype (base + z is an integer below 2^8 / 2^11: exact)
-            zd = zq.to(lo.dtype)[:, None]
-            wl = lo - zd
-            wh = hi - zd
-            if not POST:  # int4 times E4M3: at most 7 significant bits, exact in bf16
+            if ELEM == 3:
+                wl = lo
+                wh = hi
+            else:
+                zd = zq.to(lo.dtype)[:, None]
+                wl = lo - zd
+                wh = hi - zd
+            if not POST:  # int4 / e2m1 times E4M3: at most 7 significant bits, exact in bf16
                 wl = wl * s_el.to(lo.dtype)
                 wh = wh * s_el.to(lo.dtype)
             part = tl.dot(wl, xe.to(lo.dtype))
