@@ -118,7 +118,7 @@ def n128_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 
 def planes_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     """Round 9 (session 14, PROBE_PLANES=1; built without a GPU): dequant_gemv_planes (nibble planes decoded
-    by inline PTX, 64-row x tiles as the dot's N) for w4a16 g128 and nvint4 against the default.
+    by inline PTX, 64-row x tiles as the dot's N) for w4a16 g128, nvint4, mxfp4, nvfp4 against the default.
     (BLOCK_N, warps, stages, SPLIT_K)"""
     out = [("default", ql.gemm_configs(M, N, K, fmt, False)[0])]
     for bn, w, st, sk in [(64, 4, 3, 4), (64, 4, 4, 4), (128, 8, 3, 4), (128, 4, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8),
@@ -170,7 +170,7 @@ def main() -> None:
     bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
     res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
     lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
-    for fmt in (["w4a16_g128", "nvint4"] if PLANES else FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK or KB or N128 else ["mxint8"] if MX8 else FORMATS):
+    for fmt in (["w4a16_g128", "nvint4", "mxfp4", "nvfp4"] if PLANES else FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK or KB or N128 else ["mxint8"] if MX8 else FORMATS):
         qts = [quantize(w, fmt) for w in ws]
         args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
         ref = x.double() @ dequantize(qts[0]).double().t()

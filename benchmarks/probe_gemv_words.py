@@ -25,7 +25,7 @@ from fxforge.runtime import quant_linear as ql
 
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
 FORMATS = [f for f in ["w8a16", "w4a16_g128", "w4a16_g64", "nvint4", "mxint8", "mxfp4", "nvfp4"]
-           if f in os.environ.get("PROBE_FORMATS", "w4a16_g128,w4a16_g64,nvint4" if os.environ.get("PROBE_PLANES") == "1"
+           if f in os.environ.get("PROBE_FORMATS", "w4a16_g128,w4a16_g64,nvint4,mxfp4,nvfp4" if os.environ.get("PROBE_PLANES") == "1"
                                   else "w8a16,w4a16_g128,nvint4,mxint8,mxfp4,nvfp4").split(",")]
 # (BLOCK_N, code bytes per row per step, warps, PREFETCH depth, PREFETCH_X, XT). Round 8
 # (session 11; r5 found PREFETCH_X worth 5-15%, r6 the defaults, r7 nothing more in tiles / warps): XT, x
@@ -107,6 +107,10 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
                 if sk:
                     cfg["SPLIT_K"] = sk
                 cands.append((f"planes n{bn} w{w} s{st}" + (f" sk{sk}" if sk else ""), cfg))
+            if ql.kernel_format(fmt)["SCALE"] != 0:  # block formats: bytes per step (default 64)
+                for sb in (32, 128):
+                    cands.append((f"planes n32 w1 s3 step{sb}", {"PLANES": True, "BLOCK_N": 32, "num_warps": 1,
+                                                                 "num_stages": 3, "STEP_B": sb}))
         if REGS:
             base = ql.gemv_configs(1, N, K, fmt, False)[0]
             cands = [(f"default n{bn}" + (f" r{regs}" if regs else ""),
