@@ -218,10 +218,11 @@ def launch_combine(kern2, acc_ws, ml_ws, out, splits: int, head: int, interprete
     programmatic dependent launch after a split kernel that signalled it (PDL=True there)."""
     B, H, LQ, D = out.shape
     rows = B * H * LQ
-    block_s = min(next_pow2(splits), COMBINE_BLOCK_S)
     block_d = head
     while block_d > COMBINE_MIN_BLOCK_D and rows * (head // block_d) < 2 * sm_count(out.device):
         block_d //= 2
+    # at most 16K fp32 of workspace per step (128 registers a thread on 4 warps): D = 256 in 64-split steps
+    block_s = min(next_pow2(splits), COMBINE_BLOCK_S, max(16, 16384 // block_d))
     kw = {} if interpreted else {"num_warps": 4 if block_s * block_d >= 4096 else 2}
     if pdl:  # (older launchers do not know the option at all)
         kw.update(launch_pdl=True, PDL=True)

@@ -17,7 +17,13 @@ import torch
 
 from ..passes.quant.kv import KIVICache, kivi_bytes_per_token
 from . import decode_attention as da
-from .kernels import first_that_fits, next_pow2, pdl_capable, template_kernels
+from .kernels import (
+    first_that_fits,
+    interpreter_active,
+    next_pow2,
+    pdl_capable,
+    template_kernels,
+)
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "kivi_attention.py"
 NAME = "fxf_kivi_attention"
@@ -243,6 +249,9 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
         cfg["BLOCK_N"] = cache.group
     else:  # options of the FAST path only
         cfg.pop("K_FOLD", None), cfg.pop("V_FOLD", None), cfg.pop("VS_WORD", None)
+    if interpreter_active() and not interpreted:  # CUDA tensors under TRITON_INTERPRET=1: no inline PTX there
+        cfg["PACKED"] = False
+    cfg.pop("PDL", None)  # set below, from the device
     w, nacc = (fp["W"], fp["NACC"]) if fast else (head, 1)
     row_tiles = -(-((H // HKV) * LQ) // bm)
     bn = cfg["BLOCK_N"]

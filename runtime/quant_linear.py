@@ -362,7 +362,8 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     cfg_split = cfg.pop("SPLIT_K", None)
     pdl = bool(cfg.pop("PDL", REDUCE_PDL)) and pdl_capable(x.device)
     if cfg.pop("PLANES", False):
-        if planes_ok(kf, x.dtype, interpreted):
+        # (CUDA tensors under TRITON_INTERPRET=1 cannot run its inline PTX: the default kernels instead)
+        if planes_ok(kf, x.dtype, interpreted) and (interpreted or not interpreter_active()):
             return _gemv_planes(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
                                 split_k if split_k is not None else cfg_split, interpreted, pdl).reshape(*lead, n)
         # a format / dtype the planes GEMV does not take: the default GEMV config instead
@@ -473,7 +474,8 @@ def planes_ok(kf: dict, x_dtype: torch.dtype, interpreted: bool) -> bool:
     16/32-bit float group scales of at least 32 elements (applied to a group's partial dot) or E4M3 scales
     (nvint4: applied per element, exact in bf16 / fp16), e2m1 with E8M0 (mxfp4) or E4M3 (nvfp4) scales
     (bf16 x only) -- and bf16 / fp16 x (fp32 in the interpreter only, which computes in fp32 anyway)."""
-    if kf["EPB"] != 2 or kf["PER_ROW"] or not (x_dtype in (torch.bfloat16, torch.float16) or interpreted):
+    if kf["EPB"] != 2 or kf["PER_ROW"] or kf["GB"] & (kf["GB"] - 1) or not (x_dtype in (torch.bfloat16, torch.float16)
+                                                                           or interpreted):
         return False
     if kf["ELEM"] == 3:  # e2m1 (mxfp4: E8M0 per 32, on the partial; nvfp4: E4M3 per 16, per element): bf16 only
         return (kf["SCALE"] == 1 and kf["GB"] >= 16 or kf["SCALE"] == 2) and (x_dtype == torch.bfloat16 or interpreted)

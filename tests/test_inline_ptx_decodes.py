@@ -1,5 +1,5 @@
 """The inline-PTX code decodes of the Triton templates, checked without a GPU: a small emulator of the PTX
-they use (prmt, shl / shr, and, lop3, mov, sub.rn.{bf16x2,f16x2}) runs each generated block on every code
+they use (prmt, shl / shr, and, lop3, mov, sub / fma.rn.{bf16x2,f16x2}) runs each generated block on every code
 byte and compares with the decode it stands for -- KIVI's bit planes (c - MID per plane, already
 GPU-verified bit-identical to the per-code decode, which validates the emulator) and the planes GEMV's
 nibble planes (base + c for uint4 / int4, e2m1 bit placement). The GPU tests run the same blocks for real."""
@@ -94,9 +94,24 @@ def run_ptx(asm: str, inputs: dict) -> dict:
             lo = _half_bits(_half_value(x & 0xFFFF, kind) - _half_value(y & 0xFFFF, kind), kind)
             hi = _half_bits(_half_value(x >> 16, kind) - _half_value(y >> 16, kind), kind)
             regs[d] = lo | (hi << 16)
+        elif (m := re.fullmatch(r"fma\.rn\.(bf16|f16)x2", op)):  # (exact products and sums here)
+            kind = m.group(1)
+            x, y, z = val(a[1]), val(a[2]), val(a[3])
+            halves = [_half_bits(_half_value((x >> sh) & 0xFFFF, kind) * _half_value((y >> sh) & 0xFFFF, kind)
+                                 + _half_value((z >> sh) & 0xFFFF, kind), kind) for sh in (0, 16)]
+            regs[d] = halves[0] | (halves[1] << 16)
         else:
             raise AssertionError(f"PTX op {op} not emulated")
     return regs
+
+
+SM80_OPS = {"prmt.b32", "shl.b32", "shr.b32", "and.b32", "mov.b32", "lop3.b32", "fma.rn.bf16x2", "fma.rn.f16x2",
+            "sub.rn.f16x2"}  # (sub.rn.bf16x2 needs sm_90)
+
+
+def _ops(asm):
+    return {line.strip().split(None, 1)[0] for line in asm.splitlines()
+            if line.strip() and line.strip() not in "{}" and not line.strip().startswith(".reg")}
 
 
 def _words():
@@ -116,6 +131,7 @@ def _halves(regs, names, kind):
                                             (2, "f16", "_PLANES_2_F16"), (4, "f16", "_PLANES_4_F16")])
 def test_kivi_bit_planes(bits, kind, name):
     asm = getattr(_module("kivi_attention"), name).value
+    assert _ops(asm) <= SM80_OPS  # on by default: must assemble on every GPU with bf16 (sm_80+)
     per, mid = 8 // bits, ((1 << bits) - 1) / 2
     for word in _words():
         regs = run_ptx(asm, {f"${2 * per}": word})
@@ -129,6 +145,7 @@ def test_kivi_bit_planes(bits, kind, name):
                                            ("f16", 0, "_PLANES_F16_U4"), ("f16", 8, "_PLANES_F16_I4")])
 def test_gemv_nibble_planes(kind, xor, name):
     asm = getattr(_module("dequant_gemv_planes"), name).value
+    assert _ops(asm) <= SM80_OPS
     base = 128 if kind == "bf16" else 1024
     for word in _words():
         regs = run_ptx(asm, {"$4": word})
@@ -143,6 +160,7 @@ E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 def test_gemv_e2m1_planes():
     asm = _module("dequant_gemv_planes")._PLANES_BF16_E2M1.value
+    assert _ops(asm) <= SM80_OPS
     for word in _words():
         regs = run_ptx(asm, {"$4": word})
         lo, hi = _halves(regs, ["$0", "$1"], "bf16"), _halves(regs, ["$2", "$3"], "bf16")

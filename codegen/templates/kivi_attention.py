@@ -85,20 +85,24 @@ def _planes_asm(bits: int, base: int, base_mid: int, half: str) -> str:
     """PTX for PACKED (see _planes_packed): 4 code bytes (one 32-bit register, Triton's pack=4 of uint8)
     -> every bit plane's 4 codes as c - MID in 2 registers of 16-bit pairs. PRMT spreads bytes 0, 1 (2, 3)
     into the two 16-bit halves once for all planes; per plane and pair one shift, one LOP3 ((v & mask) |
-    base: the 16-bit float base + c, base's ulp being 1/2) and one packed subtract of base + MID (exact)."""
+    base: the 16-bit float base + c, base's ulp being 1/2) and one packed v·1 - (base + MID) (exact). An fma,
+    not sub.bf16x2, which needs sm_90: fma.rn.bf16x2 runs from sm_80 (the same HFMA2 on the H100)."""
     per = 8 // bits
     mask = ((1 << bits) - 1) << 1
-    lines = ["{", ".reg .b32 t0, t1, k, v<2>;", f"prmt.b32 t0, ${2 * per}, 0, 0x4140;",
-             f"prmt.b32 t1, ${2 * per}, 0, 0x4342;", f"mov.b32 k, {base_mid * 0x10001:#010x};"]
+    one = 0x3F80 if half == "bf16" else 0x3C00
+    lines = ["{", ".reg .b32 t0, t1, k, u, v<2>;", f"prmt.b32 t0, ${2 * per}, 0, 0x4140;",
+             f"prmt.b32 t1, ${2 * per}, 0, 0x4342;", f"mov.b32 k, {(base_mid | 0x8000) * 0x10001:#010x};",
+             f"mov.b32 u, {one * 0x10001:#010x};"]
     for i in range(per):
         for j in range(2):
             shift = "shl.b32 v{j}, t{j}, 1;" if i == 0 else f"shr.b32 v{{j}}, t{{j}}, {i * bits - 1};"
             lines += [shift.format(j=j), f"lop3.b32 v{j}, v{j}, {mask * 0x10001:#010x}, {base * 0x10001:#010x}, 0xea;",
-                      f"sub.rn.{half}x2 ${2 * i + j}, v{j}, k;"]
+                      f"fma.rn.{half}x2 ${2 * i + j}, v{j}, u, k;"]
     return "\n".join(lines + ["}"])
 
 
 # c - MID per bit plane, 16-bit float bases with ulp 1/2: bf16 64 (0x4280), fp16 512 (0x6000); base + MID
+# (negated in the fma by its sign bit)
 _PLANES_2_BF16 = tl.constexpr(_planes_asm(2, 0x4280, 0x4283, "bf16"))  # 65.5
 _PLANES_4_BF16 = tl.constexpr(_planes_asm(4, 0x4280, 0x428F, "bf16"))  # 71.5
 _PLANES_2_F16 = tl.constexpr(_planes_asm(2, 0x6000, 0x6003, "f16"))  # 513.5
