@@ -113,5 +113,16 @@ def sweep_shapes(name: str, header: list[str], shapes: dict, probe_shape) -> Non
     res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
 
 
+def gemv_bf16_baseline(N: int, K: int) -> tuple[list, torch.Tensor, int, float]:
+    """The GEMV probes' setup: bf16 weights [N, K] (x 0.02) in enough copies to span > 200 MB (every
+    rotating launch reads HBM), one row of x, and bf16 cuBLAS's per-launch us over them (graph_time_us).
+    Returns (weights, x, copies, us)."""
+    copies = max(2, -(-200_000_000 // (N * K * 2)))
+    ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    return ws, x, copies, graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
+
+
 def out_dirs() -> list:
     return [Path(__file__).parent / "results", os.environ.get("OUT")]

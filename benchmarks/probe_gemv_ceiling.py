@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import graph_time_us, rel_err, sweep_shapes
+from common import gemv_bf16_baseline, graph_time_us, rel_err, sweep_shapes
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
@@ -69,11 +69,7 @@ def read_time(ws, N, KW, bn, bw, warps, splits, unroll, stages, persist) -> floa
 
 def probe_shape(res, lines, t0, wl, N, K) -> None:
     """bf16 cuBLAS, the read sweep and the words GEMV variants of one shape."""
-    copies = max(2, -(-200_000_000 // (N * K * 2)))
-    wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
-    bf = graph_time_us(lambda i: torch.mm(x, wb[i % copies].t(), out=y))
+    wb, x, copies, bf = gemv_bf16_baseline(N, K)
     res.add(wl, "bf16", "time", bf, "us")
     lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | {N * K * 2 / bf / 1e6:.2f} | 1.00 |")
 

@@ -16,10 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import graph_time_us, rel_err, sweep_shapes
+from common import gemv_bf16_baseline, graph_time_us, rel_err, sweep_shapes
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
@@ -70,11 +68,7 @@ def time_config(x, args, fmt, K, cfg, copies) -> float:
 
 
 def probe_shape(res, lines, t0, wl, N, K) -> None:
-    copies = max(2, -(-200_000_000 // (N * K * 2)))
-    ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
-    bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
+    ws, x, copies, bf = gemv_bf16_baseline(N, K)
     res.add(wl, "bf16", "time", bf, "us")
     lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | 1.00 | {ql.bytes_model('bf16', N, K, 1)['expected_us'] / bf:.3f} | |")
     for fmt in FORMATS:

@@ -156,3 +156,17 @@ def pdl_wait(ENABLED: tl.constexpr):
     # the dependent side of pdl_launch_dependents: wait for the previous grid's completion and memory
     if ENABLED:
         _gdc_wait()
+
+
+@triton.jit
+def asm_byte_planes(b8, ASM: tl.constexpr, BF16: tl.constexpr):
+    # Two 16-bit planes of a uint8 code tile from the inline PTX block ASM (the templates' packed decodes):
+    # pack=4 hands it 4 code bytes in one register ($4) and takes each plane's 4 values as two 16-bit pairs
+    # ($0 $1, $2 $3), bf16 (BF16) or fp16. Not for the interpreter (no inline PTX there).
+    if BF16:
+        out = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b8], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                        pack=4)
+    else:
+        out = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b8], dtype=(tl.float16, tl.float16), is_pure=True,
+                                        pack=4)
+    return out

@@ -384,21 +384,9 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         cfg.pop("PDL", None)
     _check_blocks(cfg, kf, gemv)
     bkb = cfg["BLOCK_KB"]
-    if gemv:
-        m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
-        splits = split_k if split_k is not None else cfg_split
-        if splits is None:
-            splits = auto_split_k(m_tiles * n_tiles, KB, bkb, x.device)
-    else:
-        m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
-        splits = split_k if split_k is not None else cfg_split
-        if splits is None:
-            splits = auto_split_k_gemm(m_tiles * n_tiles, KB, bkb, x.device)
-    if splits < 1:
-        raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
-    per_split = _cdiv(_cdiv(KB, splits), bkb) * bkb
-    splits = _cdiv(KB, per_split)  # no empty split
-    partials = torch.empty((splits, M, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
+    splits, per_split, partials = _plan_splits(split_k if split_k is not None else cfg_split, m_tiles * n_tiles, KB,
+                                               bkb, out, auto_split_k if gemv else auto_split_k_gemm)
     if gemv:
         ks["dequant_gemv"][(n_tiles, splits, m_tiles)](*ptrs, partials, M, n, K, KB, NB, per_split, *strides,
                                                          SPLIT=splits > 1, ACC3=cfg["BLOCK_M"] <= 4, PDL=pdl, **common,
@@ -430,13 +418,7 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     gw = _words_group(kf, kspan)
     tw = cfg["Q"] * cfg["WPT"] if kspan else cfg["BLOCK_G"] * gw
     n_tiles = _cdiv(n, cfg["BLOCK_N"])
-    if splits is None:
-        splits = auto_split_k(n_tiles * M, KW, tw, x2.device)
-    if splits < 1:
-        raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
-    per_split = _cdiv(_cdiv(KW, splits), tw) * tw
-    splits = _cdiv(KW, per_split)
-    partials = torch.empty((splits, M, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
+    splits, per_split, partials = _plan_splits(splits, n_tiles * M, KW, tw, out)
     dummy = scales
     launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
     if interpreted:
@@ -454,6 +436,21 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     if splits > 1:
         _splitk_reduce(ks, partials, bias, out, splits, interpreted, pdl)
     return out
+
+
+def _plan_splits(splits: int | None, programs: int, kb: int, step: int, out: torch.Tensor,
+                 auto=auto_split_k) -> tuple[int, int, torch.Tensor]:
+    """(splits, code columns per split, partials) for ``kb`` code columns cut into whole ``step``s: the
+    splits asked for (None: ``auto(programs, kb, step, device)``), none empty; partials the fp32 [splits, M, N]
+    workspace of the split-K reduce, or ``out`` itself without splits."""
+    if splits is None:
+        splits = auto(programs, kb, step, out.device)
+    if splits < 1:
+        raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
+    per_split = _cdiv(_cdiv(kb, splits), step) * step
+    splits = _cdiv(kb, per_split)  # no empty split
+    partials = torch.empty((splits, *out.shape), dtype=torch.float32, device=out.device) if splits > 1 else out
+    return splits, per_split, partials
 
 
 def _splitk_reduce(ks, partials, bias, out, splits: int, interpreted: bool, pdl: bool) -> None:
@@ -499,13 +496,7 @@ def _gemv_planes(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spl
         if v < 16 or v & (v - 1):
             raise ValueError(f"quant_linear: PLANES {key} must be a power of two >= 16, got {v}")
     n_tiles = _cdiv(n, bn)
-    if splits is None:
-        splits = auto_split_k(n_tiles * _cdiv(M, bm), KB, step_b, x2.device)
-    if splits < 1:
-        raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
-    per_split = _cdiv(_cdiv(KB, splits), step_b) * step_b
-    splits = _cdiv(KB, per_split)
-    partials = torch.empty((splits, M, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
+    splits, per_split, partials = _plan_splits(splits, n_tiles * _cdiv(M, bm), KB, step_b, out)
     dummy = scales
     launch = {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages", "maxnreg") and not interpreted}
     ks = kernels_for(x2.device.type)

@@ -35,6 +35,7 @@
 # 30.7 MB of codes, scales and zero points -> 10.3 us at 3.0 TB/s. Not yet timed on the GPU.
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import asm_byte_planes as _asm_byte_planes
 from fxforge.codegen.quant_helpers import nibble_value as _nibble_value
 from fxforge.codegen.quant_helpers import (
     pdl_launch_dependents as _pdl_launch_dependents,
@@ -95,23 +96,12 @@ def _nibble_planes(cb, ELEM: tl.constexpr, ACT: tl.constexpr, INTERPRETED: tl.co
             hi = hi ^ 8
         return lo.to(tl.float32), hi.to(tl.float32)
     if ELEM == 3:
-        lo, hi = tl.inline_asm_elementwise(_PLANES_BF16_E2M1, "=r,=r,=r,=r,r", [cb], dtype=(tl.bfloat16, tl.bfloat16),
-                                           is_pure=True, pack=4)
+        lo, hi = _asm_byte_planes(cb, _PLANES_BF16_E2M1, True)
         return lo * 8.507059173023462e37, hi * 8.507059173023462e37  # 2^126 (exact, bf16 subnormals kept)
     if ACT == 2:
-        if ELEM == 2:
-            lo, hi = tl.inline_asm_elementwise(_PLANES_BF16_I4, "=r,=r,=r,=r,r", [cb], dtype=(tl.bfloat16, tl.bfloat16),
-                                               is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(_PLANES_BF16_U4, "=r,=r,=r,=r,r", [cb], dtype=(tl.bfloat16, tl.bfloat16),
-                                               is_pure=True, pack=4)
+        lo, hi = _asm_byte_planes(cb, _PLANES_BF16_I4 if ELEM == 2 else _PLANES_BF16_U4, True)
     else:
-        if ELEM == 2:
-            lo, hi = tl.inline_asm_elementwise(_PLANES_F16_I4, "=r,=r,=r,=r,r", [cb], dtype=(tl.float16, tl.float16),
-                                               is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(_PLANES_F16_U4, "=r,=r,=r,=r,r", [cb], dtype=(tl.float16, tl.float16),
-                                               is_pure=True, pack=4)
+        lo, hi = _asm_byte_planes(cb, _PLANES_F16_I4 if ELEM == 2 else _PLANES_F16_U4, False)
     return lo, hi
 
 

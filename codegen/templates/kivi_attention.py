@@ -69,6 +69,7 @@
 # quads (~110 moves), the online softmax over 16 rows of which 4 are real (GQA 4).
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import asm_byte_planes as _asm_byte_planes
 from fxforge.codegen.quant_helpers import (
     pdl_launch_dependents as _pdl_launch_dependents,
 )
@@ -126,11 +127,9 @@ def _planes_packed(b8, BITS: tl.constexpr, DOT: tl.constexpr):
                                                        is_pure=True, pack=4)
     else:
         if DOT == 2:
-            p0, p1 = tl.inline_asm_elementwise(_PLANES_4_BF16, "=r,=r,=r,=r,r", [b8], dtype=(tl.bfloat16, tl.bfloat16),
-                                               is_pure=True, pack=4)
+            p0, p1 = _asm_byte_planes(b8, _PLANES_4_BF16, True)
         else:
-            p0, p1 = tl.inline_asm_elementwise(_PLANES_4_F16, "=r,=r,=r,=r,r", [b8], dtype=(tl.float16, tl.float16),
-                                               is_pure=True, pack=4)
+            p0, p1 = _asm_byte_planes(b8, _PLANES_4_F16, False)
         p2 = p0
         p3 = p1
     return p0, p1, p2, p3
