@@ -83,6 +83,9 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     # Session 14 (results/probe_kivi_packed.md): PACKED (planes decoded by inline PTX in 16-bit pairs, same
     # output bits) 2-bit 41.9 -> 38.9 us, 4-bit 42.1 -> 39.3 (SDPA 51.9): on for every FAST config (the
     # kernel ignores it for fp32 q, K_FOLD / V_FOLD and the interpreter).
+    # Session 15 (results/probe_kivi_vsword.md): VS_WORD (a token's 4 value scales / mins as one int64 each,
+    # same output bits) 2-bit 33.7 -> 29.2 us, 4-bit 33.9 -> 28.9 (SDPA 50.4): on for every FAST config (the
+    # launch drops it unless 2-byte scales and 4 value groups per token, see _vs_word_ok).
     if fast:
         first = (group, 2, 3, False, 0) if bits == 2 else (group, 1, 2, False, 0)
         cands = [first, (group, 1, 2, False, 0), (group, 2, 3, False, 0), (group, 4, 2, False, 0),
@@ -95,7 +98,7 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     for bn, w, st, vf, regs in cands:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FAST": fast, "num_warps": w, "num_stages": st}
         if fast:
-            cfg.update(K_FOLD=False, V_FOLD=vf, PACKED=True)
+            cfg.update(K_FOLD=False, V_FOLD=vf, PACKED=True, VS_WORD=True)
         if regs:
             cfg["maxnreg"] = regs
         if cfg not in out:

@@ -70,7 +70,10 @@ def test_gpu_planes_gemv(fmt, dtype):
         pytest.skip("e2m1 planes take bf16 x only (planes_ok)")
     k, n = 2080, 200
     g = torch.Generator().manual_seed(61)
-    for qt in (_random_packed(n, k, fmt, seed=62), _pack(n, k, fmt, seed=63)[1]):
+    # random codes / scales (up to 2^20) only under bf16: their products overflow fp16's range (65504), so the
+    # fp16 case takes quantized weights, as the words kernels' fp16 GPU test does
+    qts = [_pack(n, k, fmt, seed=63)[1]] + ([_random_packed(n, k, fmt, seed=62)] if dtype == torch.bfloat16 else [])
+    for qt in qts:
         bias = torch.randn(n, generator=g)
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, bias, fmt, k)]
         for m, (bn, w, st), split in [(1, (32, 1, 3), None), (3, (16, 1, 2), 3), (16, (64, 4, 3), 2),
