@@ -46,6 +46,8 @@ PACKED_GRID = {2: [(2, 2, 128, 128, False), (2, 2, 128, 128, True), (2, 2, 128, 
 COMBINE = __import__("os").environ.get("PROBE_COMBINE") == "1"
 COMBINE_GRID = [("old", 32, 1024, False), ("chunks", 32, 32, False), ("chunks s128", 128, 32, False),
                 ("chunks s128 pdl", 128, 32, True)] * 2
+if __import__("os").environ.get("PROBE_COMBINE16") == "1":  # session 15: 16 channels per program (256 programs)
+    COMBINE_GRID = [("chunks s128", 128, 32, False), ("chunks16 s128", 128, 16, False)] * 2
 
 
 def combine_sweep(res, lines, q, kv, sdpa) -> None:
@@ -79,10 +81,22 @@ VSWORD = __import__("os").environ.get("PROBE_VSWORD") == "1"
 VSWORD_GRID = {2: [(2, 2, 128, 128, True, False), (2, 2, 128, 128, True, True)] * 2 + [(2, 2, 128, 0, True, True),
                                                                                      (1, 2, 128, 0, True, True)],
                4: [(1, 2, 128, 0, True, False), (1, 2, 128, 0, True, True)] * 2 + [(2, 2, 128, 0, True, True)]}
+# PROBE_W1=1 (session 15): one warp per program for 2-bit without the 128-register cap. The session-14 1-warp
+# point (67.7 us) kept the default's maxnreg 128 and spilled; offline sm_90 (triton 3.6), loop instructions per
+# 32-token tile: 2 warps capped 2 x 794 = 1588 (q reloaded from shared memory every tile), 1 warp uncapped
+# 1232 (255 registers, 8 programs per SM), capped at 192: 1270 (10 per SM). maxnreg -1: no cap.
+W1 = __import__("os").environ.get("PROBE_W1") == "1"
+W1_COMBINE16 = __import__("os").environ.get("PROBE_COMBINE16") == "1"
+W1_GRID = {2: [(2, 2, 128, 0, True, True), (1, 2, 128, -1, True, True), (1, 3, 128, -1, True, True),
+               (1, 2, 128, 192, True, True), (1, 2, 160, 192, True, True), (1, 2, 128, 168, True, True),
+               (1, 2, 192, 168, True, True), (1, 2, 96, -1, True, True), (2, 2, 128, -1, True, True),
+               (2, 2, 128, 0, True, True), (1, 2, 128, -1, True, True)],
+           4: [(1, 2, 128, 0, True, True), (1, 3, 128, 0, True, True), (1, 2, 128, 192, True, True),
+               (1, 2, 160, 192, True, True), (1, 2, 128, 0, True, True)]}
 
 
 def main() -> None:
-    res = Results("probe_kivi_vsword" if VSWORD else "probe_kivi_combine" if COMBINE else "probe_kivi_packed" if PACKED else
+    res = Results("probe_kivi_w1" if W1 else "probe_kivi_combine16" if COMBINE and W1_COMBINE16 else "probe_kivi_vsword" if VSWORD else "probe_kivi_combine" if COMBINE else "probe_kivi_packed" if PACKED else
                   "probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]))
     lines = ["| impl | warps | stages | splits | maxnreg | us | x SDPA | rel err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
     B, HQ, HKV, S, D = 1, 32, 8, 32768, 128
@@ -95,7 +109,7 @@ def main() -> None:
     lines.append(f"| sdpa | | | | | {sdpa:.2f} | 1.00 | |")
     if COMBINE:
         combine_sweep(res, lines, q, kv, sdpa)
-    for bits, grid in ({} if COMBINE else VSWORD_GRID if VSWORD else PACKED_GRID if PACKED else GRID).items():
+    for bits, grid in ({} if COMBINE else W1_GRID if W1 else VSWORD_GRID if VSWORD else PACKED_GRID if PACKED else GRID).items():
         caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=SCALES) for a, b in kv]
         kd, vd = kivi_dequantize(caches[0])
         ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)
@@ -103,14 +117,16 @@ def main() -> None:
         plain = None  # PACKED: the output of the first unpacked config, which packed ones must equal bit for bit
         for w, st, splits, mr, *pk in grid:
             cfg = dict(base, num_warps=w, num_stages=st)
-            if mr:
+            if mr > 0:
                 cfg["maxnreg"] = mr
+            elif mr < 0:
+                cfg.pop("maxnreg", None)
             if pk:
                 cfg["PACKED"] = pk[0]
             if len(pk) > 1:
                 cfg["VS_WORD"] = pk[1]
             name = (f"kivi{bits}{'' if SCALES == torch.bfloat16 else '_' + str(SCALES).split('.')[-1]}[w{w} s{st} sp{splits}"
-                    + (f" r{mr}" if mr else "") + (" packed" if pk and pk[0] else "")
+                    + (f" r{mr}" if mr > 0 else " nocap" if mr < 0 else "") + (" packed" if pk and pk[0] else "")
                     + (" vsword" if len(pk) > 1 and pk[1] else "") + "]")
             try:
                 o = kivi_decode_attention(q, caches[0], blocks=dict(cfg), num_splits=splits)
