@@ -94,9 +94,20 @@ W1_GRID = {2: [(2, 2, 128, 0, True, True), (1, 2, 128, -1, True, True), (1, 3, 1
            4: [(1, 2, 128, 0, True, True), (1, 3, 128, 0, True, True), (1, 2, 128, 192, True, True),
                (1, 2, 160, 192, True, True), (1, 2, 128, 0, True, True)]}
 
+# PROBE_KSWORD=1 (session 15): KS_WORD, a plane's key scales / mins read as int32 channel pairs. ncu of the
+# one-warp 2-bit point above: long-scoreboard stalls 4.1 per issued instruction (0.7 for the defaults), from
+# 8 plain 2-byte key-scale loads a tile (cp.async needs 4 bytes a thread). Offline sm_90: one warp 1232 ->
+# 1212 loop instructions, no plain loads left, 230 registers; 2 warps 794 -> 835; 4-bit 1355 -> 1321.
+# (warps, stages, splits, maxnreg (0: the default's, -1: none), PACKED, VS_WORD, KS_WORD)
+KSWORD = __import__("os").environ.get("PROBE_KSWORD") == "1"
+KSWORD_GRID = {2: [(2, 2, 128, 0, True, True, False), (1, 2, 128, -1, True, True, True), (2, 2, 128, 0, True, True, True),
+                   (1, 3, 128, -1, True, True, True), (1, 2, 96, -1, True, True, True), (1, 2, 64, -1, True, True, True),
+                   (2, 2, 128, 0, True, True, False), (1, 2, 128, -1, True, True, True)],
+               4: [(1, 2, 128, 0, True, True, False), (1, 2, 128, 0, True, True, True)] * 2}
+
 
 def main() -> None:
-    res = Results("probe_kivi_w1" if W1 else "probe_kivi_combine16" if COMBINE and W1_COMBINE16 else "probe_kivi_vsword" if VSWORD else "probe_kivi_combine" if COMBINE else "probe_kivi_packed" if PACKED else
+    res = Results("probe_kivi_ksword" if KSWORD else "probe_kivi_w1" if W1 else "probe_kivi_combine16" if COMBINE and W1_COMBINE16 else "probe_kivi_vsword" if VSWORD else "probe_kivi_combine" if COMBINE else "probe_kivi_packed" if PACKED else
                   "probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]))
     lines = ["| impl | warps | stages | splits | maxnreg | us | x SDPA | rel err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
     B, HQ, HKV, S, D = 1, 32, 8, 32768, 128
@@ -109,7 +120,7 @@ def main() -> None:
     lines.append(f"| sdpa | | | | | {sdpa:.2f} | 1.00 | |")
     if COMBINE:
         combine_sweep(res, lines, q, kv, sdpa)
-    for bits, grid in ({} if COMBINE else W1_GRID if W1 else VSWORD_GRID if VSWORD else PACKED_GRID if PACKED else GRID).items():
+    for bits, grid in ({} if COMBINE else KSWORD_GRID if KSWORD else W1_GRID if W1 else VSWORD_GRID if VSWORD else PACKED_GRID if PACKED else GRID).items():
         caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=SCALES) for a, b in kv]
         kd, vd = kivi_dequantize(caches[0])
         ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)
@@ -125,13 +136,22 @@ def main() -> None:
                 cfg["PACKED"] = pk[0]
             if len(pk) > 1:
                 cfg["VS_WORD"] = pk[1]
+            if len(pk) > 2:
+                cfg["KS_WORD"] = pk[2]
             name = (f"kivi{bits}{'' if SCALES == torch.bfloat16 else '_' + str(SCALES).split('.')[-1]}[w{w} s{st} sp{splits}"
                     + (f" r{mr}" if mr > 0 else " nocap" if mr < 0 else "") + (" packed" if pk and pk[0] else "")
-                    + (" vsword" if len(pk) > 1 and pk[1] else "") + "]")
+                    + (" vsword" if len(pk) > 1 and pk[1] else "") + (" ksword" if len(pk) > 2 and pk[2] else "") + "]")
             try:
                 o = kivi_decode_attention(q, caches[0], blocks=dict(cfg), num_splits=splits)
                 err = rel_err(o, ref)
-                if pk and (not pk[0] or VSWORD and not pk[1]) and plain is None:
+                if KSWORD:  # every config against the first (the default): the same bits
+                    if plain is None:
+                        plain = (splits, o.clone())
+                    elif plain[0] == splits:  # (other splits: other partial sums)
+                        diff = (o.float() - plain[1].float()).abs().max().item()
+                        res.add("kv_decode_32k", name, "max_abs_diff_vs_reference", diff, "abs")
+                        print(name, "max |diff| vs the default", diff, flush=True)
+                elif pk and (not pk[0] or VSWORD and not pk[1]) and plain is None:
                     plain = (splits, o.clone())
                 elif pk and (pk[0] if not VSWORD else pk[1]) and plain is not None and plain[0] == splits:
                     diff = (o.float() - plain[1].float()).abs().max().item()

@@ -3,9 +3,16 @@ heads, head dim 128, 32K tokens, bf16, bf16 scales; 2-bit and 4-bit, default con
 ``ncu --clock-control none -k regex:kivi --set full python benchmarks/profile_kivi.py``."""
 from __future__ import annotations
 
+import os
+
 import torch
 from fxforge.passes.quant.kv import kivi_quantize
-from fxforge.runtime.kivi_attention import kivi_decode_attention
+from fxforge.runtime.kivi_attention import kivi_configs, kivi_decode_attention
+
+# PROFILE_W1=1 (session 15): 2-bit, the default (2 warps, 128 registers) then one warp without the register
+# cap (probe_kivi_w1: 48 us against 29.5, with fewer loop instructions offline), then the 4-bit default (one
+# warp, no cap: 29.5 us), 128 splits each
+W1 = os.environ.get("PROFILE_W1") == "1"
 
 
 def main() -> None:
@@ -15,8 +22,10 @@ def main() -> None:
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     for bits in (2, 4):
         cache = kivi_quantize(k, v, bits=bits, group=32, residual=32, scale_dtype=torch.bfloat16)
-        for _ in range(2):
-            kivi_decode_attention(q, cache)
+        base = kivi_configs(1, HQ, HKV, D, 32, False, bits=bits, v_group=32)[0]
+        w1 = {key: val for key, val in base.items() if key != "maxnreg"} | {"num_warps": 1}
+        for cfg in ([base, w1] if W1 and bits == 2 else [base] if W1 else [None, None]):
+            kivi_decode_attention(q, cache, blocks=cfg, num_splits=128 if W1 else None)
         torch.cuda.synchronize()
         print("bits", bits, flush=True)
 

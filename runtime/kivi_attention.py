@@ -86,19 +86,27 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     # Session 15 (results/probe_kivi_vsword.md): VS_WORD (a token's 4 value scales / mins as one int64 each,
     # same output bits) 2-bit 33.7 -> 29.2 us, 4-bit 33.9 -> 28.9 (SDPA 50.4): on for every FAST config (the
     # launch drops it unless 2-byte scales and 4 value groups per token, see _vs_word_ok).
+    # Session 15 (results/probe_kivi_ksword.md): KS_WORD (a plane's key scales / mins as int32 channel pairs:
+    # 4-byte cp.async loads for one-warp programs instead of 2-byte plain loads the loop waited on; ncu:
+    # long-scoreboard stalls 4.1 -> 0.7 per instruction) made 2-bit D = 128 on one warp without a register
+    # cap (1212 loop instructions per tile against 2 x 794 for 2 warps) the fastest: 29.4 -> 25.8 us (2.0x
+    # SDPA 51.6); 4-bit even (29.1-30.5 vs 29.2-29.3). On for every FAST config (dropped unless 2-byte,
+    # contiguous, aligned scales: _ks_word_ok). Its outputs can differ from 2-byte loads by 1 ulp in a few
+    # elements on the GPU (4-bit: 1 of 4096): the compiler's fma contraction of m + MID·s follows the layout.
     if fast:
         first = (group, 2, 3, False, 0) if bits == 2 else (group, 1, 2, False, 0)
         cands = [first, (group, 1, 2, False, 0), (group, 2, 3, False, 0), (group, 4, 2, False, 0),
                  (group, 4, 3, True, 0)]
         if bits == 2 and d == 128:
             cands.insert(0, (group, 2, 2, False, 128))
+            cands.insert(0, (group, 1, 2, False, 0))
     else:
         cands = [(64 if head < 256 else 32, 4, 2, False, 0), (32, 4, 2, False, 0)]
     out = []
     for bn, w, st, vf, regs in cands:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FAST": fast, "num_warps": w, "num_stages": st}
         if fast:
-            cfg.update(K_FOLD=False, V_FOLD=vf, PACKED=True, VS_WORD=True)
+            cfg.update(K_FOLD=False, V_FOLD=vf, PACKED=True, VS_WORD=True, KS_WORD=True)
         if regs:
             cfg["maxnreg"] = regs
         if cfg not in out:
@@ -214,6 +222,13 @@ def _vs_word_ok(vs: torch.Tensor, vm: torch.Tensor, d: int, v_group: int) -> boo
             and vs.data_ptr() % 8 == 0 and vm.data_ptr() % 8 == 0)
 
 
+def _ks_word_ok(ks: torch.Tensor, km: torch.Tensor, d: int, bits: int) -> bool:
+    """KS_WORD (a plane's key scales / mins read as int32 pairs of channels) needs 2-byte scales, channels
+    contiguous, every plane's first channel 4-byte aligned (even strides, D / (8 / bits) even)."""
+    return (ks.element_size() == 2 and ks.stride(3) == 1 and all(st % 2 == 0 for st in ks.stride()[:3])
+            and (d // (8 // bits)) % 2 == 0 and ks.data_ptr() % 4 == 0 and km.data_ptr() % 4 == 0)
+
+
 def _interpreted(q) -> bool:
     return q.device.type == "cpu"
 
@@ -251,7 +266,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     if fast:
         cfg["BLOCK_N"] = cache.group
     else:  # options of the FAST path only
-        cfg.pop("K_FOLD", None), cfg.pop("V_FOLD", None), cfg.pop("VS_WORD", None)
+        cfg.pop("K_FOLD", None), cfg.pop("V_FOLD", None), cfg.pop("VS_WORD", None), cfg.pop("KS_WORD", None)
     if interpreter_active() and not interpreted:  # CUDA tensors under TRITON_INTERPRET=1: no inline PTX there
         cfg["PACKED"] = False
     cfg.pop("PDL", None)  # set below, from the device
@@ -266,6 +281,8 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     vs, vm = _pair_strides(cache.v_scale, cache.v_min)
     if cfg.get("VS_WORD") and not _vs_word_ok(vs, vm, D, cache.v_group):
         cfg["VS_WORD"] = False  # the template's 2-byte loads per group instead
+    if cfg.get("KS_WORD") and not _ks_word_ok(ks, km, D, cache.bits):
+        cfg["KS_WORD"] = False
     kc, vc, kr, vr = cache.k_codes, cache.v_codes, cache.k_residual, cache.v_residual
     out_bf16 = out.dtype == torch.bfloat16
     dot = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[q.dtype]

@@ -174,6 +174,23 @@ def test_value_scales_read_as_words_give_the_same_bits(bits, d, v_group, scale_d
     check(outs[1], q, cache)
 
 
+@pytest.mark.parametrize("bits,d,scale_dtype", [(2, 128, torch.bfloat16), (4, 128, torch.float16), (2, 64, torch.bfloat16),
+                                                (4, 64, torch.float32)])
+def test_key_scales_read_as_words_give_the_same_bits(bits, d, scale_dtype):
+    """KS_WORD (a plane's key scales / mins read as int32 pairs of channels, halves split by shifts and
+    interleaved back) gives the same output bits as the 2-byte loads; with fp32 scales the launch drops it.
+    A strided scale tensor (channels not contiguous) is not eligible either."""
+    from fxforge.runtime.kivi_attention import _ks_word_ok
+    torch.manual_seed(bits + d + 1)
+    q, cache = make(1, 8, 2, 1, 5 * 32 + 7, d, bits, 32, 32, torch.bfloat16, scale_dtype=scale_dtype)
+    assert _ks_word_ok(cache.k_scale, cache.k_min, d, bits) == (scale_dtype != torch.float32)
+    assert not _ks_word_ok(cache.k_scale.transpose(2, 3).contiguous().transpose(2, 3), cache.k_min, d, bits)
+    base = {"BLOCK_M": 16, "BLOCK_N": 32, "HEAD_DIM": d, "FAST": True}
+    outs = [kivi_decode_attention(q, cache, num_splits=2, blocks=dict(base, KS_WORD=w)) for w in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+    check(outs[1], q, cache)
+
+
 def test_fast_path_eligibility():
     from fxforge.runtime.kivi_attention import fast_path
     assert fast_path(128, 2, 32, 32) == {"W": 32, "NACC": 4}
@@ -240,7 +257,7 @@ def test_device_lengths_and_residual_ring(fast):
 def test_configs():
     cfg = kivi_configs(1, 32, 8, 128, 32, interpreted=False)
     assert cfg[0]["BLOCK_M"] == 16 and cfg[0]["HEAD_DIM"] == 128 and cfg[0]["FAST"] and cfg[0]["BLOCK_N"] == 32
-    assert cfg[0]["num_warps"] == 2 and kivi_configs(1, 32, 8, 128, 32, False, bits=4)[0]["num_warps"] == 1
+    assert cfg[0]["num_warps"] == 1 and kivi_configs(1, 32, 8, 128, 32, False, bits=4)[0]["num_warps"] == 1
     assert not cfg[-1]["FAST"]  # the GENERAL path stays a candidate
     assert all(not c["FAST"] for c in kivi_configs(1, 8, 8, 80, 24, interpreted=False))
     assert kivi_configs(3, 8, 2, 80, 24, interpreted=True) == [{"BLOCK_M": 16, "BLOCK_N": 16, "HEAD_DIM": 128,
@@ -258,8 +275,11 @@ def test_configs():
     # a register cap sets the programs per SM from the register file: 2 warps x 128 registers -> 8
     want = -(-8 * sms // 8)
     assert auto_splits(32736, 8, 32, torch.device("cpu"), 2, 128) == 1 << (want.bit_length() - 1)
-    assert cfg[0].get("maxnreg") == 128 and cfg[0]["num_stages"] == 2  # 2-bit, D = 128 default
-    assert "maxnreg" not in kivi_configs(1, 32, 8, 64, 32, False)[0]  # other head dims: not measured
+    # 2-bit, D = 128: one warp, no register cap, key scales as words (session 15); then 2 warps capped at 128
+    assert "maxnreg" not in cfg[0] and cfg[0]["num_stages"] == 2 and cfg[0]["KS_WORD"] and cfg[0]["VS_WORD"]
+    assert cfg[1]["num_warps"] == 2 and cfg[1].get("maxnreg") == 128
+    other = kivi_configs(1, 32, 8, 64, 32, False)[0]  # other head dims: not measured
+    assert "maxnreg" not in other and other["num_warps"] == 2
 
 
 def _bad(**changes):
@@ -392,7 +412,8 @@ PACKED_CASES = [  # (B, Hq, Hkv, Tq, S, D, G, Gv), q dtype, scale dtype
                          ids=lambda c: "B{}H{}kv{}q{}S{}d{}g{}gv{}".format(*c) if isinstance(c, tuple) else str(c))
 def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     """PACKED (the FAST path's bit planes decoded by inline PTX in packed 16-bit pairs), alone and with
-    VS_WORD (value scales read as one int64 per token), gives the same output bits as the per-code decode,
+    VS_WORD (value scales read as one int64 per token) and KS_WORD (key scales as int32 channel pairs), gives
+    the same output bits as the per-code decode,
     for the first two FAST configs of kivi_configs (the defaults), with
     automatic and explicit splits; and both stay within the error bound against float64 SDPA over the
     dequantized cache. Shapes: D 64 / 128 / 256, groups 16 / 32 / 64, GQA 1-8, Tq 1-16; q bf16 / fp16;
@@ -413,13 +434,20 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     for cfg in fast[:2]:
         for ns in (None, 3):
             outs = []
-            for packed, vs_word in ((False, False), (True, False), (True, True)):
+            for packed, vs_word, ks_word in ((False, False, False), (True, False, False), (True, True, False),
+                                             (True, True, True)):
                 out = torch.full_like(q, float("nan"))
-                launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg, PACKED=packed, VS_WORD=vs_word))
-                assert rel_err(out, ref) <= floor, (cfg, ns, packed, vs_word)
+                launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg, PACKED=packed, VS_WORD=vs_word, KS_WORD=ks_word))
+                assert rel_err(out, ref) <= floor, (cfg, ns, packed, vs_word, ks_word)
                 outs.append(out)
             assert torch.equal(outs[0], outs[1]), (cfg, ns, (outs[0] - outs[1]).abs().max().item())
             assert torch.equal(outs[0], outs[2]), (cfg, ns, "VS_WORD", (outs[0] - outs[2]).abs().max().item())
+            # KS_WORD: the same scale values, but the compiler's fma contraction of m + MID·s follows the
+            # layout they arrive in, so a few outputs may move by an ulp (a wrong scale would move all of them)
+            # (an output near zero may move by more than its own ulp: the bound is on the largest output's ulp)
+            ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+            ks_diff = (outs[3].double() - outs[2].double()).abs().max().item()
+            assert ks_diff <= 4 * ulp * outs[2].double().abs().max().item(), (cfg, ns, "KS_WORD", ks_diff)
 
 
 @pytest.mark.gpu

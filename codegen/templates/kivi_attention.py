@@ -142,6 +142,12 @@ def _half_of(w, j: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
+def _word_pairs(w, dtype: tl.constexpr):
+    """int32 words [n] -> their 2-byte halves [2n] as dtype, low half first (KS_WORD's key scales)."""
+    return tl.reshape(tl.join(_half_of(w, 0, dtype), _half_of(w, 1, dtype)), [2 * w.shape[0]])
+
+
+@triton.jit
 def _scale_ops(sc, mn, MID: tl.constexpr, DOT: tl.constexpr):
     """GPU bf16 / fp16 dots: (s, m + MID·s) in the dot dtype, so that c - MID (exact in the dot dtype)
     times s plus m + MID·s is the dequantized operand (bf16 scales with bf16 q: m + MID·s in bf16 and the
@@ -292,13 +298,16 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
                ks_sg, ks_sd, vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, qk_scale,
                BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, DP: tl.constexpr, W: tl.constexpr,
                DOT: tl.constexpr, INTERPRETED: tl.constexpr, K_FOLD: tl.constexpr, V_FOLD: tl.constexpr,
-               PACKED: tl.constexpr = False, VS_WORD: tl.constexpr = False):
+               PACKED: tl.constexpr = False, VS_WORD: tl.constexpr = False, KS_WORD: tl.constexpr = False):
     """The G tokens [t0, t0 + G) of one key group (always all in range: NQ is a multiple of G).
     K_FOLD: key scales folded into q (q∘s per plane, the mins one per-row term) instead of dequantizing
     every key element; V_FOLD: value scales folded into P per token (P∘s per chunk, mins per row).
     PACKED (GPU, bf16 / fp16 dots, no folds): the planes decoded in packed 16-bit pairs (_planes_packed).
     VS_WORD (2-byte value scales, 4 groups per token stored contiguously, 8-byte aligned): each token's
-    scales and mins read as one int64 each instead of 2-byte loads per group."""
+    scales and mins read as one int64 each instead of 2-byte loads per group. KS_WORD (2-byte key scales,
+    channels contiguous, 4-byte aligned): a plane's key scales and mins read as int32 pairs of channels, so
+    that a one-warp program's loads are 4 bytes a thread (cp.async-pipelined) rather than 2 (plain loads
+    the loop waits on)."""
     PER: tl.constexpr = 8 // BITS
     MID: tl.constexpr = ((1 << BITS) - 1) / 2
     PACK: tl.constexpr = PACKED and not INTERPRETED and DOT != 0 and not K_FOLD and not V_FOLD
@@ -315,8 +324,13 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
     qm = tl.zeros([q0.shape[0], DP], dtype=tl.float32)
     for i in tl.static_range(PER):
         offs_c = i * DP + offs_j
-        k_sc = tl.load(ks_base + g * ks_sg + offs_c * ks_sd)  # storage dtype: _dequant converts
-        k_mn = tl.load(km_base + g * ks_sg + offs_c * ks_sd)
+        if KS_WORD:
+            ks_w = (g * ks_sg + i * DP) // 2 + tl.arange(0, DP // 2)
+            k_sc = _word_pairs(tl.load(ks_base.to(tl.pointer_type(tl.int32)) + ks_w), ks_base.dtype.element_ty)
+            k_mn = _word_pairs(tl.load(km_base.to(tl.pointer_type(tl.int32)) + ks_w), km_base.dtype.element_ty)
+        else:
+            k_sc = tl.load(ks_base + g * ks_sg + offs_c * ks_sd)  # storage dtype: _dequant converts
+            k_mn = tl.load(km_base + g * ks_sg + offs_c * ks_sd)
         qi = _pick(i, q0, q1, q2, q3)
         if K_FOLD:  # q·k = (q∘s)·(c - MID) + q·(m + MID·s)
             q32 = qi.to(tl.float32)
@@ -479,7 +493,7 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, LEN
                               SINGLE: tl.constexpr, OUT_BF16: tl.constexpr, DOT: tl.constexpr,
                               HAS_LENS: tl.constexpr, INTERPRETED: tl.constexpr, K_FOLD: tl.constexpr = False,
                               V_FOLD: tl.constexpr = False, PACKED: tl.constexpr = False, PDL: tl.constexpr = False,
-                              VS_WORD: tl.constexpr = False):
+                              VS_WORD: tl.constexpr = False, KS_WORD: tl.constexpr = False):
     if not SINGLE:  # the combine kernel (launched with PDL) may be scheduled now; it waits for this grid
         _pdl_launch_dependents(PDL)
     PER: tl.constexpr = 8 // BITS
@@ -539,7 +553,7 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, LEN
             acc0, acc1, acc2, acc3, l_i, m_i = _fast_step(
                 acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st, kc_sj, ks_base, km_base, ks_sg,
                 ks_sd, vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, qk_scale, BITS, G, GV, DP, W,
-                DOT, INTERPRETED, K_FOLD, V_FOLD, PACKED, VS_WORD)
+                DOT, INTERPRETED, K_FOLD, V_FOLD, PACKED, VS_WORD, KS_WORD)
     else:
         full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # only the chunk's last block is ragged
         for t0 in range(lo, full_end, BLOCK_N):
