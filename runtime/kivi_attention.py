@@ -224,9 +224,11 @@ def _vs_word_ok(vs: torch.Tensor, vm: torch.Tensor, d: int, v_group: int) -> boo
 
 def _ks_word_ok(ks: torch.Tensor, km: torch.Tensor, d: int, bits: int) -> bool:
     """KS_WORD (a plane's key scales / mins read as int32 pairs of channels) needs 2-byte scales, channels
-    contiguous, every plane's first channel 4-byte aligned (even strides, D / (8 / bits) even)."""
+    contiguous, every plane's first channel 4-byte aligned (even strides), and at least 32 channels per plane
+    (16 words): with 8 words (2-bit, D = 64) on two warps triton 3.6's GPU code was wrong (GPU test
+    test_packed_plane_decode_is_bit_identical, session 15; the interpreter was right), so those fall back."""
     return (ks.element_size() == 2 and ks.stride(3) == 1 and all(st % 2 == 0 for st in ks.stride()[:3])
-            and (d // (8 // bits)) % 2 == 0 and ks.data_ptr() % 4 == 0 and km.data_ptr() % 4 == 0)
+            and d // (8 // bits) >= 32 and ks.data_ptr() % 4 == 0 and km.data_ptr() % 4 == 0)
 
 
 def _interpreted(q) -> bool:
