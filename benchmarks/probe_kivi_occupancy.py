@@ -105,9 +105,18 @@ KSWORD_GRID = {2: [(2, 2, 128, 0, True, True, False), (1, 2, 128, -1, True, True
                    (2, 2, 128, 0, True, True, False), (1, 2, 128, -1, True, True, True)],
                4: [(1, 2, 128, 0, True, True, False), (1, 2, 128, 0, True, True, True)] * 2}
 
+# PROBE_VPAIRS=1 (session 15, built after the device budget ran out): V_PAIRS, the value dequant fma as explicit
+# fma.rn.bf16x2 on token pairs (_fma_token_pairs) instead of the plain expression, which LLVM vectorizes over
+# channel pairs and re-pairs with PRMTs. Offline sm_90: 2-bit default (one warp) 1212 -> 1176 loop
+# instructions per tile (PRMT 184 -> 133), 4-bit 1321 -> 1278. A B A B against the defaults.
+# (warps, stages, splits, maxnreg, PACKED, VS_WORD, KS_WORD, V_PAIRS)
+VPAIRS = __import__("os").environ.get("PROBE_VPAIRS") == "1"
+VPAIRS_GRID = {2: [(1, 2, 128, -1, True, True, True, False), (1, 2, 128, -1, True, True, True, True)] * 2,
+               4: [(1, 2, 128, 0, True, True, True, False), (1, 2, 128, 0, True, True, True, True)] * 2}
+
 
 def main() -> None:
-    res = Results("probe_kivi_ksword" if KSWORD else "probe_kivi_w1" if W1 else "probe_kivi_combine16" if COMBINE and W1_COMBINE16 else "probe_kivi_vsword" if VSWORD else "probe_kivi_combine" if COMBINE else "probe_kivi_packed" if PACKED else
+    res = Results("probe_kivi_vpairs" if VPAIRS else "probe_kivi_ksword" if KSWORD else "probe_kivi_w1" if W1 else "probe_kivi_combine16" if COMBINE and W1_COMBINE16 else "probe_kivi_vsword" if VSWORD else "probe_kivi_combine" if COMBINE else "probe_kivi_packed" if PACKED else
                   "probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]))
     lines = ["| impl | warps | stages | splits | maxnreg | us | x SDPA | rel err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
     B, HQ, HKV, S, D = 1, 32, 8, 32768, 128
@@ -120,7 +129,7 @@ def main() -> None:
     lines.append(f"| sdpa | | | | | {sdpa:.2f} | 1.00 | |")
     if COMBINE:
         combine_sweep(res, lines, q, kv, sdpa)
-    for bits, grid in ({} if COMBINE else KSWORD_GRID if KSWORD else W1_GRID if W1 else VSWORD_GRID if VSWORD else PACKED_GRID if PACKED else GRID).items():
+    for bits, grid in ({} if COMBINE else VPAIRS_GRID if VPAIRS else KSWORD_GRID if KSWORD else W1_GRID if W1 else VSWORD_GRID if VSWORD else PACKED_GRID if PACKED else GRID).items():
         caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=SCALES) for a, b in kv]
         kd, vd = kivi_dequantize(caches[0])
         ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)
@@ -138,13 +147,16 @@ def main() -> None:
                 cfg["VS_WORD"] = pk[1]
             if len(pk) > 2:
                 cfg["KS_WORD"] = pk[2]
+            if len(pk) > 3:
+                cfg["V_PAIRS"] = pk[3]
             name = (f"kivi{bits}{'' if SCALES == torch.bfloat16 else '_' + str(SCALES).split('.')[-1]}[w{w} s{st} sp{splits}"
                     + (f" r{mr}" if mr > 0 else " nocap" if mr < 0 else "") + (" packed" if pk and pk[0] else "")
-                    + (" vsword" if len(pk) > 1 and pk[1] else "") + (" ksword" if len(pk) > 2 and pk[2] else "") + "]")
+                    + (" vsword" if len(pk) > 1 and pk[1] else "") + (" ksword" if len(pk) > 2 and pk[2] else "")
+                    + (" vpairs" if len(pk) > 3 and pk[3] else "") + "]")
             try:
                 o = kivi_decode_attention(q, caches[0], blocks=dict(cfg), num_splits=splits)
                 err = rel_err(o, ref)
-                if KSWORD:  # every config against the first (the default): the same bits
+                if KSWORD or VPAIRS:  # every config against the first (the default): the same bits
                     if plain is None:
                         plain = (splits, o.clone())
                     elif plain[0] == splits:  # (other splits: other partial sums)

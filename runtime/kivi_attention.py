@@ -269,6 +269,7 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
         cfg["BLOCK_N"] = cache.group
     else:  # options of the FAST path only
         cfg.pop("K_FOLD", None), cfg.pop("V_FOLD", None), cfg.pop("VS_WORD", None), cfg.pop("KS_WORD", None)
+        cfg.pop("V_PAIRS", None)
     if interpreter_active() and not interpreted:  # CUDA tensors under TRITON_INTERPRET=1: no inline PTX there
         cfg["PACKED"] = False
     cfg.pop("PDL", None)  # set below, from the device

@@ -413,8 +413,8 @@ PACKED_CASES = [  # (B, Hq, Hkv, Tq, S, D, G, Gv), q dtype, scale dtype
                          ids=lambda c: "B{}H{}kv{}q{}S{}d{}g{}gv{}".format(*c) if isinstance(c, tuple) else str(c))
 def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     """PACKED (the FAST path's bit planes decoded by inline PTX in packed 16-bit pairs), alone and with
-    VS_WORD (value scales read as one int64 per token) and KS_WORD (key scales as int32 channel pairs), gives
-    the same output bits as the per-code decode,
+    VS_WORD (value scales read as one int64 per token), KS_WORD (key scales as int32 channel pairs) and
+    V_PAIRS (the value fma in explicit token-pair PTX), gives the same output bits as the per-code decode,
     for the first two FAST configs of kivi_configs (the defaults), with
     automatic and explicit splits; and both stay within the error bound against float64 SDPA over the
     dequantized cache. Shapes: D 64 / 128 / 256, groups 16 / 32 / 64, GQA 1-8, Tq 1-16; q bf16 / fp16;
@@ -435,11 +435,13 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     for cfg in fast[:2]:
         for ns in (None, 3):
             outs = []
-            for packed, vs_word, ks_word in ((False, False, False), (True, False, False), (True, True, False),
-                                             (True, True, True)):
+            for packed, vs_word, ks_word, v_pairs in ((False, False, False, False), (True, False, False, False),
+                                                      (True, True, False, False), (True, True, True, False),
+                                                      (True, True, True, True)):
                 out = torch.full_like(q, float("nan"))
-                launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg, PACKED=packed, VS_WORD=vs_word, KS_WORD=ks_word))
-                assert rel_err(out, ref) <= floor, (cfg, ns, packed, vs_word, ks_word)
+                launch(k1, k2, q, cache, out, D ** -0.5, ns,
+                       dict(cfg, PACKED=packed, VS_WORD=vs_word, KS_WORD=ks_word, V_PAIRS=v_pairs))
+                assert rel_err(out, ref) <= floor, (cfg, ns, packed, vs_word, ks_word, v_pairs)
                 outs.append(out)
             assert torch.equal(outs[0], outs[1]), (cfg, ns, (outs[0] - outs[1]).abs().max().item())
             assert torch.equal(outs[0], outs[2]), (cfg, ns, "VS_WORD", (outs[0] - outs[2]).abs().max().item())
@@ -449,6 +451,10 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
             ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
             ks_diff = (outs[3].double() - outs[2].double()).abs().max().item()
             assert ks_diff <= 4 * ulp * outs[2].double().abs().max().item(), (cfg, ns, "KS_WORD", ks_diff)
+            # V_PAIRS: the value fma as explicit fma.rn.{bf16,f16}x2 on token pairs -- the HFMA2 the plain
+            # expression compiles to, so the same bits wherever the compiler contracted it (bound as KS_WORD)
+            vp_diff = (outs[4].double() - outs[3].double()).abs().max().item()
+            assert vp_diff <= 4 * ulp * outs[3].double().abs().max().item(), (cfg, ns, "V_PAIRS", vp_diff)
 
 
 @pytest.mark.gpu

@@ -2,8 +2,11 @@
 # integer weight W [N, K] -- the w4a16 family (uint4 + zero point, 16/32-bit float scales per group of 32 /
 # 64 / 128) and nvint4 (int4, E4M3 scales per 16, tensor scale) -- codes packed by passes/quant/formats.py
 # (byte j of a row: element 2j in bits 0-3, element 2j + 1 in bits 4-7); x in BLOCK_M-row tiles (16 for the
-# GEMV, 64 above). Loaded by runtime/quant_linear.py for PLANES configs (opt-in until timed: probe rounds
-# benchmarks/probe_gemv_words.py PROBE_PLANES=1 at M = 1, probe_gemm_m64.py PROBE_PLANES=1 at M = 64).
+# GEMV, 64 above). Loaded by runtime/quant_linear.py for PLANES configs (opt-in).
+# H100 (session 15; results/probe_gemv_planes.md, probe_gemm_m64_planes.md): slower than the defaults at every
+# point, despite ~half the loop instructions: M = 1, 4096 x 14336 w4a16 g128 best 19.1 us vs the words GEMV's
+# 17.6 (4096^2: 9.8 vs 7.0), nvint4 / mxfp4 / nvfp4 23-24 vs 18.4-21.3; M = 64 (4096^2) 15.1-16.5 vs the
+# SWAP defaults' 14.4-15.1. So it stays opt-in: a tested tensor-core 4-bit path, not a default anywhere.
 #
 # Kernel
 #   dequant_gemv_planes   "Swap AB": out^T [BLOCK_N weight rows, BLOCK_M rows of x] accumulated in fp32 by
@@ -32,7 +35,7 @@
 #                         the words GEMV 5.4; nvint4 32-64 byte steps 4.4-4.9; BLOCK_M 64: w4a16 5.7-6.4.
 #
 # Bytes model: as the words GEMV (runtime/quant_linear.py bytes_model): 4096 x 14336, w4a16 g128, M = 1:
-# 30.7 MB of codes, scales and zero points -> 10.3 us at 3.0 TB/s. Not yet timed on the GPU.
+# 30.7 MB of codes, scales and zero points -> 10.3 us at 3.0 TB/s (measured: 19.1 us best, see above).
 import triton
 import triton.language as tl
 from fxforge.codegen.quant_helpers import asm_byte_planes as _asm_byte_planes

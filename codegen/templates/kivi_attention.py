@@ -32,10 +32,18 @@
 #           bytes to every plane's c - MID in 16-bit pairs with one inline-PTX block (PRMT the bytes into the
 #           two halves once, then per plane and pair shift + LOP3 + packed subtract): the same values, the
 #           same output bits (GPU test), ~1.6 instructions per code instead of ~4.
-#   VS_WORD (opt-in config key; the launch drops it unless 2-byte scales, 4 value groups per token,
+#   VS_WORD (on in every FAST config; the launch drops it unless 2-byte scales, 4 value groups per token,
 #           contiguous and 8-byte aligned): each token's value scales and mins read as one int64 each and
 #           split by shifts -- the same values; offline sm_90 2-bit loop 906 -> 785 instructions per tile (the
-#           64 synchronous LDG.U16 become cp.async-pipelined 8-byte loads). Not yet timed on the GPU.
+#           64 synchronous LDG.U16 become cp.async-pipelined 8-byte loads); H100 33.7 -> 29.2 us (2-bit).
+#   KS_WORD (on in every FAST config; dropped unless 2-byte, contiguous, 4-byte aligned key scales and at
+#           least 32 channels per plane): a plane's key scales and mins read as int32 channel pairs
+#           (_word_pairs). For one-warp programs the 2-byte loads were plain loads the loop waited on (ncu:
+#           long-scoreboard stalls 4.1 per instruction); as words they are cp.async-pipelined, which made the
+#           one-warp uncapped 2-bit D = 128 config the default: 29.4 -> 25.8 us (probe_kivi_ksword.md).
+#           Its loop (offline, 1212 instructions per 32-token tile): keys 382, softmax 59, values 771 -- of
+#           which ~128 PRMT re-pair the decoded value planes from channel pairs to the token pairs the mma
+#           B fragment takes (the next lever).
 #   H100 (results/probe_kivi.md, offline sm_90 SASS): ~800 instructions per warp per 32-token tile with
 #           4 warps, i.e. ~13 per cached element, most of them converting and broadcasting the per-channel /
 #           per-token scales each thread's mma fragment needs (8 channels per thread per plane, 1 token each).
@@ -133,6 +141,23 @@ def _planes_packed(b8, BITS: tl.constexpr, DOT: tl.constexpr):
         p2 = p0
         p3 = p1
     return p0, p1, p2, p3
+
+
+@triton.jit
+def _fma_token_pairs(a, s, m, DOT: tl.constexpr):
+    """a·s + m in packed 16-bit pairs by inline PTX (fma.rn.{bf16,f16}x2: the HFMA2 the compiler emits for
+    the plain expression). V_PAIRS: pack=2 takes two consecutive elements of the value operand's mma layout
+    (kWidth 4 along the tokens), i.e. a token pair of one channel, which is how the decode produced them and
+    how the mma takes them. Written plainly, LLVM's vectorizer pairs two channels of one token instead (one
+    scale, broadcast) and re-pairs inputs and outputs with PRMTs (offline sm_90, 2-bit one warp: 184 -> 133
+    PRMT, 1212 -> 1176 loop instructions per tile; 4-bit 1321 -> 1278)."""
+    if DOT == 2:
+        out = tl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, s, m], dtype=tl.bfloat16,
+                                        is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, s, m], dtype=tl.float16,
+                                        is_pure=True, pack=2)
+    return out
 
 
 @triton.jit
@@ -298,7 +323,8 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
                ks_sg, ks_sd, vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, qk_scale,
                BITS: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, DP: tl.constexpr, W: tl.constexpr,
                DOT: tl.constexpr, INTERPRETED: tl.constexpr, K_FOLD: tl.constexpr, V_FOLD: tl.constexpr,
-               PACKED: tl.constexpr = False, VS_WORD: tl.constexpr = False, KS_WORD: tl.constexpr = False):
+               PACKED: tl.constexpr = False, VS_WORD: tl.constexpr = False, KS_WORD: tl.constexpr = False,
+               V_PAIRS: tl.constexpr = False):
     """The G tokens [t0, t0 + G) of one key group (always all in range: NQ is a multiple of G).
     K_FOLD: key scales folded into q (q∘s per plane, the mins one per-row term) instead of dequantizing
     every key element; V_FOLD: value scales folded into P per token (P∘s per chunk, mins per row).
@@ -383,7 +409,11 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
                 acc_a = _dot(ps, _centred(vb, i, BITS, DOT, INTERPRETED), acc_a, DOT)
             elif PACK:
                 v_s2, v_m2 = _scale_ops(v_sc, v_mn, MID, DOT)
-                vd = _pick(i, vp0, vp1, vp2, vp3) * v_s2[:, None] + v_m2[:, None]
+                if V_PAIRS:  # (PACK: on the GPU, inline PTX available)
+                    vd = _fma_token_pairs(_pick(i, vp0, vp1, vp2, vp3), tl.broadcast_to(v_s2[:, None], [G, W]),
+                                          tl.broadcast_to(v_m2[:, None], [G, W]), DOT)
+                else:
+                    vd = _pick(i, vp0, vp1, vp2, vp3) * v_s2[:, None] + v_m2[:, None]
                 acc_a = _dot(pr, vd, acc_a, DOT)
             else:
                 vd = _dequant(vb, i, v_sc[:, None], v_mn[:, None], BITS, DOT, INTERPRETED)
@@ -493,7 +523,8 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, LEN
                               SINGLE: tl.constexpr, OUT_BF16: tl.constexpr, DOT: tl.constexpr,
                               HAS_LENS: tl.constexpr, INTERPRETED: tl.constexpr, K_FOLD: tl.constexpr = False,
                               V_FOLD: tl.constexpr = False, PACKED: tl.constexpr = False, PDL: tl.constexpr = False,
-                              VS_WORD: tl.constexpr = False, KS_WORD: tl.constexpr = False):
+                              VS_WORD: tl.constexpr = False, KS_WORD: tl.constexpr = False,
+                              V_PAIRS: tl.constexpr = False):
     if not SINGLE:  # the combine kernel (launched with PDL) may be scheduled now; it waits for this grid
         _pdl_launch_dependents(PDL)
     PER: tl.constexpr = 8 // BITS
@@ -553,7 +584,7 @@ def FXFORGE_KERNEL_NAME_split(Q, KC, KS, KM, VC, VS, VM, KR, VR, O, ACC, ML, LEN
             acc0, acc1, acc2, acc3, l_i, m_i = _fast_step(
                 acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st, kc_sj, ks_base, km_base, ks_sg,
                 ks_sd, vc_base, vc_st, vc_sj, vs_base, vm_base, vs_st, vs_sg, t0, qk_scale, BITS, G, GV, DP, W,
-                DOT, INTERPRETED, K_FOLD, V_FOLD, PACKED, VS_WORD, KS_WORD)
+                DOT, INTERPRETED, K_FOLD, V_FOLD, PACKED, VS_WORD, KS_WORD, V_PAIRS)
     else:
         full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N  # only the chunk's last block is ragged
         for t0 in range(lo, full_end, BLOCK_N):
