@@ -115,6 +115,11 @@ VPAIRS_GRID = {2: [(1, 2, 128, -1, True, True, True, False), (1, 2, 128, -1, Tru
                4: [(1, 2, 128, 0, True, True, True, False), (1, 2, 128, 0, True, True, True, True)] * 2}
 
 
+# Every grid starts from kivi_configs' default of the day (maxnreg 0 = keep its cap, if any). Since session
+# 15 that is, for 2-bit D = 128, one warp without a cap and with VS_WORD / KS_WORD on: re-running an older
+# round measures its points on top of that, not what its result file (taken then) describes.
+
+
 def main() -> None:
     res = Results("probe_kivi_vpairs" if VPAIRS else "probe_kivi_ksword" if KSWORD else "probe_kivi_w1" if W1 else "probe_kivi_combine16" if COMBINE and W1_COMBINE16 else "probe_kivi_vsword" if VSWORD else "probe_kivi_combine" if COMBINE else "probe_kivi_packed" if PACKED else
                   "probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]))

@@ -9,9 +9,8 @@ import torch
 from fxforge.passes.quant.kv import kivi_quantize
 from fxforge.runtime.kivi_attention import kivi_configs, kivi_decode_attention
 
-# PROFILE_W1=1 (session 15): 2-bit, the default (2 warps, 128 registers) then one warp without the register
-# cap (probe_kivi_w1: 48 us against 29.5, with fewer loop instructions offline), then the 4-bit default (one
-# warp, no cap: 29.5 us), 128 splits each
+# PROFILE_W1=1 (session 15): 2-bit, the two-warp config capped at 128 registers (kivi_configs' second; the
+# default before session 15) then the one-warp uncapped default, then the 4-bit default, 128 splits each
 W1 = os.environ.get("PROFILE_W1") == "1"
 
 
@@ -22,9 +21,8 @@ def main() -> None:
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     for bits in (2, 4):
         cache = kivi_quantize(k, v, bits=bits, group=32, residual=32, scale_dtype=torch.bfloat16)
-        base = kivi_configs(1, HQ, HKV, D, 32, False, bits=bits, v_group=32)[0]
-        w1 = {key: val for key, val in base.items() if key != "maxnreg"} | {"num_warps": 1}
-        for cfg in ([base, w1] if W1 and bits == 2 else [base] if W1 else [None, None]):
+        cfgs = kivi_configs(1, HQ, HKV, D, 32, False, bits=bits, v_group=32)
+        for cfg in ([cfgs[1], cfgs[0]] if W1 and bits == 2 else [cfgs[0]] if W1 else [None, None]):
             kivi_decode_attention(q, cache, blocks=cfg, num_splits=128 if W1 else None)
         torch.cuda.synchronize()
         print("bits", bits, flush=True)

@@ -217,18 +217,21 @@ def _pair_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 def _vs_word_ok(vs: torch.Tensor, vm: torch.Tensor, d: int, v_group: int) -> bool:
     """VS_WORD (a token's value scales / mins read as one int64 each) needs 2-byte scales, exactly 4 value
     groups per token stored contiguously and every token's 8 bytes 8-byte aligned."""
-    return (vs.element_size() == 2 and d // v_group == 4 and vs.stride(3) == 1
+    return (vs.element_size() == 2 and vm.dtype == vs.dtype and d // v_group == 4 and vs.stride(3) == 1
             and all(st % 4 == 0 for st in vs.stride()[:3])
             and vs.data_ptr() % 8 == 0 and vm.data_ptr() % 8 == 0)
 
 
-def _ks_word_ok(ks: torch.Tensor, km: torch.Tensor, d: int, bits: int) -> bool:
-    """KS_WORD (a plane's key scales / mins read as int32 pairs of channels) needs 2-byte scales, channels
-    contiguous, every plane's first channel 4-byte aligned (even strides), and at least 32 channels per plane
-    (16 words): with 8 words (2-bit, D = 64) on two warps triton 3.6's GPU code was wrong (GPU test
-    test_packed_plane_decode_is_bit_identical, session 15; the interpreter was right), so those fall back."""
-    return (ks.element_size() == 2 and ks.stride(3) == 1 and all(st % 2 == 0 for st in ks.stride()[:3])
-            and d // (8 // bits) >= 32 and ks.data_ptr() % 4 == 0 and km.data_ptr() % 4 == 0)
+def _ks_word_ok(ks: torch.Tensor, km: torch.Tensor, d: int, bits: int, num_warps: int = 4) -> bool:
+    """KS_WORD (a plane's key scales / mins read as int32 pairs of channels) needs 2-byte scales (mins of the
+    same dtype), channels contiguous, every plane's first channel 4-byte aligned (even strides), at least 32
+    channels per plane and at most 4 threads per word: with 8 words (2-bit, D = 64) on two warps (8 threads a
+    word) triton 3.6's GPU code was wrong (GPU test test_packed_plane_decode_is_bit_identical, session 15;
+    the interpreter was right), while 16 / 32 words on 1-2 warps passed, so only those shapes take it."""
+    words = d // (8 // bits) // 2
+    return (ks.element_size() == 2 and km.dtype == ks.dtype and ks.stride(3) == 1
+            and all(st % 2 == 0 for st in ks.stride()[:3]) and words >= 16 and 4 * words >= 32 * num_warps
+            and ks.data_ptr() % 4 == 0 and km.data_ptr() % 4 == 0)
 
 
 def _interpreted(q) -> bool:
@@ -284,7 +287,8 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     vs, vm = _pair_strides(cache.v_scale, cache.v_min)
     if cfg.get("VS_WORD") and not _vs_word_ok(vs, vm, D, cache.v_group):
         cfg["VS_WORD"] = False  # the template's 2-byte loads per group instead
-    if cfg.get("KS_WORD") and not _ks_word_ok(ks, km, D, cache.bits):
+    # (threads per word matter only to the GPU code: the interpreter counts as one warp)
+    if cfg.get("KS_WORD") and not _ks_word_ok(ks, km, D, cache.bits, 1 if interpreted else cfg.get("num_warps", 4)):
         cfg["KS_WORD"] = False
     kc, vc, kr, vr = cache.k_codes, cache.v_codes, cache.k_residual, cache.v_residual
     out_bf16 = out.dtype == torch.bfloat16

@@ -44,6 +44,8 @@
 #           Its loop (offline, 1212 instructions per 32-token tile): keys 382, softmax 59, values 771 -- of
 #           which ~128 PRMT re-pair the decoded value planes from channel pairs to the token pairs the mma
 #           B fragment takes (the next lever).
+#   V_PAIRS (opt-in, not yet timed): the value fma as explicit fma.rn.{bf16,f16}x2 on the token pairs the
+#           decode and the mma use (_fma_token_pairs): offline 2-bit 1212 -> 1176, 4-bit 1321 -> 1278.
 #   H100 (results/probe_kivi.md, offline sm_90 SASS): ~800 instructions per warp per 32-token tile with
 #           4 warps, i.e. ~13 per cached element, most of them converting and broadcasting the per-channel /
 #           per-token scales each thread's mma fragment needs (8 channels per thread per plane, 1 token each).
@@ -67,14 +69,12 @@
 #   bf16 cache (plain decode_attention): 2·S·D·2·H_KV = 134.2 MB → 44.7 µs at 3.0 TB/s;
 #   KIVI-2: 96 B/token/head (64 codes + 16 + 16) → 25.27 MB (5.31× smaller than bf16) + 0.55 MB q/out/
 #           workspace → 25.8 MB → 8.6 µs;   KIVI-4: 160 B/token/head → 42.6 MB → 14.2 µs.
-# Measured on the H100 (results/kv_decode_gpu.md, caches rotated past L2, CUDA graphs; session 14): KIVI-2
-# 33.9 µs, KIVI-4 34.9 µs against SDPA on the bf16 cache 51.9 µs (1.53x / 1.49x; session 8: 0.90x) — the
-# issue's target is ≥ 2×: not met. Of session 13's 42 µs, ~5.5 went to the split combine (one program per
-# row, 32 programs: now per (row, 32 channels), all splits in one step) and ~3 to the per-code decode
-# (PACKED). sm_90 loop (triton 3.6, 2-bit default, 2 warps): 906 instructions per warp per 32-token tile
-# (1040 before PACKED), i.e. ~7 per cached element: packed decode + scale fma ~2.6, the per-token value
-# scales (64 LDG.U16 + PRMT pairs per tile), q's A fragments reloaded from shared memory into HMMA register
-# quads (~110 moves), the online softmax over 16 rows of which 4 are real (GQA 4).
+# Measured on the H100 (results/kv_decode_gpu.md, caches rotated past L2, CUDA graphs; session 15): KIVI-2
+# 26.4 µs (1.97x SDPA's 52.0 on the bf16 cache; session 8: 0.90x, 14: 1.53x), KIVI-4 29.4 µs (1.77x); the
+# issue's target is ≥ 2x. Session 14: the split combine per (row, 32 channels) in one step and PACKED;
+# session 15: VS_WORD, KS_WORD and the one-warp 2-bit default. sm_90 loop (triton 3.6, 2-bit default, one
+# warp): 1212 instructions per 32-token tile (keys 382, softmax 59, values 771; see KS_WORD / V_PAIRS above),
+# about 9.5 per cached element; the online softmax runs over 16 rows of which 4 are real (GQA 4, mma M 16).
 import triton
 import triton.language as tl
 from fxforge.codegen.quant_helpers import asm_byte_planes as _asm_byte_planes
@@ -330,7 +330,8 @@ def _fast_step(acc0, acc1, acc2, acc3, l_i, m_i, q0, q1, q2, q3, kc_base, kc_st,
     every key element; V_FOLD: value scales folded into P per token (P∘s per chunk, mins per row).
     PACKED (GPU, bf16 / fp16 dots, no folds): the planes decoded in packed 16-bit pairs (_planes_packed).
     VS_WORD (2-byte value scales, 4 groups per token stored contiguously, 8-byte aligned): each token's
-    scales and mins read as one int64 each instead of 2-byte loads per group. KS_WORD (2-byte key scales,
+    scales and mins read as one int64 each instead of 2-byte loads per group. V_PAIRS (with PACK): the value
+    fma as packed PTX on token pairs (_fma_token_pairs). KS_WORD (2-byte key scales,
     channels contiguous, 4-byte aligned): a plane's key scales and mins read as int32 pairs of channels, so
     that a one-warp program's loads are 4 bytes a thread (cp.async-pipelined) rather than 2 (plain loads
     the loop waits on)."""
