@@ -3,6 +3,7 @@ they use (prmt, shl / shr, and, lop3, mov, sub / fma.rn.{bf16x2,f16x2}) runs eac
 byte and compares with the decode it stands for -- KIVI's bit planes (c - MID per plane, already
 GPU-verified bit-identical to the per-code decode, which validates the emulator) and the planes GEMV's
 nibble planes (base + c for uint4 / int4, e2m1 bit placement). The GPU tests run the same blocks for real."""
+import importlib
 import importlib.util
 import re
 import struct
@@ -130,7 +131,7 @@ def _halves(regs, names, kind):
 @pytest.mark.parametrize("bits,kind,name", [(2, "bf16", "_PLANES_2_BF16"), (4, "bf16", "_PLANES_4_BF16"),
                                             (2, "f16", "_PLANES_2_F16"), (4, "f16", "_PLANES_4_F16")])
 def test_kivi_bit_planes(bits, kind, name):
-    asm = getattr(_module("kivi_attention"), name).value
+    asm = getattr(importlib.import_module("fxforge.codegen.kivi_packed"), name).value
     assert _ops(asm) <= SM80_OPS  # on by default: must assemble on every GPU with bf16 (sm_80+)
     per, mid = 8 // bits, ((1 << bits) - 1) / 2
     for word in _words():
