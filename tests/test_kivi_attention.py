@@ -449,11 +449,36 @@ PACKED_CASES = [  # (B, Hq, Hkv, Tq, S, D, G, Gv), q dtype, scale dtype
     ((3, 16, 8, 4, 2048, 64, 32, 32), torch.float16, torch.bfloat16)]
 
 
+def _packed_case_ids(c):
+    return "B{}H{}kv{}q{}S{}d{}g{}gv{}".format(*c) if isinstance(c, tuple) else str(c)
+
+
+def _gpu_case(case, bits, dtype, scale_dtype, seed, key_outlier):
+    """A KIVI cache of ``case`` on the GPU, q, the float64 SDPA reference over the dequantized cache and the
+    error floor (twice SDPA's own error in ``dtype``, at least GPU_FLOOR)."""
+    B, H, HKV, TQ, S, D, g, gv = case
+    torch.manual_seed(seed)
+    k, v = (torch.randn(B, HKV, S, D, device="cuda", dtype=dtype) for _ in range(2))
+    if key_outlier:
+        k[..., 5] += 3.0
+    cache = kivi_quantize(k, v, bits=bits, group=g, residual=g, v_group=gv, scale_dtype=scale_dtype)
+    q = torch.randn(B, H, TQ, D, device="cuda", dtype=dtype)
+    kd, vd = kivi_dequantize(cache)
+    ref = sdpa(q, kd, vd, torch.float64)
+    return q, cache, ref, max(2 * rel_err(sdpa(q, kd, vd, dtype), ref), GPU_FLOOR[dtype])
+
+
+def _rounding_apart(a, b, dtype) -> float:
+    """max |a - b| in unit roundoffs of ``dtype`` at b's largest output (an output near zero may move by more
+    than its own rounding when a rounding upstream moves; a wrong scale would move every output)."""
+    u = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    return (a.double() - b.double()).abs().max().item() / (u * b.double().abs().max().item())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("case,dtype,scale_dtype", PACKED_CASES,
-                         ids=lambda c: "B{}H{}kv{}q{}S{}d{}g{}gv{}".format(*c) if isinstance(c, tuple) else str(c))
+@pytest.mark.parametrize("case,dtype,scale_dtype", PACKED_CASES, ids=_packed_case_ids)
 def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     """PACKED (the FAST path's bit planes decoded by inline PTX in packed 16-bit pairs), alone and with
     VS_WORD (value scales read as one int64 per token), gives the same output bits as the per-code decode,
@@ -462,15 +487,8 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     dequantized cache. Shapes: D 64 / 128 / 256, groups 16 / 32 / 64, GQA 1-8, Tq 1-16; q bf16 / fp16;
     bf16, fp16 and fp32 scales."""
     from fxforge.runtime.kivi_attention import _kernels, launch
-    B, H, HKV, TQ, S, D, g, gv = case
-    torch.manual_seed(0)
-    k, v = (torch.randn(B, HKV, S, D, device="cuda", dtype=dtype) for _ in range(2))
-    k[..., 5] += 3.0
-    cache = kivi_quantize(k, v, bits=bits, group=g, residual=g, v_group=gv, scale_dtype=scale_dtype)
-    q = torch.randn(B, H, TQ, D, device="cuda", dtype=dtype)
-    kd, vd = kivi_dequantize(cache)
-    ref = sdpa(q, kd, vd, torch.float64)
-    floor = max(2 * rel_err(sdpa(q, kd, vd, dtype), ref), GPU_FLOOR[dtype])
+    _, H, HKV, TQ, _, D, g, gv = case
+    q, cache, ref, floor = _gpu_case(case, bits, dtype, scale_dtype, seed=0, key_outlier=True)
     k1, k2 = _kernels("cuda")
     fast = [c for c in kivi_configs(TQ, H, HKV, D, g, interpreted=False, bits=bits, v_group=gv) if c["FAST"]]
     assert fast
@@ -486,35 +504,24 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
             assert torch.equal(outs[0], outs[1]), (cfg, ns, (outs[0] - outs[1]).abs().max().item())
             assert torch.equal(outs[0], outs[2]), (cfg, ns, "VS_WORD", (outs[0] - outs[2]).abs().max().item())
             # KS_WORD: the same scale values, but the compiler's fma contraction of m + MID·s follows the
-            # layout they arrive in, so a few outputs may move by rounding (a wrong scale would move all of
-            # them); an output near zero may move by more than its own rounding, so the bound is 4 unit
-            # roundoffs of the largest output
-            u = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
-            ks_diff = (outs[3].double() - outs[2].double()).abs().max().item()
-            assert ks_diff <= 4 * u * outs[2].double().abs().max().item(), (cfg, ns, "KS_WORD", ks_diff)
+            # layout they arrive in, so a few outputs may move by rounding: at most 4 unit roundoffs
+            apart = _rounding_apart(outs[3], outs[2], dtype)
+            assert apart <= 4, (cfg, ns, "KS_WORD", apart)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("case,dtype,scale_dtype", PACKED_CASES[:3] + PACKED_CASES[-2:],
-                         ids=lambda c: "B{}H{}kv{}q{}S{}d{}g{}gv{}".format(*c) if isinstance(c, tuple) else str(c))
+@pytest.mark.parametrize("case,dtype,scale_dtype", PACKED_CASES[:3] + PACKED_CASES[-2:], ids=_packed_case_ids)
 def test_value_fma_on_token_pairs(case, bits, dtype, scale_dtype):
     """V_PAIRS (the value dequant fma as explicit fma.rn.{bf16,f16}x2 on the token pairs of the mma layout,
     opt-in): within the error bound against float64 SDPA, and equal to the default up to the rounding of the
     largest output (the HFMA2 the plain expression compiles to, where the compiler contracted it). Its own
     test, so that a failure here does not hide the PACKED / VS_WORD / KS_WORD checks above."""
     from fxforge.runtime.kivi_attention import _kernels, launch
-    B, H, HKV, TQ, S, D, g, gv = case
-    torch.manual_seed(1)
-    k, v = (torch.randn(B, HKV, S, D, device="cuda", dtype=dtype) for _ in range(2))
-    cache = kivi_quantize(k, v, bits=bits, group=g, residual=g, v_group=gv, scale_dtype=scale_dtype)
-    q = torch.randn(B, H, TQ, D, device="cuda", dtype=dtype)
-    kd, vd = kivi_dequantize(cache)
-    ref = sdpa(q, kd, vd, torch.float64)
-    floor = max(2 * rel_err(sdpa(q, kd, vd, dtype), ref), GPU_FLOOR[dtype])
+    _, H, HKV, TQ, _, D, g, gv = case
+    q, cache, ref, floor = _gpu_case(case, bits, dtype, scale_dtype, seed=1, key_outlier=False)
     k1, k2 = _kernels("cuda")
-    u = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
     for cfg in [c for c in kivi_configs(TQ, H, HKV, D, g, interpreted=False, bits=bits, v_group=gv) if c["FAST"]][:2]:
         outs = []
         for v_pairs in (False, True):
@@ -522,8 +529,8 @@ def test_value_fma_on_token_pairs(case, bits, dtype, scale_dtype):
             launch(k1, k2, q, cache, out, D ** -0.5, 3, dict(cfg, V_PAIRS=v_pairs))
             assert rel_err(out, ref) <= floor, (cfg, v_pairs)
             outs.append(out)
-        diff = (outs[1].double() - outs[0].double()).abs().max().item()
-        assert diff <= 4 * u * outs[0].double().abs().max().item(), (cfg, diff)
+        apart = _rounding_apart(outs[1], outs[0], dtype)
+        assert apart <= 4, (cfg, apart)
 
 
 @pytest.mark.gpu
