@@ -120,9 +120,18 @@ VPAIRS_GRID = {2: [(1, 2, 128, -1, True, True, True, False), (1, 2, 128, -1, Tru
 # round measures its points on top of that, not what its result file (taken then) describes.
 
 
+# (enabled, result name, grids by bits) per round, newest first; the first enabled one runs (COMBINE: its own sweep,
+# no grid); none: the occupancy grid
+ROUNDS = [(VPAIRS, "probe_kivi_vpairs", VPAIRS_GRID), (KSWORD, "probe_kivi_ksword", KSWORD_GRID),
+          (W1, "probe_kivi_w1", W1_GRID), (COMBINE and W1_COMBINE16, "probe_kivi_combine16", {}),
+          (VSWORD, "probe_kivi_vsword", VSWORD_GRID), (COMBINE, "probe_kivi_combine", {}),
+          (PACKED, "probe_kivi_packed", PACKED_GRID),
+          (True, "probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]), GRID)]
+
+
 def main() -> None:
-    res = Results("probe_kivi_vpairs" if VPAIRS else "probe_kivi_ksword" if KSWORD else "probe_kivi_w1" if W1 else "probe_kivi_combine16" if COMBINE and W1_COMBINE16 else "probe_kivi_vsword" if VSWORD else "probe_kivi_combine" if COMBINE else "probe_kivi_packed" if PACKED else
-                  "probe_kivi_occupancy" + ("" if SCALES == torch.bfloat16 else "_" + str(SCALES).split(".")[-1]))
+    _, name, grids = next(r for r in ROUNDS if r[0])
+    res = Results(name)
     lines = ["| impl | warps | stages | splits | maxnreg | us | x SDPA | rel err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
     B, HQ, HKV, S, D = 1, 32, 8, 32768, 128
     torch.manual_seed(0)
@@ -134,7 +143,7 @@ def main() -> None:
     lines.append(f"| sdpa | | | | | {sdpa:.2f} | 1.00 | |")
     if COMBINE:
         combine_sweep(res, lines, q, kv, sdpa)
-    for bits, grid in ({} if COMBINE else VPAIRS_GRID if VPAIRS else KSWORD_GRID if KSWORD else W1_GRID if W1 else VSWORD_GRID if VSWORD else PACKED_GRID if PACKED else GRID).items():
+    for bits, grid in ({} if COMBINE else grids).items():
         caches = [kivi_quantize(a, b, bits=bits, group=32, residual=32, scale_dtype=SCALES) for a, b in kv]
         kd, vd = kivi_dequantize(caches[0])
         ref = F.scaled_dot_product_attention(q.double(), kd.double(), vd.double(), enable_gqa=True)
