@@ -90,8 +90,8 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     # 4-byte cp.async loads for one-warp programs instead of 2-byte plain loads the loop waited on; ncu:
     # long-scoreboard stalls 4.1 -> 0.7 per instruction) made 2-bit D = 128 on one warp without a register
     # cap (1212 loop instructions per tile against 2 x 794 for 2 warps) the fastest: 29.4 -> 25.8 us (2.0x
-    # SDPA 51.6); 4-bit even (29.1-30.5 vs 29.2-29.3). On for every FAST config (dropped unless 2-byte,
-    # contiguous, aligned scales: _ks_word_ok). Its outputs can differ from 2-byte loads by 1 ulp in a few
+    # SDPA 51.6); 4-bit even (29.1-30.5 vs 29.2-29.3). On for every FAST config (dropped where _ks_word_ok
+    # says no: scale dtype / layout / alignment, and shapes the GPU code got wrong). Its outputs can differ from 2-byte loads by 1 ulp in a few
     # elements on the GPU (4-bit: 1 of 4096): the compiler's fma contraction of m + MID·s follows the layout.
     if fast:
         first = (group, 2, 3, False, 0) if bits == 2 else (group, 1, 2, False, 0)
@@ -271,8 +271,8 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     if fast:
         cfg["BLOCK_N"] = cache.group
     else:  # options of the FAST path only
-        cfg.pop("K_FOLD", None), cfg.pop("V_FOLD", None), cfg.pop("VS_WORD", None), cfg.pop("KS_WORD", None)
-        cfg.pop("V_PAIRS", None)
+        for key in ("K_FOLD", "V_FOLD", "VS_WORD", "KS_WORD", "V_PAIRS"):
+            cfg.pop(key, None)
     if interpreter_active() and not interpreted:  # CUDA tensors under TRITON_INTERPRET=1: no inline PTX there
         cfg["PACKED"] = False
     cfg.pop("PDL", None)  # set below, from the device
