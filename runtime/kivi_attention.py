@@ -93,6 +93,10 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     # SDPA 51.6); 4-bit even (29.1-30.5 vs 29.2-29.3). On for every FAST config (dropped where _ks_word_ok
     # says no: scale dtype / layout / alignment, and shapes the GPU code got wrong). Its outputs can differ from 2-byte loads by 1 ulp in a few
     # elements on the GPU (4-bit: 1 of 4096): the compiler's fma contraction of m + MID·s follows the layout.
+    # Session 16 (results/probe_kivi_vpairs.md, A B A B): V_PAIRS (the value fma as fma.rn.{bf16,f16}x2 on the
+    # token pairs the mma takes, no re-pairing PRMTs) 2-bit 26.2 / 26.5 -> 25.7 / 25.8 us, 4-bit 29.7 / 29.4 ->
+    # 28.6 / 28.4 (SDPA 52.0), same output bits there: on for every FAST config (the kernel uses it only
+    # with PACK; elsewhere it may differ from the contracted plain expression by a rounding).
     if fast:
         first = (group, 2, 3, False, 0) if bits == 2 else (group, 1, 2, False, 0)
         cands = [first, (group, 1, 2, False, 0), (group, 2, 3, False, 0), (group, 4, 2, False, 0),
@@ -106,7 +110,7 @@ def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bo
     for bn, w, st, vf, regs in cands:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "HEAD_DIM": head, "FAST": fast, "num_warps": w, "num_stages": st}
         if fast:
-            cfg.update(K_FOLD=False, V_FOLD=vf, PACKED=True, VS_WORD=True, KS_WORD=True)
+            cfg.update(K_FOLD=False, V_FOLD=vf, PACKED=True, VS_WORD=True, KS_WORD=True, V_PAIRS=True)
         if regs:
             cfg["maxnreg"] = regs
         if cfg not in out:

@@ -498,7 +498,8 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
             for packed, vs_word, ks_word in ((False, False, False), (True, False, False), (True, True, False),
                                              (True, True, True)):
                 out = torch.full_like(q, float("nan"))
-                launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg, PACKED=packed, VS_WORD=vs_word, KS_WORD=ks_word))
+                launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg, PACKED=packed, VS_WORD=vs_word, KS_WORD=ks_word,
+                                                                V_PAIRS=False))
                 assert rel_err(out, ref) <= floor, (cfg, ns, packed, vs_word, ks_word)
                 outs.append(out)
             assert torch.equal(outs[0], outs[1]), (cfg, ns, (outs[0] - outs[1]).abs().max().item())
@@ -515,7 +516,7 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
 @pytest.mark.parametrize("case,dtype,scale_dtype", PACKED_CASES[:3] + PACKED_CASES[-2:], ids=_packed_case_ids)
 def test_value_fma_on_token_pairs(case, bits, dtype, scale_dtype):
     """V_PAIRS (the value dequant fma as explicit fma.rn.{bf16,f16}x2 on the token pairs of the mma layout,
-    opt-in): within the error bound against float64 SDPA, and equal to the default up to the rounding of the
+    on by default since session 16): within the error bound against float64 SDPA, and equal to the default up to the rounding of the
     largest output (the HFMA2 the plain expression compiles to, where the compiler contracted it). Its own
     test, so that a failure here does not hide the PACKED / VS_WORD / KS_WORD checks above."""
     from fxforge.runtime.kivi_attention import _kernels, launch

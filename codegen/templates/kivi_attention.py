@@ -44,8 +44,9 @@
 #           Its loop (offline, 1212 instructions per 32-token tile): keys 382, softmax 59, values 771 -- of
 #           which ~128 PRMT re-pair the decoded value planes from channel pairs to the token pairs the mma
 #           B fragment takes (the next lever).
-#   V_PAIRS (opt-in, not yet timed): the value fma as explicit fma.rn.{bf16,f16}x2 on the token pairs the
-#           decode and the mma use (_fma_token_pairs): offline 2-bit 1212 -> 1176, 4-bit 1321 -> 1278.
+#   V_PAIRS (session 16, default): the value fma as explicit fma.rn.{bf16,f16}x2 on the token pairs the
+#           decode and the mma use (_fma_token_pairs): offline 2-bit 1212 -> 1176, 4-bit 1321 -> 1278;
+#           H100 2-bit 26.2 -> 25.7 us, 4-bit 29.4 -> 28.4 (probe_kivi_vpairs.md).
 #   H100 (results/probe_kivi.md, offline sm_90 SASS): ~800 instructions per warp per 32-token tile with
 #           4 warps, i.e. ~13 per cached element, most of them converting and broadcasting the per-channel /
 #           per-token scales each thread's mma fragment needs (8 channels per thread per plane, 1 token each).
