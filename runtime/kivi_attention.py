@@ -63,15 +63,21 @@ def fast_path(d: int, bits: int, group: int, v_group: int) -> dict | None:
 
 
 def kivi_configs(tq: int, hq: int, hkv: int, d: int, group: int, interpreted: bool, bits: int = 2,
-                 v_group: int | None = None) -> list[dict]:
+                 v_group: int | None = None, elt: int = 2) -> list[dict]:
     """Launch configs to try (the first is the default): BLOCK_M, BLOCK_N, HEAD_DIM, FAST and, on CUDA,
     num_warps / num_stages. FAST (see fast_path): BLOCK_N = G, one key group per tile. GENERAL: BLOCK_N a
-    multiple of 16 (64 on CUDA; tiles gathered per element)."""
+    multiple of 16 (64 on CUDA; tiles gathered per element). ``elt``: bytes per element of q (4: float32,
+    whose dots are exact-fp32 FMA loops, not tensor-core mma)."""
     head = max(16, next_pow2(d))
     bm = da.block_m(tq, hq, hkv)
     fast = fast_path(d, bits, group, group if v_group is None else v_group) is not None and head == d
     if head >= 256:  # keep the fp32 accumulator and the dequantized tiles within registers
         bm = min(bm, 64)
+    if elt == 4 and not interpreted:
+        # float32 q: ieee dots are unrolled into per-thread FMA sequences, BLOCK_M·BLOCK_N·HEAD_DIM of them
+        # per dot. Session 16: at 64 rows x 64 tokens x 256 channels (Tq 16, GQA 8) Triton 3.6's sm_90
+        # compile ran past 8 minutes on the H100 (test_all_configs_on_cuda); 16 rows compile in 17 s.
+        bm = 16
     if interpreted:  # tiny blocks: the interpreter's cost is per element; small tests still see several blocks
         return [{"BLOCK_M": bm, "BLOCK_N": group if fast else 16, "HEAD_DIM": head, "FAST": fast}]
     # H100, 32K, bf16 (results/probe_kivi.md, second sweep): fewer warps win, since each thread's mma
@@ -261,12 +267,13 @@ def launch(kern1, kern2, q, cache: KIVICache, out, scale: float, num_splits: int
     if blocks is None and not interpreted:
         # the default config, falling back to the next on OutOfResources (e.g. shared memory of fp32
         # dots at large tiles); the fallback is recorded in FALLBACKS and warned about once
-        cands = kivi_configs(LQ, H, HKV, D, cache.group, interpreted, cache.bits, cache.v_group)
+        cands = kivi_configs(LQ, H, HKV, D, cache.group, interpreted, cache.bits, cache.v_group, q.element_size())
         key = (q.dtype, cache.bits, LQ, H, HKV, D, cache.group, cache.v_group, q.device.index)
         return first_that_fits(FALLBACKS, key, cands, lambda cfg: launch(kern1, kern2, q, cache, out, scale,
                                                                          num_splits, cfg, workspace, lengths),
                                "kivi_decode_attention")
-    cfg = dict(blocks or kivi_configs(LQ, H, HKV, D, cache.group, interpreted, cache.bits, cache.v_group)[0])
+    cfg = dict(blocks or kivi_configs(LQ, H, HKV, D, cache.group, interpreted, cache.bits, cache.v_group,
+                                      q.element_size())[0])
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None), cfg.pop("maxnreg", None)
     bm, head = cfg["BLOCK_M"], cfg["HEAD_DIM"]

@@ -324,6 +324,10 @@ def test_configs():
     assert cfg[1]["num_warps"] == 2 and cfg[1].get("maxnreg") == 128
     other = kivi_configs(1, 32, 8, 64, 32, False)[0]  # other head dims: not measured
     assert "maxnreg" not in other and other["num_warps"] == 2
+    assert cfg[0]["V_PAIRS"]  # session 16: the value fma on token pairs
+    # float32 q (exact-fp32 FMA dots, unrolled per thread): 16 rows per program; bf16 at Tq 16, GQA 8, D 256: 64
+    assert {c["BLOCK_M"] for c in kivi_configs(16, 16, 2, 256, 64, False, elt=4)} == {16}
+    assert kivi_configs(16, 16, 2, 256, 64, False)[0]["BLOCK_M"] == 64
 
 
 def _bad(**changes):
@@ -423,7 +427,7 @@ def test_all_configs_on_cuda(case, bits, dtype):
     ref = sdpa(q, kd, vd, torch.float64)
     floor = max(2 * rel_err(sdpa(q, kd, vd, dtype), ref), GPU_FLOOR[dtype])
     k1, k2 = _kernels("cuda")
-    cfgs = kivi_configs(TQ, H, HKV, D, g, interpreted=False, bits=bits, v_group=gv)
+    cfgs = kivi_configs(TQ, H, HKV, D, g, interpreted=False, bits=bits, v_group=gv, elt=q.element_size())
     variants = [dict(cfg, K_FOLD=kf, V_FOLD=vf) for kf in (False, True) for vf in (False, True) for cfg in cfgs[:1]]
     for cfg in (cfgs + variants) if dtype == torch.bfloat16 else cfgs[:1] + variants[-1:]:
         for ns in (None, 1, 7):
