@@ -541,10 +541,12 @@ def test_value_fma_on_token_pairs(case, bits, dtype, scale_dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 4])
-def test_combine_channel_chunks_and_pdl_are_bit_identical(bits, monkeypatch):
-    """The split combine kernel per (row, BLOCK_D channels) and launched with programmatic dependent launch
-    (COMBINE_PDL, off by default) writes the same bits as one program per row without PDL: each channel's
-    merge is the same arithmetic. KIVI 32 / 8 heads, D = 128, 8K tokens (32 rows -> 4 channel chunks)."""
+def test_combine_channel_chunks_and_pdl(bits, monkeypatch):
+    """The split combine kernel launched with programmatic dependent launch (COMBINE_PDL, off by default)
+    writes the same bits as without it; per (row, BLOCK_D channels) it is each channel's same merge, up to
+    the order in which tl.sum adds the splits (it follows the layout, which follows BLOCK_D: session 16 saw
+    1 of 4096 bf16 outputs move by one rounding at 4-bit), so within 4 unit roundoffs of the largest output
+    of one program per row. KIVI 32 / 8 heads, D = 128, 8K tokens (32 rows -> 4 channel chunks)."""
     import fxforge.runtime.decode_attention as da
     from fxforge.runtime.kernels import pdl_capable
     torch.manual_seed(0)
@@ -556,7 +558,8 @@ def test_combine_channel_chunks_and_pdl_are_bit_identical(bits, monkeypatch):
         monkeypatch.setattr(da, "COMBINE_MIN_BLOCK_D", min_block_d)
         monkeypatch.setattr(da, "COMBINE_PDL", pdl and pdl_capable(q.device))
         outs.append(kivi_decode_attention(q, cache, num_splits=64))
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.equal(outs[1], outs[2])
+    assert _rounding_apart(outs[1], outs[0], torch.bfloat16) <= 4
     kd, vd = kivi_dequantize(cache)
     assert rel_err(outs[0], sdpa(q, kd, vd, torch.float64)) <= 2 * rel_err(sdpa(q, kd, vd, torch.bfloat16),
                                                                               sdpa(q, kd, vd, torch.float64)) + 1e-3
