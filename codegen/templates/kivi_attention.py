@@ -70,11 +70,12 @@
 #   bf16 cache (plain decode_attention): 2·S·D·2·H_KV = 134.2 MB → 44.7 µs at 3.0 TB/s;
 #   KIVI-2: 96 B/token/head (64 codes + 16 + 16) → 25.27 MB (5.31× smaller than bf16) + 0.55 MB q/out/
 #           workspace → 25.8 MB → 8.6 µs;   KIVI-4: 160 B/token/head → 42.6 MB → 14.2 µs.
-# Measured on the H100 (results/kv_decode_gpu.md, caches rotated past L2, CUDA graphs; session 15): KIVI-2
-# 26.4 µs (1.97x SDPA's 52.0 on the bf16 cache; session 8: 0.90x, 14: 1.53x), KIVI-4 29.4 µs (1.77x); the
-# issue's target is ≥ 2x. Session 14: the split combine per (row, 32 channels) in one step and PACKED;
-# session 15: VS_WORD, KS_WORD and the one-warp 2-bit default. sm_90 loop (triton 3.6, 2-bit default, one
-# warp): 1212 instructions per 32-token tile (keys 382, softmax 59, values 771; see KS_WORD / V_PAIRS above),
+# Measured on the H100 (results/kv_decode_gpu.md and _run2.md, caches rotated past L2, CUDA graphs; session
+# 16): KIVI-2 25.2 µs (2.06x SDPA's 51.9 on the bf16 cache, both runs; session 8: 0.90x, 14: 1.53x, 15:
+# 1.97x), KIVI-4 28.5-28.7 µs (1.80-1.83x); the target is ≥ 2x. Session 14: the split combine per
+# (row, 32 channels) in one step and PACKED; session 15: VS_WORD, KS_WORD and the one-warp 2-bit default;
+# session 16: V_PAIRS. sm_90 loop (triton 3.6, 2-bit default, one warp, before V_PAIRS): 1212 instructions
+# per 32-token tile (keys 382, softmax 59, values 771; with V_PAIRS 1176; see KS_WORD / V_PAIRS above),
 # about 9.5 per cached element; the online softmax runs over 16 rows of which 4 are real (GQA 4, mma M 16).
 import triton
 import triton.language as tl
