@@ -520,9 +520,10 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
 @pytest.mark.parametrize("case,dtype,scale_dtype", PACKED_CASES[:3] + PACKED_CASES[-2:], ids=_packed_case_ids)
 def test_value_fma_on_token_pairs(case, bits, dtype, scale_dtype):
     """V_PAIRS (the value dequant fma as explicit fma.rn.{bf16,f16}x2 on the token pairs of the mma layout,
-    on by default since session 16): within the error bound against float64 SDPA, and equal to the default up to the rounding of the
-    largest output (the HFMA2 the plain expression compiles to, where the compiler contracted it). Its own
-    test, so that a failure here does not hide the PACKED / VS_WORD / KS_WORD checks above."""
+    on by default since session 16) against the plain expression: within the error bound against float64
+    SDPA, and equal up to the rounding of the largest output (the HFMA2 the plain expression compiles to,
+    where the compiler contracted it). Its own test, so that a failure here does not hide the PACKED /
+    VS_WORD / KS_WORD checks above."""
     from fxforge.runtime.kivi_attention import _kernels, launch
     _, H, HKV, TQ, _, D, g, gv = case
     q, cache, ref, floor = _gpu_case(case, bits, dtype, scale_dtype, seed=1, key_outlier=False)
