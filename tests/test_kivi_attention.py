@@ -485,10 +485,10 @@ def _rounding_apart(a, b, dtype) -> float:
 @pytest.mark.parametrize("case,dtype,scale_dtype", PACKED_CASES, ids=_packed_case_ids)
 def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
     """PACKED (the FAST path's bit planes decoded by inline PTX in packed 16-bit pairs), alone and with
-    VS_WORD (value scales read as one int64 per token), gives the same output bits as the per-code decode,
-    for the first two FAST configs of kivi_configs (the defaults), with
-    automatic and explicit splits; and both stay within the error bound against float64 SDPA over the
-    dequantized cache. Shapes: D 64 / 128 / 256, groups 16 / 32 / 64, GQA 1-8, Tq 1-16; q bf16 / fp16;
+    VS_WORD (value scales read as one int64 per token), gives the same output bits as the per-code decode
+    (V_PAIRS, on by default, pinned off here: test_value_fma_on_token_pairs), and KS_WORD stays within 4 unit
+    roundoffs, for the first two FAST configs of kivi_configs (the defaults), with automatic and explicit
+    splits; and all stay within the error bound against float64 SDPA over the dequantized cache. Shapes: D 64 / 128 / 256, groups 16 / 32 / 64, GQA 1-8, Tq 1-16; q bf16 / fp16;
     bf16, fp16 and fp32 scales."""
     from fxforge.runtime.kivi_attention import _kernels, launch
     _, H, HKV, TQ, _, D, g, gv = case
@@ -502,8 +502,8 @@ def test_packed_plane_decode_is_bit_identical(case, bits, dtype, scale_dtype):
             for packed, vs_word, ks_word in ((False, False, False), (True, False, False), (True, True, False),
                                              (True, True, True)):
                 out = torch.full_like(q, float("nan"))
-                launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg, PACKED=packed, VS_WORD=vs_word, KS_WORD=ks_word,
-                                                                V_PAIRS=False))
+                opts = {"PACKED": packed, "VS_WORD": vs_word, "KS_WORD": ks_word, "V_PAIRS": False}  # V_PAIRS: own test
+                launch(k1, k2, q, cache, out, D ** -0.5, ns, dict(cfg, **opts))
                 assert rel_err(out, ref) <= floor, (cfg, ns, packed, vs_word, ks_word)
                 outs.append(out)
             assert torch.equal(outs[0], outs[1]), (cfg, ns, (outs[0] - outs[1]).abs().max().item())
