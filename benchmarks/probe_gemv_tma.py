@@ -1,0 +1,149 @@
+"""One-call H100 probe: does feeding the GEMV's weight words through TMA (host tensor descriptors, Triton's
+loop pipeliner keeping STAGES boxes in flight per program) beat the register-prefetched words GEMV and the
+plain-load read ceiling (probe_gemv_ceiling.md: 8-bit words at 4096^2 read in 7.51 us at best = 2.04x bf16,
+against w8a16's 1.85x target)?
+
+Per shape (4096^2 and 14336 x 4096, M = 1), one run, same timing as bench_quant.py (one CUDA graph of 20
+launches, weights rotating over > 200 MB of copies so every launch reads HBM):
+  bf16                   torch.mm (cuBLAS)
+  read8[...] / read4[...] the int32 words read and XOR-folded per row, plain loads (probe_gemv_ceiling's kernel)
+  tma_read8[...] / tma_read4[...]  the same through TMA boxes [BLOCK_N, BW] and STAGES buffers
+  w8a16[default]         the words GEMV default (what fxforge runs today)
+  w8a16_tma[...]         codegen/templates/dequant_gemv_tma.py (n rows, bw words per box, st stages, w warps, xd: x
+                         through its own descriptor, sk K splits + the split-K reduce)
+Every w8a16 output is checked against a float64 reference (rel err < 1e-2) before it is timed.
+
+Usage (repo root): ``python benchmarks/probe_gemv_tma.py`` -> benchmarks/results/probe_gemv_tma.{json,md} (and $OUT).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import gemv_bf16_baseline, graph_time_us, rel_err, sweep_shapes
+from fxforge.codegen.templates.dequant_gemv_tma import dequant_gemv_tma8
+from fxforge.passes.quant.formats import dequantize, quantize
+from fxforge.runtime import quant_linear as ql
+from probe_gemv_ceiling import read_time
+
+SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
+# (BLOCK_N, BW words, STAGES, warps, K splits)
+READ_TMA = [(16, 256, 4, 4, 1), (16, 256, 3, 4, 1), (32, 128, 4, 4, 1), (16, 128, 6, 4, 1), (8, 256, 4, 4, 1),
+            (32, 256, 3, 4, 1), (64, 64, 4, 4, 1), (16, 256, 2, 4, 1), (32, 256, 4, 8, 1), (16, 256, 4, 4, 2)]
+# plain-load read configs of probe_gemv_ceiling (n, bw, warps, splits, unroll, stages, persist): its best two
+READ_PLAIN = [(16, 128, 4, 1, 2, 1, 0), (16, 64, 4, 1, 1, 1, 0)]
+# (BLOCK_N, BW, STAGES, warps, X_DESC, K splits)
+GEMV_TMA = [(16, 256, 4, 4, 0, 1), (16, 256, 3, 4, 0, 1), (16, 256, 4, 4, 1, 1), (32, 128, 4, 4, 0, 1),
+            (32, 128, 6, 4, 0, 1), (16, 128, 6, 4, 0, 1), (8, 256, 4, 4, 0, 1), (32, 256, 3, 8, 0, 1),
+            (64, 64, 4, 4, 0, 1), (16, 256, 4, 8, 0, 1), (16, 256, 4, 4, 0, 2), (8, 256, 6, 4, 1, 1)]
+
+
+@triton.jit
+def read_tma(w_desc, out, N, per_split, BLOCK_N: tl.constexpr, BW: tl.constexpr, STAGES: tl.constexpr):
+    """XOR of every int32 word of BLOCK_N rows over this program's K range, one TMA box per step."""
+    n0 = tl.program_id(0) * BLOCK_N
+    pid_k = tl.program_id(1)
+    acc = tl.zeros([BLOCK_N, BW], tl.int32)
+    k0 = pid_k * per_split
+    for k in tl.range(k0, k0 + per_split, BW, num_stages=STAGES):
+        acc ^= w_desc.load([n0, k])
+    tl.store(out + pid_k * N + n0 + tl.arange(0, BLOCK_N), tl.xor_sum(acc, 1))
+
+
+def tma_read_time(ws, N, KW, bn, bw, st, warps, splits) -> float:
+    out = torch.empty(splits * N, dtype=torch.int32, device="cuda")
+    descs = [TensorDescriptor.from_tensor(w, [bn, bw]) for w in ws]
+    per = KW // splits
+    return graph_time_us(lambda i: read_tma[(N // bn, splits)](descs[i % len(descs)], out, N, per, BLOCK_N=bn, BW=bw,
+                                                              STAGES=st, num_warps=warps, num_stages=1))
+
+
+def gemv_tma8(x, desc, scales, out, partials, N, K, bn, bw, st, warps, xd, splits):
+    """One w8a16 GEMV (M = 1) through dequant_gemv_tma8; with K splits the fxforge split-K reduce sums them."""
+    KW = K // 4
+    per = -(-KW // splits // bw) * bw  # whole boxes per split (a box never crosses into the next split)
+    dequant_gemv_tma8[(triton.cdiv(N, bn), splits, 1)](x, desc, scales, out, out, partials, 1, N, K, per, K, N, 255,
+                                                       BLOCK_N=bn, BW=bw, STAGES=st, SPLIT=splits > 1, X_DESC=xd,
+                                                       HAS_BIAS=False, num_warps=warps, num_stages=1)
+    if splits > 1:
+        ql._splitk_reduce(ql.kernels_for("cuda"), partials, None, out, splits, False, False)
+
+
+def probe_shape(res, lines, t0, wl, N, K) -> None:
+    wb, x, copies, bf = gemv_bf16_baseline(N, K)
+    res.add(wl, "bf16", "time", bf, "us")
+    lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | {N * K * 2 / bf / 1e6:.2f} | 1.00 |")
+
+    def row(what, cfg_name, us, nbytes):
+        res.add(wl, f"{what}[{cfg_name}]", "time", us, "us")
+        res.add(wl, f"{what}[{cfg_name}]", "tbps", nbytes / us / 1e6, "TB/s")
+        lines.append(f"| {wl} | {what} | {cfg_name} | {us:.2f} | {nbytes / us / 1e6:.2f} | {bf / us:.2f} |")
+        print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+
+    for bits in (8, 4):
+        KW = K * bits // 32
+        nbytes = N * KW * 4
+        wc = max(2, -(-200_000_000 // nbytes))
+        ws = [torch.randint(-2**31, 2**31 - 1, (N, KW), device="cuda", dtype=torch.int32) for _ in range(wc)]
+        for bn, bw, w, s, u, st, p in READ_PLAIN:
+            name = f"n{bn} bw{bw} w{w} sk{s} u{u} st{st}"
+            row(f"read{bits}", name, read_time(ws, N, KW, bn, bw, w, s, u, st, p), nbytes)
+        for bn, bw, st, w, s in READ_TMA:
+            if bw > KW // s:
+                continue
+            name = f"n{bn} bw{bw} st{st} w{w} sk{s}"
+            try:
+                row(f"tma_read{bits}", name, tma_read_time(ws, N, KW, bn, bw, st, w, s), nbytes)
+            except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
+                print(f"{wl} tma_read{bits} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+    fmt = "w8a16"
+    qts = [quantize(w, fmt) for w in wb]
+    ref = x.double() @ dequantize(qts[0]).double().t()
+    qbytes = ql.bytes_model(fmt, N, K, 1)["expected_us"] * 3.0e12 / 1e6
+
+    def words_run(i):
+        q = qts[i % copies]
+        ql.quant_linear_apply(x, q.codes, q.scales, None, None, None, fmt, K, check=False)
+    err = rel_err(ql.quant_linear_apply(x, qts[0].codes, qts[0].scales, None, None, None, fmt, K), ref)
+    row("w8a16", f"default err {err:.1e}", graph_time_us(words_run), qbytes)
+
+    words = [q.codes.view(torch.int32) for q in qts]
+    scales = [q.scales.reshape(-1) for q in qts]
+    out = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    partials = torch.empty(4 * N, device="cuda", dtype=torch.float32)
+    for bn, bw, st, w, xd, s in GEMV_TMA:
+        name = f"n{bn} bw{bw} st{st} w{w} xd{xd} sk{s}"
+        try:
+            descs = [TensorDescriptor.from_tensor(c, [bn, bw]) for c in words]
+            xa = TensorDescriptor.from_tensor(x, [1, 4 * bw]) if xd else x
+
+            def run(i, bn=bn, bw=bw, st=st, w=w, xd=xd, s=s, descs=descs, xa=xa):
+                gemv_tma8(xa, descs[i % copies], scales[i % copies], out, partials, N, K, bn, bw, st, w, xd, s)
+            run(0)
+            err = rel_err(out, ref)
+            if err > 1e-2:
+                print(f"{wl} w8a16_tma {name}: rel err {err:.2e}", flush=True)
+                continue
+            row("w8a16_tma", f"{name} err {err:.1e}", graph_time_us(run), qbytes)
+        except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
+            print(f"{wl} w8a16_tma {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    sweep_shapes("probe_gemv_tma", ["| workload | what | config | us | TB/s of its bytes | x bf16 |",
+                                    "|---|---|---|---|---|---|"], SHAPES, probe_shape)
+
+
+if __name__ == "__main__":
+    main()

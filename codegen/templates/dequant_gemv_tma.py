@@ -1,0 +1,75 @@
+# fxforge dequant-GEMV template fed by TMA: y = x @ dequant(W)^T (+ bias) for one row of x per program
+# (decode, M <= 4) and an int8 per-row-scaled weight (w8a16, passes/quant/formats.py), its codes read as
+# int32 words [N, KW] through a host tensor descriptor. Probe kernel of benchmarks/probe_gemv_tma.py.
+#
+# Kernel
+#   dequant_gemv_tma8     Each program owns BLOCK_N rows and a K range (K splits: fp32 partials [SPLITS, M, N]
+#                         for dequant_splitk_reduce). A step is one TMA box of [BLOCK_N, BW] words (BW <= 256:
+#                         the box limit), pipelined over STAGES shared-memory buffers by Triton's loop
+#                         pipeliner (tl.range num_stages): the copy engine keeps STAGES boxes in flight per
+#                         program without registers or per-thread address math, where the words GEMV
+#                         (dequant_gemv_words.py) holds its next step in registers (one step ahead per
+#                         thread). x [EPW·BW] of the step comes either through its own descriptor (X_DESC) or
+#                         as a cp.async-pipelined pointer load; both land in shared memory and are read in
+#                         the decode's layout (no register-layout conversion, which costs the words kernel 6
+#                         barriers a step). Out-of-range boxes are zero-filled by the TMA unit (K tail, N
+#                         tail): no masks in the loop; zero codes times zero x add nothing.
+#                         Decode (as the words kernel's mask decode): the word XOR 0x80808080 makes the signed
+#                         bytes offset-binary c + 128; byte J of plane (word >> 16·(J // 2)) & (0xFF << 8·(J % 2))
+#                         ORed with the exponent of 2^(23 - 8·(J % 2)) is the float 2^(23 - 8·(J % 2)) + c + 128
+#                         (one LOP3), minus 2^(23 - 8·(J % 2)) + 128 (FADD), times x as loaded (FFMA).
+#                         Per-row scale in the epilogue. sm_90 loop (triton 3.6, 16 x 256 words, 4 warps):
+#                         569 instructions per 128 elements per thread (4.4 per element; the words kernel 5.5).
+#
+# Bytes model: N * K (codes) + 2 * N (bf16 scales) + 2 * M * K (x) + 2 * M * N (y); 4096 x 4096, M = 1:
+# 16.80 MB, 5.60 us at 3.0 TB/s (runtime/quant_linear.py bytes_model, format w8a16).
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _byte_plane(wd, mask, EXP: tl.constexpr, zf):
+    # (wd & mask) | EXP read as fp32 is 2^e + c exactly (c < 2^8 at the plane's position); minus zf = 2^e + 128
+    # it is the signed code
+    return ((wd & mask) | EXP).to(tl.float32, bitcast=True) - zf
+
+
+@triton.jit
+def dequant_gemv_tma8(x, w_desc, scales, bias, out, partials, M, N, K, KW_PER_SPLIT, s_xm, s_om, mask0,
+                      BLOCK_N: tl.constexpr, BW: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
+                      X_DESC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # x: a descriptor over x [M, K] with box [1, 4·BW] (X_DESC) or its pointer (row stride s_xm, unit column
+    # stride); w_desc: box [BLOCK_N, BW] over the int32 words [N, K / 4]; scales [N] (any float dtype).
+    n0 = tl.program_id(0) * BLOCK_N
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    KW = K // 4
+    k_start = pid_k * KW_PER_SPLIT
+    k_end = tl.minimum(k_start + KW_PER_SPLIT, KW)
+    acc = tl.zeros([BLOCK_N, BW], tl.float32)
+    iw = tl.arange(0, BW)
+    i2 = tl.arange(0, 2)
+    for k in tl.range(k_start, k_end, BW, num_stages=STAGES):
+        wd = w_desc.load([n0, k]) ^ -2139062144  # 0x80808080: signed bytes -> offset binary c + 128
+        if X_DESC:
+            xv = tl.reshape(x.load([m, k * 4]), (BW, 2, 2)).to(tl.float32)
+        else:
+            kx = (k + iw)[:, None, None] * 4 + i2[None, :, None] * 2 + i2[None, None, :]
+            xv = tl.load(x + m * s_xm + kx, mask=kx < K, other=0.0).to(tl.float32)
+        xe, xo = tl.split(xv)  # elements 0 2 | 1 3 of each word
+        x0, x2 = tl.split(xe)
+        x1, x3 = tl.split(xo)
+        wh = wd >> 16
+        acc += x0[None, :] * _byte_plane(wd, mask0, 0x4B000000, 8388736.0)
+        acc += x1[None, :] * _byte_plane(wd, mask0 << 8, 0x47000000, 32896.0)
+        acc += x2[None, :] * _byte_plane(wh, mask0, 0x4B000000, 8388736.0)
+        acc += x3[None, :] * _byte_plane(wh, mask0 << 8, 0x47000000, 32896.0)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    y = tl.sum(acc, 1) * tl.load(scales + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if SPLIT:
+        tl.store(partials + (pid_k * M + m) * N + rn, y, mask=n_ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out + m * s_om + rn, y.to(out.dtype.element_ty), mask=n_ok)
