@@ -11,12 +11,15 @@ launches, weights rotating over > 200 MB of copies so every launch reads HBM):
   w8a16[default]         the words GEMV default (what fxforge runs today)
   w8a16_tma[...]         codegen/templates/dequant_gemv_tma.py (n rows, bw words per box, st stages, w warps, xd: x
                          through its own descriptor, sk K splits + the split-K reduce)
+  w8a16_tma_persist[...] its persistent twin (p programs per SM, fl: the (tile, K step) loop nest flattened into one
+                         pipelined loop); PROBE_PERSIST=1 runs this round (round 2) instead of round 1
 Every w8a16 output is checked against a float64 reference (rel err < 1e-2) before it is timed.
 
 Usage (repo root): ``python benchmarks/probe_gemv_tma.py`` -> benchmarks/results/probe_gemv_tma.{json,md} (and $OUT).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gemv_bf16_baseline, graph_time_us, rel_err, sweep_shapes
-from fxforge.codegen.templates.dequant_gemv_tma import dequant_gemv_tma8
+from fxforge.codegen.templates.dequant_gemv_tma import dequant_gemv_tma8, dequant_gemv_tma8_persistent
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 from probe_gemv_ceiling import read_time
@@ -43,6 +46,13 @@ READ_PLAIN = [(16, 128, 4, 1, 2, 1, 0), (16, 64, 4, 1, 1, 1, 0)]
 GEMV_TMA = [(16, 256, 4, 4, 0, 1), (16, 256, 3, 4, 0, 1), (16, 256, 4, 4, 1, 1), (32, 128, 4, 4, 0, 1),
             (32, 128, 6, 4, 0, 1), (16, 128, 6, 4, 0, 1), (8, 256, 4, 4, 0, 1), (32, 256, 3, 8, 0, 1),
             (64, 64, 4, 4, 0, 1), (16, 256, 4, 8, 0, 1), (16, 256, 4, 4, 0, 2), (8, 256, 6, 4, 1, 1)]
+# round 2 (PROBE_PERSIST=1): round 1's two best, then (BLOCK_N, BW, STAGES, warps, X_DESC, programs per SM, FLATTEN)
+if os.environ.get("PROBE_PERSIST"):
+    READ_TMA = [(16, 256, 3, 4, 1), (8, 256, 4, 4, 1)]
+    READ_PLAIN = READ_PLAIN[1:]
+    GEMV_TMA = [(16, 256, 3, 4, 0, 1), (32, 128, 4, 4, 0, 1)]
+PERSIST = [(bn, bw, st, 4, 0, p, fl) for bn, bw, st in [(16, 256, 3), (16, 128, 4), (32, 128, 4), (8, 256, 4)]
+           for p in (1, 2, 3) for fl in (1, 0)] + [(16, 256, 3, 4, 1, 2, 1), (16, 256, 4, 4, 0, 4, 1)]
 
 
 @triton.jit
@@ -137,11 +147,32 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
             row("w8a16_tma", f"{name} err {err:.1e}", graph_time_us(run), qbytes)
         except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
             print(f"{wl} w8a16_tma {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if os.environ.get("PROBE_PERSIST"):
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for bn, bw, st, w, xd, p, fl in PERSIST:
+            name = f"n{bn} bw{bw} st{st} w{w} xd{xd} p{p} fl{fl}"
+            try:
+                descs = [TensorDescriptor.from_tensor(c, [bn, bw]) for c in words]
+                xa = TensorDescriptor.from_tensor(x, [1, 4 * bw]) if xd else x
+                grid = (min(sms * p, triton.cdiv(N, bn)), 1)
+
+                def run(i, bn=bn, bw=bw, st=st, w=w, xd=xd, fl=fl, descs=descs, xa=xa, grid=grid):
+                    dequant_gemv_tma8_persistent[grid](xa, descs[i % copies], scales[i % copies], out, out, 1, N, K, K,
+                                                       N, 255, BLOCK_N=bn, BW=bw, STAGES=st, X_DESC=xd, HAS_BIAS=False,
+                                                       FLATTEN=fl, num_warps=w, num_stages=1)
+                run(0)
+                err = rel_err(out, ref)
+                if err > 1e-2:
+                    print(f"{wl} w8a16_tma_persist {name}: rel err {err:.2e}", flush=True)
+                    continue
+                row("w8a16_tma_persist", f"{name} err {err:.1e}", graph_time_us(run), qbytes)
+            except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
+                print(f"{wl} w8a16_tma_persist {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     torch.cuda.empty_cache()
 
 
 def main() -> None:
-    sweep_shapes("probe_gemv_tma", ["| workload | what | config | us | TB/s of its bytes | x bf16 |",
+    sweep_shapes("probe_gemv_tma_r2" if os.environ.get("PROBE_PERSIST") else "probe_gemv_tma", ["| workload | what | config | us | TB/s of its bytes | x bf16 |",
                                     "|---|---|---|---|---|---|"], SHAPES, probe_shape)
 
 

@@ -73,3 +73,47 @@ def dequant_gemv_tma8(x, w_desc, scales, bias, out, partials, M, N, K, KW_PER_SP
         if HAS_BIAS:
             y += tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(out + m * s_om + rn, y.to(out.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _tma8_step(acc, x, w_desc, n0, k, m, K, s_xm, mask0, BW: tl.constexpr, X_DESC: tl.constexpr):
+    # acc += x[4k .. 4k + 4BW) * the codes of words k .. k + BW of rows n0 .. n0 + BLOCK_N (one TMA box)
+    wd = w_desc.load([n0, k]) ^ -2139062144  # 0x80808080: signed bytes -> offset binary c + 128
+    if X_DESC:
+        xv = tl.reshape(x.load([m, k * 4]), (BW, 2, 2)).to(tl.float32)
+    else:
+        i2 = tl.arange(0, 2)
+        kx = (k + tl.arange(0, BW))[:, None, None] * 4 + i2[None, :, None] * 2 + i2[None, None, :]
+        xv = tl.load(x + m * s_xm + kx, mask=kx < K, other=0.0).to(tl.float32)
+    xe, xo = tl.split(xv)  # elements 0 2 | 1 3 of each word
+    x0, x2 = tl.split(xe)
+    x1, x3 = tl.split(xo)
+    wh = wd >> 16
+    acc += x0[None, :] * _byte_plane(wd, mask0, 0x4B000000, 8388736.0)
+    acc += x1[None, :] * _byte_plane(wd, mask0 << 8, 0x47000000, 32896.0)
+    acc += x2[None, :] * _byte_plane(wh, mask0, 0x4B000000, 8388736.0)
+    acc += x3[None, :] * _byte_plane(wh, mask0 << 8, 0x47000000, 32896.0)
+    return acc
+
+
+@triton.jit
+def dequant_gemv_tma8_persistent(x, w_desc, scales, bias, out, M, N, K, s_xm, s_om, mask0, BLOCK_N: tl.constexpr,
+                                 BW: tl.constexpr, STAGES: tl.constexpr, X_DESC: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr):
+    # Persistent grid (programs = SM slots, row tiles strided over them): with FLATTEN the (tile, K step) loop
+    # nest is one pipelined loop, so the TMA boxes of a program's next tile are in flight while it finishes
+    # this one (no pipeline drain and refill per tile, no tail wave).
+    m = tl.program_id(1)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    KW = K // 4
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
+        n0 = tile * BLOCK_N
+        acc = tl.zeros([BLOCK_N, BW], tl.float32)
+        for k in tl.range(0, KW, BW, num_stages=STAGES):
+            acc = _tma8_step(acc, x, w_desc, n0, k, m, K, s_xm, mask0, BW, X_DESC)
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        y = tl.sum(acc, 1) * tl.load(scales + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out + m * s_om + rn, y.to(out.dtype.element_ty), mask=n_ok)
