@@ -31,7 +31,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gemv_bf16_baseline, graph_time_us, rel_err, sweep_shapes
-from fxforge.codegen.templates.dequant_gemv_tma import dequant_gemv_tma8, dequant_gemv_tma8_persistent
+from fxforge.codegen.templates.dequant_gemv_tma import (
+    dequant_gemv_tma8,
+    dequant_gemv_tma8_persistent,
+)
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 from probe_gemv_ceiling import read_time
