@@ -13,6 +13,8 @@ launches, weights rotating over > 200 MB of copies so every launch reads HBM):
                          through its own descriptor, sk K splits + the split-K reduce)
   w8a16_tma_persist[...] its persistent twin (p programs per SM, fl: the (tile, K step) loop nest flattened into one
                          pipelined loop); PROBE_PERSIST=1 runs this round (round 2) instead of round 1
+  ... dec2 / dec4        the offset decode (PROBE_DEC=1, round 3): acc += x * (2^15 + u) from one PRMT per element,
+                         the (2^15 + 128) * x offset subtracted at the end (dec2) or every step (dec4)
 Every w8a16 output is checked against a float64 reference (rel err < 1e-2) before it is timed.
 
 Usage (repo root): ``python benchmarks/probe_gemv_tma.py`` -> benchmarks/results/probe_gemv_tma.{json,md} (and $OUT).
@@ -54,8 +56,14 @@ if os.environ.get("PROBE_PERSIST"):
     READ_TMA = [(16, 256, 3, 4, 1), (8, 256, 4, 4, 1)]
     READ_PLAIN = READ_PLAIN[1:]
     GEMV_TMA = [(16, 256, 3, 4, 0, 1), (32, 128, 4, 4, 0, 1)]
+if os.environ.get("PROBE_DEC"):  # round 3: the offset decodes (DEC 2: PRMT planes; 4: + offset folded per step)
+    READ_TMA, READ_PLAIN = [(16, 256, 3, 4, 1)], READ_PLAIN[1:]
+    GEMV_TMA = [(bn, bw, st, 4, 0, 1, dec) for bn, bw, st in [(16, 256, 3), (32, 128, 4), (16, 128, 4), (8, 256, 4)]
+                for dec in (0, 2, 4)]
 PERSIST = [(bn, bw, st, 4, 0, p, fl) for bn, bw, st in [(16, 256, 3), (16, 128, 4), (32, 128, 4), (8, 256, 4)]
            for p in (1, 2, 3) for fl in (1, 0)] + [(16, 256, 3, 4, 1, 2, 1), (16, 256, 4, 4, 0, 4, 1)]
+if os.environ.get("PROBE_DEC"):
+    PERSIST = [(16, 128, 4, 4, 0, p, 1, dec) for p in (2, 3) for dec in (0, 4)]
 
 
 @triton.jit
@@ -78,13 +86,13 @@ def tma_read_time(ws, N, KW, bn, bw, st, warps, splits) -> float:
                                                               STAGES=st, num_warps=warps, num_stages=1))
 
 
-def gemv_tma8(x, desc, scales, out, partials, N, K, bn, bw, st, warps, xd, splits):
+def gemv_tma8(x, desc, scales, out, partials, N, K, bn, bw, st, warps, xd, splits, dec=0):
     """One w8a16 GEMV (M = 1) through dequant_gemv_tma8; with K splits the fxforge split-K reduce sums them."""
     KW = K // 4
     per = -(-KW // splits // bw) * bw  # whole boxes per split (a box never crosses into the next split)
     dequant_gemv_tma8[(triton.cdiv(N, bn), splits, 1)](x, desc, scales, out, out, partials, 1, N, K, per, K, N, 255,
                                                        BLOCK_N=bn, BW=bw, STAGES=st, SPLIT=splits > 1, X_DESC=xd,
-                                                       HAS_BIAS=False, num_warps=warps, num_stages=1)
+                                                       HAS_BIAS=False, DEC=dec, num_warps=warps, num_stages=1)
     if splits > 1:
         ql._splitk_reduce(ql.kernels_for("cuda"), partials, None, out, splits, False, False)
 
@@ -134,14 +142,15 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
     scales = [q.scales.reshape(-1) for q in qts]
     out = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
     partials = torch.empty(4 * N, device="cuda", dtype=torch.float32)
-    for bn, bw, st, w, xd, s in GEMV_TMA:
-        name = f"n{bn} bw{bw} st{st} w{w} xd{xd} sk{s}"
+    for bn, bw, st, w, xd, s, *dec in GEMV_TMA:
+        dec = dec[0] if dec else 0
+        name = f"n{bn} bw{bw} st{st} w{w} xd{xd} sk{s}" + (f" dec{dec}" if dec else "")
         try:
             descs = [TensorDescriptor.from_tensor(c, [bn, bw]) for c in words]
             xa = TensorDescriptor.from_tensor(x, [1, 4 * bw]) if xd else x
 
-            def run(i, bn=bn, bw=bw, st=st, w=w, xd=xd, s=s, descs=descs, xa=xa):
-                gemv_tma8(xa, descs[i % copies], scales[i % copies], out, partials, N, K, bn, bw, st, w, xd, s)
+            def run(i, bn=bn, bw=bw, st=st, w=w, xd=xd, s=s, descs=descs, xa=xa, dec=dec):
+                gemv_tma8(xa, descs[i % copies], scales[i % copies], out, partials, N, K, bn, bw, st, w, xd, s, dec)
             run(0)
             err = rel_err(out, ref)
             if err > 1e-2:
@@ -150,19 +159,20 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
             row("w8a16_tma", f"{name} err {err:.1e}", graph_time_us(run), qbytes)
         except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
             print(f"{wl} w8a16_tma {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    if os.environ.get("PROBE_PERSIST"):
+    if os.environ.get("PROBE_PERSIST") or os.environ.get("PROBE_DEC"):
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for bn, bw, st, w, xd, p, fl in PERSIST:
-            name = f"n{bn} bw{bw} st{st} w{w} xd{xd} p{p} fl{fl}"
+        for bn, bw, st, w, xd, p, fl, *dec in PERSIST:
+            dec = dec[0] if dec else 0
+            name = f"n{bn} bw{bw} st{st} w{w} xd{xd} p{p} fl{fl}" + (f" dec{dec}" if dec else "")
             try:
                 descs = [TensorDescriptor.from_tensor(c, [bn, bw]) for c in words]
                 xa = TensorDescriptor.from_tensor(x, [1, 4 * bw]) if xd else x
                 grid = (min(sms * p, triton.cdiv(N, bn)), 1)
 
-                def run(i, bn=bn, bw=bw, st=st, w=w, xd=xd, fl=fl, descs=descs, xa=xa, grid=grid):
+                def run(i, bn=bn, bw=bw, st=st, w=w, xd=xd, fl=fl, descs=descs, xa=xa, grid=grid, dec=dec):
                     dequant_gemv_tma8_persistent[grid](xa, descs[i % copies], scales[i % copies], out, out, 1, N, K, K,
                                                        N, 255, BLOCK_N=bn, BW=bw, STAGES=st, X_DESC=xd, HAS_BIAS=False,
-                                                       FLATTEN=fl, num_warps=w, num_stages=1)
+                                                       FLATTEN=fl, DEC=dec, num_warps=w, num_stages=1)
                 run(0)
                 err = rel_err(out, ref)
                 if err > 1e-2:
@@ -175,7 +185,9 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
 
 
 def main() -> None:
-    sweep_shapes("probe_gemv_tma_r2" if os.environ.get("PROBE_PERSIST") else "probe_gemv_tma", ["| workload | what | config | us | TB/s of its bytes | x bf16 |",
+    name = "probe_gemv_tma_r3" if os.environ.get("PROBE_DEC") else "probe_gemv_tma_r2" if os.environ.get("PROBE_PERSIST") \
+        else "probe_gemv_tma"
+    sweep_shapes(name, ["| workload | what | config | us | TB/s of its bytes | x bf16 |",
                                     "|---|---|---|---|---|---|"], SHAPES, probe_shape)
 
 

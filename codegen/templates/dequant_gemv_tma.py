@@ -35,9 +35,69 @@ def _byte_plane(wd, mask, EXP: tl.constexpr, zf):
 
 
 @triton.jit
+def _prmt_planes(wd):
+    # the 4 bytes u_j of each word as the floats 2^15 + u_j: one PRMT each (byte 1 <- u_j, byte 3 <- 0x47)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 e; mov.b32 e, 0x47000000; prmt.b32 $0, $4, e, 0x7404; prmt.b32 $1, $4, e, 0x7414;"
+        " prmt.b32 $2, $4, e, 0x7424; prmt.b32 $3, $4, e, 0x7434; }",
+        "=r,=r,=r,=r,r", [wd], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _shift_planes(wd):
+    # the interpreter's twin of _prmt_planes (same floats): byte j moved to bits 8..15, exponent of 2^15
+    f0 = ((wd << 8) & 0xFF00) | 0x47000000
+    f1 = (wd & 0xFF00) | 0x47000000
+    f2 = ((wd >> 8) & 0xFF00) | 0x47000000
+    f3 = ((wd >> 16) & 0xFF00) | 0x47000000
+    return (f0.to(tl.float32, bitcast=True), f1.to(tl.float32, bitcast=True), f2.to(tl.float32, bitcast=True),
+            f3.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _tma8_step(acc, xs, x, w_desc, n0, k, m, K, s_xm, mask0, BW: tl.constexpr, X_DESC: tl.constexpr,
+               DEC: tl.constexpr):
+    # acc += x[4k .. 4k + 4BW) * the codes of words k .. k + BW of rows n0 .. n0 + BLOCK_N (one TMA box).
+    # DEC 0: exact products (LOP3 + FADD + FFMA per element). DEC 1 / 2 (offset decode): acc += x * (2^15 + u)
+    # with u = c + 128 (FFMA only after the plane: PRMT with DEC 2, shift + LOP3 with DEC 1), xs += x per word,
+    # and the caller subtracts (2^15 + 128) * sum(xs) once; each product then rounds at 2^-24 of x * 2^15
+    # instead of being exact (about 1e-4 relative on a K = 4096 dot, 40x under a bf16 output's half ulp).
+    wd = w_desc.load([n0, k]) ^ -2139062144  # 0x80808080: signed bytes -> offset binary c + 128
+    if X_DESC:
+        xv = tl.reshape(x.load([m, k * 4]), (BW, 2, 2)).to(tl.float32)
+    else:
+        i2 = tl.arange(0, 2)
+        kx = (k + tl.arange(0, BW))[:, None, None] * 4 + i2[None, :, None] * 2 + i2[None, None, :]
+        xv = tl.load(x + m * s_xm + kx, mask=kx < K, other=0.0).to(tl.float32)
+    xe, xo = tl.split(xv)  # elements 0 2 | 1 3 of each word
+    x0, x2 = tl.split(xe)
+    x1, x3 = tl.split(xo)
+    if DEC == 0:
+        wh = wd >> 16
+        acc += x0[None, :] * _byte_plane(wd, mask0, 0x4B000000, 8388736.0)
+        acc += x1[None, :] * _byte_plane(wd, mask0 << 8, 0x47000000, 32896.0)
+        acc += x2[None, :] * _byte_plane(wh, mask0, 0x4B000000, 8388736.0)
+        acc += x3[None, :] * _byte_plane(wh, mask0 << 8, 0x47000000, 32896.0)
+    else:
+        if DEC % 2 == 0:
+            f0, f1, f2, f3 = _prmt_planes(wd)
+        else:
+            f0, f1, f2, f3 = _shift_planes(wd)
+        if DEC >= 3:  # the offset folded in every step: acc stays at the dot's magnitude
+            acc -= 32896.0 * ((x0 + x1) + (x2 + x3))[None, :]
+        acc += x0[None, :] * f0
+        acc += x1[None, :] * f1
+        acc += x2[None, :] * f2
+        acc += x3[None, :] * f3
+        if DEC < 3:
+            xs += (x0 + x1) + (x2 + x3)
+    return acc, xs
+
+
+@triton.jit
 def dequant_gemv_tma8(x, w_desc, scales, bias, out, partials, M, N, K, KW_PER_SPLIT, s_xm, s_om, mask0,
                       BLOCK_N: tl.constexpr, BW: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                      X_DESC: tl.constexpr, HAS_BIAS: tl.constexpr):
+                      X_DESC: tl.constexpr, HAS_BIAS: tl.constexpr, DEC: tl.constexpr = 0):
     # x: a descriptor over x [M, K] with box [1, 4·BW] (X_DESC) or its pointer (row stride s_xm, unit column
     # stride); w_desc: box [BLOCK_N, BW] over the int32 words [N, K / 4]; scales [N] (any float dtype).
     n0 = tl.program_id(0) * BLOCK_N
@@ -47,23 +107,11 @@ def dequant_gemv_tma8(x, w_desc, scales, bias, out, partials, M, N, K, KW_PER_SP
     k_start = pid_k * KW_PER_SPLIT
     k_end = tl.minimum(k_start + KW_PER_SPLIT, KW)
     acc = tl.zeros([BLOCK_N, BW], tl.float32)
-    iw = tl.arange(0, BW)
-    i2 = tl.arange(0, 2)
+    xs = tl.zeros([BW], tl.float32)
     for k in tl.range(k_start, k_end, BW, num_stages=STAGES):
-        wd = w_desc.load([n0, k]) ^ -2139062144  # 0x80808080: signed bytes -> offset binary c + 128
-        if X_DESC:
-            xv = tl.reshape(x.load([m, k * 4]), (BW, 2, 2)).to(tl.float32)
-        else:
-            kx = (k + iw)[:, None, None] * 4 + i2[None, :, None] * 2 + i2[None, None, :]
-            xv = tl.load(x + m * s_xm + kx, mask=kx < K, other=0.0).to(tl.float32)
-        xe, xo = tl.split(xv)  # elements 0 2 | 1 3 of each word
-        x0, x2 = tl.split(xe)
-        x1, x3 = tl.split(xo)
-        wh = wd >> 16
-        acc += x0[None, :] * _byte_plane(wd, mask0, 0x4B000000, 8388736.0)
-        acc += x1[None, :] * _byte_plane(wd, mask0 << 8, 0x47000000, 32896.0)
-        acc += x2[None, :] * _byte_plane(wh, mask0, 0x4B000000, 8388736.0)
-        acc += x3[None, :] * _byte_plane(wh, mask0 << 8, 0x47000000, 32896.0)
+        acc, xs = _tma8_step(acc, xs, x, w_desc, n0, k, m, K, s_xm, mask0, BW, X_DESC, DEC)
+    if DEC == 1 or DEC == 2:
+        acc -= 32896.0 * xs[None, :]  # (2^15 + 128) * x: the offset of every plane float
     rn = n0 + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     y = tl.sum(acc, 1) * tl.load(scales + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -76,30 +124,9 @@ def dequant_gemv_tma8(x, w_desc, scales, bias, out, partials, M, N, K, KW_PER_SP
 
 
 @triton.jit
-def _tma8_step(acc, x, w_desc, n0, k, m, K, s_xm, mask0, BW: tl.constexpr, X_DESC: tl.constexpr):
-    # acc += x[4k .. 4k + 4BW) * the codes of words k .. k + BW of rows n0 .. n0 + BLOCK_N (one TMA box)
-    wd = w_desc.load([n0, k]) ^ -2139062144  # 0x80808080: signed bytes -> offset binary c + 128
-    if X_DESC:
-        xv = tl.reshape(x.load([m, k * 4]), (BW, 2, 2)).to(tl.float32)
-    else:
-        i2 = tl.arange(0, 2)
-        kx = (k + tl.arange(0, BW))[:, None, None] * 4 + i2[None, :, None] * 2 + i2[None, None, :]
-        xv = tl.load(x + m * s_xm + kx, mask=kx < K, other=0.0).to(tl.float32)
-    xe, xo = tl.split(xv)  # elements 0 2 | 1 3 of each word
-    x0, x2 = tl.split(xe)
-    x1, x3 = tl.split(xo)
-    wh = wd >> 16
-    acc += x0[None, :] * _byte_plane(wd, mask0, 0x4B000000, 8388736.0)
-    acc += x1[None, :] * _byte_plane(wd, mask0 << 8, 0x47000000, 32896.0)
-    acc += x2[None, :] * _byte_plane(wh, mask0, 0x4B000000, 8388736.0)
-    acc += x3[None, :] * _byte_plane(wh, mask0 << 8, 0x47000000, 32896.0)
-    return acc
-
-
-@triton.jit
 def dequant_gemv_tma8_persistent(x, w_desc, scales, bias, out, M, N, K, s_xm, s_om, mask0, BLOCK_N: tl.constexpr,
                                  BW: tl.constexpr, STAGES: tl.constexpr, X_DESC: tl.constexpr,
-                                 HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr):
+                                 HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr, DEC: tl.constexpr = 0):
     # Persistent grid (programs = SM slots, row tiles strided over them): with FLATTEN the (tile, K step) loop
     # nest is one pipelined loop, so the TMA boxes of a program's next tile are in flight while it finishes
     # this one (no pipeline drain and refill per tile, no tail wave).
@@ -109,10 +136,13 @@ def dequant_gemv_tma8_persistent(x, w_desc, scales, bias, out, M, N, K, s_xm, s_
     for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
         n0 = tile * BLOCK_N
         acc = tl.zeros([BLOCK_N, BW], tl.float32)
+        xs = tl.zeros([BW], tl.float32)
         for k in tl.range(0, KW, BW, num_stages=STAGES):
-            acc = _tma8_step(acc, x, w_desc, n0, k, m, K, s_xm, mask0, BW, X_DESC)
+            acc, xs = _tma8_step(acc, xs, x, w_desc, n0, k, m, K, s_xm, mask0, BW, X_DESC, DEC)
         rn = n0 + tl.arange(0, BLOCK_N)
         n_ok = rn < N
+        if DEC == 1 or DEC == 2:
+            acc -= 32896.0 * xs[None, :]  # (2^15 + 128) * x: the offset of every plane float
         y = tl.sum(acc, 1) * tl.load(scales + rn, mask=n_ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)
