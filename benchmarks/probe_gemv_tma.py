@@ -60,10 +60,17 @@ if os.environ.get("PROBE_DEC"):  # round 3: the offset decodes (DEC 2: PRMT plan
     READ_TMA, READ_PLAIN = [(16, 256, 3, 4, 1)], READ_PLAIN[1:]
     GEMV_TMA = [(bn, bw, st, 4, 0, 1, dec) for bn, bw, st in [(16, 256, 3), (32, 128, 4), (16, 128, 4), (8, 256, 4)]
                 for dec in (0, 2, 4)]
+if os.environ.get("PROBE_CONFIRM"):  # round 4: round 3's winners and neighbours, each measured REPS times interleaved
+    READ_TMA, READ_PLAIN = [], []
+    GEMV_TMA = [(16, 128, st, 4, 0, 1, dec) for st, dec in [(4, 0), (4, 2), (3, 0), (5, 0), (6, 0)]] + \
+        [(16, 64, st, 4, 0, 1, 0) for st in (6, 8)] + [(16, 128, 4, 8, 0, 1, 0)]
+REPS = 3 if os.environ.get("PROBE_CONFIRM") else 1
 PERSIST = [(bn, bw, st, 4, 0, p, fl) for bn, bw, st in [(16, 256, 3), (16, 128, 4), (32, 128, 4), (8, 256, 4)]
            for p in (1, 2, 3) for fl in (1, 0)] + [(16, 256, 3, 4, 1, 2, 1), (16, 256, 4, 4, 0, 4, 1)]
 if os.environ.get("PROBE_DEC"):
     PERSIST = [(16, 128, 4, 4, 0, p, 1, dec) for p in (2, 3) for dec in (0, 4)]
+if os.environ.get("PROBE_CONFIRM"):
+    PERSIST = [(16, 128, 4, 4, 0, 2, 1, 0)]
 
 
 @triton.jit
@@ -108,7 +115,7 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
         lines.append(f"| {wl} | {what} | {cfg_name} | {us:.2f} | {nbytes / us / 1e6:.2f} | {bf / us:.2f} |")
         print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
 
-    for bits in (8, 4):
+    for bits in (8, 4) if READ_TMA or READ_PLAIN else ():
         KW = K * bits // 32
         nbytes = N * KW * 4
         wc = max(2, -(-200_000_000 // nbytes))
@@ -136,7 +143,19 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
         q = qts[i % copies]
         ql.quant_linear_apply(x, q.codes, q.scales, None, None, None, fmt, K, check=False)
     err = rel_err(ql.quant_linear_apply(x, qts[0].codes, qts[0].scales, None, None, None, fmt, K), ref)
-    row("w8a16", f"default err {err:.1e}", graph_time_us(words_run), qbytes)
+    for rep in range(REPS):
+        gemv_round(res, lines, row, wl, N, K, x, wb, qts, ref, qbytes, copies, words_run, err, rep)
+
+
+def gemv_round(res, lines, row, wl, N, K, x, wb, qts, ref, qbytes, copies, words_run, err, rep) -> None:
+    """One pass over the w8a16 variants (bf16 cuBLAS re-measured first when REPS > 1: interleaved repeats)."""
+    if REPS > 1:
+        y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+        bf = graph_time_us(lambda i: torch.mm(x, wb[i % copies].t(), out=y))
+        res.add(wl, f"bf16[rep{rep}]", "time", bf, "us")
+        lines.append(f"| {wl} | bf16 | cuBLAS rep{rep} | {bf:.2f} | {N * K * 2 / bf / 1e6:.2f} | 1.00 |")
+        print(lines[-1], flush=True)
+    row("w8a16", f"default err {err:.1e}" + (f" rep{rep}" if REPS > 1 else ""), graph_time_us(words_run), qbytes)
 
     words = [q.codes.view(torch.int32) for q in qts]
     scales = [q.scales.reshape(-1) for q in qts]
@@ -156,10 +175,10 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
             if err > 1e-2:
                 print(f"{wl} w8a16_tma {name}: rel err {err:.2e}", flush=True)
                 continue
-            row("w8a16_tma", f"{name} err {err:.1e}", graph_time_us(run), qbytes)
+            row("w8a16_tma", f"{name} err {err:.1e}" + (f" rep{rep}" if REPS > 1 else ""), graph_time_us(run), qbytes)
         except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
             print(f"{wl} w8a16_tma {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    if os.environ.get("PROBE_PERSIST") or os.environ.get("PROBE_DEC"):
+    if os.environ.get("PROBE_PERSIST") or os.environ.get("PROBE_DEC") or os.environ.get("PROBE_CONFIRM"):
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for bn, bw, st, w, xd, p, fl, *dec in PERSIST:
             dec = dec[0] if dec else 0
@@ -178,14 +197,15 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
                 if err > 1e-2:
                     print(f"{wl} w8a16_tma_persist {name}: rel err {err:.2e}", flush=True)
                     continue
-                row("w8a16_tma_persist", f"{name} err {err:.1e}", graph_time_us(run), qbytes)
+                row("w8a16_tma_persist", f"{name} err {err:.1e}" + (f" rep{rep}" if REPS > 1 else ""), graph_time_us(run),
+                    qbytes)
             except Exception as e:  # noqa: BLE001 — a failing config is reported, the sweep goes on
                 print(f"{wl} w8a16_tma_persist {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     torch.cuda.empty_cache()
 
 
 def main() -> None:
-    name = "probe_gemv_tma_r3" if os.environ.get("PROBE_DEC") else "probe_gemv_tma_r2" if os.environ.get("PROBE_PERSIST") \
+    name = "probe_gemv_tma_r4" if os.environ.get("PROBE_CONFIRM") else "probe_gemv_tma_r3" if os.environ.get("PROBE_DEC") else "probe_gemv_tma_r2" if os.environ.get("PROBE_PERSIST") \
         else "probe_gemv_tma"
     sweep_shapes(name, ["| workload | what | config | us | TB/s of its bytes | x bf16 |",
                                     "|---|---|---|---|---|---|"], SHAPES, probe_shape)
