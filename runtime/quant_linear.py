@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant_gemv_tma
 from .kernels import (
     first_that_fits,
     interpreter_active,
@@ -76,8 +77,8 @@ _SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "e8m0": torch.ui
 def template_source() -> str:
     """The source of the quant kernels: dequant_matmul.py first (its header holds the bytes model), then
     the words GEMVs and the helper modules they import."""
-    return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, KSPAN_TEMPLATE, PLANES_TEMPLATE, HELPERS,
-                                              PACKED_HELPERS))
+    return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, KSPAN_TEMPLATE, PLANES_TEMPLATE,
+                                              quant_gemv_tma.TMA_TEMPLATE, HELPERS, PACKED_HELPERS))
 
 
 def kernels_for(device_type: str) -> dict:
@@ -163,6 +164,10 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
         for bn, kbytes, w, pfx in wc:
             words.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
                           "PREFETCH": 1, "PREFETCH_X": pfx, "XT": xt if pfx else 0, "num_warps": w, "num_stages": 1})
+        # w8a16 below 8192 rows: the TMA-fed GEMV (quant_gemv_tma.py; probe_gemv_tma_r4.md, 4096^2 8.38-8.44 us
+        # vs the words default's 8.73-8.88); at 14336 rows the words kernel stays ahead (22.7-23.1 vs 23.4-23.7)
+        if N < 8192 and quant_gemv_tma.format_ok(kf):
+            words.insert(0, dict(quant_gemv_tma.DEFAULT_CONFIG))
         out = words + out
     return out
 
@@ -372,6 +377,18 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
             cfg.pop("num_warps", None), cfg.pop("num_stages", None)
         cfg_split = cfg.pop("SPLIT_K", None)
         cfg.pop("PDL", None)
+    if cfg.pop("TMA", False):
+        why = quant_gemv_tma.why_not(kf, x2, codes) if gemv else "TMA configs are for the GEMV only"
+        if why is None:
+            return _gemv_tma(x2, codes, scales, bias, out, cfg, split_k if split_k is not None else cfg_split,
+                             interpreted).reshape(*lead, n)
+        quant_gemv_tma.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not TMA
+        cfg = dict(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
+                        if not c.get("TMA")))
+        if interpreted:
+            cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+        cfg_split = cfg.pop("SPLIT_K", None)
+        cfg.pop("PDL", None)
     if cfg.pop("WORDS", False):
         if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
@@ -435,6 +452,18 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
         OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, PDL=pdl, **launch)
     if splits > 1:
         _splitk_reduce(ks, partials, bias, out, splits, interpreted, pdl)
+    return out
+
+
+def _gemv_tma(x2, codes, scales, bias, out, cfg, splits, interpreted):
+    """``dequant_gemv_tma8`` launch (w8a16 codes through TMA boxes of BW words; quant_gemv_tma.py), then the
+    split-K reduce when the K range is split."""
+    quant_gemv_tma.check_config(cfg)
+    M, n = out.shape
+    splits, per_split, partials = _plan_splits(splits, _cdiv(n, cfg["BLOCK_N"]) * M, codes.shape[1] // 4, cfg["BW"], out)
+    quant_gemv_tma.launch(x2, codes, scales, bias, out, cfg, splits, per_split, partials, interpreted)
+    if splits > 1:
+        _splitk_reduce(kernels_for(x2.device.type), partials, bias, out, splits, interpreted, False)
     return out
 
 
@@ -532,6 +561,11 @@ def _check_words(cfg: dict, kf: dict) -> None:
 
 
 def _check_blocks(cfg: dict, kf: dict, gemv: bool) -> None:
+    if cfg.get("TMA"):
+        if not gemv:
+            raise ValueError("quant_linear: TMA configs are for the GEMV only")
+        quant_gemv_tma.check_config(cfg)
+        return
     if cfg.get("WORDS"):
         if not gemv:
             raise ValueError("quant_linear: WORDS configs are for the GEMV only")
