@@ -253,6 +253,11 @@ def _sm_count(device: torch.device) -> int:
     return CPU_SMS
 
 
+def auto_split_k_tma(programs: int, kb: int, block_kb: int, device: torch.device) -> int:
+    """TMA GEMV: no K split once its row tiles fill the SMs (4096^2: sk2 11.3 us, sk1 9.1; probe_gemv_tma.md)."""
+    return 1 if programs >= _sm_count(device) else auto_split_k(programs, kb, block_kb, device)
+
+
 def auto_split_k_gemm(programs: int, kb: int, block_kb: int, device: torch.device) -> int:
     """K splits for the tensor-core GEMM at small M: enough (M, N) tiles x splits to cover the SMs once
     (M = 64, N = 4096 with 64-wide N tiles: 64 tiles -> 2-3 splits), each split >= 4 steps of BLOCK_KB."""
@@ -460,7 +465,8 @@ def _gemv_tma(x2, codes, scales, bias, out, cfg, splits, interpreted):
     split-K reduce when the K range is split."""
     quant_gemv_tma.check_config(cfg)
     M, n = out.shape
-    splits, per_split, partials = _plan_splits(splits, _cdiv(n, cfg["BLOCK_N"]) * M, codes.shape[1] // 4, cfg["BW"], out)
+    splits, per_split, partials = _plan_splits(splits, _cdiv(n, cfg["BLOCK_N"]) * M, codes.shape[1] // 4, cfg["BW"], out,
+                                               auto_split_k_tma)
     quant_gemv_tma.launch(x2, codes, scales, bias, out, cfg, splits, per_split, partials, interpreted)
     if splits > 1:
         _splitk_reduce(kernels_for(x2.device.type), partials, bias, out, splits, interpreted, False)

@@ -73,6 +73,9 @@ def test_config_selection_and_fallbacks():
     _check_kernel(ql.quant_linear_apply(x4, *_args(qt4, None, "nvint4", 128), config=dict(qg.DEFAULT_CONFIG)),
                   x4, qt4, None, gemm=False)
     assert "w8a16" in qg.SKIPPED[("nvint4", 1, n, 128, "cpu")]
+    # K splits only below one wave of row tiles
+    assert ql.auto_split_k_tma(ql.CPU_SMS, 1024, 128, torch.device("cpu")) == 1
+    assert ql.auto_split_k_tma(1, 1024, 128, torch.device("cpu")) > 1
     for bad in ({"BW": 512}, {"BW": 48}, {"BLOCK_N": 12}, {"STAGES": 0}):
         with pytest.raises(ValueError, match="TMA"):
             ql._check_blocks(dict(qg.DEFAULT_CONFIG, **bad), ql.kernel_format("w8a16"), gemv=True)
