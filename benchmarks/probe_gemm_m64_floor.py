@@ -1,0 +1,121 @@
+"""One-call H100 probe: where does the M = 64 dequant GEMM's time go -- the decode, or the SWAP tiling itself
+(x^T re-read from L2 by every weight tile, occupancy, the split-K reduce)? Issue 4 asks that no format be
+slower than bf16 at M = 64; the weight-only formats sit at 0.96-1.07x (quant_gpu.md).
+
+A stripped SWAP GEMM (acc^T [BLOCK_N, 64] += W [BLOCK_N, BK] @ x^T, K split SPLIT ways, fp32 partials summed by
+fxforge's split-K reduce, which every op time below includes) with the weight read as:
+  bf16      bf16 weights (no decode; 32 MB)
+  int8cvt   int8 codes converted to bf16 (one convert per element; 16 MB)
+  nib       4-bit codes, both nibbles of a byte masked / shifted and converted (8 MB; not any format's math,
+            the cheapest decode of 4-bit codes Triton emits)
+and x either streamed like the real kernel (x^T [64, BK] per step from L2) or ``xl1``: always the first BK
+columns of x (L1-resident: the same tile every step), which removes the x traffic (32 MB of L2 reads per
+GEMM for 64-row weight tiles) -- a floor, not a GEMM. Next to bf16 cuBLAS and fxforge's defaults of
+nvint4 / mxint8 / nvfp4 / w4a16 in the same run, timed as bench_quant.py (CUDA graph of 20 launches,
+weights rotating over > 200 MB of copies).
+
+Usage (repo root): ``python benchmarks/probe_gemm_m64_floor.py`` -> results/probe_gemm_m64_floor.*
+"""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, graph_time_us, out_dirs, rel_err
+from fxforge.passes.quant.formats import dequantize, quantize
+from fxforge.runtime import quant_linear as ql
+
+M, N, K = 64, 4096, 4096
+# (mode, BLOCK_N, BK elements, warps, stages, splits, xl1)
+CONFIGS = [(mode, bn, bk, w, st, sk, xl1) for mode in ("bf16", "int8cvt", "nib")
+           for bn, bk, w, st, sk in [(64, 128, 4, 3, 4), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4), (128, 128, 8, 3, 4),
+                                     (64, 256, 4, 3, 4), (64, 128, 4, 3, 8), (128, 128, 8, 3, 2)]
+           for xl1 in (0, 1)]
+
+
+@triton.jit
+def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_M: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k0 = pid_k * per_split
+    for k in tl.range(k0, k0 + per_split, BK, num_stages=STAGES):
+        if MODE == 0:
+            wt = tl.load(w + rn[:, None] * K + (k + tl.arange(0, BK))[None, :])
+        elif MODE == 1:
+            wt = tl.load(w + rn[:, None] * K + (k + tl.arange(0, BK))[None, :]).to(tl.bfloat16)
+        else:
+            b = tl.load(w + rn[:, None] * (K // 2) + (k // 2 + tl.arange(0, BK // 2))[None, :])
+            lo = (b & 15).to(tl.bfloat16)
+            hi = (b >> 4).to(tl.bfloat16)
+            wt = tl.reshape(tl.join(lo, hi), (BLOCK_N, BK))
+        kx = tl.arange(0, BK) if XL1 else k + tl.arange(0, BK)
+        xv = tl.load(x + rm[:, None] * K + kx[None, :])
+        acc = tl.dot(wt, tl.trans(xv), acc)
+    tl.store(partials + pid_k * BLOCK_M * N + rm[None, :] * N + rn[:, None], acc)
+
+
+def main() -> None:
+    t0 = time.time()
+    res = Results("probe_gemm_m64_floor")
+    lines = ["| impl | config | us | x bf16 |", "|---|---|---|---|"]
+    torch.manual_seed(0)
+    copies = max(2, -(-200_000_000 // (N * K * 2)))
+    wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    bf = graph_time_us(lambda i: torch.mm(x, wb[i % copies].t(), out=y))
+    res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
+    lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 |")
+
+    def row(impl, name, us):
+        res.add("gemm_4096x4096_m64", f"{impl}[{name}]", "time", us, "us")
+        lines.append(f"| {impl} | {name} | {us:.2f} | {bf / us:.3f} |")
+        print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+
+    for fmt in ("nvint4", "mxint8", "nvfp4", "w4a16_g128"):
+        qts = [quantize(w, fmt) for w in wb]
+        err = rel_err(ql.quant_linear_apply(x, qts[0].codes, qts[0].scales, qts[0].zeros, qts[0].tensor_scale, None,
+                                            fmt, K), x.double() @ dequantize(qts[0]).double().t())
+
+        def run(i, qts=qts, fmt=fmt):
+            q = qts[i % copies]
+            ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K, check=False)
+        row(fmt, f"default err {err:.1e}", graph_time_us(run))
+        del qts
+    weights = {"bf16": wb, "int8cvt": [(w * 4000).clamp(-127, 127).to(torch.int8) for w in wb],
+               "nib": [torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8) for _ in wb]}
+    partials = torch.empty(8 * M * N, device="cuda", dtype=torch.float32)
+    for mode, bn, bk, w, st, sk, xl1 in CONFIGS:
+        name = f"n{bn} bk{bk} w{w} st{st} sk{sk}" + (" xl1" if xl1 else "")
+        ws = weights[mode]
+        per = K // sk
+
+        def run(i, ws=ws, mode=mode, bn=bn, bk=bk, w=w, st=st, sk=sk, xl1=xl1, per=per):
+            swap_floor[(N // bn, sk)](x, ws[i % copies], partials, N, K, per, MODE=("bf16", "int8cvt", "nib").index(mode),
+                                      XL1=xl1, BLOCK_N=bn, BLOCK_M=M, BK=bk, STAGES=st, num_warps=w, num_stages=1)
+            ql._splitk_reduce(ql.kernels_for("cuda"), partials.view(-1)[: sk * M * N].view(sk, M, N), None, y, sk,
+                              False, False)
+        try:
+            run(0)
+            if mode == "bf16" and not xl1:
+                err = rel_err(y, x.double() @ wb[0].double().t())
+                assert err < 1e-2, err
+            row(mode, name, graph_time_us(run))
+        except Exception:  # noqa: BLE001 — a failing config is reported, the sweep goes on
+            print(f"{mode} {name}: {traceback.format_exc(limit=1)[-300:]}", flush=True)
+    res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
+
+
+if __name__ == "__main__":
+    main()
