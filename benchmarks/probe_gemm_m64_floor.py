@@ -14,6 +14,10 @@ GEMM for 64-row weight tiles) -- a floor, not a GEMM. Next to bf16 cuBLAS and fx
 nvint4 / mxint8 / nvfp4 / w4a16 in the same run, timed as bench_quant.py (CUDA graph of 20 launches,
 weights rotating over > 200 MB of copies).
 
+Round 2 (``PROBE_TMA=1`` -> results/probe_gemm_m64_floor_tma.*): nib_tma / int8_tma, the same weights through TMA
+boxes pipelined over STAGES buffers (the TMA GEMV's lever: dequant_gemv_tma.py), x streamed or (``xd``) through
+its own descriptor.
+
 Usage (repo root): ``python benchmarks/probe_gemm_m64_floor.py`` -> results/probe_gemm_m64_floor.*
 """
 from __future__ import annotations
@@ -33,16 +37,25 @@ from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
 M, N, K = 64, 4096, 4096
-# (mode, BLOCK_N, BK elements, warps, stages, splits, xl1)
+# (mode, BLOCK_N, BK elements, warps, stages, splits, xl1); PROBE_TMA=1: round 2, the weights (and x) through TMA
+MODES = ("bf16", "int8cvt", "nib", "nib_tma", "int8_tma")
 CONFIGS = [(mode, bn, bk, w, st, sk, xl1) for mode in ("bf16", "int8cvt", "nib")
            for bn, bk, w, st, sk in [(64, 128, 4, 3, 4), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4), (128, 128, 8, 3, 4),
                                      (64, 256, 4, 3, 4), (64, 128, 4, 3, 8), (128, 128, 8, 3, 2)]
            for xl1 in (0, 1)]
+if __import__("os").environ.get("PROBE_TMA"):
+    CONFIGS = [("nib", 64, 128, 4, 3, 4, 0)] + [
+        (mode, bn, bk, w, st, sk, xd) for mode in ("nib_tma", "int8_tma")
+        for bn, bk, w, st, sk in [(64, 128, 4, 3, 4), (64, 128, 4, 4, 4), (64, 128, 4, 6, 4), (64, 128, 4, 4, 2),
+                                  (64, 256, 4, 3, 4), (128, 128, 4, 4, 4), (128, 128, 8, 4, 4), (64, 128, 4, 4, 8)]
+        for xd in (0, 1)]
 
 
 @triton.jit
 def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_M: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+               BLOCK_M: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, XD: tl.constexpr = False):
+    # MODE 3 / 4: the nib / int8cvt weights through a TMA descriptor ``w`` (box [BLOCK_N, BK / 2] / [BLOCK_N, BK]);
+    # XD: x through a descriptor (box [BLOCK_M, BK])
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,7 +63,12 @@ def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.cons
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k0 = pid_k * per_split
     for k in tl.range(k0, k0 + per_split, BK, num_stages=STAGES):
-        if MODE == 0:
+        if MODE == 3:
+            b = w.load([pid_n * BLOCK_N, k // 2])
+            wt = tl.reshape(tl.join((b & 15).to(tl.bfloat16), (b >> 4).to(tl.bfloat16)), (BLOCK_N, BK))
+        elif MODE == 4:
+            wt = w.load([pid_n * BLOCK_N, k]).to(tl.bfloat16)
+        elif MODE == 0:
             wt = tl.load(w + rn[:, None] * K + (k + tl.arange(0, BK))[None, :])
         elif MODE == 1:
             wt = tl.load(w + rn[:, None] * K + (k + tl.arange(0, BK))[None, :]).to(tl.bfloat16)
@@ -59,15 +77,18 @@ def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.cons
             lo = (b & 15).to(tl.bfloat16)
             hi = (b >> 4).to(tl.bfloat16)
             wt = tl.reshape(tl.join(lo, hi), (BLOCK_N, BK))
-        kx = tl.arange(0, BK) if XL1 else k + tl.arange(0, BK)
-        xv = tl.load(x + rm[:, None] * K + kx[None, :])
+        if XD:
+            xv = x.load([0, k])
+        else:
+            kx = tl.arange(0, BK) if XL1 else k + tl.arange(0, BK)
+            xv = tl.load(x + rm[:, None] * K + kx[None, :])
         acc = tl.dot(wt, tl.trans(xv), acc)
     tl.store(partials + pid_k * BLOCK_M * N + rm[None, :] * N + rn[:, None], acc)
 
 
 def main() -> None:
     t0 = time.time()
-    res = Results("probe_gemm_m64_floor")
+    res = Results("probe_gemm_m64_floor" + ("_tma" if __import__("os").environ.get("PROBE_TMA") else ""))
     lines = ["| impl | config | us | x bf16 |", "|---|---|---|---|"]
     torch.manual_seed(0)
     copies = max(2, -(-200_000_000 // (N * K * 2)))
@@ -95,15 +116,22 @@ def main() -> None:
         del qts
     weights = {"bf16": wb, "int8cvt": [(w * 4000).clamp(-127, 127).to(torch.int8) for w in wb],
                "nib": [torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8) for _ in wb]}
+    weights["nib_tma"], weights["int8_tma"] = weights["nib"], weights["int8cvt"]
     partials = torch.empty(8 * M * N, device="cuda", dtype=torch.float32)
+    from triton.tools.tensor_descriptor import TensorDescriptor
     for mode, bn, bk, w, st, sk, xl1 in CONFIGS:
-        name = f"n{bn} bk{bk} w{w} st{st} sk{sk}" + (" xl1" if xl1 else "")
+        tma = mode.endswith("_tma")
+        name = f"n{bn} bk{bk} w{w} st{st} sk{sk}" + ((" xd" if xl1 else "") if tma else (" xl1" if xl1 else ""))
         ws = weights[mode]
+        if tma:  # a descriptor per weight copy; xl1 means x through a descriptor here
+            ws = [TensorDescriptor.from_tensor(c, [bn, bk // 2 if mode == "nib_tma" else bk]) for c in ws]
+        xa = TensorDescriptor.from_tensor(x, [M, bk]) if tma and xl1 else x
         per = K // sk
 
-        def run(i, ws=ws, mode=mode, bn=bn, bk=bk, w=w, st=st, sk=sk, xl1=xl1, per=per):
-            swap_floor[(N // bn, sk)](x, ws[i % copies], partials, N, K, per, MODE=("bf16", "int8cvt", "nib").index(mode),
-                                      XL1=xl1, BLOCK_N=bn, BLOCK_M=M, BK=bk, STAGES=st, num_warps=w, num_stages=1)
+        def run(i, ws=ws, mode=mode, bn=bn, bk=bk, w=w, st=st, sk=sk, xl1=xl1, per=per, tma=tma, xa=xa):
+            swap_floor[(N // bn, sk)](xa, ws[i % copies], partials, N, K, per, MODE=MODES.index(mode),
+                                      XL1=xl1 and not tma, BLOCK_N=bn, BLOCK_M=M, BK=bk, STAGES=st,
+                                      XD=bool(xl1 and tma), num_warps=w, num_stages=1)
             ql._splitk_reduce(ql.kernels_for("cuda"), partials.view(-1)[: sk * M * N].view(sk, M, N), None, y, sk,
                               False, False)
         try:
