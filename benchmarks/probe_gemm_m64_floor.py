@@ -16,7 +16,8 @@ weights rotating over > 200 MB of copies).
 
 Round 2 (``PROBE_TMA=1`` -> results/probe_gemm_m64_floor_tma.*): nib_tma / int8_tma, the same weights through TMA
 boxes pipelined over STAGES buffers (the TMA GEMV's lever: dequant_gemv_tma.py), x streamed or (``xd``) through
-its own descriptor.
+its own descriptor. Round 3 (``PROBE_SMALL=1`` -> results/probe_gemm_m64_floor_small.*): 16 / 32-row weight tiles
+(Triton's mma.sync path) with 1-4 warps and 1-4 K splits: more, shorter programs.
 
 Usage (repo root): ``python benchmarks/probe_gemm_m64_floor.py`` -> results/probe_gemm_m64_floor.*
 """
@@ -49,6 +50,12 @@ if __import__("os").environ.get("PROBE_TMA"):
         for bn, bk, w, st, sk in [(64, 128, 4, 3, 4), (64, 128, 4, 4, 4), (64, 128, 4, 6, 4), (64, 128, 4, 4, 2),
                                   (64, 256, 4, 3, 4), (128, 128, 4, 4, 4), (128, 128, 8, 4, 4), (64, 128, 4, 4, 8)]
         for xd in (0, 1)]
+if __import__("os").environ.get("PROBE_SMALL"):  # round 3: weight tiles of 16 / 32 rows (mma.sync, not wgmma)
+    CONFIGS = [("nib", 64, 128, 4, 3, 4, 0)] + [
+        (mode, bn, bk, w, st, sk, 0) for mode in ("nib", "int8cvt")
+        for bn, bk, w, st, sk in [(32, 128, 2, 3, 2), (32, 128, 2, 3, 4), (32, 128, 4, 3, 4), (32, 256, 4, 3, 2),
+                                  (16, 128, 1, 3, 2), (16, 128, 2, 3, 2), (16, 256, 2, 3, 1), (16, 128, 2, 3, 4),
+                                  (32, 128, 4, 4, 2)]]
 
 
 @triton.jit
@@ -88,7 +95,8 @@ def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.cons
 
 def main() -> None:
     t0 = time.time()
-    res = Results("probe_gemm_m64_floor" + ("_tma" if __import__("os").environ.get("PROBE_TMA") else ""))
+    env = __import__("os").environ
+    res = Results("probe_gemm_m64_floor" + ("_tma" if env.get("PROBE_TMA") else "_small" if env.get("PROBE_SMALL") else ""))
     lines = ["| impl | config | us | x bf16 |", "|---|---|---|---|"]
     torch.manual_seed(0)
     copies = max(2, -(-200_000_000 // (N * K * 2)))
