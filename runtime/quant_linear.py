@@ -124,7 +124,8 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     rows), BLOCK_KB (code bytes per row per step), POST (grouped formats: scale per group after the
     partial dot), PREFETCH and, on the GPU, num_warps / num_stages. M <= 4
     on the GPU: WORDS configs first (``dequant_gemv_words``: int32 words of codes, mask decode for integer
-    codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X, XT); the byte-tile kernel's configs follow (its H100
+    codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X, XT), after a TMA config for w8a16 below
+    8192 rows (quant_gemv_tma.py); the byte-tile kernel's configs follow (its H100
     winners of benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))

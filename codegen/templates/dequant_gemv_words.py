@@ -1,6 +1,7 @@
 # fxforge dequant-GEMV template on 32-bit words: y = x @ dequant(W)^T (+ bias) for M <= 4 rows of x (decode)
 # and a weight W [N, K] packed by passes/quant/formats.py, its codes read as int32 words. Loaded by
-# runtime/quant_linear.py for WORDS configs (first for M <= 4 on the GPU; dequant_matmul.py has the byte-tile
+# runtime/quant_linear.py for WORDS configs (first for M <= 4 on the GPU but w8a16 below 8192 rows, which runs
+# dequant_gemv_tma.py; dequant_matmul.py has the byte-tile
 # GEMV, the tensor-core GEMM and the split-K reduce this kernel's partials go through).
 #
 # Kernel
