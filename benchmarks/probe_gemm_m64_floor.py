@@ -17,7 +17,9 @@ weights rotating over > 200 MB of copies).
 Round 2 (``PROBE_TMA=1`` -> results/probe_gemm_m64_floor_tma.*): nib_tma / int8_tma, the same weights through TMA
 boxes pipelined over STAGES buffers (the TMA GEMV's lever: dequant_gemv_tma.py), x streamed or (``xd``) through
 its own descriptor. Round 3 (``PROBE_SMALL=1`` -> results/probe_gemm_m64_floor_small.*): 16 / 32-row weight tiles
-(Triton's mma.sync path) with 1-4 warps and 1-4 K splits: more, shorter programs.
+(Triton's mma.sync path) with 1-4 warps and 1-4 K splits: more, shorter programs. Round 4 (``PROBE_MX8=1`` ->
+_mx8.*): mx8_tma, MXINT8's math (int8 codes through TMA times 2^(e - 127) per 32 codes, one bf16 multiply per
+element; scales 2^-17..2^-3, no subnormal edge) -- is a TMA-fed MXINT8 SWAP worth building?
 
 Usage (repo root): ``python benchmarks/probe_gemm_m64_floor.py`` -> results/probe_gemm_m64_floor.*
 """
@@ -39,7 +41,7 @@ from fxforge.runtime import quant_linear as ql
 
 M, N, K = 64, 4096, 4096
 # (mode, BLOCK_N, BK elements, warps, stages, splits, xl1); PROBE_TMA=1: round 2, the weights (and x) through TMA
-MODES = ("bf16", "int8cvt", "nib", "nib_tma", "int8_tma")
+MODES = ("bf16", "int8cvt", "nib", "nib_tma", "int8_tma", "mx8_tma")
 CONFIGS = [(mode, bn, bk, w, st, sk, xl1) for mode in ("bf16", "int8cvt", "nib")
            for bn, bk, w, st, sk in [(64, 128, 4, 3, 4), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4), (128, 128, 8, 3, 4),
                                      (64, 256, 4, 3, 4), (64, 128, 4, 3, 8), (128, 128, 8, 3, 2)]
@@ -49,6 +51,12 @@ if __import__("os").environ.get("PROBE_TMA"):
         (mode, bn, bk, w, st, sk, xd) for mode in ("nib_tma", "int8_tma")
         for bn, bk, w, st, sk in [(64, 128, 4, 3, 4), (64, 128, 4, 4, 4), (64, 128, 4, 6, 4), (64, 128, 4, 4, 2),
                                   (64, 256, 4, 3, 4), (128, 128, 4, 4, 4), (128, 128, 8, 4, 4), (64, 128, 4, 4, 8)]
+        for xd in (0, 1)]
+if __import__("os").environ.get("PROBE_MX8"):  # round 4: MXINT8's math on TMA-fed codes (mx8_tma)
+    CONFIGS = [("int8_tma", 64, 128, 4, 4, 4, 1)] + [
+        ("mx8_tma", bn, bk, w, st, sk, xd) for bn, bk, w, st, sk in [(64, 128, 4, 3, 4), (64, 128, 4, 4, 4),
+                                                                     (64, 256, 4, 3, 4), (128, 128, 4, 4, 4),
+                                                                     (128, 128, 8, 4, 4), (64, 128, 8, 4, 4)]
         for xd in (0, 1)]
 if __import__("os").environ.get("PROBE_SMALL"):  # round 3: weight tiles of 16 / 32 rows (mma.sync, not wgmma)
     CONFIGS = [("nib", 64, 128, 4, 3, 4, 0)] + [
@@ -60,7 +68,8 @@ if __import__("os").environ.get("PROBE_SMALL"):  # round 3: weight tiles of 16 /
 
 @triton.jit
 def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_M: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, XD: tl.constexpr = False):
+               BLOCK_M: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, XD: tl.constexpr = False,
+               e8m0=None):
     # MODE 3 / 4: the nib / int8cvt weights through a TMA descriptor ``w`` (box [BLOCK_N, BK / 2] / [BLOCK_N, BK]);
     # XD: x through a descriptor (box [BLOCK_M, BK])
     pid_n = tl.program_id(0)
@@ -75,6 +84,11 @@ def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.cons
             wt = tl.reshape(tl.join((b & 15).to(tl.bfloat16), (b >> 4).to(tl.bfloat16)), (BLOCK_N, BK))
         elif MODE == 4:
             wt = w.load([pid_n * BLOCK_N, k]).to(tl.bfloat16)
+        elif MODE == 5:  # MXINT8's math: int8 codes (TMA) times 2^(e - 127) per 32 codes, in bf16 (exact)
+            e = tl.load(e8m0 + rn[:, None] * (K // 32) + (k // 32 + tl.arange(0, BK // 32))[None, :])
+            s2 = (e.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+            c = tl.reshape(w.load([pid_n * BLOCK_N, k]).to(tl.bfloat16), (BLOCK_N, BK // 32, 32))
+            wt = tl.reshape(c * s2[:, :, None], (BLOCK_N, BK))
         elif MODE == 0:
             wt = tl.load(w + rn[:, None] * K + (k + tl.arange(0, BK))[None, :])
         elif MODE == 1:
@@ -96,7 +110,8 @@ def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.cons
 def main() -> None:
     t0 = time.time()
     env = __import__("os").environ
-    res = Results("probe_gemm_m64_floor" + ("_tma" if env.get("PROBE_TMA") else "_small" if env.get("PROBE_SMALL") else ""))
+    res = Results("probe_gemm_m64_floor" + ("_tma" if env.get("PROBE_TMA") else "_small" if env.get("PROBE_SMALL")
+                                            else "_mx8" if env.get("PROBE_MX8") else ""))
     lines = ["| impl | config | us | x bf16 |", "|---|---|---|---|"]
     torch.manual_seed(0)
     copies = max(2, -(-200_000_000 // (N * K * 2)))
@@ -124,7 +139,8 @@ def main() -> None:
         del qts
     weights = {"bf16": wb, "int8cvt": [(w * 4000).clamp(-127, 127).to(torch.int8) for w in wb],
                "nib": [torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8) for _ in wb]}
-    weights["nib_tma"], weights["int8_tma"] = weights["nib"], weights["int8cvt"]
+    weights["nib_tma"], weights["int8_tma"], weights["mx8_tma"] = weights["nib"], weights["int8cvt"], weights["int8cvt"]
+    e8m0 = [torch.randint(110, 125, (N, K // 32), device="cuda", dtype=torch.uint8) for _ in wb]
     partials = torch.empty(8 * M * N, device="cuda", dtype=torch.float32)
     from triton.tools.tensor_descriptor import TensorDescriptor
     for mode, bn, bk, w, st, sk, xl1 in CONFIGS:
@@ -133,13 +149,14 @@ def main() -> None:
         ws = weights[mode]
         if tma:  # a descriptor per weight copy; xl1 means x through a descriptor here
             ws = [TensorDescriptor.from_tensor(c, [bn, bk // 2 if mode == "nib_tma" else bk]) for c in ws]
+        es = e8m0 if mode == "mx8_tma" else [None] * copies
         xa = TensorDescriptor.from_tensor(x, [M, bk]) if tma and xl1 else x
         per = K // sk
 
-        def run(i, ws=ws, mode=mode, bn=bn, bk=bk, w=w, st=st, sk=sk, xl1=xl1, per=per, tma=tma, xa=xa):
+        def run(i, ws=ws, mode=mode, bn=bn, bk=bk, w=w, st=st, sk=sk, xl1=xl1, per=per, tma=tma, xa=xa, es=es):
             swap_floor[(N // bn, sk)](xa, ws[i % copies], partials, N, K, per, MODE=MODES.index(mode),
                                       XL1=xl1 and not tma, BLOCK_N=bn, BLOCK_M=M, BK=bk, STAGES=st,
-                                      XD=bool(xl1 and tma), num_warps=w, num_stages=1)
+                                      XD=bool(xl1 and tma), e8m0=es[i % copies], num_warps=w, num_stages=1)
             ql._splitk_reduce(ql.kernels_for("cuda"), partials.view(-1)[: sk * M * N].view(sk, M, N), None, y, sk,
                               False, False)
         try:
