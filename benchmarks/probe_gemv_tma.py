@@ -13,6 +13,7 @@ launches, weights rotating over > 200 MB of copies so every launch reads HBM):
                          through its own descriptor, sk K splits + the split-K reduce)
   w8a16_tma_persist[...] its persistent twin (p programs per SM, fl: the (tile, K step) loop nest flattened into one
                          pipelined loop); PROBE_PERSIST=1 runs this round (round 2) instead of round 1
+  (round 5, PROBE_HOST=1: the host cost of an eager call, words vs TMA -> results/probe_gemv_tma_host.*)
   ... dec2 / dec4        the offset decode (PROBE_DEC=1, round 3): acc += x * (2^15 + u) from one PRMT per element,
                          the (2^15 + 128) * x offset subtracted at the end (dec2) or every step (dec4: measured in
                          round 3, 8.67 us, and since removed from the template; round 3 now runs dec 0 and 2)
@@ -230,7 +231,46 @@ def gemv_round(res, lines, row, wl, N, K, x, wb, qts, ref, qbytes, copies, words
     torch.cuda.empty_cache()
 
 
+def host_round() -> None:
+    """Round 5 (PROBE_HOST=1): host cost of one eager quant_linear call (no CUDA graph), words kernel vs TMA
+    GEMV (a host tensor descriptor built and encoded per launch): microseconds per call to enqueue 2000 calls,
+    and per call with a synchronize after each (launch latency included), w8a16 4096^2, M = 1."""
+    from common import Results
+    res = Results("probe_gemv_tma_host")
+    lines = ["| config | enqueue us/call | synchronous us/call |", "|---|---|---|"]
+    N = K = 4096
+    q = quantize(torch.randn(N, K, device="cuda") * 0.02, "w8a16")
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    words = next(c for c in ql.gemv_configs(1, N, K, "w8a16", False) if c.get("WORDS"))
+    for name, cfg in [("words", words), ("tma", ql.gemv_configs(1, N, K, "w8a16", False)[0]), ("default", None)]:
+        def call(cfg=cfg):
+            ql.quant_linear_apply(x, q.codes, q.scales, None, None, None, "w8a16", K,
+                                  config=dict(cfg) if cfg else None, check=False)
+        for _ in range(50):
+            call()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(2000):
+            call()
+        enq = (time.perf_counter() - t) / 2000 * 1e6
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(500):
+            call()
+            torch.cuda.synchronize()
+        sync = (time.perf_counter() - t) / 500 * 1e6
+        res.add("gemv_4096x4096_m1", f"w8a16[{name}]", "host_enqueue", enq, "us")
+        res.add("gemv_4096x4096_m1", f"w8a16[{name}]", "host_sync_call", sync, "us")
+        lines.append(f"| {name} | {enq:.1f} | {sync:.1f} |")
+        print(lines[-1], flush=True)
+    from common import out_dirs
+    res.write(out_dirs(), notes=["", "## Host cost", ""] + lines)
+
+
 def main() -> None:
+    if os.environ.get("PROBE_HOST"):
+        host_round()
+        return
     name = "probe_gemv_tma_r4" if os.environ.get("PROBE_CONFIRM") else "probe_gemv_tma_r3" if os.environ.get("PROBE_DEC") else "probe_gemv_tma_r2" if os.environ.get("PROBE_PERSIST") \
         else "probe_gemv_tma"
     sweep_shapes(name, ["| workload | what | config | us | TB/s of its bytes | x bf16 |",
