@@ -218,9 +218,9 @@ def launch(kern, q, k, v, mask, out, scale: float, causal: bool, sink: int = 0, 
 
 
 def _kernel(device_type: str, cache_dir: str | None = None):
-    from fxforge.config import current
+    from fxforge.config import cache_dir as env_cache_dir
 
-    return template_kernels(str(TEMPLATE), ("fxf_attention",), device_type, cache_dir or current().cache_dir, "fxf_attention")[0]
+    return template_kernels(str(TEMPLATE), ("fxf_attention",), device_type, cache_dir or env_cache_dir(), "fxf_attention")[0]
 
 
 def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None, sink: int = 0, window: int = 0,

@@ -32,10 +32,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _kernels(device_type: str, cache_dir: str | None = None):
     """(split kernel, combine kernel) for ``device_type``."""
-    from fxforge.config import current
+    from fxforge.config import cache_dir as env_cache_dir
 
     return template_kernels(str(TEMPLATE), (f"{NAME}_split", f"{NAME}_combine"), device_type,
-                            cache_dir or current().cache_dir, NAME)
+                            cache_dir or env_cache_dir(), NAME)
 
 
 @functools.cache

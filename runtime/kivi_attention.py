@@ -39,9 +39,9 @@ FALLBACKS: dict = {}
 
 def _kernels(device_type: str, cache_dir: str | None = None):
     """(split kernel, combine kernel) for ``device_type``; the combine kernel is decode_attention's."""
-    from fxforge.config import current
+    from fxforge.config import cache_dir as env_cache_dir
 
-    cache = cache_dir or current().cache_dir
+    cache = cache_dir or env_cache_dir()
     return template_kernels(str(TEMPLATE), (f"{NAME}_split",), device_type, cache, NAME)[0], da._kernels(device_type, cache)[1]
 
 

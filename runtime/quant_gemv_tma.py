@@ -22,9 +22,9 @@ SKIPPED: dict = {}
 
 
 def kernels_for(device_type: str) -> dict:
-    from fxforge.config import current
+    from fxforge.config import cache_dir as env_cache_dir
 
-    return dict(zip(TMA_KERNELS, template_kernels(str(TMA_TEMPLATE), TMA_KERNELS, device_type, current().cache_dir)))
+    return dict(zip(TMA_KERNELS, template_kernels(str(TMA_TEMPLATE), TMA_KERNELS, device_type, env_cache_dir())))
 
 
 def format_ok(kf: dict) -> bool:

@@ -82,9 +82,9 @@ def template_source() -> str:
 
 
 def kernels_for(device_type: str) -> dict:
-    from fxforge.config import current
+    from fxforge.config import cache_dir as env_cache_dir
 
-    cache = current().cache_dir
+    cache = env_cache_dir()
     return {**dict(zip(KERNELS, template_kernels(str(TEMPLATE), KERNELS, device_type, cache))),
             **dict(zip(WORDS_KERNELS, template_kernels(str(WORDS_TEMPLATE), WORDS_KERNELS, device_type, cache))),
             **dict(zip(KSPAN_KERNELS, template_kernels(str(KSPAN_TEMPLATE), KSPAN_KERNELS, device_type, cache))),

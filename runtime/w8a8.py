@@ -47,9 +47,9 @@ def template_source() -> str:
 
 
 def kernels_for(device_type: str) -> dict:
-    from fxforge.config import current
+    from fxforge.config import cache_dir as env_cache_dir
 
-    return dict(zip(KERNELS, template_kernels(str(TEMPLATE), KERNELS, device_type, current().cache_dir)))
+    return dict(zip(KERNELS, template_kernels(str(TEMPLATE), KERNELS, device_type, env_cache_dir())))
 
 
 # ------------------------------------------------------------------------------------------- bytes model

@@ -279,9 +279,9 @@ class Geometry:
 def input_transform(x: torch.Tensor, m: int, points: str, padding: int, layout: str, config: WinogradConfig,
                     scaling: str = "G", cache_dir: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """V = Bᵀ d B for every (tile, channel): [α², C, P] ("nchw") or [α², P, C] ("nhwc")."""
-    from fxforge.config import current
+    from fxforge.config import cache_dir as env_cache_dir
 
-    k_in = transform_kernels(m, points, scaling, x.device.type, cache_dir or current().cache_dir)[0]
+    k_in = transform_kernels(m, points, scaling, x.device.type, cache_dir or env_cache_dir())[0]
     N, C, H, W = x.shape
     g = Geometry(N, C, H, W, 0, m, padding)
     a, P, cl = g.alpha, g.P, layout == "nhwc"
@@ -303,9 +303,9 @@ def winograd_gemm(U: torch.Tensor, V: torch.Tensor, layout: str) -> torch.Tensor
 def output_transform(M: torch.Tensor, bias: torch.Tensor | None, g: Geometry, layout: str, config: WinogradConfig,
                      points: str, scaling: str = "G", cache_dir: str | None = None) -> torch.Tensor:
     """y = Aᵀ M A + bias, NCHW ("nchw") or channels-last ("nhwc") storage."""
-    from fxforge.config import current
+    from fxforge.config import cache_dir as env_cache_dir
 
-    k_out = transform_kernels(g.m, points, scaling, M.device.type, cache_dir or current().cache_dir)[1]
+    k_out = transform_kernels(g.m, points, scaling, M.device.type, cache_dir or env_cache_dir())[1]
     cl = layout == "nhwc"
     K = M.shape[2] if cl else M.shape[1]
     y = torch.empty(g.N, K, g.HO, g.WO, device=M.device, dtype=M.dtype,
@@ -357,12 +357,12 @@ class WinogradConv2d:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transform, padding: int, cache_dir: str | None = None,
                  config: WinogradConfig | None = None):
-        from fxforge.config import current
+        from fxforge.config import cache_dir as env_cache_dir
 
         self.m, self.padding, self.bias, self.config = transform.m, padding, bias, config
         self.points, self.scaling = " ".join(transform.points_str()), transform.scaling
         self.U = filter_transform(weight, transform)
-        self.cache_dir = cache_dir or current().cache_dir
+        self.cache_dir = cache_dir or env_cache_dir()
         self.source = transform_kernels(self.m, self.points, self.scaling, weight.device.type, self.cache_dir)[2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -137,6 +137,20 @@ def test_config_from_environment():
         from_env(environ={"FXFORGE_CUDA_GRAPHS": "sometimes"})
 
 
+def test_current_config_follows_the_environment(monkeypatch, tmp_path):
+    # current() and cache_dir() are memoized for kernel launchers' hot paths; a changed variable is still seen
+    from fxforge.config import cache_dir, current
+
+    monkeypatch.setenv("FXFORGE_CACHE_DIR", str(tmp_path / "a"))
+    assert current().cache_dir == cache_dir() == str(tmp_path / "a") and current() is current()
+    monkeypatch.setenv("FXFORGE_CACHE_DIR", str(tmp_path / "b"))
+    monkeypatch.setenv("FXFORGE_AUTOTUNE", "max")
+    assert current().cache_dir == cache_dir() == str(tmp_path / "b") and current().autotune == "max"
+    monkeypatch.delenv("FXFORGE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert current().cache_dir == cache_dir() == str(tmp_path / "xdg" / "fxforge")
+
+
 def test_debug_mode_dumps_graphs_and_kernels_and_names_the_breaking_pass(tmp_path):
     x = torch.randn(4, 6)
     cfg = Config(debug=True, debug_dir=str(tmp_path / "dbg"))
