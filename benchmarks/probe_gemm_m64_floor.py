@@ -19,7 +19,9 @@ boxes pipelined over STAGES buffers (the TMA GEMV's lever: dequant_gemv_tma.py),
 its own descriptor. Round 3 (``PROBE_SMALL=1`` -> results/probe_gemm_m64_floor_small.*): 16 / 32-row weight tiles
 (Triton's mma.sync path) with 1-4 warps and 1-4 K splits: more, shorter programs. Round 4 (``PROBE_MX8=1`` ->
 _mx8.*): mx8_tma, MXINT8's math (int8 codes through TMA times 2^(e - 127) per 32 codes, one bf16 multiply per
-element; scales 2^-17..2^-3, no subnormal edge) -- is a TMA-fed MXINT8 SWAP worth building?
+element; scales 2^-17..2^-3, no subnormal edge) -- is a TMA-fed MXINT8 SWAP worth building? Round 5
+(``PROBE_MHALF=1`` -> _mhalf.*): the 64 x rows split over 2 or 4 programs (wgmma N = 32 / 16; each program
+decodes the same weight tile): more, shorter dependency chains per SM for the same partials.
 
 Usage (repo root): ``python benchmarks/probe_gemm_m64_floor.py`` -> results/probe_gemm_m64_floor.*
 """
@@ -58,6 +60,10 @@ if __import__("os").environ.get("PROBE_MX8"):  # round 4: MXINT8's math on TMA-f
                                                                      (64, 256, 4, 3, 4), (128, 128, 4, 4, 4),
                                                                      (128, 128, 8, 4, 4), (64, 128, 8, 4, 4)]
         for xd in (0, 1)]
+if __import__("os").environ.get("PROBE_MHALF"):  # round 5: x rows split over 2-4 programs (more, shorter chains)
+    CONFIGS = [("nib", 64, 128, 4, 3, 4, 0), ("bf16", 64, 128, 4, 3, 4, 0, 32)] + [  # (bf16: the error check)
+        (mode, 64, 128, 4, st, sk, 0, bm) for mode in ("nib", "int8cvt") for bm in (32, 16)
+        for st, sk in [(3, 4), (3, 2), (4, 2), (3, 1)]]
 if __import__("os").environ.get("PROBE_SMALL"):  # round 3: weight tiles of 16 / 32 rows (mma.sync, not wgmma)
     CONFIGS = [("nib", 64, 128, 4, 3, 4, 0)] + [
         (mode, bn, bk, w, st, sk, 0) for mode in ("nib", "int8cvt")
@@ -75,7 +81,7 @@ def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.cons
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M < 64: x rows split over grid axis 2)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k0 = pid_k * per_split
     for k in tl.range(k0, k0 + per_split, BK, num_stages=STAGES):
@@ -104,14 +110,15 @@ def swap_floor(x, w, partials, N, K, per_split, MODE: tl.constexpr, XL1: tl.cons
             kx = tl.arange(0, BK) if XL1 else k + tl.arange(0, BK)
             xv = tl.load(x + rm[:, None] * K + kx[None, :])
         acc = tl.dot(wt, tl.trans(xv), acc)
-    tl.store(partials + pid_k * BLOCK_M * N + rm[None, :] * N + rn[:, None], acc)
+    tl.store(partials + pid_k * tl.num_programs(2) * BLOCK_M * N + rm[None, :] * N + rn[:, None], acc)
 
 
 def main() -> None:
     t0 = time.time()
     env = __import__("os").environ
     res = Results("probe_gemm_m64_floor" + ("_tma" if env.get("PROBE_TMA") else "_small" if env.get("PROBE_SMALL")
-                                            else "_mx8" if env.get("PROBE_MX8") else ""))
+                                            else "_mx8" if env.get("PROBE_MX8") else "_mhalf" if env.get("PROBE_MHALF")
+                                            else ""))
     lines = ["| impl | config | us | x bf16 |", "|---|---|---|---|"]
     torch.manual_seed(0)
     copies = max(2, -(-200_000_000 // (N * K * 2)))
@@ -143,19 +150,21 @@ def main() -> None:
     e8m0 = [torch.randint(110, 125, (N, K // 32), device="cuda", dtype=torch.uint8) for _ in wb]
     partials = torch.empty(8 * M * N, device="cuda", dtype=torch.float32)
     from triton.tools.tensor_descriptor import TensorDescriptor
-    for mode, bn, bk, w, st, sk, xl1 in CONFIGS:
+    for mode, bn, bk, w, st, sk, xl1, *bm in CONFIGS:
+        bm = bm[0] if bm else M
         tma = mode.endswith("_tma")
-        name = f"n{bn} bk{bk} w{w} st{st} sk{sk}" + ((" xd" if xl1 else "") if tma else (" xl1" if xl1 else ""))
+        name = f"n{bn} bk{bk} w{w} st{st} sk{sk}" + ((" xd" if xl1 else "") if tma else (" xl1" if xl1 else "")) + \
+            (f" m{bm}" if bm < M else "")
         ws = weights[mode]
         if tma:  # a descriptor per weight copy; xl1 means x through a descriptor here
             ws = [TensorDescriptor.from_tensor(c, [bn, bk // 2 if mode == "nib_tma" else bk]) for c in ws]
         es = e8m0 if mode == "mx8_tma" else [None] * copies
-        xa = TensorDescriptor.from_tensor(x, [M, bk]) if tma and xl1 else x
+        xa = TensorDescriptor.from_tensor(x, [bm, bk]) if tma and xl1 else x
         per = K // sk
 
-        def run(i, ws=ws, mode=mode, bn=bn, bk=bk, w=w, st=st, sk=sk, xl1=xl1, per=per, tma=tma, xa=xa, es=es):
-            swap_floor[(N // bn, sk)](xa, ws[i % copies], partials, N, K, per, MODE=MODES.index(mode),
-                                      XL1=xl1 and not tma, BLOCK_N=bn, BLOCK_M=M, BK=bk, STAGES=st,
+        def run(i, ws=ws, mode=mode, bn=bn, bk=bk, w=w, st=st, sk=sk, xl1=xl1, per=per, tma=tma, xa=xa, es=es, bm=bm):
+            swap_floor[(N // bn, sk, M // bm)](xa, ws[i % copies], partials, N, K, per, MODE=MODES.index(mode),
+                                      XL1=xl1 and not tma, BLOCK_N=bn, BLOCK_M=bm, BK=bk, STAGES=st,
                                       XD=bool(xl1 and tma), e8m0=es[i % copies], num_warps=w, num_stages=1)
             ql._splitk_reduce(ql.kernels_for("cuda"), partials.view(-1)[: sk * M * N].view(sk, M, N), None, y, sk,
                               False, False)
