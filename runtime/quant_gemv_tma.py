@@ -2,7 +2,8 @@
 
 ``runtime/quant_linear.py`` runs it for configs with ``TMA`` set (gemv_configs puts one first for w8a16 at
 M <= 4 and N < 8192: probe_gemv_tma_r4.md, 4096^2 8.4 us against the words GEMV's 8.8). A config it does not
-apply to (another format, K not a multiple of 16, a GPU without TMA) runs the words GEMV instead.
+apply to (another format, K not a multiple of 16, a GPU without TMA) runs the next config that is not TMA
+instead (the words GEMV on the GPU, the byte-tile kernel in the interpreter).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import template_kernels
+from .kernels import interpreter_active, template_kernels
 
 TMA_TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_gemv_tma.py"
 TMA_KERNELS = ("dequant_gemv_tma8",)
@@ -42,9 +43,11 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor) -> str | None:
     except ImportError:
         return "triton has no host tensor descriptors"
     K = codes.shape[1]
-    # a TMA descriptor needs a 16-byte aligned base and row stride (int8 codes: K % 16 == 0)
-    if codes.dtype != torch.int8 or not codes.is_contiguous() or K % 16 or codes.data_ptr() % 16:
-        return "codes are not contiguous int8 rows of a multiple of 16 bytes at a 16-byte aligned address"
+    # a TMA descriptor needs a 16-byte aligned base and row stride (int8 codes: K % 16 == 0); the row stride is
+    # checked itself: a [1, K] slice of a wider buffer counts as contiguous whatever its stride
+    if (codes.dtype != torch.int8 or codes.stride(1) != 1 or codes.stride(0) % 16 or K % 16
+            or codes.data_ptr() % 16):
+        return "codes are not int8 rows of a multiple of 16 bytes, 16-byte aligned, each contiguous"
     if x2.device.type == "cuda" and torch.cuda.get_device_capability(x2.device) < (9, 0):
         return "TMA needs sm_90+"
     return None
@@ -70,8 +73,11 @@ def launch(x2, codes, scales, bias, out, cfg: dict, splits: int, per_split: int,
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     opts = {} if interpreted else {"num_warps": cfg.get("num_warps", 4), "num_stages": 1}
+    dec = cfg.get("DEC", 0)
+    if dec == 2 and (interpreted or interpreter_active()):
+        dec = 1  # the PRMT offset decode's interpreter twin (same floats; the interpreter runs no inline PTX)
     kernels_for(x2.device.type)["dequant_gemv_tma8"][(-(-n // bn), splits, M)](
         x2, desc, scales, bias if bias is not None else scales, out, partials, M, n, K, per_split, x2.stride(0),
         out.stride(0), 255, BLOCK_N=bn, BW=bw, STAGES=cfg["STAGES"], SPLIT=splits > 1, X_DESC=False,
-        HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, DEC=cfg.get("DEC", 0),
+        HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, DEC=dec,
         **opts)

@@ -142,7 +142,10 @@ def test_current_config_follows_the_environment(monkeypatch, tmp_path):
     from fxforge.config import cache_dir, current
 
     monkeypatch.setenv("FXFORGE_CACHE_DIR", str(tmp_path / "a"))
-    assert current().cache_dir == cache_dir() == str(tmp_path / "a") and current() is current()
+    assert current().cache_dir == cache_dir() == str(tmp_path / "a")
+    mine = current()
+    mine.debug_rtol = -1.0  # a caller's change stays its own
+    assert current().debug_rtol != -1.0 and current() is not mine
     monkeypatch.setenv("FXFORGE_CACHE_DIR", str(tmp_path / "b"))
     monkeypatch.setenv("FXFORGE_AUTOTUNE", "max")
     assert current().cache_dir == cache_dir() == str(tmp_path / "b") and current().autotune == "max"

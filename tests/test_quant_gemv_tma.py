@@ -7,7 +7,7 @@ a multiple of BLOCK_N, K a multiple of 16 but not of the box (the last box zero-
 """
 import pytest
 import torch
-from fxforge.passes.quant import FORMATS, dequantize
+from fxforge.passes.quant import FORMATS, QuantizedTensor, dequantize
 from fxforge.runtime import quant_gemv_tma as qg
 from fxforge.runtime import quant_linear as ql
 from test_quant_pass import _args, _check_kernel, _pack, _random_packed
@@ -48,6 +48,8 @@ def test_offset_decode_interpreter_twin():
     y = ql.quant_linear_apply(x, *_args(qt, None, "w8a16", k), config=dict(qg.DEFAULT_CONFIG, DEC=1))
     err = ((y.double() - ref).abs() / mag).max().item()
     assert 1e-7 < err < 2e-3  # inexact (the exact DEC 0 path is ~1e-8 here) but far under a bf16 half ulp
+    y2 = ql.quant_linear_apply(x, *_args(qt, None, "w8a16", k), config=dict(qg.DEFAULT_CONFIG, DEC=2))
+    assert torch.equal(y2, y)  # the PRMT decode asked for in the interpreter runs its twin
     y0 = ql.quant_linear_apply(x, *_args(qt, None, "w8a16", k), config=dict(qg.DEFAULT_CONFIG))
     assert ((y0.double() - ref).abs() / mag).max().item() < 1e-6
 
@@ -76,6 +78,18 @@ def test_config_selection_and_fallbacks():
     # K splits only below one wave of row tiles
     assert ql.auto_split_k_tma(ql.CPU_SMS, 1024, 128, torch.device("cpu")) == 1
     assert ql.auto_split_k_tma(1, 1024, 128, torch.device("cpu")) > 1
+    # a [1, K] slice of a wider buffer is "contiguous" with a row stride TMA cannot take; rows padded to 16 bytes can
+    buf = torch.randint(-127, 128, (3, 96 + 4), dtype=torch.int8)
+    one_row = buf[:1, :96]
+    assert one_row.is_contiguous() and "16 bytes" in qg.why_not(ql.kernel_format("w8a16"), x, one_row)
+    padded = torch.randint(-127, 128, (5, 96 + 16), dtype=torch.int8)[:, :96]
+    assert qg.why_not(ql.kernel_format("w8a16"), x, padded) is None
+    xp = torch.randn(2, 96, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    for codes in (one_row, padded):
+        qt1 = QuantizedTensor(FORMATS["w8a16"], tuple(codes.shape), codes,
+                              torch.rand(codes.shape[0], 1).to(torch.bfloat16), None, None)
+        y = ql.quant_linear_apply(xp, *_args(qt1, None, "w8a16", 96), config=dict(qg.DEFAULT_CONFIG))
+        _check_kernel(y, xp, qt1, None, gemm=False)
     for bad in ({"BW": 512}, {"BW": 48}, {"BLOCK_N": 12}, {"STAGES": 0}):
         with pytest.raises(ValueError, match="TMA"):
             ql._check_blocks(dict(qg.DEFAULT_CONFIG, **bad), ql.kernel_format("w8a16"), gemv=True)
@@ -94,8 +108,9 @@ def test_gpu_tma_gemv_default_dispatch():
     g = torch.Generator().manual_seed(12)
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, "w8a16", k)]
     qg.SKIPPED.clear()
+    ql.FALLBACKS.clear()
     for m, split, cfg in [(1, None, None), (3, 2, dict(qg.DEFAULT_CONFIG)), (1, 4, dict(SMALL, BW=256, STAGES=3))]:
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         y = ql.quant_linear_apply(x.cuda(), *args, config=cfg, split_k=split).cpu()
         _check_kernel(y, x, qt, None, gemm=False)
-    assert not qg.SKIPPED
+    assert not qg.SKIPPED and not ql.FALLBACKS  # no ineligible input, no out-of-resources fallback: TMA ran
