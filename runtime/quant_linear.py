@@ -125,8 +125,8 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     partial dot), PREFETCH and, on the GPU, num_warps / num_stages. M <= 4
     on the GPU: WORDS configs first (``dequant_gemv_words``: int32 words of codes, mask decode for integer
     codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X, XT), after a TMA config for w8a16 below
-    8192 rows (quant_gemv_tma.py); the byte-tile kernel's configs follow (its H100
-    winners of benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
+    8192 rows (quant_gemv_tma.py); the byte-tile kernel's configs follow (its H100 winners of
+    benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
     if interpreted:  # the interpreter's cost is per program and per op: few, small-but-not-tiny programs
@@ -378,33 +378,22 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
             return _gemv_planes(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
                                 split_k if split_k is not None else cfg_split, interpreted, pdl).reshape(*lead, n)
         # a format / dtype the planes GEMV does not take: the default GEMV config instead
-        cfg = dict(gemv_configs(M, n, K, fmt, interpreted)[0]) if gemv else dict(gemm_configs(M, n, K, fmt, interpreted)[0])
-        if interpreted:
-            cfg.pop("num_warps", None), cfg.pop("num_stages", None)
-        cfg_split = cfg.pop("SPLIT_K", None)
-        cfg.pop("PDL", None)
+        cfg, cfg_split = _fallback((gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)[0], interpreted)
     if cfg.pop("TMA", False):
         why = quant_gemv_tma.why_not(kf, x2, codes) if gemv else "TMA configs are for the GEMV only"
         if why is None:
             return _gemv_tma(x2, codes, scales, bias, out, cfg, split_k if split_k is not None else cfg_split,
                              interpreted).reshape(*lead, n)
         quant_gemv_tma.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not TMA
-        cfg = dict(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
-                        if not c.get("TMA")))
-        if interpreted:
-            cfg.pop("num_warps", None), cfg.pop("num_stages", None)
-        cfg_split = cfg.pop("SPLIT_K", None)
-        cfg.pop("PDL", None)
+        cfg, cfg_split = _fallback(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
+                                        if not c.get("TMA")), interpreted)
     if cfg.pop("WORDS", False):
         if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
                                split_k if split_k is not None else cfg_split, interpreted, pdl).reshape(*lead, n)
         # the int32 view needs whole words per row: the first byte-tile config instead
-        cfg = dict(next(c for c in gemv_configs(M, n, K, fmt, interpreted) if not c.get("WORDS")))
-        if interpreted:
-            cfg.pop("num_warps", None), cfg.pop("num_stages", None)
-        cfg_split = cfg.pop("SPLIT_K", None)
-        cfg.pop("PDL", None)
+        cfg, cfg_split = _fallback(next(c for c in gemv_configs(M, n, K, fmt, interpreted) if not c.get("WORDS")),
+                                   interpreted)
     _check_blocks(cfg, kf, gemv)
     bkb = cfg["BLOCK_KB"]
     m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
@@ -421,6 +410,16 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     if splits > 1:
         _splitk_reduce(ks, partials, bias, out, splits, interpreted, pdl)
     return out.reshape(*lead, n)
+
+
+def _fallback(cfg: dict, interpreted: bool) -> tuple[dict, int | None]:
+    """A copy of the config a kernel that cannot run falls back to, ready to launch (no warps / stages in the
+    interpreter, PDL from the device as decided before), and its SPLIT_K."""
+    cfg = dict(cfg)
+    if interpreted:
+        cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+    cfg.pop("PDL", None)
+    return cfg, cfg.pop("SPLIT_K", None)
 
 
 def _words_ok(codes: torch.Tensor) -> bool:

@@ -36,14 +36,8 @@
 # 16.80 MB, 5.60 us at 3.0 TB/s (runtime/quant_linear.py bytes_model, format w8a16).
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import plane_code as _plane_code
 from fxforge.codegen.quant_helpers import store_out as _store_out
-
-
-@triton.jit
-def _byte_plane(wd, mask, EXP: tl.constexpr, zf):
-    # (wd & mask) | EXP read as fp32 is 2^e + c exactly (c < 2^8 at the plane's position); minus zf = 2^e + 128
-    # it is the signed code
-    return ((wd & mask) | EXP).to(tl.float32, bitcast=True) - zf
 
 
 @triton.jit
@@ -86,10 +80,11 @@ def _tma8_step(acc, xs, x, w_desc, n0, k, m, K, s_xm, mask0, BW: tl.constexpr, X
     x1, x3 = tl.split(xo)
     if DEC == 0:
         wh = wd >> 16
-        acc += x0[None, :] * _byte_plane(wd, mask0, 0x4B000000, 8388736.0)
-        acc += x1[None, :] * _byte_plane(wd, mask0 << 8, 0x47000000, 32896.0)
-        acc += x2[None, :] * _byte_plane(wh, mask0, 0x4B000000, 8388736.0)
-        acc += x3[None, :] * _byte_plane(wh, mask0 << 8, 0x47000000, 32896.0)
+        # the words GEMV's mask decode: minus 2^(23 - 8J) + 128 the plane's float is the signed code
+        acc += x0[None, :] * _plane_code(wd, mask0, 0x4B000000, 8388736.0)
+        acc += x1[None, :] * _plane_code(wd, mask0 << 8, 0x47000000, 32896.0)
+        acc += x2[None, :] * _plane_code(wh, mask0, 0x4B000000, 8388736.0)
+        acc += x3[None, :] * _plane_code(wh, mask0 << 8, 0x47000000, 32896.0)
     else:
         if DEC == 2:
             f0, f1, f2, f3 = _prmt_planes(wd)
