@@ -113,15 +113,31 @@ def sweep_shapes(name: str, header: list[str], shapes: dict, probe_shape) -> Non
     res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
 
 
-def gemv_bf16_baseline(N: int, K: int) -> tuple[list, torch.Tensor, int, float]:
-    """The GEMV probes' setup: bf16 weights [N, K] (x 0.02) in enough copies to span > 200 MB (every
-    rotating launch reads HBM), one row of x, and bf16 cuBLAS's per-launch us over them (graph_time_us).
-    Returns (weights, x, copies, us)."""
+def bf16_baseline(N: int, K: int, M: int = 1) -> tuple[list, torch.Tensor, int, float]:
+    """The GEMV / small-M GEMM probes' setup: bf16 weights [N, K] (x 0.02) in enough copies to span > 200 MB
+    (every rotating launch reads HBM), M rows of x, and bf16 cuBLAS's per-launch us over them
+    (graph_time_us). Returns (weights, x, copies, us)."""
     copies = max(2, -(-200_000_000 // (N * K * 2)))
     ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
     return ws, x, copies, graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
+
+
+def gemv_probe_start(res, lines: list, t0: float, wl: str, N: int, K: int):
+    """A GEMV probe's shape: the bf16 baseline (bf16_baseline, M = 1) recorded, and ``row(what, cfg_name, us,
+    nbytes)``, which records a variant's time and TB/s of its bytes and prints its table line (columns:
+    workload, what, config, us, TB/s, x bf16). Returns (weights, x, copies, bf16 us, row)."""
+    wb, x, copies, bf = bf16_baseline(N, K)
+    res.add(wl, "bf16", "time", bf, "us")
+    lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | {N * K * 2 / bf / 1e6:.2f} | 1.00 |")
+
+    def row(what, cfg_name, us, nbytes):
+        res.add(wl, f"{what}[{cfg_name}]", "time", us, "us")
+        res.add(wl, f"{what}[{cfg_name}]", "tbps", nbytes / us / 1e6, "TB/s")
+        lines.append(f"| {wl} | {what} | {cfg_name} | {us:.2f} | {nbytes / us / 1e6:.2f} | {bf / us:.2f} |")
+        print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+    return wb, x, copies, bf, row
 
 
 def out_dirs() -> list:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, graph_time_us, out_dirs, rel_err
+from common import Results, bf16_baseline, graph_time_us, out_dirs, rel_err
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
@@ -162,12 +162,8 @@ def main() -> None:
     res = Results(name)
     lines = ["| format | config | us | x bf16 | rel err vs quant ref |", "|---|---|---|---|---|"]
     M, N, K = 64, 4096, 4096
-    copies = max(2, -(-200_000_000 // (N * K * 2)))
     torch.manual_seed(0)
-    ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
+    ws, x, copies, bf = bf16_baseline(N, K, M)
     res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
     lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
     for fmt in (["w4a16_g128", "nvint4", "mxfp4", "nvfp4"] if PLANES else FORMATS[:2] if FINE else FORMATS[2:] if FINE_BLOCK or KB or N128 else ["mxint8"] if MX8 else FORMATS):

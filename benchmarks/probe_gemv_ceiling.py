@@ -17,7 +17,6 @@ Usage (repo root): ``python benchmarks/probe_gemv_ceiling.py`` -> $OUT and bench
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gemv_bf16_baseline, graph_time_us, rel_err, sweep_shapes
+from common import gemv_probe_start, graph_time_us, rel_err, sweep_shapes
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
@@ -69,15 +68,7 @@ def read_time(ws, N, KW, bn, bw, warps, splits, unroll, stages, persist) -> floa
 
 def probe_shape(res, lines, t0, wl, N, K) -> None:
     """bf16 cuBLAS, the read sweep and the words GEMV variants of one shape."""
-    wb, x, copies, bf = gemv_bf16_baseline(N, K)
-    res.add(wl, "bf16", "time", bf, "us")
-    lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | {N * K * 2 / bf / 1e6:.2f} | 1.00 |")
-
-    def row(what, cfg_name, us, nbytes):
-        res.add(wl, f"{what}[{cfg_name}]", "time", us, "us")
-        res.add(wl, f"{what}[{cfg_name}]", "tbps", nbytes / us / 1e6, "TB/s")
-        lines.append(f"| {wl} | {what} | {cfg_name} | {us:.2f} | {nbytes / us / 1e6:.2f} | {bf / us:.2f} |")
-        print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+    wb, x, copies, _, row = gemv_probe_start(res, lines, t0, wl, N, K)
 
     for bits in (4, 8):
         KW = K * bits // 32

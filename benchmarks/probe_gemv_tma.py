@@ -34,7 +34,14 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gemv_bf16_baseline, graph_time_us, rel_err, sweep_shapes
+from common import (
+    Results,
+    gemv_probe_start,
+    graph_time_us,
+    out_dirs,
+    rel_err,
+    sweep_shapes,
+)
 from fxforge.codegen.templates.dequant_gemv_tma import _tma8_step, dequant_gemv_tma8
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
@@ -132,15 +139,7 @@ def gemv_tma8(x, desc, scales, out, partials, N, K, bn, bw, st, warps, xd, split
 
 
 def probe_shape(res, lines, t0, wl, N, K) -> None:
-    wb, x, copies, bf = gemv_bf16_baseline(N, K)
-    res.add(wl, "bf16", "time", bf, "us")
-    lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | {N * K * 2 / bf / 1e6:.2f} | 1.00 |")
-
-    def row(what, cfg_name, us, nbytes):
-        res.add(wl, f"{what}[{cfg_name}]", "time", us, "us")
-        res.add(wl, f"{what}[{cfg_name}]", "tbps", nbytes / us / 1e6, "TB/s")
-        lines.append(f"| {wl} | {what} | {cfg_name} | {us:.2f} | {nbytes / us / 1e6:.2f} | {bf / us:.2f} |")
-        print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+    wb, x, copies, _, row = gemv_probe_start(res, lines, t0, wl, N, K)
 
     for bits in (8, 4) if READ_TMA or READ_PLAIN else ():
         KW = K * bits // 32
@@ -235,7 +234,6 @@ def host_round() -> None:
     """Round 5 (PROBE_HOST=1): host cost of one eager quant_linear call (no CUDA graph), words kernel vs TMA
     GEMV (a host tensor descriptor built and encoded per launch): microseconds per call to enqueue 2000 calls,
     and per call with a synchronize after each (launch latency included), w8a16 4096^2, M = 1."""
-    from common import Results
     res = Results("probe_gemv_tma_host")
     lines = ["| config | enqueue us/call | synchronous us/call |", "|---|---|---|"]
     N = K = 4096
@@ -263,7 +261,6 @@ def host_round() -> None:
         res.add("gemv_4096x4096_m1", f"w8a16[{name}]", "host_sync_call", sync, "us")
         lines.append(f"| {name} | {enq:.1f} | {sync:.1f} |")
         print(lines[-1], flush=True)
-    from common import out_dirs
     res.write(out_dirs(), notes=["", "## Host cost", ""] + lines)
 
 

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gemv_bf16_baseline, graph_time_us, rel_err, sweep_shapes
+from common import bf16_baseline, graph_time_us, rel_err, sweep_shapes
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_linear as ql
 
@@ -68,7 +68,7 @@ def time_config(x, args, fmt, K, cfg, copies) -> float:
 
 
 def probe_shape(res, lines, t0, wl, N, K) -> None:
-    ws, x, copies, bf = gemv_bf16_baseline(N, K)
+    ws, x, copies, bf = bf16_baseline(N, K)
     res.add(wl, "bf16", "time", bf, "us")
     lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | 1.00 | {ql.bytes_model('bf16', N, K, 1)['expected_us'] / bf:.3f} | |")
     for fmt in FORMATS:
