@@ -1,0 +1,125 @@
+"""The Gluon dequant GEMM for 17 <= M <= 64 on Hopper (codegen/templates/dequant_gemm_gluon.py): when it applies,
+its configs and its launch.
+
+``runtime/quant_linear.py`` runs it for GEMM configs with ``GLUON`` set. A config it does not apply to (a format
+it has no decode for, an fp16 / fp32 activation, K or the code rows not 16-byte aligned for TMA, a GPU other
+than sm_90, a triton without Gluon) runs the next config that is not GLUON instead and records why in SKIPPED.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .kernels import template_kernels
+
+GLUON_TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_gemm_gluon.py"
+GLUON_KERNELS = ("dequant_gemm_gluon",)
+MAX_M = 64  # x rows per program: wgmma's N side (one [64, BK] TMA box of x per step)
+# (fmt, M, N, K, device type) -> why a GLUON config ran another kernel instead (last reason wins)
+SKIPPED: dict = {}
+
+
+def kernels_for(device_type: str) -> dict:
+    from fxforge.config import cache_dir as env_cache_dir
+
+    return dict(zip(GLUON_KERNELS, template_kernels(str(GLUON_TEMPLATE), GLUON_KERNELS, device_type,
+                                                    env_cache_dir())))
+
+
+def format_ok(kf: dict) -> bool:
+    """Block formats the kernel decodes: MXINT8 (int8 x E8M0), uint4 with zero points and bf16 / fp32 group
+    scales (w4a16), NVINT4 (int4 x E4M3), MXFP4 / NVFP4 (E2M1 x E8M0 / E4M3)."""
+    if kf["PER_ROW"]:
+        return False
+    elem, scale = kf["ELEM"], kf["SCALE"]
+    return ((elem == 0 and scale == 1) or (elem == 1 and scale == 0 and kf["HAS_ZERO"]) or (elem == 2 and scale == 2)
+            or (elem == 3 and scale in (1, 2)))
+
+
+def group_size(kf: dict) -> int:
+    return kf["GB"] * kf["EPB"]
+
+
+def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> str | None:
+    """None when the Gluon GEMM can run these tensors, else the reason it cannot."""
+    if not format_ok(kf):
+        return "format has no Gluon decode (block formats only)"
+    if x2.device.type != "cuda":
+        return "Gluon kernels run on CUDA only"
+    if x2.dtype != torch.bfloat16:
+        return "activations are not bf16"
+    M, K = x2.shape
+    if not 1 <= M <= MAX_M:
+        return f"M = {M} is not in 1..{MAX_M}"
+    if torch.cuda.get_device_capability(x2.device)[0] != 9:
+        return "wgmma needs sm_90"
+    try:
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return "triton has no Gluon"
+    # TMA: 16-byte aligned bases and row strides, unit inner stride (row strides checked themselves: a one-row
+    # slice of a wider buffer counts as contiguous whatever its stride)
+    if x2.stride(1) != 1 or (x2.stride(0) * 2) % 16 or x2.data_ptr() % 16:
+        return "x rows are not 16-byte aligned and contiguous"
+    if codes.stride(1) != 1 or codes.stride(0) % 16 or codes.data_ptr() % 16:
+        return "code rows are not 16-byte aligned and contiguous"
+    if scales.stride(1) != 1:
+        return "scales are not contiguous along K"
+    return None
+
+
+def check_config(cfg: dict, kf: dict) -> None:
+    bn, bk, st, w = cfg["BLOCK_N"], cfg["BK"], cfg["STAGES"], cfg.get("num_warps", 4)
+    if w not in (4, 8) or bn != 16 * w:
+        raise ValueError(f"quant_linear: GLUON configs need num_warps 4 / 8 and BLOCK_N = 16 * num_warps, got {cfg}")
+    if bk not in (64, 128, 256) or bk % group_size(kf):
+        raise ValueError(f"quant_linear: GLUON BK must be 64, 128 or 256 and a multiple of the group, got {cfg}")
+    if st < 2:
+        raise ValueError(f"quant_linear: GLUON STAGES must be >= 2, got {cfg}")
+
+
+def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict,
+           splits: int | None) -> tuple[int, torch.Tensor]:
+    """y = x2 @ dequant(W)^T (+ bias) into ``out`` [M, N] (one split), or fp32 partials [splits, M, N] the caller
+    reduces (dequant_splitk_reduce, which adds the bias). Returns (splits, partials)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    check_config(cfg, kf)
+    M, K = x2.shape
+    n = codes.shape[0]
+    bn, bk = cfg["BLOCK_N"], cfg["BK"]
+    # storage units of the kernel: a byte of two 4-bit codes, or a 16-bit pair of int8 codes
+    units = codes.view(torch.int16 if kf["EPB"] == 1 else torch.uint8)
+    ubk = bk // 2
+    total_steps = -(-units.shape[1] // ubk)
+    tiles = -(-n // bn)
+    if splits is None:
+        splits = auto_splits(tiles, total_steps, x2.device)
+    per = -(-total_steps // splits)
+    splits = -(-total_steps // per)  # none empty
+    gl_dtype = gl.int16 if kf["EPB"] == 1 else gl.uint8
+    w_desc = TensorDescriptor.from_tensor(units, [bn, ubk], gl.NVMMASharedLayout.get_default_for([bn, ubk], gl_dtype))
+    x_desc = TensorDescriptor.from_tensor(x2, [MAX_M, bk],
+                                          gl.NVMMASharedLayout.get_default_for([MAX_M, bk], gl.bfloat16))
+    partials = torch.empty((splits, M, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
+    dummy = scales
+    kernels_for("cuda")["dequant_gemm_gluon"][(tiles, splits)](
+        w_desc, x_desc, scales, zeros if zeros is not None else dummy,
+        tensor_scale if tensor_scale is not None else dummy, bias if bias is not None else dummy, partials, M, n,
+        scales.shape[1], scales.stride(0), per, total_steps, out.stride(0), ELEM=kf["ELEM"], SCALE=kf["SCALE"],
+        HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], EPB=kf["EPB"], G=group_size(kf),
+        STAGES=cfg["STAGES"], SPLIT=splits > 1, HAS_BIAS=bias is not None and splits == 1,
+        num_warps=cfg.get("num_warps", 4))
+    return splits, partials
+
+
+def auto_splits(tiles: int, steps: int, device: torch.device) -> int:
+    """K splits: enough programs to fill the SMs once (no split when the row tiles already do), each split at
+    least 4 steps long."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = 1
+    while tiles * splits * 2 <= sms and steps // (splits * 2) >= 4:
+        splits *= 2
+    return splits
