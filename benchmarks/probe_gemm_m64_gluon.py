@@ -26,7 +26,7 @@ from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_gemm_gluon as qg
 from fxforge.runtime import quant_linear as ql
 
-M, N, K = 64, 4096, 4096
+M, N, K = int(os.environ.get("PROBE_M", 64)), 4096, 4096  # PROBE_M: other row counts (e.g. 16, 32)
 FORMATS = os.environ.get("PROBE_FORMATS", "nvint4,mxint8,nvfp4,mxfp4,w4a16_g128").split(",")
 # (BLOCK_N, BK, STAGES, warps, splits)
 CONFIGS = [(64, 128, 4, 4, 4), (64, 128, 4, 4, 2), (64, 256, 3, 4, 4), (128, 128, 4, 8, 4), (64, 64, 6, 4, 4),
@@ -50,14 +50,15 @@ def gluon_apply(x, q, fmt, cfg, kf=None, splits=None, bias=None):
 def main() -> None:
     t0 = time.time()
     res = Results("probe_gemm_m64_gluon" + os.environ.get("PROBE_TAG", ""))
+    wl = f"gemm_4096x4096_m{M}"
     lines = ["| impl | config | us | x bf16 | err |", "|---|---|---|---|---|"]
     torch.manual_seed(0)
     wb, x, copies, bf = bf16_baseline(N, K, M)
-    res.add("gemm_4096x4096_m64", "bf16", "time", bf, "us")
+    res.add(wl, "bf16", "time", bf, "us")
     lines.append(f"| bf16 | cuBLAS | {bf:.2f} | 1.00 | |")
 
     def row(impl, name, us, err=""):
-        res.add("gemm_4096x4096_m64", f"{impl}[{name}]", "time", us, "us")
+        res.add(wl, f"{impl}[{name}]", "time", us, "us")
         lines.append(f"| {impl} | {name} | {us:.2f} | {bf / us:.3f} | {err} |")
         print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
 
@@ -71,7 +72,15 @@ def main() -> None:
         def run_default(i, qts=qts, fmt=fmt):
             q = qts[i % copies]
             ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K, check=False)
-        row(fmt, "default (Triton SWAP)", graph_time_us(run_default), f"{err_d:.1e}")
+        row(fmt, "default", graph_time_us(run_default), f"{err_d:.1e}")
+        if os.environ.get("PROBE_TRITON"):  # the best Triton tile (the default before the Gluon GEMM)
+            tcfg = next(c for c in ql.gemm_configs(M, N, K, fmt, False) if not c.get("GLUON"))
+
+            def run_triton(i, qts=qts, fmt=fmt, tcfg=tcfg):
+                q = qts[i % copies]
+                ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K, config=dict(tcfg),
+                                      check=False)
+            row(fmt, "Triton (first non-Gluon config)", graph_time_us(run_triton))
         # tails: M = 37, N = 4000, K = 4000 (the last K step partial, rows past N), with a bias, one split and 3
         try:
             wt = torch.randn(4000, 4000, device="cuda", dtype=torch.bfloat16) * 0.02

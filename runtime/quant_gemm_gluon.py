@@ -16,6 +16,10 @@ from .kernels import template_kernels
 GLUON_TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_gemm_gluon.py"
 GLUON_KERNELS = ("dequant_gemm_gluon",)
 MAX_M = 64  # x rows per program: wgmma's N side (one [64, BK] TMA box of x per step)
+# probe_gemm_m64_gluon_r2.md (M = 64, 4096^2): 64 weight rows x 128 elements per step, 3 stages, 4 warps;
+# SPLIT_K None: auto_splits (GROUP_M / BLOCK_M mark it a GEMM config for quant_linear's dispatch)
+DEFAULT_CONFIG = {"GLUON": True, "BLOCK_M": MAX_M, "GROUP_M": 1, "BLOCK_N": 64, "BK": 128, "STAGES": 3,
+                  "num_warps": 4, "num_stages": 1, "SPLIT_K": None}
 # (fmt, M, N, K, device type) -> why a GLUON config ran another kernel instead (last reason wins)
 SKIPPED: dict = {}
 
@@ -45,11 +49,13 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     """None when the Gluon GEMM can run these tensors, else the reason it cannot."""
     if not format_ok(kf):
         return "format has no Gluon decode (block formats only)"
+    if kf["SCALE"] == 0 and scales.dtype != torch.bfloat16:
+        return "group scales are not bf16 (the decode multiplies in bf16x2)"
     if x2.device.type != "cuda":
         return "Gluon kernels run on CUDA only"
     if x2.dtype != torch.bfloat16:
         return "activations are not bf16"
-    M, K = x2.shape
+    M = x2.shape[0]
     if not 1 <= M <= MAX_M:
         return f"M = {M} is not in 1..{MAX_M}"
     if torch.cuda.get_device_capability(x2.device)[0] != 9:
@@ -87,7 +93,7 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     check_config(cfg, kf)
-    M, K = x2.shape
+    M = x2.shape[0]
     n = codes.shape[0]
     bn, bk = cfg["BLOCK_N"], cfg["BK"]
     # storage units of the kernel: a byte of two 4-bit codes, or a 16-bit pair of int8 codes
@@ -101,8 +107,9 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
     splits = -(-total_steps // per)  # none empty
     gl_dtype = gl.int16 if kf["EPB"] == 1 else gl.uint8
     w_desc = TensorDescriptor.from_tensor(units, [bn, ubk], gl.NVMMASharedLayout.get_default_for([bn, ubk], gl_dtype))
-    x_desc = TensorDescriptor.from_tensor(x2, [MAX_M, bk],
-                                          gl.NVMMASharedLayout.get_default_for([MAX_M, bk], gl.bfloat16))
+    # x box rows = wgmma's N: the next power of two >= M (16..64), so small M neither reads nor multiplies 64 rows
+    bm = min(MAX_M, max(16, 1 << (M - 1).bit_length()))
+    x_desc = TensorDescriptor.from_tensor(x2, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16))
     partials = torch.empty((splits, M, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
     dummy = scales
     kernels_for("cuda")["dequant_gemm_gluon"][(tiles, splits)](
@@ -116,10 +123,18 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
 
 
 def auto_splits(tiles: int, steps: int, device: torch.device) -> int:
-    """K splits: enough programs to fill the SMs once (no split when the row tiles already do), each split at
-    least 4 steps long."""
+    """K splits: up to two programs per SM (a program's 3 stages take 72 KB of shared memory: two fit, and the
+    second hides the first's prologue and epilogue; probe r2 at 64 tiles: 4 splits 11.8 us, 2 splits 13.1),
+    each split at least 4 steps long; none once the row tiles alone reach that."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = 1
-    while tiles * splits * 2 <= sms and steps // (splits * 2) >= 4:
+    while tiles * splits * 2 <= 2 * sms and steps // (splits * 2) >= 4:
         splits *= 2
     return splits
+
+
+def run(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, splits: int | None, reduce) -> None:
+    """launch() and, with K splits, ``reduce(partials, splits)`` (quant_linear's split-K reduce) into ``out``."""
+    splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits)
+    if splits > 1:
+        reduce(partials, splits)

@@ -27,18 +27,27 @@ config when a launch fails with OutOfResources (recorded in ``FALLBACKS``, warne
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
-from . import quant_gemv_tma
+from . import quant_gemm_gluon, quant_gemv_tma
 from .kernels import (
     first_that_fits,
     interpreter_active,
-    next_pow2,
     pdl_capable,
     template_kernels,
+)
+from .quant_configs import (  # noqa: F401 (re-exported: the benchmarks and tests reach them through here)
+    CPU_SMS,
+    WORDS_ROW_GW,
+    _cdiv,
+    auto_split_k,
+    auto_split_k_gemm,
+    auto_split_k_tma,
+    gemm_configs,
+    gemv_configs,
+    kernel_format,
 )
 
 _CODEGEN = Path(__file__).resolve().parent.parent / "codegen"
@@ -57,19 +66,14 @@ GEMV_DISPATCH_M = 4  # the default dispatch sends up to this many rows to the GE
 # step at batch 16 measured 8.4 ms through the GEMV against 1.6 ms in bf16
 # (benchmarks/results/decode_tokens_gpu_b16.md); from 5 rows the tensor-core GEMM decodes each weight tile
 # once for all rows instead of once per row block
-CPU_SMS = 4  # stand-in SM count for the interpreter (split-K heuristics see a tiny GPU)
 REDUCE_BLOCK = 1024
 REDUCE_PDL = True  # default of the PDL config key: the split-K reduce with programmatic dependent launch
 # (quant_helpers.pdl_*; GPU only)
-WORDS_ROW_GW = 16  # WORDS GEMV, per-row formats: words per inner tile row (BLOCK_G of them per step)
 HBM_TBPS = 3.0  # H100 SXM achievable HBM bandwidth used by the bytes model
 # (fmt, M, N, K, x dtype, device index) -> {"index": config used, "failed": cfg, "error": str} (default path)
 FALLBACKS: dict = {}
 _ACT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-# Element / scale kinds of the template (see its header).
-_ELEM = {"int8": 0, "mxint8": 0, "uint4": 1, "int4": 2, "fp4_e2m1": 3, "fp8_e4m3": 4}
-_SCALE = {"bf16": 0, "fp32": 0, "e8m0": 1, "e4m3": 2}
 _CODE_DTYPES = {"int8": torch.int8, "mxint8": torch.int8, "fp8_e4m3": torch.uint8}
 _SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "e8m0": torch.uint8, "e4m3": torch.uint8}
 
@@ -91,19 +95,6 @@ def kernels_for(device_type: str) -> dict:
             **dict(zip(PLANES_KERNELS, template_kernels(str(PLANES_TEMPLATE), PLANES_KERNELS, device_type, cache)))}
 
 
-@functools.lru_cache(maxsize=64)
-def kernel_format(fmt) -> dict:
-    """The template's constexprs for a format (a FORMATS name or QuantFormat): element / scale kind,
-    per-row or grouped scales, zero points, tensor scale, element step, elements per byte (EPB) and the
-    group in byte columns (GB)."""
-    from fxforge.passes.quant.formats import get_format
-
-    f = get_format(fmt)
-    epb = 2 if f.bits == 4 else 1
-    return {"ELEM": _ELEM[f.elem], "SCALE": _SCALE[f.scale], "PER_ROW": f.block is None, "HAS_ZERO": f.zero_point,
-            "HAS_TS": f.tensor_scale, "STEP": f.spec.step, "EPB": epb, "GB": (f.block or 2) // epb}
-
-
 # ------------------------------------------------------------------------------------------- bytes model
 def bytes_model(fmt: str, N: int, K: int, M: int = 1, act_bytes: int = 2, splits: int = 1) -> dict:
     """Bytes a launch moves: the packed weight (``metrics.bytes_per_weight``; fmt "bf16"/"fp16"/"fp32" =
@@ -116,167 +107,6 @@ def bytes_model(fmt: str, N: int, K: int, M: int = 1, act_bytes: int = 2, splits
     total = weights + acts
     return {"format": fmt, "N": N, "K": K, "M": M, "weight_bytes": round(weights), "act_bytes": acts,
             "total_bytes": round(total), "expected_us": total / (HBM_TBPS * 1e12) * 1e6}
-
-
-# ---------------------------------------------------------------------------------------------- configs
-def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
-    """GEMV launch configs, default first: BLOCK_M (rows of x per program, next_pow2(M)), BLOCK_N (weight
-    rows), BLOCK_KB (code bytes per row per step), POST (grouped formats: scale per group after the
-    partial dot), PREFETCH and, on the GPU, num_warps / num_stages. M <= 4
-    on the GPU: WORDS configs first (``dequant_gemv_words``: int32 words of codes, mask decode for integer
-    codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X, XT), after a TMA config for w8a16 below
-    8192 rows (quant_gemv_tma.py); the byte-tile kernel's configs follow (its H100 winners of
-    benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
-    kf = kernel_format(fmt)
-    bm = next_pow2(max(M, 1))
-    if interpreted:  # the interpreter's cost is per program and per op: few, small-but-not-tiny programs
-        return [{"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_KB": 32}]
-    shrink = max(1, bm // 4)  # keep the [BLOCK_M, BLOCK_N, BLOCK_KB] product in registers for M > 4
-    out = []
-    if kf["EPB"] == 1:  # (BLOCK_N, BLOCK_KB, warps, stages, POST, PREFETCH)
-        cands = [(8, 1024, 4, 1, True, False), (16, 512, 4, 1, True, False), (4, 1024, 4, 1, True, False),
-                 (8, 2048, 8, 1, True, False)]
-    else:
-        cands = [(8, 256, 4, 1, False, True), (8, 256, 4, 1, False, False), (8, 512, 4, 1, False, True)]
-    for bn, kb, w, st, post, pf in cands:
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KB": max(kb // shrink, 16), "POST": post, "PREFETCH": pf,
-               "num_warps": w, "num_stages": st}
-        if cfg not in out:
-            out.append(cfg)
-    if M <= 4:  # words: (BLOCK_N, bytes of codes per row per step, warps, PREFETCH_X)
-        # H100 probes of the [group, row, word] tile kernel (benchmarks/results/probe_gemv_words_r5.md, _r6.md,
-        # M = 1, bf16 cuBLAS 15.6 / 41.7 us): with x and the group scales prefetched with the next step's words
-        # (PREFETCH_X, 5-15% faster everywhere) 16 rows x 256 B won every format at 14336 rows (w4a16 17.6,
-        # w8a16 22.8-23.1 us), 16 x 512 B the 4-bit formats at 4096^2 (w4a16 7.2 us), 16 x 1024 B over 8 warps
-        # the 8-bit ones (w8a16 9.0 us). Deeper prefetch (2), the cp.async loop pipeline (tl.range stages; since removed) and
-        # 32-row tiles did not win anywhere by more than the ~3% run-to-run spread.
-        gb = 4 * WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
-        if N >= 8192:
-            wc = [(16, 256, 4, 1), (8, 512, 4, 1), (16, 512, 4, 1)]
-        elif kf["EPB"] == 2:
-            wc = [(16, 512, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1)]
-        else:
-            wc = [(16, 1024, 8, 1), (8, 1024, 4, 1), (8, 512, 4, 1)]
-        wc += [(16, 256, 4, 0), (8, 512, 4, 0)]
-        # XT (x loaded as [word, group, element], its lanes in the codes' order: fewer registers and shared-
-        # memory round trips) for integer codes: probe r8 2-5% faster; the fp4 formats were even or slower
-        xt = 1 if kf["ELEM"] <= 2 else 0
-        words = []
-        for bn, kbytes, w, pfx in wc:
-            words.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
-                          "PREFETCH": 1, "PREFETCH_X": pfx, "XT": xt if pfx else 0, "num_warps": w, "num_stages": 1})
-        # w8a16 below 8192 rows: the TMA-fed GEMV (quant_gemv_tma.py; probe_gemv_tma_r4.md, 4096^2 8.38-8.44 us
-        # vs the words default's 8.73-8.88); at 14336 rows the words kernel stays ahead (22.7-23.1 vs 23.4-23.7)
-        if N < 8192 and quant_gemv_tma.format_ok(kf):
-            words.insert(0, dict(quant_gemv_tma.DEFAULT_CONFIG))
-        out = words + out
-    return out
-
-
-def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
-    """Tensor-core launch configs for M > GEMV_MAX_M, default first (tl.dot needs 16+ on every side).
-    BLOCK_M covers up to 64 rows, so each weight tile is decoded once per K step for all of them; SPLIT_K
-    None: ``auto_split_k_gemm`` (enough programs for the SMs). Small M: a 32-wide plain tile (group scale
-    after the partial dot, POST, for per-row / g128 formats; per-element scaling over a 128-element K tile
-    for smaller groups), SWAP ("swap AB": the decoded weight tile is wgmma's register A operand, x^T the
-    cp.async-pipelined B operand) with 64 / 128-wide tiles. At M = 33..64 with at most 96 64-row tiles the
-    defaults are the session-10 H100 winners (results/probe_gemm_m64*.md, quant_gpu.md; bf16 cuBLAS 14.9 us
-    at 4096^2): SWAP 64-wide with 4 K splits (nvfp4: 8; nvint4: 64-byte steps, 4 splits), mxint8 SWAP 128-wide on 8
-    warps with 4 splits (session 13), mxfp8 the plain 64-wide tile on 8 warps with 4 splits."""
-    kf = kernel_format(fmt)
-    if interpreted:
-        return [{"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_KB": 32, "GROUP_M": 8}]
-    bm = 32 if M <= 32 else 64 if M <= 64 else 128
-    epb = kf["EPB"]
-    post = kf["PER_ROW"] or kf["GB"] >= 64
-    if post:
-        kb = 128 // epb if kf["PER_ROW"] else min(kf["GB"], 128 // epb)
-    else:
-        kb = 32 if kf["GB"] < 16 else 128 // epb
-    big = M > 256
-    base = {"GROUP_M": 8, "POST": post, "SPLIT_K": None}
-    if big:
-        cands = [dict(base, BLOCK_M=bm, BLOCK_N=128, BLOCK_KB=kb, num_warps=8, num_stages=3),
-                 dict(base, BLOCK_M=bm, BLOCK_N=64, BLOCK_KB=kb, num_warps=8, num_stages=3)]
-    else:
-        if post:
-            first = dict(base, BLOCK_M=bm, BLOCK_N=32, BLOCK_KB=kb, num_warps=4, num_stages=3)
-        else:
-            first = dict(base, BLOCK_M=bm, BLOCK_N=64, BLOCK_KB=kb, num_warps=8, num_stages=3,
-                         SPLIT_K=4 if kf["GB"] < 16 else None)
-        swap = dict(base, BLOCK_M=bm, BLOCK_KB=kb, num_stages=3, SWAP=True, PREFETCH=False)
-        # Second H100 probe (M = 64, 4096^2; bf16 cuBLAS 14.7 us): PREFETCH off won every format but
-        # w4a16 g128 (w8a16 17.2, nvint4 20.8, mxint8 21.4, nvfp4 23.6-23.9, mxfp4 25.2 us), where SWAP
-        # with 64-wide N tiles won (17.4 us). None reaches bf16 yet.
-        cands = [dict(first, PREFETCH=False), first, dict(swap, BLOCK_N=64, num_warps=4),
-                 dict(swap, BLOCK_N=128, num_warps=8)]
-        if epb == 2 and post:
-            cands.insert(0, cands.pop(2))
-        if epb == 1 and kf["PER_ROW"] and bm == 64:
-            # third H100 probe (results/probe_quant_s9.md, M = 64, 4096^2, bf16 cuBLAS 15.0 us): SWAP with
-            # 128-wide N tiles, 4 K splits, 4 stages 15.8 us (0.95x) vs the first config's 17.2 us
-            cands.insert(0, dict(swap, BLOCK_N=128, num_warps=4, num_stages=4, SPLIT_K=4))
-        if bm == 64 and N // 64 <= 96:
-            # fourth H100 probe (results/probe_gemm_m64.md, M = 64, 4096^2, bf16 cuBLAS 14.5 us; ncu had the
-            # defaults at 0.48 waves): more K splits. SWAP 64-wide, 4 splits: w4a16 14.9 us (was 17.1),
-            # w8a16 15.0 (15.7), mxfp4 21.1 (25.2); 16-element groups (NV) 8 splits: nvint4 19.7 (20.8),
-            # nvfp4 23.3 (24.0); mxint8: the plain 64-wide 8-warp tile with 4 splits 18.5 (21.6)
-            # MXINT8 after the one-FFMA decode (int8 x E8M0, session 11, results/probe_gemm_m64_mx8.md): the
-            # same tile on 4 warps 16.8 us vs 18.8 on 8
-            # The split-K reduce with PDL (results/probe_gemm_m64_pdl.md): 0.2-0.6 us faster for every format
-            # but mxint8 (0.1-0.5 us slower, both pairs of runs): off there
-            # MXINT8 in SWAP with its scales a step ahead (session 12) on two warpgroups (128-row tiles), 4
-            # splits, 3 stages (results/probe_gemm_m64_n128.md, bf16 cuBLAS 14.35 us): 15.37 us vs 17.09
-            if kf["GB"] == 32 and epb == 1 and kf["ELEM"] == 0:
-                cands.insert(0, dict(swap, BLOCK_N=128, num_warps=8, SPLIT_K=4, PDL=False))
-            elif kf["GB"] == 32 and epb == 1:
-                cands.insert(0, dict(first, PREFETCH=False, SPLIT_K=4, num_warps=8, PDL=True))
-            elif epb == 2 and kf["GB"] == 8 and kf["ELEM"] == 2:
-                # nvint4 (session 11, results/probe_gemm_m64_fine_block.md): 64-byte steps with 4 splits
-                # 16.4-16.5 us vs 17.0 for 32-byte steps with 8
-                cands.insert(0, dict(swap, BLOCK_N=64, num_warps=4, BLOCK_KB=64, SPLIT_K=4))
-            else:
-                cands.insert(0, dict(swap, BLOCK_N=64, num_warps=4, SPLIT_K=8 if epb == 2 and kf["GB"] == 8 else 4))
-    out = []
-    for cfg in cands:
-        if cfg not in out:
-            out.append(cfg)
-    return out
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return CPU_SMS
-
-
-def auto_split_k_tma(programs: int, kb: int, block_kb: int, device: torch.device) -> int:
-    """TMA GEMV: no K split once its row tiles fill the SMs (4096^2: sk2 11.3 us, sk1 9.1; probe_gemv_tma.md)."""
-    return 1 if programs >= _sm_count(device) else auto_split_k(programs, kb, block_kb, device)
-
-
-def auto_split_k_gemm(programs: int, kb: int, block_kb: int, device: torch.device) -> int:
-    """K splits for the tensor-core GEMM at small M: enough (M, N) tiles x splits to cover the SMs once
-    (M = 64, N = 4096 with 64-wide N tiles: 64 tiles -> 2-3 splits), each split >= 4 steps of BLOCK_KB."""
-    sms = _sm_count(device)
-    if programs >= sms:
-        return 1
-    steps = -(-kb // block_kb)
-    return max(1, min(-(-sms // max(programs, 1)), steps // 4))
-
-
-def auto_split_k(programs: int, kb: int, block_kb: int, device: torch.device) -> int:
-    """K splits for the GEMV: none when the (N, M) tiles already fill the SMs twice over; else enough to
-    reach that, keeping at least 4 steps of BLOCK_KB per split."""
-    sms = _sm_count(device)
-    if programs >= 2 * sms:
-        return 1
-    steps = -(-kb // block_kb)
-    return max(1, min(-(-2 * sms // max(programs, 1)), steps // 4))
 
 
 # -------------------------------------------------------------------------------------------- checking
@@ -387,6 +217,18 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         quant_gemv_tma.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not TMA
         cfg, cfg_split = _fallback(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
                                         if not c.get("TMA")), interpreted)
+    if cfg.pop("GLUON", False):
+        why = "GLUON configs are for the GEMM only" if gemv else quant_gemm_gluon.why_not(kf, x2, codes, scales)
+        if why is None and interpreter_active():
+            why = "the Triton interpreter runs no Gluon"
+        if why is None:
+            quant_gemm_gluon.run(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
+                                 split_k if split_k is not None else cfg_split,
+                                 lambda partials, s: _splitk_reduce(ks, partials, bias, out, s, interpreted, pdl))
+            return out.reshape(*lead, n)
+        quant_gemm_gluon.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not GLUON
+        cfg, cfg_split = _fallback(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
+                                        if not c.get("GLUON")), interpreted)
     if cfg.pop("WORDS", False):
         if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
@@ -576,6 +418,11 @@ def _check_blocks(cfg: dict, kf: dict, gemv: bool) -> None:
         if not gemv:
             raise ValueError("quant_linear: WORDS configs are for the GEMV only")
         _check_words(cfg, kf)
+        return
+    if cfg.get("GLUON"):
+        if gemv:
+            raise ValueError("quant_linear: GLUON configs are for the GEMM only")
+        quant_gemm_gluon.check_config(cfg, kf)
         return
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_KB"):
         v = cfg[key]

@@ -524,7 +524,7 @@ def test_gpu_m64_candidate_tiles(fmt):
     # quantized Gaussian weights; K = 2080 (a partial last group, many steps per split), N = 200.
     k, n, m = 2080, 200, 64
     g = torch.Generator().manual_seed(31)
-    base = ql.gemm_configs(m, 4096, 4096, fmt, False)[0]
+    base = next(c for c in ql.gemm_configs(m, 4096, 4096, fmt, False) if not c.get("GLUON"))  # the Triton tiles
     kb = base["BLOCK_KB"]
     cfgs = [dict(base, SWAP=True, PREFETCH=False, BLOCK_N=64, num_warps=4, SPLIT_K=4),
             dict(base, SWAP=True, PREFETCH=False, BLOCK_N=128, num_warps=8, SPLIT_K=2, num_stages=4),

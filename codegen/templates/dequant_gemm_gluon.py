@@ -42,7 +42,16 @@
 # element (~2.3 us over 132 SMs): the kernel is bound by how well those three overlap.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+# the TMA load's name: async_load from triton 3.7 on (async_copy_global_to_shared there only raises), the old one
+# before (triton 3.6 on the H100 here)
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 
 
 @gluon.jit
@@ -137,6 +146,14 @@ def _decode(units, s2, c2, A_LAYOUT: gl.constexpr, BN: gl.constexpr, BK: gl.cons
     return gl.convert_layout(v, A_LAYOUT, assert_trivial=True)
 
 
+# bf16x2 constants of the scale path (module level so tests/test_quant_gemm_gluon.py can emulate it bit for bit)
+BF16X2_2P120 = gl.constexpr(0x7B807B80)  # (2^120, 2^120): E4M3 bits placed in a bf16 (bias 127) times this
+BF16X2_M24 = gl.constexpr(0xC1C0C1C0)  # (-24, -24): NVINT4's addend -24·s
+BF16X2_2P117 = gl.constexpr(0x7A007A00)  # (2^117, 2^117): NVFP4's scale factor (2^9 more in the epilogue)
+MXINT8_ADDEND = gl.constexpr(-8388736.0)  # -(2^23 + 128): MXINT8's addend per unit of scale
+NVFP4_EPILOGUE = gl.constexpr(512.0)  # 2^9: 2^126 (E2M1 bits) = 2^117 (scale) * 2^9
+
+
 @gluon.constexpr_function
 def _groups_first(layout):
     # the same distribution with the register bases along dim 1 (groups) first: each thread's scales of one row
@@ -171,16 +188,16 @@ def _group_scales(scales, zeros, off_n, step, N, total_steps, s_sn, BN: gl.const
     raw = gl.convert_layout(gl.load(scales + offs), S_LAYOUT)
     if ELEM == 0:  # MXINT8: fp32 2^(e - 127) and -(2^23 + 128)·2^(e - 127)
         m = _e8m0_f32(raw)
-        c = m * -8388736.0
+        c = m * MXINT8_ADDEND
     elif ELEM == 1:  # uint4 - zero point, times the bf16 group scale
         m = _dup_bf16(raw.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF)
         c = _bf16x2(gl.convert_layout(gl.load(zeros + offs), S_LAYOUT).to(gl.float32) + 16.0)
     elif SCALE == 2:  # E4M3 bits moved to bf16 bits 4-10 (a subnormal for e = 0), times 2^120 in bf16
-        m = _hmul2(_dup_bf16((raw.to(gl.int32) & 127) << 4), 0x7B807B80)
+        m = _hmul2(_dup_bf16((raw.to(gl.int32) & 127) << 4), BF16X2_2P120)
         if ELEM == 2:  # NVINT4: (24 + c)·s - 24·s
-            c = _hmul2(m, 0xC1C0C1C0)
+            c = _hmul2(m, BF16X2_M24)
         else:  # NVFP4: the E2M1 bits are the value times 2^-126; s·2^117 here, 2^9 in the epilogue
-            m = _hmul2(m, 0x7A007A00)
+            m = _hmul2(m, BF16X2_2P117)
             c = m
     else:  # MXFP4: times 2^126 in the decode, then 2^(e - 127) (bf16 bits e << 7; e = 0: the subnormal 2^-127)
         m = _dup_bf16(gl.maximum(raw.to(gl.int32) << 7, 0x40))
@@ -195,8 +212,8 @@ def _refill(w_desc, x_desc, w_s, x_s, bar, j, nsteps, off_n, first, BKB: gl.cons
     sj = j % STAGES
     ok = j < nsteps
     mbarrier.expect(bar.index(sj), w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(w_desc, [off_n, (first + j) * BKB], bar.index(sj), w_s.index(sj), pred=ok)
-    tma.async_copy_global_to_shared(x_desc, [0, (first + j) * BK], bar.index(sj), x_s.index(sj), pred=ok)
+    _tma_load(w_desc, [off_n, (first + j) * BKB], bar.index(sj), w_s.index(sj), pred=ok)
+    _tma_load(x_desc, [0, (first + j) * BK], bar.index(sj), x_s.index(sj), pred=ok)
 
 
 @gluon.jit
@@ -285,7 +302,7 @@ def dequant_gemm_gluon(w_desc, x_desc, scales, zeros, tensor_scale, bias, partia
     if HAS_TS:
         acc = acc * gl.load(tensor_scale)
     if ELEM == 3 and SCALE == 2:
-        acc = acc * 512.0  # NVFP4: the 2^9 its scales left out
+        acc = acc * NVFP4_EPILOGUE  # NVFP4: the 2^9 its scales left out
     if STEP != 1.0:
         acc = acc * STEP
     rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
