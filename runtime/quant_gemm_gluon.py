@@ -32,23 +32,25 @@ def kernels_for(device_type: str) -> dict:
 
 
 def format_ok(kf: dict) -> bool:
-    """Block formats the kernel decodes: MXINT8 (int8 x E8M0), uint4 with zero points and bf16 / fp32 group
-    scales (w4a16), NVINT4 (int4 x E4M3), MXFP4 / NVFP4 (E2M1 x E8M0 / E4M3)."""
-    if kf["PER_ROW"]:
-        return False
+    """Formats the kernel decodes: int8 with a bf16 scale per row (w8a16, applied in the epilogue), MXINT8 (int8 x
+    E8M0), uint4 with zero points and bf16 group scales (w4a16), NVINT4 (int4 x E4M3), MXFP4 / NVFP4 (E2M1 x E8M0 /
+    E4M3)."""
     elem, scale = kf["ELEM"], kf["SCALE"]
+    if kf["PER_ROW"]:
+        return elem == 0 and scale == 0 and not kf["HAS_ZERO"] and not kf["HAS_TS"] and kf["STEP"] == 1.0
     return ((elem == 0 and scale == 1) or (elem == 1 and scale == 0 and kf["HAS_ZERO"]) or (elem == 2 and scale == 2)
             or (elem == 3 and scale in (1, 2)))
 
 
 def group_size(kf: dict) -> int:
-    return kf["GB"] * kf["EPB"]
+    """Elements per scale along K (1 for a per-row scale: any step length fits)."""
+    return 1 if kf["PER_ROW"] else kf["GB"] * kf["EPB"]
 
 
 def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> str | None:
     """None when the Gluon GEMM can run these tensors, else the reason it cannot."""
     if not format_ok(kf):
-        return "format has no Gluon decode (block formats only)"
+        return "format has no Gluon decode (int8 per row, MXINT8, w4a16, NVINT4, MXFP4, NVFP4)"
     if kf["SCALE"] == 0 and scales.dtype != torch.bfloat16:
         return "group scales are not bf16 (the decode multiplies in bf16x2)"
     if x2.device.type != "cuda":
@@ -116,7 +118,8 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
         w_desc, x_desc, scales, zeros if zeros is not None else dummy,
         tensor_scale if tensor_scale is not None else dummy, bias if bias is not None else dummy, partials, M, n,
         scales.shape[1], scales.stride(0), per, total_steps, out.stride(0), ELEM=kf["ELEM"], SCALE=kf["SCALE"],
-        HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], EPB=kf["EPB"], G=group_size(kf),
+        HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], EPB=kf["EPB"],
+        G=bk if kf["PER_ROW"] else group_size(kf), PER_ROW=kf["PER_ROW"],
         STAGES=cfg["STAGES"], SPLIT=splits > 1, HAS_BIAS=bias is not None and splits == 1,
         num_warps=cfg.get("num_warps", 4))
     return splits, partials

@@ -26,7 +26,7 @@ from test_quant_pass import _args, _check_kernel, _pack, _random_packed
 _spec = importlib.util.spec_from_file_location("dequant_gemm_gluon", qgl.GLUON_TEMPLATE)
 T = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(T)
-GLUON_FORMATS = ["nvint4", "nvfp4", "mxfp4", "mxint8", "w4a16_g128", "w4a16_g32"]
+GLUON_FORMATS = ["nvint4", "nvfp4", "mxfp4", "mxint8", "w4a16_g128", "w4a16_g32", "w8a16"]
 
 
 # ------------------------------------------------------------------------------------------- PTX emulator
@@ -244,7 +244,8 @@ def _compile_sm90(fmt, cfg):
     fn = T.dequant_gemm_gluon
     vals = dict(w_desc=wd, x_desc=xd, scales=scales, zeros=scales, tensor_scale=x, bias=x, partials=x, M=64, N=n,
                 NB=k // g, s_sn=k // g, steps_per_split=8, total_steps=32, s_om=n, ELEM=kf["ELEM"], SCALE=kf["SCALE"],
-                HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], EPB=kf["EPB"], G=g,
+                HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], EPB=kf["EPB"],
+                G=bk if kf["PER_ROW"] else g, PER_ROW=kf["PER_ROW"],
                 STAGES=cfg["STAGES"], SPLIT=True, HAS_BIAS=False, num_warps=cfg["num_warps"])
     sig, consts, attrs = {}, {}, {}
     types = {torch.bfloat16: "bf16", torch.uint8: "u8"}
@@ -263,7 +264,7 @@ def _compile_sm90(fmt, cfg):
     return ck.asm["ptx"]
 
 
-@pytest.mark.parametrize("fmt", ["nvint4", "mxint8"])
+@pytest.mark.parametrize("fmt", ["nvint4", "mxint8", "w8a16"])
 def test_kernel_compiles_for_sm90_with_register_a_operand(fmt):
     # the layout conversions the template asserts trivial hold (else the compile raises), and every wgmma of the
     # main loop takes its A tile from registers ({4 x b32} operand), 8 per 128-element step (k16 each)
@@ -283,7 +284,7 @@ def test_config_selection():
         assert ql.gemm_configs(17, 4096, 4096, fmt, interpreted=False)[0].get("GLUON")
         assert not any(c.get("GLUON") for c in ql.gemm_configs(65, 4096, 4096, fmt, interpreted=False))
         assert not any(c.get("GLUON") for c in ql.gemm_configs(64, 4096, 4096, fmt, interpreted=True))
-    for fmt in ("w8a16", "w8a16_fp8", "mxfp8"):  # no Gluon decode: the Triton tiles stay first
+    for fmt in ("w8a16_fp8", "mxfp8"):  # no Gluon decode: the Triton tiles stay first
         assert not ql.gemm_configs(64, 4096, 4096, fmt, interpreted=False)[0].get("GLUON")
     with pytest.raises(ValueError, match="BLOCK_N"):
         qgl.check_config(dict(qgl.DEFAULT_CONFIG, BLOCK_N=128), ql.kernel_format("nvint4"))
@@ -296,7 +297,7 @@ def test_why_not_reasons():
     _, qt = _pack(64, 256, "nvint4")
     x = torch.randn(64, 256).to(torch.bfloat16)
     assert "CUDA" in qgl.why_not(kf, x, qt.codes, qt.scales)
-    assert "block formats" in qgl.why_not(ql.kernel_format("w8a16"), x, qt.codes, qt.scales)
+    assert "no Gluon decode" in qgl.why_not(ql.kernel_format("mxfp8"), x, qt.codes, qt.scales)
     _, q16 = _pack(64, 256, "w4a16_g128")
     assert "bf16" in qgl.why_not(ql.kernel_format("w4a16_g128"), x, q16.codes, q16.scales.float())
 

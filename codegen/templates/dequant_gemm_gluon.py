@@ -177,31 +177,36 @@ def _hmul2(a, b):
 
 @gluon.jit
 def _group_scales(scales, zeros, off_n, step, N, total_steps, s_sn, BN: gl.constexpr, BK: gl.constexpr,
-                  G: gl.constexpr, ELEM: gl.constexpr, SCALE: gl.constexpr, S_LAYOUT: gl.constexpr):
+                  G: gl.constexpr, ELEM: gl.constexpr, SCALE: gl.constexpr, PER_ROW: gl.constexpr,
+                  S_LAYOUT: gl.constexpr):
     # the multiplier and addend of each (row, group) of K step ``step``, [BN, BK / G] in S_LAYOUT, as the decode
     # takes them: bf16x2 bits for the 4-bit codes, fp32 for int8. Rows past N and steps past the last are
     # clamped instead of masked (their values are never used), so the loads stay unmasked and vectorized.
-    L: gl.constexpr = _groups_first(gl.to_linear_layout(S_LAYOUT, [BN, BK // G]))
-    rows = gl.minimum(off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, L)), N - 1)
-    grp = gl.minimum(step, total_steps - 1) * (BK // G) + gl.arange(0, BK // G, layout=gl.SliceLayout(0, L))
-    offs = rows[:, None] * s_sn + grp[None, :]
-    raw = gl.convert_layout(gl.load(scales + offs), S_LAYOUT)
-    if ELEM == 0:  # MXINT8: fp32 2^(e - 127) and -(2^23 + 128)·2^(e - 127)
-        m = _e8m0_f32(raw)
+    if PER_ROW:  # w8a16: the codes themselves (times 1, minus 2^23 + 128); the row scale waits for the epilogue
+        m = gl.full([BN, BK // G], 1.0, gl.float32, S_LAYOUT)
         c = m * MXINT8_ADDEND
-    elif ELEM == 1:  # uint4 - zero point, times the bf16 group scale
-        m = _dup_bf16(raw.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF)
-        c = _bf16x2(gl.convert_layout(gl.load(zeros + offs), S_LAYOUT).to(gl.float32) + 16.0)
-    elif SCALE == 2:  # E4M3 bits moved to bf16 bits 4-10 (a subnormal for e = 0), times 2^120 in bf16
-        m = _hmul2(_dup_bf16((raw.to(gl.int32) & 127) << 4), BF16X2_2P120)
-        if ELEM == 2:  # NVINT4: (24 + c)·s - 24·s
-            c = _hmul2(m, BF16X2_M24)
-        else:  # NVFP4: the E2M1 bits are the value times 2^-126; s·2^117 here, 2^9 in the epilogue
-            m = _hmul2(m, BF16X2_2P117)
+    else:
+        L: gl.constexpr = _groups_first(gl.to_linear_layout(S_LAYOUT, [BN, BK // G]))
+        rows = gl.minimum(off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, L)), N - 1)
+        grp = gl.minimum(step, total_steps - 1) * (BK // G) + gl.arange(0, BK // G, layout=gl.SliceLayout(0, L))
+        offs = rows[:, None] * s_sn + grp[None, :]
+        raw = gl.convert_layout(gl.load(scales + offs), S_LAYOUT)
+        if ELEM == 0:  # MXINT8: fp32 2^(e - 127) and -(2^23 + 128)·2^(e - 127)
+            m = _e8m0_f32(raw)
+            c = m * MXINT8_ADDEND
+        elif ELEM == 1:  # uint4 - zero point, times the bf16 group scale
+            m = _dup_bf16(raw.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF)
+            c = _bf16x2(gl.convert_layout(gl.load(zeros + offs), S_LAYOUT).to(gl.float32) + 16.0)
+        elif SCALE == 2:  # E4M3 bits moved to bf16 bits 4-10 (a subnormal for e = 0), times 2^120 in bf16
+            m = _hmul2(_dup_bf16((raw.to(gl.int32) & 127) << 4), BF16X2_2P120)
+            if ELEM == 2:  # NVINT4: (24 + c)·s - 24·s
+                c = _hmul2(m, BF16X2_M24)
+            else:  # NVFP4: the E2M1 bits are the value times 2^-126; s·2^117 here, 2^9 in the epilogue
+                m = _hmul2(m, BF16X2_2P117)
+                c = m
+        else:  # MXFP4: times 2^126 in the decode, then 2^(e - 127) (bf16 bits e << 7; e = 0: the subnormal 2^-127)
+            m = _dup_bf16(gl.maximum(raw.to(gl.int32) << 7, 0x40))
             c = m
-    else:  # MXFP4: times 2^126 in the decode, then 2^(e - 127) (bf16 bits e << 7; e = 0: the subnormal 2^-127)
-        m = _dup_bf16(gl.maximum(raw.to(gl.int32) << 7, 0x40))
-        c = m
     return m, c
 
 
@@ -228,6 +233,7 @@ def _decode_step(w_s, bar, i, s2, c2, U_LAYOUT: gl.constexpr, A_LAYOUT: gl.const
 def dequant_gemm_gluon(w_desc, x_desc, scales, zeros, tensor_scale, bias, partials, M, N, NB, s_sn, steps_per_split,
                        total_steps, s_om, ELEM: gl.constexpr, SCALE: gl.constexpr, HAS_ZERO: gl.constexpr,
                        HAS_TS: gl.constexpr, STEP: gl.constexpr, EPB: gl.constexpr, G: gl.constexpr,
+                       PER_ROW: gl.constexpr,
                        STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKB: gl.constexpr = w_desc.block_type.shape[1]  # storage units: bytes (4-bit codes) / int16 pairs (int8)
@@ -263,17 +269,17 @@ def dequant_gemm_gluon(w_desc, x_desc, scales, zeros, tensor_scale, bias, partia
     # two register sets for the A operand (a0: even steps, a1: odd): wgmma reads one while the other is decoded,
     # and neither needs copying into the registers the next wgmma names (a loop-carried single set did: 32 moves)
     s_nxt, c_nxt = _group_scales(scales, zeros, off_n, first, N, first + nsteps, s_sn, BN, BK, G, ELEM, SCALE,
-                                 S_LAYOUT)
+                                 PER_ROW, S_LAYOUT)
     a0 = _decode_step(w_s, bar, 0, s_nxt, c_nxt, U_LAYOUT, A_LAYOUT, BN, BK, G, ELEM, SCALE, STAGES)
     s_nxt, c_nxt = _group_scales(scales, zeros, off_n, first + 1, N, first + nsteps, s_sn, BN, BK, G, ELEM, SCALE,
-                                 S_LAYOUT)
+                                 PER_ROW, S_LAYOUT)
     for p in range((nsteps - 1) // 2):
         i = 2 * p
         _refill(w_desc, x_desc, w_s, x_s, bar, i + STAGES - 1, nsteps, off_n, first, BKB, BK, STAGES)
         acc = warpgroup_mma(a0, x_s.index(i % STAGES).permute((1, 0)), acc, is_async=True)
         s_use, c_use = s_nxt, c_nxt
         s_nxt, c_nxt = _group_scales(scales, zeros, off_n, first + i + 2, N, first + nsteps, s_sn, BN, BK, G, ELEM,
-                                     SCALE, S_LAYOUT)
+                                     SCALE, PER_ROW, S_LAYOUT)
         a1 = _decode_step(w_s, bar, i + 1, s_use, c_use, U_LAYOUT, A_LAYOUT, BN, BK, G, ELEM, SCALE, STAGES)
         # a1 among the wait's operands: computed before the wait (not sunk past it, where it would serialize with
         # the wgmma), and a0's registers stay untouched until the wait
@@ -282,7 +288,7 @@ def dequant_gemm_gluon(w_desc, x_desc, scales, zeros, tensor_scale, bias, partia
         acc = warpgroup_mma(a1, x_s.index((i + 1) % STAGES).permute((1, 0)), acc, is_async=True)
         s_use, c_use = s_nxt, c_nxt
         s_nxt, c_nxt = _group_scales(scales, zeros, off_n, first + i + 3, N, first + nsteps, s_sn, BN, BK, G, ELEM,
-                                     SCALE, S_LAYOUT)
+                                     SCALE, PER_ROW, S_LAYOUT)
         a0 = _decode_step(w_s, bar, i + 2, s_use, c_use, U_LAYOUT, A_LAYOUT, BN, BK, G, ELEM, SCALE, STAGES)
         acc, a1, a0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1, a0))
     last = nsteps - 1
@@ -301,6 +307,9 @@ def dequant_gemm_gluon(w_desc, x_desc, scales, zeros, tensor_scale, bias, partia
 
     if HAS_TS:
         acc = acc * gl.load(tensor_scale)
+    if PER_ROW:  # w8a16: the bf16 scale of each weight row, once on the fp32 accumulator
+        srow = gl.load(scales + gl.minimum(off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1) * s_sn)
+        acc = acc * srow.to(gl.float32)[:, None]
     if ELEM == 3 and SCALE == 2:
         acc = acc * NVFP4_EPILOGUE  # NVFP4: the 2^9 its scales left out
     if STEP != 1.0:
