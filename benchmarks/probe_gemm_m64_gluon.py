@@ -26,7 +26,7 @@ from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_gemm_gluon as qg
 from fxforge.runtime import quant_linear as ql
 
-M, N, K = int(os.environ.get("PROBE_M", 64)), 4096, 4096  # PROBE_M: other row counts (e.g. 16, 32)
+M, N, K = int(os.environ.get("PROBE_M", "64")), 4096, 4096  # PROBE_M: other row counts (e.g. 16, 32)
 FORMATS = os.environ.get("PROBE_FORMATS", "nvint4,mxint8,nvfp4,mxfp4,w4a16_g128").split(",")
 # (BLOCK_N, BK, STAGES, warps, splits)
 CONFIGS = [(64, 128, 4, 4, 4), (64, 128, 4, 4, 2), (64, 256, 3, 4, 4), (128, 128, 4, 8, 4), (64, 64, 6, 4, 4),

@@ -1,5 +1,6 @@
-"""The Gluon dequant GEMM for 17 <= M <= 64 on Hopper (codegen/templates/dequant_gemm_gluon.py): when it applies,
-its configs and its launch.
+"""The Gluon dequant GEMM for M <= 64 on Hopper (codegen/templates/dequant_gemm_gluon.py): when it applies, its
+configs and its launch. quant_configs.gemm_configs puts its config first for the formats it decodes, so the
+default dispatch runs it from 5 rows (the GEMV takes M <= 4) to 64.
 
 ``runtime/quant_linear.py`` runs it for GEMM configs with ``GLUON`` set. A config it does not apply to (a format
 it has no decode for, an fp16 / fp32 activation, K or the code rows not 16-byte aligned for TMA, a GPU other

@@ -18,7 +18,7 @@ import struct
 
 import pytest
 import torch
-from fxforge.passes.quant import FORMATS, dequantize
+from fxforge.passes.quant import FORMATS
 from fxforge.runtime import quant_gemm_gluon as qgl
 from fxforge.runtime import quant_linear as ql
 from test_quant_pass import _args, _check_kernel, _pack, _random_packed
@@ -105,11 +105,11 @@ def run_ptx(asm: str, inputs: dict) -> list:
         elif op == "cvt.rn.bf16x2.f32":
             r = _bf16_bits(_f32(s[1])) | (_bf16_bits(_f32(s[0])) << 16)
         elif op == "fma.rn.bf16x2":
-            r = _pair(s[0], lambda v, h: v * _bf16(s[1] >> (16 * h)) + _bf16(s[2] >> (16 * h)))
+            r = _pair(s[0], lambda v, h, s=s: v * _bf16(s[1] >> (16 * h)) + _bf16(s[2] >> (16 * h)))
         elif op == "mul.rn.bf16x2":
-            r = _pair(s[0], lambda v, h: v * _bf16(s[1] >> (16 * h)))
+            r = _pair(s[0], lambda v, h, s=s: v * _bf16(s[1] >> (16 * h)))
         elif op == "sub.rn.bf16x2":
-            r = _pair(s[0], lambda v, h: v - _bf16(s[1] >> (16 * h)))
+            r = _pair(s[0], lambda v, h, s=s: v - _bf16(s[1] >> (16 * h)))
         else:
             raise AssertionError(f"emulator has no {op}")
         regs[d] = r & 0xFFFFFFFF
@@ -129,7 +129,8 @@ def _bf16x2_of(v):
 def _scale_path(fmt, raw, zero=0):
     """The template's _group_scales for one (row, group): (multiplier bits, addend bits) as the decode takes them."""
     kf = ql.kernel_format(fmt)
-    dup = lambda bits16: (bits16 & 0xFFFF) * 0x10001  # noqa: E731 (the template's _dup_bf16)
+    def dup(bits16):  # the template's _dup_bf16
+        return (bits16 & 0xFFFF) * 0x10001
     if kf["ELEM"] == 0:
         m = _f32_bits(_f32(max(raw << 23, 0x00400000)))
         return m, _f32_bits(_round_f32(_f32(m) * T.MXINT8_ADDEND.value))
@@ -158,7 +159,7 @@ def _scale_codes(fmt):
     if f.elem == "mxint8":  # quantize stops at 104 (the FFMA decode's limit)
         return [0, 1, 2, 37, 90, 103, 104]
     if f.scale == "e8m0":  # E2M1 values up to 6 * 2^63
-        return list(range(0, 191))
+        return list(range(191))
     return [int(torch.tensor([v], dtype=torch.bfloat16).view(torch.int16)[0]) & 0xFFFF
             for v in (1.0, 3.0e-3, -7.5e-2, 2.0 ** -100, 1.2345e5)]
 
@@ -242,11 +243,11 @@ def _compile_sm90(fmt, cfg):
     g = qgl.group_size(kf)
     scales = torch.zeros(n, k // g, dtype=torch.bfloat16 if kf["SCALE"] == 0 else torch.uint8)
     fn = T.dequant_gemm_gluon
-    vals = dict(w_desc=wd, x_desc=xd, scales=scales, zeros=scales, tensor_scale=x, bias=x, partials=x, M=64, N=n,
-                NB=k // g, s_sn=k // g, steps_per_split=8, total_steps=32, s_om=n, ELEM=kf["ELEM"], SCALE=kf["SCALE"],
-                HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], EPB=kf["EPB"],
-                G=bk if kf["PER_ROW"] else g, PER_ROW=kf["PER_ROW"],
-                STAGES=cfg["STAGES"], SPLIT=True, HAS_BIAS=False, num_warps=cfg["num_warps"])
+    vals = {"w_desc": wd, "x_desc": xd, "scales": scales, "zeros": scales, "tensor_scale": x, "bias": x, "partials": x,
+            "M": 64, "N": n, "NB": k // g, "s_sn": k // g, "steps_per_split": 8, "total_steps": 32, "s_om": n,
+            "ELEM": kf["ELEM"], "SCALE": kf["SCALE"], "HAS_ZERO": kf["HAS_ZERO"], "HAS_TS": kf["HAS_TS"],
+            "STEP": kf["STEP"], "EPB": kf["EPB"], "G": bk if kf["PER_ROW"] else g, "PER_ROW": kf["PER_ROW"],
+            "STAGES": cfg["STAGES"], "SPLIT": True, "HAS_BIAS": False, "num_warps": cfg["num_warps"]}
     sig, consts, attrs = {}, {}, {}
     types = {torch.bfloat16: "bf16", torch.uint8: "u8"}
     for i, name in enumerate(fn.arg_names):

@@ -1,45 +1,58 @@
-# fxforge dequant-GEMM template in Gluon (Triton's explicit-layout dialect), Hopper only: y = x @ dequant(W)^T
-# for 17 <= M <= 64 rows of x and a weight W [N, K] in a packed format of passes/quant/formats.py. Launched by
-# runtime/quant_gemm_gluon.py. The Triton SWAP tile (dequant_matmul.py) leaves its layouts, its loop schedule
-# and the A-operand registers to the compiler; here they are spelled out (a hand-scheduled kernel in the spirit
-# of Marlin / Machete, written in Gluon so it stays readable Python):
+# fxforge dequant-GEMM template in Gluon (Triton's explicit-layout dialect), Hopper (sm_90) only: y = x @ dequant(W)^T
+# for 5 <= M <= 64 rows of bf16 x and a weight W [N, K] in a packed format of passes/quant/formats.py (w8a16,
+# MXINT8, w4a16, NVINT4, MXFP4, NVFP4). Launched by runtime/quant_gemm_gluon.py (GLUON configs, first in
+# quant_configs.gemm_configs). The Triton SWAP tile (dequant_matmul.py) leaves its layouts, its loop schedule and
+# the A-operand registers to the compiler, and its floor with a free decode was 13.4 us against bf16's 14.5-14.9
+# (probe_gemm_m64_floor.md); here they are spelled out (a hand-scheduled kernel in the spirit of Marlin / Machete,
+# written in Gluon so it stays Python):
 #
-#   acc^T [BN, 64] += decode(codes [BN, BK]) @ x^T [BK, 64]      (swap AB: the weight rows are wgmma's M side)
-#
+#   acc^T [BN, BM] += decode(codes [BN, BK]) @ x^T [BK, BM]     (swap AB: the weight rows are wgmma's M side,
+#                                                              BM = the next power of two >= M, 16..64)
 # Kernel
 #   dequant_gemm_gluon  Grid (N / BN row tiles, K splits). Each program walks its K range in steps of BK
 #                       elements. Per step:
-#                       - TMA: the code box [BN, BK * bits / 8] and the x box [64, BK] land in one of STAGES
-#                         shared-memory stages (one mbarrier per stage); zero-filled past N, M and K.
-#                       - the codes are read from shared memory straight into the layout of wgmma's register A
-#                         operand (DotOperandLayout k_width 2 for 8-bit codes; for 4-bit codes k_width 1 on the
-#                         byte tile: the byte holding elements 2j, 2j+1 sits where the operand wants that pair,
-#                         so the two nibbles joined along K *are* the operand layout -- asserted, no shuffle).
-#                       - decode + scale in fp32 with exact bit tricks (below), one cvt to bf16 per pair.
-#                       - wgmma (async) of that register tile against the x stage (transposed view).
-#                       The loop is software-pipelined by hand: step i's wgmma runs while step i + 1 is decoded
-#                       (its A registers stay live until the wait that follows the next decode), and the TMA of
-#                       step i + STAGES - 1 is issued into the stage step i - 1 released. Block scales (and
-#                       zero points) are loaded from global memory one step ahead into registers, in the slice
-#                       of the operand layout seen as [BN, BK / G, G]: one load per (row, group) per thread.
-#                       Epilogue: the per-tensor scale (NV formats), the MXINT8 element step 2^-6, then fp32
-#                       partials [SPLITS, M, N] for dequant_splitk_reduce, or (one split) y in x's dtype + bias.
+#                       - TMA: the code box [BN, BK / 2 storage units] and the x box [BM, BK] land in one of
+#                         STAGES shared-memory stages (one mbarrier each); zero-filled past N, M and K.
+#                       - the storage units (a byte of two 4-bit codes; an int16 pair of int8 codes) are read from
+#                         shared memory straight into wgmma's register-A layout at k_width 1: a unit holds
+#                         elements 2j, 2j + 1, exactly the pair one 32-bit operand register wants, so the pair
+#                         the decode writes *is* the operand (the join/reshape conversion is asserted trivial).
+#                       - decode + scale: one inline-PTX block per unit producing the bf16x2 register (below).
+#                       - wgmma (async) of that register tile against the x stage (transposed smem view).
+#                       Hand software pipeline, unrolled by two (registers a0 / a1): step i's wgmma runs while
+#                       step i + 1 is decoded into the other set (listed among the wait's operands so the
+#                       compiler neither sinks the decode past the wait nor copies a loop-carried set into the
+#                       registers the wgmma names: that cost 32 moves a step); the TMA of step i + STAGES - 1 goes
+#                       into the stage step i - 1 released. Group scales (and zero points) are loaded one step
+#                       ahead into registers in the slice of the unit layout seen as [BN, BK / G, G / 2], the group
+#                       dimension first in registers (vectorized loads), rows / steps clamped instead of masked.
+#                       Epilogue: the per-row scale (w8a16), the per-tensor scale (NV formats), MXINT8's element
+#                       step 2^-6, NVFP4's 2^9, then fp32 partials [SPLITS, M, N] for dequant_splitk_reduce, or
+#                       (one split) y in x's dtype + bias.
 #
-# Decodes (fp32, exact; c the signed code, s the group scale, x16 = the float 16 + u built as the bits
-# 0x41800000 | u << 19 for a 4-bit field u, so one FFMA gives (16 + u)·s - (16 + off)·s, rounded once):
-#   int8 (mxint8)    bits(0x4B000080 ^ byte) = 2^23 + 128 + c; FFMA with s = 2^(e - 127) and -(2^23 + 128)·s
-#                    (exact for e <= 104, which quantize enforces for MXINT8).
-#   int4 (nvint4)    u = nibble ^ 8 = c + 8: FFMA(16 + u, s, -24·s) = c·s.
-#   uint4 (w4a16)    u = nibble: FFMA(16 + u, s, -(16 + z)·s) = (u - z)·s (rounded to bf16 like the SWAP tile).
-#   e2m1 (mx/nvfp4)  the nibble's magnitude bits at fp32 bits 22-24 and its sign at 31: the float is the e2m1
-#                    value times 2^-126; times (2^126 · s) in two exact multiplies.
-#   scales           E8M0 e -> 2^(e - 127) as the bits e << 23 (e = 0: the subnormal 2^-127); E4M3 bits moved
-#                    to fp32 bits and times 2^120 (quant_helpers.e4m3_value); bf16 as is.
+# Decodes (exact; tests/test_quant_gemm_gluon.py runs these PTX strings in an emulator against formats.py for every
+# code and scale). A 4-bit unit b: b * 0x8008 puts the low nibble at bits 3-6 and the high one at 19-22 (the two
+# shifted copies never overlap), one LOP3 masks them and ORs the bf16 exponent of 16: the pair (16 + u_lo, 16 + u_hi).
+#   uint4 (w4a16)    (16 + u) - (16 + z) (exact), times the bf16 scale: (u - z)·s rounded once to bf16 (as SWAP).
+#   int4 (nvint4)    the LOP3 also flips bit 3 (u ^ 8 = c + 8): fma.bf16x2(24 + c, s, -24·s) = c·s, exact (E4M3 s).
+#   e2m1 (mx/nvfp4)  b * (2^6 + 2^18) and b * (2^12 + 2^24) place magnitudes at bf16 bits 6-8 / 22-24 and signs at
+#                    15 / 31: the pair is the values times 2^-126 (a bf16 subnormal for the 0.5 code). NVFP4: one
+#                    multiply by s·2^117 (2^9 in the epilogue); MXFP4: by 2^126, then by 2^(e - 127).
+#   int8 (w8a16, mxint8)  the pair XOR 0x8080, each byte PRMT-ed under the exponent of 2^23: 2^23 + 128 + c; one
+#                    fp32 FFMA each with s = 2^(e - 127) (w8a16: 1) and -(2^23 + 128)·s (exact for e <= 104, which
+#                    quantize enforces for MXINT8), one cvt packs the pair.
+#   scales           E4M3 bits moved into a bf16 (bias 127, a subnormal for e = 0) times 2^120; E8M0 e -> bf16 bits
+#                    e << 7 (e = 0: the subnormal 2^-127) or fp32 e << 23; bf16 as is, duplicated into both halves.
+#   ELEM 9           the probe's free decode (16 + u, no scale; benchmarks/probe_gemm_m64_gluon.py): this schedule's
+#                    floor, not a format.
+# sm_90 loop (triton 3.6, 64 rows x 128 elements, 4 warps): NVINT4 322 instructions per step per thread (5.0 per
+# element; the first fp32-decode version 600), the free decode 229.
 #
 # Bytes model: as dequant_matmul.py (codes + scales + zero points + x + y + 2 * SPLITS * M * N * 4 partials);
-# M = 64, 4096 x 4096: nvfp4 / nvint4 9.45 MB + 0.5 MB x + 2 MB partials at 4 splits -> ~4 us at 3.0 TB/s.
-# The tensor cores need 2 * 64 * N * K = 2.1 GFLOP (~2.7 us at 800 TFLOP/s) and the decode ~3.5 instructions per
-# element (~2.3 us over 132 SMs): the kernel is bound by how well those three overlap.
+# M = 64, 4096 x 4096: nvfp4 / nvint4 9.45 MB + 0.5 MB x + 2 MB partials at 4 splits -> ~4 us at 3.0 TB/s. The
+# tensor cores need 2 * 64 * N * K = 2.1 GFLOP (~2.7 us at 800 TFLOP/s); x is re-read from L2 by every row tile
+# (32 MB at 64 rows of x). H100 (results/quant_gpu.md, M = 64, 4096^2, bf16 cuBLAS 15.3 us): w8a16 12.5 us,
+# MXINT8 12.8, NVFP4 12.3, NVINT4 12.3, MXFP4 11.7, w4a16 11.5 (1.20-1.34x); M = 16: 9.7-11.7 us against 16.3.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
