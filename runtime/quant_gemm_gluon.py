@@ -88,10 +88,11 @@ def check_config(cfg: dict, kf: dict) -> None:
         raise ValueError(f"quant_linear: GLUON STAGES must be >= 2, got {cfg}")
 
 
-def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict,
-           splits: int | None) -> tuple[int, torch.Tensor]:
+def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, splits: int | None,
+           pdl: bool = False) -> tuple[int, torch.Tensor]:
     """y = x2 @ dequant(W)^T (+ bias) into ``out`` [M, N] (one split), or fp32 partials [splits, M, N] the caller
-    reduces (dequant_splitk_reduce, which adds the bias). Returns (splits, partials)."""
+    reduces (dequant_splitk_reduce, which adds the bias). ``pdl``: the reduce will be launched with programmatic
+    dependent launch (the kernel then signals it early). Returns (splits, partials)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -120,7 +121,7 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
         tensor_scale if tensor_scale is not None else dummy, bias if bias is not None else dummy, partials, M, n,
         scales.shape[1], scales.stride(0), per, total_steps, out.stride(0), ELEM=kf["ELEM"], SCALE=kf["SCALE"],
         HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], EPB=kf["EPB"],
-        G=bk if kf["PER_ROW"] else group_size(kf), PER_ROW=kf["PER_ROW"],
+        G=bk if kf["PER_ROW"] else group_size(kf), PER_ROW=kf["PER_ROW"], PDL=pdl and splits > 1,
         STAGES=cfg["STAGES"], SPLIT=splits > 1, HAS_BIAS=bias is not None and splits == 1,
         num_warps=cfg.get("num_warps", 4))
     return splits, partials
@@ -137,8 +138,10 @@ def auto_splits(tiles: int, steps: int, device: torch.device) -> int:
     return splits
 
 
-def run(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, splits: int | None, reduce) -> None:
-    """launch() and, with K splits, ``reduce(partials, splits)`` (quant_linear's split-K reduce) into ``out``."""
-    splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits)
+def run(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, splits: int | None, reduce,
+        pdl: bool = False) -> None:
+    """launch() and, with K splits, ``reduce(partials, splits)`` (quant_linear's split-K reduce, launched with
+    programmatic dependent launch when ``pdl``) into ``out``."""
+    splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, pdl)
     if splits > 1:
         reduce(partials, splits)

@@ -225,7 +225,7 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         if why is None:
             quant_gemm_gluon.run(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
                                  split_k if split_k is not None else cfg_split,
-                                 lambda partials, s: _splitk_reduce(ks, partials, bias, out, s, interpreted, pdl))
+                                 lambda partials, s: _splitk_reduce(ks, partials, bias, out, s, interpreted, pdl), pdl)
             return out.reshape(*lead, n)
         quant_gemm_gluon.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not GLUON
         cfg, cfg_split = _fallback(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)

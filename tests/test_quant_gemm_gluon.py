@@ -246,7 +246,7 @@ def _compile_sm90(fmt, cfg):
     vals = {"w_desc": wd, "x_desc": xd, "scales": scales, "zeros": scales, "tensor_scale": x, "bias": x, "partials": x,
             "M": 64, "N": n, "NB": k // g, "s_sn": k // g, "steps_per_split": 8, "total_steps": 32, "s_om": n,
             "ELEM": kf["ELEM"], "SCALE": kf["SCALE"], "HAS_ZERO": kf["HAS_ZERO"], "HAS_TS": kf["HAS_TS"],
-            "STEP": kf["STEP"], "EPB": kf["EPB"], "G": bk if kf["PER_ROW"] else g, "PER_ROW": kf["PER_ROW"],
+            "STEP": kf["STEP"], "EPB": kf["EPB"], "G": bk if kf["PER_ROW"] else g, "PER_ROW": kf["PER_ROW"], "PDL": True,
             "STAGES": cfg["STAGES"], "SPLIT": True, "HAS_BIAS": False, "num_warps": cfg["num_warps"]}
     sig, consts, attrs = {}, {}, {}
     types = {torch.bfloat16: "bf16", torch.uint8: "u8"}

@@ -26,6 +26,8 @@
 #                       into the stage step i - 1 released. Group scales (and zero points) are loaded one step
 #                       ahead into registers in the slice of the unit layout seen as [BN, BK / G, G / 2], the group
 #                       dimension first in registers (vectorized loads), rows / steps clamped instead of masked.
+#                       PDL: griddepcontrol.launch_dependents once the prologue's TMAs are issued, so the split-K
+#                       reduce (launched with programmatic dependent launch) is already resident when this ends.
 #                       Epilogue: the per-row scale (w8a16), the per-tensor scale (NV formats), MXINT8's element
 #                       step 2^-6, NVFP4's 2^9, then fp32 partials [SPLITS, M, N] for dequant_splitk_reduce, or
 #                       (one split) y in x's dtype + bias.
@@ -224,6 +226,14 @@ def _group_scales(scales, zeros, off_n, step, N, total_steps, s_sn, BN: gl.const
 
 
 @gluon.jit
+def _launch_dependents():
+    # griddepcontrol.launch_dependents: the split-K reduce launched after this kernel with programmatic dependent
+    # launch may be scheduled now (it waits in griddepcontrol.wait for this grid to complete and flush)
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
 def _refill(w_desc, x_desc, w_s, x_s, bar, j, nsteps, off_n, first, BKB: gl.constexpr, BK: gl.constexpr,
             STAGES: gl.constexpr):
     # TMA of step j (when it exists) into its stage, which step j - STAGES used (its wgmma has completed)
@@ -246,7 +256,7 @@ def _decode_step(w_s, bar, i, s2, c2, U_LAYOUT: gl.constexpr, A_LAYOUT: gl.const
 def dequant_gemm_gluon(w_desc, x_desc, scales, zeros, tensor_scale, bias, partials, M, N, NB, s_sn, steps_per_split,
                        total_steps, s_om, ELEM: gl.constexpr, SCALE: gl.constexpr, HAS_ZERO: gl.constexpr,
                        HAS_TS: gl.constexpr, STEP: gl.constexpr, EPB: gl.constexpr, G: gl.constexpr,
-                       PER_ROW: gl.constexpr,
+                       PER_ROW: gl.constexpr, PDL: gl.constexpr,
                        STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKB: gl.constexpr = w_desc.block_type.shape[1]  # storage units: bytes (4-bit codes) / int16 pairs (int8)
@@ -277,6 +287,8 @@ def dequant_gemm_gluon(w_desc, x_desc, scales, zeros, tensor_scale, bias, partia
         mbarrier.init(bar.index(st), count=1)
     for st in gl.static_range(STAGES - 1):
         _refill(w_desc, x_desc, w_s, x_s, bar, st, nsteps, off_n, first, BKB, BK, STAGES)
+    if PDL:
+        _launch_dependents()
 
     acc = gl.zeros([BN, BM], gl.float32, MMA)
     # two register sets for the A operand (a0: even steps, a1: odd): wgmma reads one while the other is decoded,
