@@ -8,6 +8,8 @@ path's), at M = 64 and at M = 37 / N = 4000 / K = 4000 (tails), then its time pe
 K splits). ``nib``: the kernel with the free 4-bit decode (16 + u, no scales: not any format's math) -- the floor
 of this schedule. Timed as bench_quant.py (CUDA graph of 20 launches, weights rotating over > 200 MB of copies).
 
+``PROBE_HOST=1``: the host cost of an eager call of the default dispatch instead (no CUDA graph, 1000 calls).
+
 Usage (repo root): ``python benchmarks/probe_gemm_m64_gluon.py`` -> results/probe_gemm_m64_gluon.*
 """
 from __future__ import annotations
@@ -64,6 +66,22 @@ def main() -> None:
         lines.append(f"| {impl} | {name} | {us:.2f} | {bf / us:.3f} | {err} |")
         print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
 
+    if os.environ.get("PROBE_HOST"):  # host cost of an eager call (no CUDA graph): the default dispatch, 1000 calls
+        for fmt in FORMATS:
+            q = quantize(wb[0], fmt)
+            for _ in range(20):
+                ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            for _ in range(1000):
+                ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K)
+            host = (time.perf_counter() - t1) * 1e3
+            torch.cuda.synchronize()
+            res.add(wl, f"{fmt}[eager call]", "host_time", host, "us")
+            lines.append(f"| {fmt} | eager call, host us per call (1000 calls) | {host:.1f} | | |")
+            print(lines[-1], flush=True)
+        res.write(out_dirs(), notes=["", "## Host cost of an eager call", ""] + lines)
+        return
     for fmt in FORMATS:
         kf = ql.kernel_format(fmt)
         qts = [quantize(w, fmt) for w in wb]

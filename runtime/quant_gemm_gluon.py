@@ -8,6 +8,7 @@ than sm_90, a triton without Gluon) runs the next config that is not GLUON inste
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -93,7 +94,6 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
     """y = x2 @ dequant(W)^T (+ bias) into ``out`` [M, N] (one split), or fp32 partials [splits, M, N] the caller
     reduces (dequant_splitk_reduce, which adds the bias). ``pdl``: the reduce will be launched with programmatic
     dependent launch (the kernel then signals it early). Returns (splits, partials)."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     check_config(cfg, kf)
@@ -109,11 +109,10 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
         splits = auto_splits(tiles, total_steps, x2.device)
     per = -(-total_steps // splits)
     splits = -(-total_steps // per)  # none empty
-    gl_dtype = gl.int16 if kf["EPB"] == 1 else gl.uint8
-    w_desc = TensorDescriptor.from_tensor(units, [bn, ubk], gl.NVMMASharedLayout.get_default_for([bn, ubk], gl_dtype))
+    w_desc = TensorDescriptor.from_tensor(units, [bn, ubk], _smem_layout((bn, ubk), "int16" if kf["EPB"] == 1 else "uint8"))
     # x box rows = wgmma's N: the next power of two >= M (16..64), so small M neither reads nor multiplies 64 rows
     bm = min(MAX_M, max(16, 1 << (M - 1).bit_length()))
-    x_desc = TensorDescriptor.from_tensor(x2, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16))
+    x_desc = TensorDescriptor.from_tensor(x2, [bm, bk], _smem_layout((bm, bk), "bfloat16"))
     partials = torch.empty((splits, M, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
     dummy = scales
     kernels_for("cuda")["dequant_gemm_gluon"][(tiles, splits)](
@@ -125,6 +124,14 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
         STAGES=cfg["STAGES"], SPLIT=splits > 1, HAS_BIAS=bias is not None and splits == 1,
         num_warps=cfg.get("num_warps", 4))
     return splits, partials
+
+
+@functools.lru_cache(maxsize=64)
+def _smem_layout(block: tuple, dtype_name: str):
+    """The NVMMA shared layout of a TMA box (cached: building one costs ~15 us of Python per call)."""
+    from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for(list(block), getattr(gl, dtype_name))
 
 
 def auto_splits(tiles: int, steps: int, device: torch.device) -> int:
