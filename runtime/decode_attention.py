@@ -7,13 +7,18 @@ enable_gqa=True)`` without causal masking; rows whose keys are all masked give 0
 """
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
 import torch
 
-from .kernels import next_pow2, pdl_capable, template_kernels
+from .kernels import (
+    cuda_sm_count,
+    device_index,
+    next_pow2,
+    pdl_capable,
+    template_kernels,
+)
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "decode_attention.py"
 NAME = "fxf_decode_attention"
@@ -38,15 +43,10 @@ def _kernels(device_type: str, cache_dir: str | None = None):
                             cache_dir or env_cache_dir(), NAME)
 
 
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def sm_count(device: torch.device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return cuda_sm_count(device_index(device))
     return CPU_SMS
 
 

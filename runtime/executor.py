@@ -13,7 +13,15 @@ import sympy
 import torch
 from fxforge.errors import FxforgeError, SignatureMismatch
 
-from .kernels import INT32_MAX, launch_config, load_kernel, max_offset
+from .kernels import (
+    INT32_MAX,
+    cuda_capability,
+    cuda_sm_count,
+    device_index,
+    launch_config,
+    load_kernel,
+    max_offset,
+)
 from .memory import _ITEMSIZE, step_reads, step_writes
 from .program import AtenStep, KernelStep, Program
 
@@ -116,14 +124,12 @@ RUNTIME_KERNELS = {"aten::index_put_.default": _index_put_}
 DECODE_MAX_LQ = 16  # attention with at most this many query rows also tries the split-KV decode kernel
 
 
-@functools.lru_cache(maxsize=16)
 def _capability(device: torch.device) -> tuple:
-    return torch.cuda.get_device_capability(device)
+    return cuda_capability(device_index(device))
 
 
-@functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return cuda_sm_count(device_index(device))
 
 
 class Executor:

@@ -26,6 +26,24 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=16)
+def cuda_capability(index: int) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, cached per device index (~7 us a call on a kernel's hot path)."""
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=16)
+def cuda_sm_count(index: int) -> int:
+    """Streaming multiprocessors of a CUDA device, cached per device index."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_index(device) -> int:
+    """The CUDA device index of ``device`` (a torch.device or its string; no index: the current device)."""
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def pdl_capable(device) -> bool:
     """Programmatic dependent launch (griddepcontrol): NVIDIA sm_90 and later with triton >= 3.4; never in
     the interpreter (also not with CUDA tensors under TRITON_INTERPRET=1) and not on ROCm, whose capability
@@ -33,7 +51,7 @@ def pdl_capable(device) -> bool:
     from fxforge.codegen.quant_helpers import HAS_GDC
 
     return (device.type == "cuda" and HAS_GDC and torch.version.hip is None and not interpreter_active()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and cuda_capability(device_index(device))[0] >= 9)
 
 
 def versions() -> dict:

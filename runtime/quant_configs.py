@@ -8,7 +8,7 @@ import functools
 import torch
 
 from . import quant_gemm_gluon, quant_gemv_tma
-from .kernels import next_pow2
+from .kernels import cuda_sm_count, device_index, next_pow2
 
 CPU_SMS = 4  # stand-in SM count for the interpreter (split-K heuristics see a tiny GPU)
 WORDS_ROW_GW = 16  # WORDS GEMV, per-row formats: words per inner tile row (BLOCK_G of them per step)
@@ -170,7 +170,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return cuda_sm_count(device_index(device))
     return CPU_SMS
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import template_kernels
+from .kernels import cuda_capability, cuda_sm_count, device_index, template_kernels
 
 GLUON_TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_gemm_gluon.py"
 GLUON_KERNELS = ("dequant_gemm_gluon",)
@@ -62,7 +62,7 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     M = x2.shape[0]
     if not 1 <= M <= MAX_M:
         return f"M = {M} is not in 1..{MAX_M}"
-    if torch.cuda.get_device_capability(x2.device)[0] != 9:
+    if cuda_capability(device_index(x2.device))[0] != 9:
         return "wgmma needs sm_90"
     try:
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
@@ -138,7 +138,7 @@ def auto_splits(tiles: int, steps: int, device: torch.device) -> int:
     """K splits: up to two programs per SM (a program's 3 stages take 72 KB of shared memory: two fit, and the
     second hides the first's prologue and epilogue; probe r2 at 64 tiles: 4 splits 11.8 us, 2 splits 13.1),
     each split at least 4 steps long; none once the row tiles alone reach that."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = cuda_sm_count(device_index(device))
     splits = 1
     while tiles * splits * 2 <= 2 * sms and steps // (splits * 2) >= 4:
         splits *= 2

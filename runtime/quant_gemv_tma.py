@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import interpreter_active, template_kernels
+from .kernels import cuda_capability, device_index, interpreter_active, template_kernels
 
 TMA_TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" / "dequant_gemv_tma.py"
 TMA_KERNELS = ("dequant_gemv_tma8",)
@@ -48,7 +48,7 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor) -> str | None:
     if (codes.dtype != torch.int8 or codes.stride(1) != 1 or codes.stride(0) % 16 or K % 16
             or codes.data_ptr() % 16):
         return "codes are not int8 rows of a multiple of 16 bytes, 16-byte aligned, each contiguous"
-    if x2.device.type == "cuda" and torch.cuda.get_device_capability(x2.device) < (9, 0):
+    if x2.device.type == "cuda" and cuda_capability(device_index(x2.device)) < (9, 0):
         return "TMA needs sm_90+"
     return None
 
