@@ -32,7 +32,7 @@ PLANES = __import__("os").environ.get("PROBE_PLANES") == "1"  # round 9: the nib
 def fine_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     """Round 2 (w4a16 / w8a16; with PROBE_FINE_BLOCK=1 the block formats, session 11): K splits around the
     default, stages 2-4, code bytes per step x1 / x2."""
-    base = ql.gemm_configs(M, N, K, fmt, False)[0]
+    base = ql.triton_gemm_configs(M, N, K, fmt, False)[0]
     out = [("default", base)]
     d = base.get("SPLIT_K") or 4
     for sk in ((d // 2, d, d + d // 2) if FINE_BLOCK else (3, 4, 5)):
@@ -65,7 +65,7 @@ def pdl_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     """Round 6 (session 11, PROBE_PDL=1): the split-K reduce launched with programmatic dependent launch
     (the GEMM lets it be scheduled at once, it waits for the GEMM's grid) or plainly, default configs; each
     measured twice, interleaved."""
-    base = ql.gemm_configs(M, N, K, fmt, False)[0]
+    base = ql.triton_gemm_configs(M, N, K, fmt, False)[0]
     return [("default, PDL", dict(base, PDL=True)), ("default, no PDL", dict(base, PDL=False)),
             ("default, PDL (again)", dict(base, PDL=True)), ("default, no PDL (again)", dict(base, PDL=False))]
 
@@ -73,7 +73,7 @@ def pdl_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
 def kb_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     """Round 7 (session 11, PROBE_KB=1): after the one-multiply nibble-pair decodes the decode is cheaper
     per element, so larger code steps (fewer fixed per-step instructions) may pay: BLOCK_KB x K splits."""
-    base = ql.gemm_configs(M, N, K, fmt, False)[0]
+    base = ql.triton_gemm_configs(M, N, K, fmt, False)[0]
     out = [("default", base)]
     kbs = (64, 128, 256) if ql.kernel_format(fmt)["EPB"] == 1 else (32, 64, 128)
     for kb in kbs:
@@ -92,7 +92,7 @@ def n128_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     makes Triton stage the decoded 4-bit tile in shared memory: no serialization, loops 20% shorter
     (nvint4 481 -> 380 instructions, nvfp4 270 -> 216, mxfp4 450 -> 355). MXINT8 also in SWAP with its
     scales a step ahead (new)."""
-    base = ql.gemm_configs(M, N, K, fmt, False)[0]
+    base = ql.triton_gemm_configs(M, N, K, fmt, False)[0]
     swap = dict(base, SWAP=True, PREFETCH=False)
     kb = swap["BLOCK_KB"]
     four_bit = ql.kernel_format(fmt)["EPB"] == 2
@@ -120,7 +120,7 @@ def planes_variants(fmt: str, M: int, N: int, K: int) -> list[tuple[str, dict]]:
     """Round 9 (session 14, PROBE_PLANES=1; built without a GPU): dequant_gemv_planes (nibble planes decoded
     by inline PTX, 64-row x tiles as the dot's N) for w4a16 g128, nvint4, mxfp4, nvfp4 against the default.
     (BLOCK_N, warps, stages, SPLIT_K)"""
-    out = [("default", ql.gemm_configs(M, N, K, fmt, False)[0])]
+    out = [("default", ql.triton_gemm_configs(M, N, K, fmt, False)[0])]
     for bn, w, st, sk in [(64, 4, 3, 4), (64, 4, 4, 4), (128, 8, 3, 4), (128, 4, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8),
                           (128, 8, 3, 2)]:
         out.append((f"planes n{bn} w{w} s{st} sk{sk}", {"PLANES": True, "BLOCK_N": bn, "BLOCK_M": 64, "num_warps": w,

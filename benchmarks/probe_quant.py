@@ -244,7 +244,7 @@ def gemv_tc_variants(fmt, m, n, k):
 def gemm_fewwarps_variants(fmt, m, n, k):
     """M = 64 (session 9): the measured defaults plus swap-AB / plain tiles with 1-2 warps and split-K."""
     kf = ql.kernel_format(fmt)
-    base = [dict(c) for c in ql.gemm_configs(m, n, k, fmt, CPU)][:2]
+    base = [dict(c) for c in ql.triton_gemm_configs(m, n, k, fmt, CPU)][:2]
     if CPU:
         return base
     kb0 = base[0]["BLOCK_KB"]

@@ -17,7 +17,7 @@ def main() -> None:
         for _ in range(2):
             ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K)
         torch.cuda.synchronize()
-        print(fmt, ql.gemm_configs(64, N, K, fmt, False)[0], flush=True)
+        print(fmt, ql.triton_gemm_configs(64, N, K, fmt, False)[0], flush=True)
     torch.mm(x, w.t())
     torch.cuda.synchronize()
 

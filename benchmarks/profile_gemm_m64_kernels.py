@@ -59,7 +59,7 @@ def main() -> None:
     for fmt in FORMATS:
         qts = [quantize(w, fmt) for w in ws]
         impl = fmt.split("_")[0]
-        cfg = ql.gemm_configs(M, N, K, fmt, False)[0]
+        cfg = ql.triton_gemm_configs(M, N, K, fmt, False)[0]
 
         def run(i, qts=qts, fmt=fmt):
             q = qts[i % copies]

@@ -41,6 +41,8 @@ def cuda_sm_count(index: int) -> int:
 def device_index(device) -> int:
     """The CUDA device index of ``device`` (a torch.device or its string; no index: the current device)."""
     device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device_index: {device} is not a CUDA device")
     return device.index if device.index is not None else torch.cuda.current_device()
 
 

@@ -164,6 +164,11 @@ def gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     return out
 
 
+def triton_gemm_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
+    """gemm_configs without the Gluon GEMM's: the Triton tiles (dequant_matmul.py), default first."""
+    return [c for c in gemm_configs(M, N, K, fmt, interpreted) if not c.get("GLUON")]
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

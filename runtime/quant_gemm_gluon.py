@@ -49,14 +49,19 @@ def group_size(kf: dict) -> int:
     return 1 if kf["PER_ROW"] else kf["GB"] * kf["EPB"]
 
 
-def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> str | None:
-    """None when the Gluon GEMM can run these tensors, else the reason it cannot."""
+def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bk: int = 128) -> str | None:
+    """None when the Gluon GEMM can run these tensors with K steps of ``bk`` elements, else the reason it cannot."""
     if not format_ok(kf):
         return "format has no Gluon decode (int8 per row, MXINT8, w4a16, NVINT4, MXFP4, NVFP4)"
+    if not kf["PER_ROW"] and (scales.shape[1] * group_size(kf)) % bk:
+        # the last step's groups would run past the row's scales (the kernel reads whole steps of groups unmasked)
+        return f"K padded to the group ({scales.shape[1] * group_size(kf)}) is not a multiple of the {bk}-element step"
+    if kf["EPB"] == 1 and codes.shape[1] % 2:
+        return "int8 codes need an even row length (read as int16 pairs)"
     if kf["SCALE"] == 0 and scales.dtype != torch.bfloat16:
         return "group scales are not bf16 (the decode multiplies in bf16x2)"
-    if x2.device.type != "cuda":
-        return "Gluon kernels run on CUDA only"
+    if x2.device.type != "cuda" or torch.version.hip is not None:
+        return "Gluon kernels run on NVIDIA CUDA only"
     if x2.dtype != torch.bfloat16:
         return "activations are not bf16"
     M = x2.shape[0]
@@ -65,9 +70,12 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     if cuda_capability(device_index(x2.device))[0] != 9:
         return "wgmma needs sm_90"
     try:
+        from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
     except ImportError:
         return "triton has no Gluon"
+    if not hasattr(gl, "to_linear_layout"):  # (triton 3.5 has Gluon but not this; the template needs triton >= 3.6)
+        return "this triton's Gluon lacks to_linear_layout (needs triton >= 3.6)"
     # TMA: 16-byte aligned bases and row strides, unit inner stride (row strides checked themselves: a one-row
     # slice of a wider buffer counts as contiguous whatever its stride)
     if x2.stride(1) != 1 or (x2.stride(0) * 2) % 16 or x2.data_ptr() % 16:
@@ -107,6 +115,8 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
     tiles = -(-n // bn)
     if splits is None:
         splits = auto_splits(tiles, total_steps, x2.device)
+    if splits < 1:
+        raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
     per = -(-total_steps // splits)
     splits = -(-total_steps // per)  # none empty
     w_desc = TensorDescriptor.from_tensor(units, [bn, ubk], _smem_layout((bn, ubk), "int16" if kf["EPB"] == 1 else "uint8"))
@@ -146,9 +156,16 @@ def auto_splits(tiles: int, steps: int, device: torch.device) -> int:
 
 
 def run(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, splits: int | None, reduce,
-        pdl: bool = False) -> None:
+        pdl: bool = False) -> str | None:
     """launch() and, with K splits, ``reduce(partials, splits)`` (quant_linear's split-K reduce, launched with
-    programmatic dependent launch when ``pdl``) into ``out``."""
-    splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, pdl)
+    programmatic dependent launch when ``pdl``) into ``out``. Returns None, or why the kernel did not compile
+    (nothing was launched then; the caller runs another kernel): a Triton whose Gluon lacks what the template uses."""
+    from triton.compiler.errors import CompilationError
+
+    try:
+        splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, pdl)
+    except CompilationError as e:
+        return f"the Gluon kernel did not compile with this triton: {str(e).strip().splitlines()[-1][:200]}"
     if splits > 1:
         reduce(partials, splits)
+    return None

@@ -49,6 +49,7 @@ from .quant_configs import (  # noqa: F401 (re-exported: the benchmarks and test
     gemm_configs,
     gemv_configs,
     kernel_format,
+    triton_gemm_configs,
 )
 
 _CODEGEN = Path(__file__).resolve().parent.parent / "codegen"
@@ -219,17 +220,20 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         cfg, cfg_split = _fallback(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
                                         if not c.get("TMA")), interpreted)
     if cfg.pop("GLUON", False):
-        why = "GLUON configs are for the GEMM only" if gemv else quant_gemm_gluon.why_not(kf, x2, codes, scales)
+        why = ("GLUON configs are for the GEMM only" if gemv else
+               quant_gemm_gluon.why_not(kf, x2, codes, scales, cfg.get("BK", 128)))
         if why is None and interpreter_active():
             why = "the Triton interpreter runs no Gluon"
         if why is None:
-            quant_gemm_gluon.run(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
-                                 split_k if split_k is not None else cfg_split,
-                                 lambda partials, s: _splitk_reduce(ks, partials, bias, out, s, interpreted, pdl), pdl)
-            return out.reshape(*lead, n)
+            why = quant_gemm_gluon.run(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
+                                       split_k if split_k is not None else cfg_split,
+                                       lambda parts, s: _splitk_reduce(ks, parts, bias, out, s, interpreted, pdl), pdl)
+            if why is None:
+                return out.reshape(*lead, n)
         quant_gemm_gluon.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not GLUON
-        cfg, cfg_split = _fallback(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
-                                        if not c.get("GLUON")), interpreted)
+        nxt = (gemv_configs if gemv else triton_gemm_configs)(M, n, K, fmt, interpreted)[0]
+        pdl = bool(nxt.get("PDL", REDUCE_PDL)) and pdl_capable(x.device)  # the fallback's own PDL choice
+        cfg, cfg_split = _fallback(nxt, interpreted)
     if cfg.pop("WORDS", False):
         if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,

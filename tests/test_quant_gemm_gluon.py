@@ -131,6 +131,9 @@ def _scale_path(fmt, raw, zero=0):
     kf = ql.kernel_format(fmt)
     def dup(bits16):  # the template's _dup_bf16
         return (bits16 & 0xFFFF) * 0x10001
+    if kf["PER_ROW"]:  # w8a16: multiplier 1, the row scale waits for the epilogue
+        m = _f32_bits(1.0)
+        return m, _f32_bits(_round_f32(1.0 * T.MXINT8_ADDEND.value))
     if kf["ELEM"] == 0:
         m = _f32_bits(_f32(max(raw << 23, 0x00400000)))
         return m, _f32_bits(_round_f32(_f32(m) * T.MXINT8_ADDEND.value))
@@ -154,6 +157,8 @@ def _asm_for(fmt):
 
 def _scale_codes(fmt):
     f = FORMATS[fmt]
+    if f.block is None:  # per-row scale: not part of the decode
+        return [0]
     if f.scale == "e4m3":  # every finite positive E4M3 (subnormals included)
         return list(range(1, 127))
     if f.elem == "mxint8":  # quantize stops at 104 (the FFMA decode's limit)
@@ -174,6 +179,8 @@ def _expected(fmt, codes, scale_code, zero):
     if f.bits == 8:
         c = c.view(torch.int8)
     v = _element_values(c, f.spec)
+    if kf["PER_ROW"]:  # w8a16: the codes themselves (the row scale is applied to the accumulator)
+        return v.tolist()
     sc = torch.tensor([scale_code], dtype=torch.uint8) if f.scale != "bf16" else \
         torch.tensor([scale_code - (1 << 16) * (scale_code >> 15)], dtype=torch.int16).view(torch.bfloat16)
     v = (v - zero) * _decode_scale(sc, f.scale)
@@ -184,7 +191,7 @@ def _expected(fmt, codes, scale_code, zero):
     return v.tolist()
 
 
-@pytest.mark.parametrize("fmt", ["nvint4", "nvfp4", "mxfp4", "mxint8", "w4a16_g128"])
+@pytest.mark.parametrize("fmt", ["nvint4", "nvfp4", "mxfp4", "mxint8", "w4a16_g128", "w8a16"])
 def test_decode_asm_matches_format_values(fmt):
     """Every storage unit (4-bit: all 256 bytes; int8: byte pairs covering every code in both halves), every
     scale code (MXINT8: a spread up to its limit 104): the bf16 pair the template's PTX decodes equals formats.py's
@@ -303,9 +310,25 @@ def test_why_not_reasons():
     assert "bf16" in qgl.why_not(ql.kernel_format("w4a16_g128"), x, q16.codes, q16.scales.float())
 
 
+def test_why_not_refuses_a_partial_last_step_and_odd_int8_rows():
+    # groups of the last 128-element step past the row's scales would be read unmasked (a NaN there poisons the
+    # row: 0 x NaN): the Triton tiles run those shapes; int8 codes are read as int16 pairs
+    x = torch.randn(64, 4000).to(torch.bfloat16)
+    _, q = _pack(64, 4000, "nvint4")  # padded K 4000: 31.25 steps
+    assert "multiple of the 128-element step" in qgl.why_not(ql.kernel_format("nvint4"), x, q.codes, q.scales)
+    _, q = _pack(64, 4000, "w4a16_g128")  # padded K 4096: whole steps
+    assert "multiple" not in qgl.why_not(ql.kernel_format("w4a16_g128"), x, q.codes, q.scales)
+    _, q = _pack(64, 4001, "w8a16")
+    assert "even row length" in qgl.why_not(ql.kernel_format("w8a16"), torch.randn(64, 4001).to(torch.bfloat16),
+                                             q.codes, q.scales)
+    from fxforge.runtime.kernels import device_index
+    with pytest.raises(ValueError, match="not a CUDA device"):
+        device_index(torch.device("cpu"))
+
+
 def test_gluon_config_falls_back_in_the_interpreter():
     # a GLUON config asked for on CPU tensors runs the next config (the interpreter's tile) and records why
-    fmt, m, n, k = "nvint4", 17, 40, 96
+    fmt, m, n, k = "nvint4", 17, 40, 256
     _, qt = _pack(n, k, fmt, seed=3)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(5))
@@ -324,13 +347,18 @@ def _sm90():
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("fmt", GLUON_FORMATS)
 def test_gpu_gluon_gemm_default_dispatch(fmt):
-    # the default dispatch at 17 <= M <= 64 runs the Gluon GEMM (nothing skipped, no out-of-resources fallback)
-    # and agrees with the float64 reference: N not a multiple of 64, K not of the 128-element step, a bias, one
-    # split and several; random codes over every code and a wide scale range, and Gaussian weights
+    # the default dispatch at 5 <= M <= 64 runs the Gluon GEMM (nothing skipped, no out-of-resources fallback) and
+    # agrees with the float64 reference: N not a multiple of 64, K not a multiple of 128 (its padded K is), one K
+    # step, a bias, one split and several, x boxes of 16 / 32 / 64 rows; random codes over every code and a wide
+    # scale range, and Gaussian weights. Then explicit configs (2 stages, two warpgroups) and the refusals.
+    kf = ql.kernel_format(fmt)
+    big, mid = (4000, 2160) if kf["PER_ROW"] else (4088, 2168)  # int8 rows: 16-byte multiples for TMA
     qgl.SKIPPED.clear()
     ql.FALLBACKS.clear()
-    for i, (m, n, k, split, packed) in enumerate([(64, 1000, 4000, None, "gaussian"), (37, 520, 4000, 1, "random"),
-                                                  (17, 1000, 2112, 3, "gaussian"), (64, 4096, 4096, None, "random")]):
+    cases = [(64, 1000, big, None, "gaussian"), (37, 520, big, 1, "random"), (17, 1000, mid, 3, "gaussian"),
+             (64, 4096, 4096, None, "random"), (5, 300, 128 if kf["PER_ROW"] else 120, None, "gaussian"),
+             (16, 200, 1024, 2, "random")]
+    for i, (m, n, k, split, packed) in enumerate(cases):
         qt = _random_packed(n, k, fmt, seed=i) if packed == "random" else _pack(n, k, fmt, seed=i)[1]
         g = torch.Generator().manual_seed(100 + i)
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
@@ -338,4 +366,17 @@ def test_gpu_gluon_gemm_default_dispatch(fmt):
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, bias, fmt, k)]
         y = ql.quant_linear_apply(x.cuda(), *args, split_k=split).cpu()
         _check_kernel(y, x, qt, bias, gemm=True)
+        if i == 0:  # explicit configs: 2 stages; two warpgroups on 128-row tiles
+            bk = max(128, qgl.group_size(kf))
+            for cfg in (dict(qgl.DEFAULT_CONFIG, BK=bk, STAGES=2), dict(qgl.DEFAULT_CONFIG, BK=bk, BLOCK_N=128,
+                                                                         num_warps=8)):
+                _check_kernel(ql.quant_linear_apply(x.cuda(), *args, config=cfg).cpu(), x, qt, bias, gemm=True)
+            with pytest.raises(ValueError, match="split_k"):
+                ql.quant_linear_apply(x.cuda(), *args, config=dict(qgl.DEFAULT_CONFIG, BK=bk), split_k=0)
     assert not qgl.SKIPPED and not ql.FALLBACKS
+    if not kf["PER_ROW"] and kf["GB"] * kf["EPB"] < 128:  # a partial last step: the Triton tile runs, reason recorded
+        _, qt = _pack(300, 4000, fmt, seed=9)
+        x = torch.randn(40, 4000, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, fmt, 4000)]
+        _check_kernel(ql.quant_linear_apply(x.cuda(), *args).cpu(), x, qt, None, gemm=True)
+        assert "multiple of the 128-element step" in qgl.SKIPPED[(fmt, 40, 300, 4000, "cuda")]

@@ -503,10 +503,9 @@ def test_gpu_multi_step_gemv_and_pdl_reduce(fmt):
     _, qt = _pack(n, k, fmt, seed=21)
     g = torch.Generator().manual_seed(22)
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, fmt, k)]
-    for m in (1, 3, 64):
+    for m, make in ((1, ql.gemv_configs), (3, ql.gemv_configs), (64, ql.gemm_configs), (64, ql.triton_gemm_configs)):
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-        make = ql.gemv_configs if m <= ql.GEMV_DISPATCH_M else ql.gemm_configs
-        cfg = make(m, n, k, fmt, False)[0]
+        cfg = make(m, n, k, fmt, False)[0]  # (M = 64: the Gluon GEMM where it applies, and the Triton tile)
         for split in ((1, 3) if m <= ql.GEMV_DISPATCH_M else (None, 3)):
             y_pdl = ql.quant_linear_apply(x.cuda(), *args, config=dict(cfg, PDL=True), split_k=split).cpu()
             y_off = ql.quant_linear_apply(x.cuda(), *args, config=dict(cfg, PDL=False), split_k=split).cpu()

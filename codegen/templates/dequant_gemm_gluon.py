@@ -195,8 +195,10 @@ def _group_scales(scales, zeros, off_n, step, N, total_steps, s_sn, BN: gl.const
                   G: gl.constexpr, ELEM: gl.constexpr, SCALE: gl.constexpr, PER_ROW: gl.constexpr,
                   S_LAYOUT: gl.constexpr):
     # the multiplier and addend of each (row, group) of K step ``step``, [BN, BK / G] in S_LAYOUT, as the decode
-    # takes them: bf16x2 bits for the 4-bit codes, fp32 for int8. Rows past N and steps past the last are
-    # clamped instead of masked (their values are never used), so the loads stay unmasked and vectorized.
+    # takes them: bf16x2 bits for the 4-bit codes, fp32 for int8. Rows past N and steps past the split's last are
+    # clamped instead of masked (their values are never used), so the loads stay unmasked and vectorized. Every
+    # step's groups lie inside the row: quant_gemm_gluon.why_not refuses group formats whose padded K is not a
+    # multiple of BK (a group read past the row's end could be NaN, and 0 x NaN is NaN).
     if PER_ROW:  # w8a16: the codes themselves (times 1, minus 2^23 + 128); the row scale waits for the epilogue
         m = gl.full([BN, BK // G], 1.0, gl.float32, S_LAYOUT)
         c = m * MXINT8_ADDEND
