@@ -6,7 +6,8 @@ Gluon kernels do not run in Triton's CPU interpreter, so the CPU tests check wha
   with scales over their whole range, against formats.py's float64 values -- a wrong constant in the template
   fails here;
 - the kernel compiles for sm_90 with the installed Triton (when its compiler can be driven offline): every layout
-  conversion the template asserts trivial is, no register spills, the wgmmas take their A operand from registers;
+  conversion the template asserts trivial is, and the wgmmas take their A operand from registers (spills are not
+  visible offline: the H100 GPU tests run the compiled kernel);
 - config selection and the recorded fallback (CPU tensors, fp16 activations, other formats).
 Marked gpu: the default dispatch on an sm_90 GPU against the float64 reference (bound of test_quant_pass.py) at
 M = 17, 37, 64 with N and K tails, a bias, one and several K splits.
