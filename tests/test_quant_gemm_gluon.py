@@ -10,7 +10,8 @@ Gluon kernels do not run in Triton's CPU interpreter, so the CPU tests check wha
   visible offline: the H100 GPU tests run the compiled kernel);
 - config selection and the recorded fallback (CPU tensors, fp16 activations, other formats).
 Marked gpu: the default dispatch on an sm_90 GPU against the float64 reference (bound of test_quant_pass.py) at
-M = 17, 37, 64 with N and K tails, a bias, one and several K splits.
+M = 5, 16, 17, 37, 64 with N and K tails, one K step, a bias, one and several K splits, 2 stages, two warpgroups,
+and the recorded fallback of a partial last step.
 """
 import importlib.util
 import math
