@@ -43,9 +43,10 @@ def gluon_apply(x, q, fmt, cfg, kf=None, splits=None, bias=None):
     out = torch.empty(x2.shape[0], q.codes.shape[0], device=x.device, dtype=x.dtype)
     bn, bk, st, w, sk = cfg
     pdl = bool(os.environ.get("PROBE_PDL"))  # the reduce with programmatic dependent launch, signalled early
+    asked = sk if splits is None else splits
     sk, partials = qg.launch(x2, q.codes, q.scales, q.zeros, q.tensor_scale, bias, out, kf,
-                             {"BLOCK_N": bn, "BK": bk, "STAGES": st, "num_warps": w}, sk if splits is None else splits,
-                             pdl)
+                             {"BLOCK_N": bn, "BK": bk, "STAGES": st, "num_warps": w},
+                             lambda programs, kb, step, auto: ql._plan_splits(asked, programs, kb, step, out, auto), pdl)
     if sk > 1:
         ql._splitk_reduce(ql.kernels_for("cuda"), partials, bias, out, sk, False, pdl)
     return out

@@ -97,11 +97,13 @@ def check_config(cfg: dict, kf: dict) -> None:
         raise ValueError(f"quant_linear: GLUON STAGES must be >= 2, got {cfg}")
 
 
-def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, splits: int | None,
+def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, plan,
            pdl: bool = False) -> tuple[int, torch.Tensor]:
     """y = x2 @ dequant(W)^T (+ bias) into ``out`` [M, N] (one split), or fp32 partials [splits, M, N] the caller
-    reduces (dequant_splitk_reduce, which adds the bias). ``pdl``: the reduce will be launched with programmatic
-    dependent launch (the kernel then signals it early). Returns (splits, partials)."""
+    reduces (dequant_splitk_reduce, which adds the bias). ``plan(programs, kb, step, auto)`` is quant_linear's
+    split planner (-> splits, storage units per split, partials), ``auto`` this kernel's split heuristic. ``pdl``:
+    the reduce will be launched with programmatic dependent launch (the kernel then signals it early). Returns
+    (splits, partials)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     check_config(cfg, kf)
@@ -113,17 +115,12 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
     ubk = bk // 2
     total_steps = -(-units.shape[1] // ubk)
     tiles = -(-n // bn)
-    if splits is None:
-        splits = auto_splits(tiles, total_steps, x2.device)
-    if splits < 1:
-        raise ValueError(f"quant_linear: split_k must be >= 1, got {splits}")
-    per = -(-total_steps // splits)
-    splits = -(-total_steps // per)  # none empty
+    splits, per_units, partials = plan(tiles, units.shape[1], ubk, auto_splits)
+    per = per_units // ubk
     w_desc = TensorDescriptor.from_tensor(units, [bn, ubk], _smem_layout((bn, ubk), "int16" if kf["EPB"] == 1 else "uint8"))
     # x box rows = wgmma's N: the next power of two >= M (16..64), so small M neither reads nor multiplies 64 rows
     bm = min(MAX_M, max(16, 1 << (M - 1).bit_length()))
     x_desc = TensorDescriptor.from_tensor(x2, [bm, bk], _smem_layout((bm, bk), "bfloat16"))
-    partials = torch.empty((splits, M, n), dtype=torch.float32, device=x2.device) if splits > 1 else out
     dummy = scales
     kernels_for("cuda")["dequant_gemm_gluon"][(tiles, splits)](
         w_desc, x_desc, scales, zeros if zeros is not None else dummy,
@@ -144,18 +141,20 @@ def _smem_layout(block: tuple, dtype_name: str):
     return gl.NVMMASharedLayout.get_default_for(list(block), getattr(gl, dtype_name))
 
 
-def auto_splits(tiles: int, steps: int, device: torch.device) -> int:
-    """K splits: up to two programs per SM (a program's 3 stages take 72 KB of shared memory: two fit, and the
-    second hides the first's prologue and epilogue; probe r2 at 64 tiles: 4 splits 11.8 us, 2 splits 13.1),
-    each split at least 4 steps long; none once the row tiles alone reach that."""
+def auto_splits(tiles: int, kb: int, step: int, device: torch.device) -> int:
+    """K splits for ``tiles`` row tiles over ``kb`` storage units in steps of ``step``: up to two programs per SM (a
+    program's 3 stages take 72 KB of shared memory: two fit, and the second hides the first's prologue and
+    epilogue; probe r2 at 64 tiles: 4 splits 11.8 us, 2 splits 13.1), each split at least 4 steps long; none once
+    the row tiles alone reach that."""
     sms = cuda_sm_count(device_index(device))
+    steps = -(-kb // step)
     splits = 1
     while tiles * splits * 2 <= 2 * sms and steps // (splits * 2) >= 4:
         splits *= 2
     return splits
 
 
-def run(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, splits: int | None, reduce,
+def run(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, plan, reduce,
         pdl: bool = False) -> str | None:
     """launch() and, with K splits, ``reduce(partials, splits)`` (quant_linear's split-K reduce, launched with
     programmatic dependent launch when ``pdl``) into ``out``. Returns None, or why the kernel did not compile
@@ -163,7 +162,7 @@ def run(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, 
     from triton.compiler.errors import CompilationError
 
     try:
-        splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, pdl)
+        splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, plan, pdl)
     except CompilationError as e:
         return f"the Gluon kernel did not compile with this triton: {str(e).strip().splitlines()[-1][:200]}"
     if splits > 1:

@@ -225,9 +225,11 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         if why is None and interpreter_active():
             why = "the Triton interpreter runs no Gluon"
         if why is None:
-            why = quant_gemm_gluon.run(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
-                                       split_k if split_k is not None else cfg_split,
-                                       lambda parts, s: _splitk_reduce(ks, parts, bias, out, s, interpreted, pdl), pdl)
+            asked = split_k if split_k is not None else cfg_split
+            why = quant_gemm_gluon.run(
+                x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
+                lambda programs, kb, step, auto: _plan_splits(asked, programs, kb, step, out, auto),
+                lambda parts, s: _splitk_reduce(ks, parts, bias, out, s, interpreted, pdl), pdl)
             if why is None:
                 return out.reshape(*lead, n)
         quant_gemm_gluon.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not GLUON

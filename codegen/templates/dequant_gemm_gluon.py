@@ -92,9 +92,16 @@ def _bf16x2(v):
 # Per storage unit u (a byte of two 4-bit codes, or a 16-bit pair of int8 codes; zero-extended in $2): the bf16
 # pair (element 2j in $0, 2j + 1 in $1) of wgmma's A operand. $3 / $4: the group's multiplier / addend (bf16x2 bits
 # for the 4-bit codes, fp32 for int8). See the header for the math.
+# the pair (16 + u_lo, 16 + u_hi) of a byte's two nibbles (uint4, and the probe's free decode)
+_NIB_PAIR = """mul.lo.u32 t, $2, 0x8008;
+  lop3.b32 t, t, 0x00780078, 0x41804180, 0xEA;"""
+# the pair of a byte's two E2M1 codes, times 2^-126 (magnitudes at bf16 bits 6-8 / 22-24, signs at 15 / 31)
+_E2M1_PAIR = """mul.lo.u32 m, $2, 0x00040040;
+  mul.lo.u32 g, $2, 0x01001000;
+  lop3.b32 m, m, 0x01C001C0, 0, 0xC0;
+  lop3.b32 m, g, 0x80008000, m, 0xEA;"""
 _ASM_NIB = gl.constexpr("""{ .reg .b32 t;
-  mul.lo.u32 t, $2, 0x8008;
-  lop3.b32 t, t, 0x00780078, 0x41804180, 0xEA;
+  """ + _NIB_PAIR + """
   mov.b32 {$0, $1}, t; }""")
 _ASM_INT4 = gl.constexpr("""{ .reg .b32 t;
   mul.lo.u32 t, $2, 0x8008;
@@ -102,23 +109,16 @@ _ASM_INT4 = gl.constexpr("""{ .reg .b32 t;
   fma.rn.bf16x2 t, t, $3, $4;
   mov.b32 {$0, $1}, t; }""")
 _ASM_UINT4 = gl.constexpr("""{ .reg .b32 t;
-  mul.lo.u32 t, $2, 0x8008;
-  lop3.b32 t, t, 0x00780078, 0x41804180, 0xEA;
+  """ + _NIB_PAIR + """
   sub.rn.bf16x2 t, t, $4;
   mul.rn.bf16x2 t, t, $3;
   mov.b32 {$0, $1}, t; }""")
 _ASM_E2M1 = gl.constexpr("""{ .reg .b32 m, g;
-  mul.lo.u32 m, $2, 0x00040040;
-  mul.lo.u32 g, $2, 0x01001000;
-  lop3.b32 m, m, 0x01C001C0, 0, 0xC0;
-  lop3.b32 m, g, 0x80008000, m, 0xEA;
+  """ + _E2M1_PAIR + """
   mul.rn.bf16x2 m, m, $3;
   mov.b32 {$0, $1}, m; }""")
 _ASM_E2M1_E8M0 = gl.constexpr("""{ .reg .b32 m, g;
-  mul.lo.u32 m, $2, 0x00040040;
-  mul.lo.u32 g, $2, 0x01001000;
-  lop3.b32 m, m, 0x01C001C0, 0, 0xC0;
-  lop3.b32 m, g, 0x80008000, m, 0xEA;
+  """ + _E2M1_PAIR + """
   mov.b32 g, 0x7E807E80;
   mul.rn.bf16x2 m, m, g;
   mul.rn.bf16x2 m, m, $3;
