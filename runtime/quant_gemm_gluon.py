@@ -98,7 +98,7 @@ def check_config(cfg: dict, kf: dict) -> None:
 
 
 def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, plan,
-           pdl: bool = False) -> tuple[int, torch.Tensor]:
+           pdl: bool = False, prefetch: bool = False) -> tuple[int, torch.Tensor]:
     """y = x2 @ dequant(W)^T (+ bias) into ``out`` [M, N] (one split), or fp32 partials [splits, M, N] the caller
     reduces (dequant_splitk_reduce, which adds the bias). ``plan(programs, kb, step, auto)`` is quant_linear's
     split planner (-> splits, storage units per split, partials), ``auto`` this kernel's split heuristic. ``pdl``:
@@ -129,7 +129,7 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
         HAS_ZERO=kf["HAS_ZERO"], HAS_TS=kf["HAS_TS"], STEP=kf["STEP"], EPB=kf["EPB"],
         G=bk if kf["PER_ROW"] else group_size(kf), PER_ROW=kf["PER_ROW"], PDL=pdl and splits > 1,
         STAGES=cfg["STAGES"], SPLIT=splits > 1, HAS_BIAS=bias is not None and splits == 1,
-        num_warps=cfg.get("num_warps", 4))
+        num_warps=cfg.get("num_warps", 4), **({"PREFETCH": True, "launch_pdl": True} if prefetch else {}))
     return splits, partials
 
 

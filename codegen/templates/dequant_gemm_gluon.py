@@ -236,14 +236,33 @@ def _launch_dependents():
 
 
 @gluon.jit
-def _refill(w_desc, x_desc, w_s, x_s, bar, j, nsteps, off_n, first, BKB: gl.constexpr, BK: gl.constexpr,
-            STAGES: gl.constexpr):
-    # TMA of step j (when it exists) into its stage, which step j - STAGES used (its wgmma has completed)
+def _grid_wait():
+    # griddepcontrol.wait: block until the kernel before this one (launched with programmatic dependent launch) has
+    # completed and its writes are visible
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _refill_w(w_desc, x_desc, w_s, bar, j, nsteps, off_n, first, BKB: gl.constexpr, STAGES: gl.constexpr):
+    # the codes' TMA of step j (when it exists) into its stage; the stage's barrier expects the x box as well
     sj = j % STAGES
     ok = j < nsteps
     mbarrier.expect(bar.index(sj), w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=ok)
     _tma_load(w_desc, [off_n, (first + j) * BKB], bar.index(sj), w_s.index(sj), pred=ok)
-    _tma_load(x_desc, [0, (first + j) * BK], bar.index(sj), x_s.index(sj), pred=ok)
+
+
+@gluon.jit
+def _refill_x(x_desc, x_s, bar, j, nsteps, first, BK: gl.constexpr, STAGES: gl.constexpr):
+    # the x box of step j into its stage (after _refill_w of the same step)
+    _tma_load(x_desc, [0, (first + j) * BK], bar.index(j % STAGES), x_s.index(j % STAGES), pred=j < nsteps)
+
+
+@gluon.jit
+def _refill(w_desc, x_desc, w_s, x_s, bar, j, nsteps, off_n, first, BKB: gl.constexpr, BK: gl.constexpr,
+            STAGES: gl.constexpr):
+    # TMA of step j (when it exists) into its stage, which step j - STAGES used (its wgmma has completed)
+    _refill_w(w_desc, x_desc, w_s, bar, j, nsteps, off_n, first, BKB, STAGES)
+    _refill_x(x_desc, x_s, bar, j, nsteps, first, BK, STAGES)
 
 
 @gluon.jit
@@ -259,7 +278,8 @@ def dequant_gemm_gluon(w_desc, x_desc, scales, zeros, tensor_scale, bias, partia
                        total_steps, s_om, ELEM: gl.constexpr, SCALE: gl.constexpr, HAS_ZERO: gl.constexpr,
                        HAS_TS: gl.constexpr, STEP: gl.constexpr, EPB: gl.constexpr, G: gl.constexpr,
                        PER_ROW: gl.constexpr, PDL: gl.constexpr,
-                       STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
+                       STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+                       PREFETCH: gl.constexpr = False):
     BN: gl.constexpr = w_desc.block_type.shape[0]
     BKB: gl.constexpr = w_desc.block_type.shape[1]  # storage units: bytes (4-bit codes) / int16 pairs (int8)
     BM: gl.constexpr = x_desc.block_type.shape[0]
@@ -287,9 +307,18 @@ def dequant_gemm_gluon(w_desc, x_desc, scales, zeros, tensor_scale, bias, partia
     bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for st in gl.static_range(STAGES):
         mbarrier.init(bar.index(st), count=1)
-    for st in gl.static_range(STAGES - 1):
-        _refill(w_desc, x_desc, w_s, x_s, bar, st, nsteps, off_n, first, BKB, BK, STAGES)
-    if PDL:
+    if PREFETCH:
+        # launched with PDL: the weight's codes (which no kernel writes) are fetched while the kernel before this
+        # one still runs; x, and every store, wait for its completion
+        for st in gl.static_range(STAGES - 1):
+            _refill_w(w_desc, x_desc, w_s, bar, st, nsteps, off_n, first, BKB, STAGES)
+        _grid_wait()
+        for st in gl.static_range(STAGES - 1):
+            _refill_x(x_desc, x_s, bar, st, nsteps, first, BK, STAGES)
+    else:
+        for st in gl.static_range(STAGES - 1):
+            _refill(w_desc, x_desc, w_s, x_s, bar, st, nsteps, off_n, first, BKB, BK, STAGES)
+    if PDL or PREFETCH:
         _launch_dependents()
 
     acc = gl.zeros([BN, BM], gl.float32, MMA)

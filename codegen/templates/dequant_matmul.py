@@ -352,7 +352,10 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
 def dequant_splitk_reduce(partials, bias, out, M, N, SPLITS, s_om, s_on, HAS_BIAS: tl.constexpr,
                           OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
                           PDL: tl.constexpr = False):
-    _pdl_wait(PDL)  # launched with PDL after the GEMM / GEMV that wrote the partials
+    # launched with PDL after the GEMM / GEMV that wrote the partials: the kernel after this one may be scheduled
+    # now (if launched with PDL it waits for this grid itself), then wait for the partials
+    _pdl_launch_dependents(PDL)
+    _pdl_wait(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -1,0 +1,131 @@
+"""One-call H100 probe: quantized GEMVs in a dependent chain, with the weight prefetched under programmatic dependent
+launch (PDL), against bf16 cuBLAS in the same chain.
+
+A decode step is a chain of small kernels, each reading the previous one's output. A weight does not depend on
+the previous kernel, so a kernel launched with PDL can fetch its first weight tiles while the kernel before it still
+runs, and wait (griddepcontrol.wait) only before it reads x and writes anything. ``PREFETCH`` in the Gluon GEMM
+(codegen/templates/dequant_gemm_gluon.py) does that: the codes of its first STAGES - 1 steps go out before the wait.
+
+The chain: y_i = x_i @ W_i^T with x_{i+1} = y_i[:, :K] (so every launch really depends on the one before it),
+20 launches in one CUDA graph, the weights rotating over > 200 MB of copies (every launch reads HBM), as
+bench_quant.py. Measured per launch: bf16 cuBLAS, fxforge's default M = 1 dispatch (no PDL), the Gluon GEMM at
+M = 1 without and with PREFETCH. The chains' last outputs with and without PREFETCH must be bit-identical.
+
+Usage (repo root): ``python benchmarks/probe_pdl_chain.py`` -> results/probe_pdl_chain.*
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, graph_time_us, out_dirs, rel_err
+from fxforge.passes.quant.formats import dequantize, quantize
+from fxforge.runtime import quant_gemm_gluon as qg
+from fxforge.runtime import quant_linear as ql
+
+SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
+FORMATS = os.environ.get("PROBE_FORMATS", "w8a16,w4a16_g128,nvint4,mxfp4").split(",")
+# (BLOCK_N, BK, STAGES, warps, splits)
+CONFIGS = [(64, 128, 4, 4, 4), (64, 128, 8, 4, 4), (64, 128, 8, 4, 2), (64, 256, 4, 4, 4), (64, 256, 6, 4, 2),
+           (64, 128, 4, 4, 1), (64, 256, 4, 4, 1)]
+if os.environ.get("PROBE_CONFIGS"):
+    CONFIGS = [tuple(int(v) for v in c.split(":")) for c in os.environ["PROBE_CONFIGS"].split(",")]
+
+
+def gluon_apply(x, q, kf, cfg, prefetch):
+    out = torch.empty(x.shape[0], q.codes.shape[0], device=x.device, dtype=x.dtype)
+    bn, bk, st, w, sk = cfg
+    sk, partials = qg.launch(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, out, kf,
+                             {"BLOCK_N": bn, "BK": bk, "STAGES": st, "num_warps": w},
+                             lambda programs, kb, step, auto: ql._plan_splits(sk, programs, kb, step, out, auto),
+                             pdl=True, prefetch=prefetch)
+    if sk > 1:
+        ql._splitk_reduce(ql.kernels_for("cuda"), partials, None, out, sk, False, True)
+    return out
+
+
+def chain(step, x0, K, launches=20):
+    """Per-launch us of ``step(x, i) -> y`` chained (x_{i+1} = y_i[:, :K]) in a CUDA graph, and the last y."""
+    state = {"x": x0, "y": None}
+
+    def fn(i):
+        y = step(state["x"], i)
+        state["x"], state["y"] = y[:, :K], y
+    us = graph_time_us(fn, launches=launches)
+    return us, state["y"]
+
+
+def main() -> None:
+    t0 = time.time()
+    res = Results("probe_pdl_chain" + os.environ.get("PROBE_TAG", ""))
+    lines = ["| workload | impl | config | us per launch | x bf16 | note |", "|---|---|---|---|---|---|"]
+    torch.manual_seed(0)
+    for wl, (N, K) in SHAPES.items():
+        probe_shape(res, lines, t0, wl, N, K)
+        torch.cuda.empty_cache()
+    res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
+
+
+def probe_shape(res, lines, t0, wl, N, K) -> None:
+    copies = max(2, -(-200_000_000 // (N * K * 2)))
+    # weights scaled so the chain's activations keep their size (y ~ x in norm)
+    wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for _ in range(copies)]
+    x0 = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    bf, _ = chain(lambda x, i: torch.mm(x, wb[i % copies].t()), x0, K)
+    bf_iso = graph_time_us(lambda i: torch.mm(x0, wb[i % copies].t()))
+    wb.clear()
+
+    def row(impl, name, us, note=""):
+        res.add(wl, f"{impl}[{name}]", "time", us, "us")
+        lines.append(f"| {wl} | {impl} | {name} | {us:.2f} | {bf / us:.3f} | {note} |")
+        print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+    row("bf16", "cuBLAS chain", bf)
+    row("bf16", "cuBLAS independent launches", bf_iso)
+    for fmt in FORMATS:
+        probe_format(fmt, row, lines, wl, N, K, x0, copies)
+        torch.cuda.empty_cache()
+
+
+def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
+    kf = ql.kernel_format(fmt)
+    # copies spanning > 200 MB of the quantized weight itself (bench_quant.py rotates as many copies as bf16
+    # needs: 6 x 8.9 MB = 53 MB for 4-bit codes at 4096^2, about the 50 MB L2; both are timed below)
+    q0 = quantize(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5, fmt)
+    qbytes = sum(t.numel() * t.element_size() for t in (q0.codes, q0.scales, q0.zeros) if t is not None)
+    qcopies = max(2, -(-200_000_000 // qbytes))
+    qts = [q0] + [quantize(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5, fmt)
+                  for _ in range(qcopies - 1)]
+    ref = x0.double() @ dequantize(q0).double().t()
+
+    def run_default(x, i, nc=qcopies):
+        q = qts[i % nc]
+        return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K, check=False)
+    us, _ = chain(run_default, x0, K)
+    row(fmt, "default dispatch", us, f"err {rel_err(run_default(x0, 0), ref):.1e}; {qcopies} copies")
+    us, _ = chain(lambda x, i: run_default(x, i, nc=copies), x0, K)
+    row(fmt, "default dispatch, bench_quant's rotation", us, f"{copies} copies")
+    for cfg in CONFIGS:
+        name = "n{} bk{} st{} w{} sk{}".format(*cfg)
+        try:
+            outs = {}
+            for pf in (False, True):
+                def run(x, i, cfg=cfg, pf=pf):
+                    return gluon_apply(x, qts[i % qcopies], kf, cfg, pf)
+                err = rel_err(run(x0, 0), ref)
+                us, outs[pf] = chain(run, x0, K)
+                row(f"{fmt} gluon", name + (" PREFETCH" if pf else ""), us, f"err {err:.1e}")
+            same = torch.equal(outs[False], outs[True])
+            lines.append(f"| {wl} | {fmt} gluon | {name} | | | chain outputs bit-identical: {same} |")
+            print(lines[-1], flush=True)
+        except Exception:  # noqa: BLE001 -- reported, the sweep goes on
+            print(f"{fmt} {name}: {traceback.format_exc()[-1500:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
