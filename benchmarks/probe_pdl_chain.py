@@ -27,15 +27,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results, graph_time_us, out_dirs, rel_err
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_gemm_gluon as qg
+from fxforge.runtime import quant_gemv_gluon as qgv
 from fxforge.runtime import quant_linear as ql
 
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
 FORMATS = os.environ.get("PROBE_FORMATS", "w8a16,w4a16_g128,nvint4,mxfp4").split(",")
 # (BLOCK_N, BK, STAGES, warps, splits)
-CONFIGS = [(64, 128, 4, 4, 4), (64, 128, 8, 4, 4), (64, 128, 8, 4, 2), (64, 256, 4, 4, 4), (64, 256, 6, 4, 2),
-           (64, 128, 4, 4, 1), (64, 256, 4, 4, 1)]
+CONFIGS = [(64, 128, 4, 4, 4)]
 if os.environ.get("PROBE_CONFIGS"):
     CONFIGS = [tuple(int(v) for v in c.split(":")) for c in os.environ["PROBE_CONFIGS"].split(",")]
+# the Gluon w8a16 GEMV (dequant_gemv_gluon.py): (BLOCK_N, BW words, STAGES, warps)
+GEMV_CONFIGS = [(16, 128, 4, 4), (16, 128, 8, 4), (32, 128, 4, 4), (32, 128, 6, 4), (16, 256, 4, 4), (32, 64, 8, 4),
+                (64, 128, 4, 8)]
+if os.environ.get("PROBE_GEMV_CONFIGS"):
+    GEMV_CONFIGS = [tuple(int(v) for v in c.split(":")) for c in os.environ["PROBE_GEMV_CONFIGS"].split(",")]
+
+
+def gluon_gemv_apply(x, q, cfg, prefetch):
+    out = torch.empty(x.shape[0], q.codes.shape[0], device=x.device, dtype=x.dtype)
+    bn, bw, st, w = cfg
+    c = {"BLOCK_N": bn, "BW": bw, "STAGES": st, "num_warps": w}
+    splits, per, partials = ql._plan_splits(None, -(-out.shape[1] // bn) * x.shape[0], q.codes.shape[1] // 4, bw, out,
+                                            ql.auto_split_k_tma)
+    qgv.launch(x, q.codes, q.scales, None, out, c, splits, per, partials, prefetch)
+    if splits > 1:
+        ql._splitk_reduce(ql.kernels_for("cuda"), partials, None, out, splits, False, prefetch)
+    return out
 
 
 def gluon_apply(x, q, kf, cfg, prefetch):
@@ -110,6 +127,36 @@ def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
     row(fmt, "default dispatch", us, f"err {rel_err(run_default(x0, 0), ref):.1e}; {qcopies} copies")
     us, _ = chain(lambda x, i: run_default(x, i, nc=copies), x0, K)
     row(fmt, "default dispatch, bench_quant's rotation", us, f"{copies} copies")
+    # the default config launched with PDL (WAIT: the words GEMV loads its first codes before the wait, the
+    # Triton TMA GEMV waits at its start)
+    wcfg = dict(ql.gemv_configs(1, N, K, fmt, False)[0], WAIT=True)
+
+    def run_wait(x, i):
+        q = qts[i % qcopies]
+        return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K, config=dict(wcfg),
+                                     check=False)
+    try:
+        err = rel_err(run_wait(x0, 0), ref)
+        us, _ = chain(run_wait, x0, K)
+        row(fmt, "default config + WAIT (PDL)", us, f"err {err:.1e}")
+    except Exception:  # noqa: BLE001
+        print(f"{fmt} WAIT: {traceback.format_exc()[-1500:]}", flush=True)
+    if qgv.format_ok(kf):
+        for cfg in GEMV_CONFIGS:
+            name = "n{} bw{} st{} w{}".format(*cfg)
+            try:
+                outs = {}
+                for pf in (False, True):
+                    def run_g(x, i, cfg=cfg, pf=pf):
+                        return gluon_gemv_apply(x, qts[i % qcopies], cfg, pf)
+                    err = rel_err(run_g(x0, 0), ref)
+                    us, outs[pf] = chain(run_g, x0, K)
+                    row(f"{fmt} gluon GEMV", name + (" PREFETCH" if pf else ""), us, f"err {err:.1e}")
+                lines.append(f"| {wl} | {fmt} gluon GEMV | {name} | | | chain outputs bit-identical: "
+                             f"{torch.equal(outs[False], outs[True])} |")
+                print(lines[-1], flush=True)
+            except Exception:  # noqa: BLE001
+                print(f"{fmt} gluon GEMV {name}: {traceback.format_exc()[-1500:]}", flush=True)
     for cfg in CONFIGS:
         name = "n{} bk{} st{} w{} sk{}".format(*cfg)
         try:

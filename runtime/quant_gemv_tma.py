@@ -61,7 +61,8 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"quant_linear: TMA STAGES must be >= 1, got {st}")
 
 
-def launch(x2, codes, scales, bias, out, cfg: dict, splits: int, per_split: int, partials, interpreted: bool) -> None:
+def launch(x2, codes, scales, bias, out, cfg: dict, splits: int, per_split: int, partials, interpreted: bool,
+           wait: bool = False) -> None:
     """y = x2 @ (codes * scales)^T (+ bias) into ``out`` [M, N], or fp32 partials [splits, M, N] when
     ``splits`` > 1 (the caller reduces them); ``per_split`` words per split, a multiple of BW."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -80,4 +81,4 @@ def launch(x2, codes, scales, bias, out, cfg: dict, splits: int, per_split: int,
         x2, desc, scales, bias if bias is not None else scales, out, partials, M, n, K, per_split, x2.stride(0),
         out.stride(0), 255, BLOCK_N=bn, BW=bw, STAGES=cfg["STAGES"], SPLIT=splits > 1, X_DESC=False,
         HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, INTERPRETED=interpreted, DEC=dec,
-        **opts)
+        **({"WAIT": True, "launch_pdl": True} if wait else {}), **opts)

@@ -294,6 +294,9 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
     if interpreted:
         launch.pop("num_warps", None), launch.pop("num_stages", None)
+    # WAIT: launched with PDL, the first steps' code words loaded before griddepcontrol.wait (GPU, sm_90+)
+    if launch.pop("WAIT", False) and not interpreted and pdl_capable(x2.device):
+        launch.update(WAIT=True, launch_pdl=True)
     if kspan:
         launch.pop("POST", None), launch.pop("PREFETCH_X", None), launch.pop("XT", None)
     kernel, extra = (ks["dequant_gemv_kspan"], (1,)) if kspan else (ks["dequant_gemv_words"], ())
@@ -316,9 +319,10 @@ def _gemv_tma(x2, codes, scales, bias, out, cfg, splits, interpreted):
     M, n = out.shape
     splits, per_split, partials = _plan_splits(splits, _cdiv(n, cfg["BLOCK_N"]) * M, codes.shape[1] // 4, cfg["BW"], out,
                                                auto_split_k_tma)
-    quant_gemv_tma.launch(x2, codes, scales, bias, out, cfg, splits, per_split, partials, interpreted)
+    wait = bool(cfg.get("WAIT")) and not interpreted and pdl_capable(x2.device)
+    quant_gemv_tma.launch(x2, codes, scales, bias, out, cfg, splits, per_split, partials, interpreted, wait)
     if splits > 1:
-        _splitk_reduce(kernels_for(x2.device.type), partials, bias, out, splits, interpreted, False)
+        _splitk_reduce(kernels_for(x2.device.type), partials, bias, out, splits, interpreted, wait)
     return out
 
 

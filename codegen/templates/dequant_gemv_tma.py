@@ -36,6 +36,10 @@
 # 16.80 MB, 5.60 us at 3.0 TB/s (runtime/quant_linear.py bytes_model, format w8a16).
 import triton
 import triton.language as tl
+from fxforge.codegen.quant_helpers import (
+    pdl_launch_dependents as _pdl_launch_dependents,
+)
+from fxforge.codegen.quant_helpers import pdl_wait as _pdl_wait
 from fxforge.codegen.quant_helpers import plane_code as _plane_code
 from fxforge.codegen.quant_helpers import store_out as _store_out
 
@@ -102,9 +106,14 @@ def _tma8_step(acc, xs, x, w_desc, n0, k, m, K, s_xm, mask0, BW: tl.constexpr, X
 def dequant_gemv_tma8(x, w_desc, scales, bias, out, partials, M, N, K, KW_PER_SPLIT, s_xm, s_om, mask0,
                       BLOCK_N: tl.constexpr, BW: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
                       X_DESC: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
-                      INTERPRETED: tl.constexpr, DEC: tl.constexpr = 0):
+                      INTERPRETED: tl.constexpr, DEC: tl.constexpr = 0, WAIT: tl.constexpr = False):
     # x: a descriptor over x [M, K] with box [1, 4·BW] (X_DESC) or its pointer (row stride s_xm, unit column
     # stride); w_desc: box [BLOCK_N, BW] over the int32 words [N, K / 4]; scales [N] (any float dtype).
+    # WAIT: launched with PDL after the kernel that writes x; the kernel after this one may be scheduled at once
+    # (Triton's loop pipeliner issues the first boxes with x's, so everything waits here: only the launch gap hides)
+    if WAIT:
+        _pdl_launch_dependents(WAIT)
+        _pdl_wait(WAIT)
     n0 = tl.program_id(0) * BLOCK_N
     pid_k = tl.program_id(1)
     m = tl.program_id(2)

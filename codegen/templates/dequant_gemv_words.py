@@ -50,6 +50,7 @@ from fxforge.codegen.quant_helpers import epilogue_scale as _epilogue_scale
 from fxforge.codegen.quant_helpers import (
     pdl_launch_dependents as _pdl_launch_dependents,
 )
+from fxforge.codegen.quant_helpers import pdl_wait as _pdl_wait
 from fxforge.codegen.quant_helpers import plane_code as _plane_code
 from fxforge.codegen.quant_helpers import scale_value as _scale_value
 from fxforge.codegen.quant_helpers import store_out as _store_out
@@ -101,7 +102,8 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
                        GW: tl.constexpr, SPLIT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_G: tl.constexpr, INTERPRETED: tl.constexpr, POST: tl.constexpr = True,
                        PREFETCH: tl.constexpr = 1,
-                       PREFETCH_X: tl.constexpr = 0, XT: tl.constexpr = 0, PDL: tl.constexpr = False):
+                       PREFETCH_X: tl.constexpr = 0, XT: tl.constexpr = 0, PDL: tl.constexpr = False,
+                       WAIT: tl.constexpr = False):
     # codes: int32 words [N, KW]; ELEM / SCALE / PER_ROW / HAS_ZERO / HAS_TS / STEP as in dequant_matmul.py
     # (runtime/quant_linear.py kernel_format); KW_PER_SPLIT a multiple of BLOCK_G * GW; mask0 = 2^BITS - 1.
     # PREFETCH (0, 1, 2): the words of the next 1 or 2 steps are loaded before this step's math (register
@@ -116,8 +118,11 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     # integer codes: mask decode (_plane_fma), unless scaled per element (POST off on a grouped format);
     # fp codes: shift decode (_word_fma)
     MASKED: tl.constexpr = ELEM <= 2 and (POST or PER_ROW)
-    if SPLIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
-        _pdl_launch_dependents(PDL)
+    # WAIT: launched with PDL after the kernel that writes x. The first steps' code words (which no kernel writes)
+    # are loaded before griddepcontrol.wait, x and everything else after it. The kernel after this one (the split-K
+    # reduce, or the next PDL-launched kernel) may be scheduled at once: it waits for this grid itself.
+    if SPLIT or WAIT:
+        _pdl_launch_dependents(PDL or WAIT)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -137,15 +142,18 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     if PREFETCH >= 1:
         rw = w_start + rw0
         wd_next = tl.load(c_rows + rw[:, None, :], mask=n_ok3 & (rw < w_end)[:, None, :], other=0)
-        if PREFETCH_X:  # x and the group scales / zero points of the next step too (their L2 latency)
-            x_next = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
-            if not PER_ROW:
-                s_next = _group_step(scales, rn, n_ok, w_start // GW + rg, NB, s_sn)
-                if HAS_ZERO:
-                    z_next = _group_step(zeros, rn, n_ok, w_start // GW + rg, NB, s_zn)
+    if PREFETCH >= 2:
+        rw2 = w_start + TW + rw0
+        wd_next2 = tl.load(c_rows + rw2[:, None, :], mask=n_ok3 & (rw2 < w_end)[:, None, :], other=0)
+    _pdl_wait(WAIT)
+    if PREFETCH >= 1 and PREFETCH_X:  # x and the group scales / zero points of the next step too (their L2 latency)
+        x_next = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
+        if not PER_ROW:
+            s_next = _group_step(scales, rn, n_ok, w_start // GW + rg, NB, s_sn)
+            if HAS_ZERO:
+                z_next = _group_step(zeros, rn, n_ok, w_start // GW + rg, NB, s_zn)
     if PREFETCH >= 2:
         rw = w_start + TW + rw0
-        wd_next2 = tl.load(c_rows + rw[:, None, :], mask=n_ok3 & (rw < w_end)[:, None, :], other=0)
         if PREFETCH_X:
             x_next2 = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
             if not PER_ROW:
