@@ -33,12 +33,11 @@ from fxforge.runtime import quant_linear as ql
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
 FORMATS = os.environ.get("PROBE_FORMATS", "w8a16,w4a16_g128,nvint4,mxfp4").split(",")
 # (BLOCK_N, BK, STAGES, warps, splits)
-CONFIGS = [(64, 128, 4, 4, 4)]
+CONFIGS = [(64, 128, 4, 4, 4)] if os.environ.get("PROBE_GEMM") else []
 if os.environ.get("PROBE_CONFIGS"):
     CONFIGS = [tuple(int(v) for v in c.split(":")) for c in os.environ["PROBE_CONFIGS"].split(",")]
 # the Gluon w8a16 GEMV (dequant_gemv_gluon.py): (BLOCK_N, BW words, STAGES, warps)
-GEMV_CONFIGS = [(16, 128, 4, 4), (16, 128, 8, 4), (32, 128, 4, 4), (32, 128, 6, 4), (16, 256, 4, 4), (32, 64, 8, 4),
-                (64, 128, 4, 8)]
+GEMV_CONFIGS = [(16, 128, 4, 4), (16, 128, 8, 4), (8, 128, 4, 4), (16, 64, 8, 4)]
 if os.environ.get("PROBE_GEMV_CONFIGS"):
     GEMV_CONFIGS = [tuple(int(v) for v in c.split(":")) for c in os.environ["PROBE_GEMV_CONFIGS"].split(",")]
 
@@ -129,18 +128,21 @@ def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
     row(fmt, "default dispatch, bench_quant's rotation", us, f"{copies} copies")
     # the default config launched with PDL (WAIT: the words GEMV loads its first codes before the wait, the
     # Triton TMA GEMV waits at its start)
-    wcfg = dict(ql.gemv_configs(1, N, K, fmt, False)[0], WAIT=True)
+    for j, base in enumerate(ql.gemv_configs(1, N, K, fmt, False)[:2]):
+        for wait in (False, True):
+            wcfg = dict(base, WAIT=wait)
 
-    def run_wait(x, i):
-        q = qts[i % qcopies]
-        return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K, config=dict(wcfg),
-                                     check=False)
-    try:
-        err = rel_err(run_wait(x0, 0), ref)
-        us, _ = chain(run_wait, x0, K)
-        row(fmt, "default config + WAIT (PDL)", us, f"err {err:.1e}")
-    except Exception:  # noqa: BLE001
-        print(f"{fmt} WAIT: {traceback.format_exc()[-1500:]}", flush=True)
+            def run_wait(x, i, wcfg=wcfg):
+                q = qts[i % qcopies]
+                return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K,
+                                             config=dict(wcfg), check=False)
+            kind = "TMA" if base.get("TMA") else "words" if base.get("WORDS") else "tile"
+            try:
+                err = rel_err(run_wait(x0, 0), ref)
+                us, _ = chain(run_wait, x0, K)
+                row(fmt, f"config {j} ({kind})" + (" + WAIT (PDL)" if wait else ""), us, f"err {err:.1e}")
+            except Exception:  # noqa: BLE001
+                print(f"{fmt} WAIT: {traceback.format_exc()[-1500:]}", flush=True)
     if qgv.format_ok(kf):
         for cfg in GEMV_CONFIGS:
             name = "n{} bw{} st{} w{}".format(*cfg)

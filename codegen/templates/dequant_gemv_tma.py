@@ -109,11 +109,10 @@ def dequant_gemv_tma8(x, w_desc, scales, bias, out, partials, M, N, K, KW_PER_SP
                       INTERPRETED: tl.constexpr, DEC: tl.constexpr = 0, WAIT: tl.constexpr = False):
     # x: a descriptor over x [M, K] with box [1, 4·BW] (X_DESC) or its pointer (row stride s_xm, unit column
     # stride); w_desc: box [BLOCK_N, BW] over the int32 words [N, K / 4]; scales [N] (any float dtype).
-    # WAIT: launched with PDL after the kernel that writes x; the kernel after this one may be scheduled at once
-    # (Triton's loop pipeliner issues the first boxes with x's, so everything waits here: only the launch gap hides)
-    if WAIT:
-        _pdl_launch_dependents(WAIT)
-        _pdl_wait(WAIT)
+    # WAIT: launched with PDL after the kernel that writes x (Triton's loop pipeliner issues the first boxes with x's,
+    # so everything waits here: only the launch gap hides); the next kernel is signalled after the wait
+    _pdl_wait(WAIT)
+    _pdl_launch_dependents(WAIT)
     n0 = tl.program_id(0) * BLOCK_N
     pid_k = tl.program_id(1)
     m = tl.program_id(2)

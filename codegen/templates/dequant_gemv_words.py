@@ -119,10 +119,11 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     # fp codes: shift decode (_word_fma)
     MASKED: tl.constexpr = ELEM <= 2 and (POST or PER_ROW)
     # WAIT: launched with PDL after the kernel that writes x. The first steps' code words (which no kernel writes)
-    # are loaded before griddepcontrol.wait, x and everything else after it. The kernel after this one (the split-K
-    # reduce, or the next PDL-launched kernel) may be scheduled at once: it waits for this grid itself.
-    if SPLIT or WAIT:
-        _pdl_launch_dependents(PDL or WAIT)
+    # are loaded before griddepcontrol.wait, x and everything else after it; the kernel after this one is signalled
+    # only after the wait (signalled before it, a chain of PDL kernels would all become resident at once, each
+    # spinning in its wait on SM slots the running one needs: 8.8 -> 11.4 us per GEMV, probe_pdl_chain_r2.md).
+    if SPLIT and not WAIT:  # the split-K reduce may be scheduled now (it waits for this grid: quant_helpers.pdl_*)
+        _pdl_launch_dependents(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -146,6 +147,7 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
         rw2 = w_start + TW + rw0
         wd_next2 = tl.load(c_rows + rw2[:, None, :], mask=n_ok3 & (rw2 < w_end)[:, None, :], other=0)
     _pdl_wait(WAIT)
+    _pdl_launch_dependents(WAIT)
     if PREFETCH >= 1 and PREFETCH_X:  # x and the group scales / zero points of the next step too (their L2 latency)
         x_next = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
         if not PER_ROW:

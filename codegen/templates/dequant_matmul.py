@@ -352,8 +352,9 @@ def dequant_gemv(x, codes, scales, zeros, tensor_scale, bias, out, partials,
 def dequant_splitk_reduce(partials, bias, out, M, N, SPLITS, s_om, s_on, HAS_BIAS: tl.constexpr,
                           OUT_BF16: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
                           PDL: tl.constexpr = False):
-    # launched with PDL after the GEMM / GEMV that wrote the partials: the kernel after this one may be scheduled
-    # now (if launched with PDL it waits for this grid itself), then wait for the partials
+    # launched with PDL after the GEMM / GEMV that wrote the partials. The kernel after this one (if launched with
+    # PDL it waits for this grid itself; the GEMVs with WAIT prefetch their codes first) may be scheduled now: the
+    # look-ahead stays bounded because the GEMVs and GEMMs signal their dependents only after their own wait
     _pdl_launch_dependents(PDL)
     _pdl_wait(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
