@@ -11,6 +11,9 @@ The chain: y_i = x_i @ W_i^T with x_{i+1} = y_i[:, :K] (so every launch really d
 bench_quant.py. Measured per launch: bf16 cuBLAS, fxforge's default M = 1 dispatch (no PDL), the Gluon GEMM at
 M = 1 without and with PREFETCH. The chains' last outputs with and without PREFETCH must be bit-identical.
 
+``PROBE_SWEEP=1``: words GEMV configs with WAIT instead; ``PROBE_GEMM_M=16,64``: the M-row GEMM chain (the Gluon
+GEMM with and without PREFETCH) instead.
+
 Usage (repo root): ``python benchmarks/probe_pdl_chain.py`` -> results/probe_pdl_chain.*
 """
 from __future__ import annotations
@@ -27,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results, graph_time_us, out_dirs, rel_err
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_gemm_gluon as qg
-from fxforge.runtime import quant_gemv_gluon as qgv
 from fxforge.runtime import quant_linear as ql
 
 SHAPES = {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}
@@ -36,25 +38,8 @@ FORMATS = os.environ.get("PROBE_FORMATS", "w8a16,w4a16_g128,nvint4,mxfp4").split
 CONFIGS = [(64, 128, 4, 4, 4)] if os.environ.get("PROBE_GEMM") else []
 if os.environ.get("PROBE_CONFIGS"):
     CONFIGS = [tuple(int(v) for v in c.split(":")) for c in os.environ["PROBE_CONFIGS"].split(",")]
-# the Gluon w8a16 GEMV (dequant_gemv_gluon.py): (BLOCK_N, BW words, STAGES, warps)
-GEMV_CONFIGS = [(16, 128, 4, 4), (16, 128, 8, 4), (8, 128, 4, 4), (16, 64, 8, 4)]
-if os.environ.get("PROBE_GEMV_CONFIGS"):
-    GEMV_CONFIGS = [tuple(int(v) for v in c.split(":")) for c in os.environ["PROBE_GEMV_CONFIGS"].split(",")]
-
-
-def gluon_gemv_apply(x, q, cfg, prefetch):
-    out = torch.empty(x.shape[0], q.codes.shape[0], device=x.device, dtype=x.dtype)
-    bn, bw, st, w = cfg
-    c = {"BLOCK_N": bn, "BW": bw, "STAGES": st, "num_warps": w}
-    splits, per, partials = ql._plan_splits(None, -(-out.shape[1] // bn) * x.shape[0], q.codes.shape[1] // 4, bw, out,
-                                            ql.auto_split_k_tma)
-    qgv.launch(x, q.codes, q.scales, None, out, c, splits, per, partials, prefetch)
-    if splits > 1:
-        ql._splitk_reduce(ql.kernels_for("cuda"), partials, None, out, splits, False, prefetch)
-    return out
-
-
 def gluon_apply(x, q, kf, cfg, prefetch):
+    """The Gluon GEMM at M = 1 (config tuple CONFIGS), with or without PREFETCH, and its split-K reduce."""
     out = torch.empty(x.shape[0], q.codes.shape[0], device=x.device, dtype=x.dtype)
     bn, bk, st, w, sk = cfg
     sk, partials = qg.launch(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, out, kf,
@@ -77,11 +62,51 @@ def chain(step, x0, K, launches=20):
     return us, state["y"]
 
 
+def gemm_chain(res, lines, t0, M, formats) -> None:
+    """``PROBE_GEMM_M``: the M-row chain at 4096^2 (bf16 cuBLAS; fxforge's default M > 4 config, the Gluon GEMM,
+    with and without PREFETCH)."""
+    N = K = 4096
+    wl = f"gemm_4096x4096_m{M}"
+    copies = max(2, -(-200_000_000 // (N * K * 2)))
+    wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for _ in range(copies)]
+    x0 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    bf, _ = chain(lambda x, i: torch.mm(x, wb[i % copies].t()), x0, K)
+    res.add(wl, "bf16[cuBLAS chain]", "time", bf, "us")
+    lines.append(f"| {wl} | bf16 | cuBLAS chain | {bf:.2f} | 1.000 | |")
+    wb.clear()
+    for fmt in formats:
+        q0 = quantize(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5, fmt)
+        qbytes = sum(t.numel() * t.element_size() for t in (q0.codes, q0.scales, q0.zeros) if t is not None)
+        qcopies = max(2, -(-200_000_000 // qbytes))
+        qts = [q0] + [quantize(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5, fmt)
+                      for _ in range(qcopies - 1)]
+        cfg = ql.gemm_configs(M, N, K, fmt, False)[0]
+        outs = {}
+        for pf in (False, True):
+            def run(x, i, pf=pf, qts=qts, nc=qcopies, fmt=fmt, cfg=cfg):
+                q = qts[i % nc]
+                return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K,
+                                             config=dict(cfg, PREFETCH=pf), check=False)
+            us, outs[pf] = chain(run, x0, K)
+            res.add(wl, f"{fmt}[default{' PREFETCH' if pf else ''}]", "time", us, "us")
+            lines.append(f"| {wl} | {fmt} | default config{' + PREFETCH' if pf else ', PREFETCH off'} | {us:.2f} | "
+                         f"{bf / us:.3f} | |")
+            print(lines[-1], f"[{time.time() - t0:.0f}s]", flush=True)
+        lines.append(f"| {wl} | {fmt} | | | | chain outputs bit-identical: {torch.equal(outs[False], outs[True])} |")
+        qts.clear()
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     t0 = time.time()
     res = Results("probe_pdl_chain" + os.environ.get("PROBE_TAG", ""))
     lines = ["| workload | impl | config | us per launch | x bf16 | note |", "|---|---|---|---|---|---|"]
     torch.manual_seed(0)
+    if os.environ.get("PROBE_GEMM_M"):
+        for m in os.environ["PROBE_GEMM_M"].split(","):
+            gemm_chain(res, lines, t0, int(m), FORMATS)
+        res.write(out_dirs(), notes=["", "## Sweep", ""] + lines)
+        return
     for wl, (N, K) in SHAPES.items():
         probe_shape(res, lines, t0, wl, N, K)
         torch.cuda.empty_cache()
@@ -163,22 +188,6 @@ def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
                         except Exception:  # noqa: BLE001
                             print(f"{fmt} sweep {wcfg}: {traceback.format_exc()[-600:]}", flush=True)
         return
-    if qgv.format_ok(kf):
-        for cfg in GEMV_CONFIGS:
-            name = "n{} bw{} st{} w{}".format(*cfg)
-            try:
-                outs = {}
-                for pf in (False, True):
-                    def run_g(x, i, cfg=cfg, pf=pf):
-                        return gluon_gemv_apply(x, qts[i % qcopies], cfg, pf)
-                    err = rel_err(run_g(x0, 0), ref)
-                    us, outs[pf] = chain(run_g, x0, K)
-                    row(f"{fmt} gluon GEMV", name + (" PREFETCH" if pf else ""), us, f"err {err:.1e}")
-                lines.append(f"| {wl} | {fmt} gluon GEMV | {name} | | | chain outputs bit-identical: "
-                             f"{torch.equal(outs[False], outs[True])} |")
-                print(lines[-1], flush=True)
-            except Exception:  # noqa: BLE001
-                print(f"{fmt} gluon GEMV {name}: {traceback.format_exc()[-1500:]}", flush=True)
     for cfg in CONFIGS:
         name = "n{} bk{} st{} w{} sk{}".format(*cfg)
         try:

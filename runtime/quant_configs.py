@@ -37,8 +37,8 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     rows), BLOCK_KB (code bytes per row per step), POST (grouped formats: scale per group after the
     partial dot), PREFETCH and, on the GPU, num_warps / num_stages. M <= 4
     on the GPU: WORDS configs first (``dequant_gemv_words``: int32 words of codes, mask decode for integer
-    codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X, XT), after a TMA config for w8a16 below
-    8192 rows (quant_gemv_tma.py); the byte-tile kernel's configs follow (its H100 winners of
+    codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X, XT, WAIT), a TMA config for w8a16 below
+    8192 rows second (quant_gemv_tma.py); the byte-tile kernel's configs follow (its H100 winners of
     benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
@@ -63,13 +63,19 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
         # w8a16 22.8-23.1 us), 16 x 512 B the 4-bit formats at 4096^2 (w4a16 7.2 us), 16 x 1024 B over 8 warps
         # the 8-bit ones (w8a16 9.0 us). Deeper prefetch (2), the cp.async loop pipeline (tl.range stages; since removed) and
         # 32-row tiles did not win anywhere by more than the ~3% run-to-run spread.
+        # WAIT (sm_90+, else ignored): launched with programmatic dependent launch, the first step's code words
+        # loaded before griddepcontrol.wait, i.e. while the kernel before it (the norm, another GEMV) still runs.
+        # In a chain of dependent GEMVs in a CUDA graph (benchmarks/results/probe_pdl_chain_sweep.md; bf16 cuBLAS
+        # 16.1 / 42.2 us) the winners moved to larger first steps: 4096^2 w4a16 16 x 1024 B 5.72 us (7.14 without
+        # WAIT), nvint4 6.38, mxfp4 16 x 512 B 6.72, w8a16 16 x 1024 B on 8 warps 7.74 (the TMA GEMV 8.06 with WAIT,
+        # 8.63 without); 14336 rows: 16 x 256 B stays first (w4a16 16.06, w8a16 21.82).
         gb = 4 * WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
         if N >= 8192:
-            wc = [(16, 256, 4, 1), (8, 512, 4, 1), (16, 512, 4, 1)]
+            wc = [(16, 256, 4, 1), (16, 512, 4, 1), (8, 512, 4, 1)]
         elif kf["EPB"] == 2:
-            wc = [(16, 512, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1)]
+            wc = [(16, 1024, 4, 1), (16, 512, 4, 1), (16, 512, 8, 1)]
         else:
-            wc = [(16, 1024, 8, 1), (8, 1024, 4, 1), (8, 512, 4, 1)]
+            wc = [(16, 1024, 8, 1), (8, 1024, 4, 1), (16, 1024, 4, 1)]
         wc += [(16, 256, 4, 0), (8, 512, 4, 0)]
         # XT (x loaded as [word, group, element], its lanes in the codes' order: fewer registers and shared-
         # memory round trips) for integer codes: probe r8 2-5% faster; the fp4 formats were even or slower
@@ -77,11 +83,13 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
         words = []
         for bn, kbytes, w, pfx in wc:
             words.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True, "POST": True,
-                          "PREFETCH": 1, "PREFETCH_X": pfx, "XT": xt if pfx else 0, "num_warps": w, "num_stages": 1})
-        # w8a16 below 8192 rows: the TMA-fed GEMV (quant_gemv_tma.py; probe_gemv_tma_r4.md, 4096^2 8.38-8.44 us
-        # vs the words default's 8.73-8.88); at 14336 rows the words kernel stays ahead (22.7-23.1 vs 23.4-23.7)
+                          "PREFETCH": 1, "PREFETCH_X": pfx, "XT": xt if pfx else 0, "num_warps": w, "num_stages": 1,
+                          "WAIT": True})
+        # w8a16 below 8192 rows: the TMA-fed GEMV (quant_gemv_tma.py) second: without PDL it led (probe_gemv_tma_r4.md,
+        # 4096^2 8.38-8.44 us vs 8.73-8.88), but its loop pipeliner issues x with the codes, so it cannot fetch codes
+        # before the wait (8.06 us with WAIT against the words kernel's 7.74)
         if N < 8192 and quant_gemv_tma.format_ok(kf):
-            words.insert(0, dict(quant_gemv_tma.DEFAULT_CONFIG))
+            words.insert(1, dict(quant_gemv_tma.DEFAULT_CONFIG, WAIT=True))
         out = words + out
     return out
 

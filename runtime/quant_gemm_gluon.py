@@ -20,8 +20,9 @@ GLUON_KERNELS = ("dequant_gemm_gluon",)
 MAX_M = 64  # x rows per program: wgmma's N side (one [64, BK] TMA box of x per step)
 # probe_gemm_m64_gluon_r2.md (M = 64, 4096^2): 64 weight rows x 128 elements per step, 3 stages, 4 warps;
 # SPLIT_K None: auto_splits (GROUP_M / BLOCK_M mark it a GEMM config for quant_linear's dispatch)
+# PREFETCH: launched with PDL, the first STAGES - 1 code boxes fetched before griddepcontrol.wait (probe_pdl_chain)
 DEFAULT_CONFIG = {"GLUON": True, "BLOCK_M": MAX_M, "GROUP_M": 1, "BLOCK_N": 64, "BK": 128, "STAGES": 3,
-                  "num_warps": 4, "num_stages": 1, "SPLIT_K": None}
+                  "num_warps": 4, "num_stages": 1, "SPLIT_K": None, "PREFETCH": True}
 # (fmt, M, N, K, device type) -> why a GLUON config ran another kernel instead (last reason wins)
 SKIPPED: dict = {}
 
@@ -157,12 +158,15 @@ def auto_splits(tiles: int, kb: int, step: int, device: torch.device) -> int:
 def run(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, plan, reduce,
         pdl: bool = False) -> str | None:
     """launch() and, with K splits, ``reduce(partials, splits)`` (quant_linear's split-K reduce, launched with
-    programmatic dependent launch when ``pdl``) into ``out``. Returns None, or why the kernel did not compile
-    (nothing was launched then; the caller runs another kernel): a Triton whose Gluon lacks what the template uses."""
+    programmatic dependent launch when ``pdl``) into ``out``. ``pdl`` also allows the config's PREFETCH (the kernel
+    itself launched with PDL, its first code boxes fetched before it waits for the kernel before it). Returns None,
+    or why the kernel did not compile (nothing was launched then; the caller runs another kernel): a Triton whose
+    Gluon lacks what the template uses."""
     from triton.compiler.errors import CompilationError
 
     try:
-        splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, plan, pdl)
+        splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, plan, pdl,
+                                  pdl and bool(cfg.get("PREFETCH")))
     except CompilationError as e:
         return f"the Gluon kernel did not compile with this triton: {str(e).strip().splitlines()[-1][:200]}"
     if splits > 1:

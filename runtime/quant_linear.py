@@ -215,7 +215,7 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         why = quant_gemv_tma.why_not(kf, x2, codes) if gemv else "TMA configs are for the GEMV only"
         if why is None:
             return _gemv_tma(x2, codes, scales, bias, out, cfg, split_k if split_k is not None else cfg_split,
-                             interpreted).reshape(*lead, n)
+                             interpreted, pdl).reshape(*lead, n)
         quant_gemv_tma.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not TMA
         cfg, cfg_split = _fallback(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
                                         if not c.get("TMA")), interpreted)
@@ -294,8 +294,9 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
     if interpreted:
         launch.pop("num_warps", None), launch.pop("num_stages", None)
-    # WAIT: launched with PDL, the first steps' code words loaded before griddepcontrol.wait (GPU, sm_90+)
-    if launch.pop("WAIT", False) and not interpreted and pdl_capable(x2.device):
+    # WAIT: launched with PDL, the first steps' code words loaded before griddepcontrol.wait (GPU, sm_90+, and the
+    # config's PDL not off)
+    if launch.pop("WAIT", False) and pdl and not interpreted:
         launch.update(WAIT=True, launch_pdl=True)
     if kspan:
         launch.pop("POST", None), launch.pop("PREFETCH_X", None), launch.pop("XT", None)
@@ -312,14 +313,14 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     return out
 
 
-def _gemv_tma(x2, codes, scales, bias, out, cfg, splits, interpreted):
+def _gemv_tma(x2, codes, scales, bias, out, cfg, splits, interpreted, pdl=False):
     """``dequant_gemv_tma8`` launch (w8a16 codes through TMA boxes of BW words; quant_gemv_tma.py), then the
     split-K reduce when the K range is split."""
     quant_gemv_tma.check_config(cfg)
     M, n = out.shape
     splits, per_split, partials = _plan_splits(splits, _cdiv(n, cfg["BLOCK_N"]) * M, codes.shape[1] // 4, cfg["BW"], out,
                                                auto_split_k_tma)
-    wait = bool(cfg.get("WAIT")) and not interpreted and pdl_capable(x2.device)
+    wait = bool(cfg.get("WAIT")) and pdl and not interpreted
     quant_gemv_tma.launch(x2, codes, scales, bias, out, cfg, splits, per_split, partials, interpreted, wait)
     if splits > 1:
         _splitk_reduce(kernels_for(x2.device.type), partials, bias, out, splits, interpreted, wait)

@@ -55,9 +55,10 @@ def test_offset_decode_interpreter_twin():
 
 
 def test_config_selection_and_fallbacks():
-    first = ql.gemv_configs(1, 4096, 4096, "w8a16", interpreted=False)[0]
-    assert first.get("TMA") and first["BW"] <= qg.MAX_BW
-    assert not ql.gemv_configs(1, 14336, 4096, "w8a16", interpreted=False)[0].get("TMA")  # words stays first
+    # with WAIT (PDL) the words GEMV leads below 8192 rows too; the TMA config comes second, and not at all above
+    first, second = ql.gemv_configs(1, 4096, 4096, "w8a16", interpreted=False)[:2]
+    assert first.get("WORDS") and first["WAIT"] and second.get("TMA") and second["BW"] <= qg.MAX_BW
+    assert not any(c.get("TMA") for c in ql.gemv_configs(1, 14336, 4096, "w8a16", interpreted=False))
     for fmt in FORMATS:
         if fmt != "w8a16":  # mxint8 is int8 too, but with a scale per 32-code block
             assert not qg.format_ok(ql.kernel_format(fmt))
@@ -100,16 +101,17 @@ def test_config_selection_and_fallbacks():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90+ GPU")
-def test_gpu_tma_gemv_default_dispatch():
-    # the default dispatch of a w8a16 layer below 8192 rows runs the TMA GEMV (nothing recorded as skipped)
-    # and agrees with the float64 reference; K splits and M = 3 through explicit configs
+def test_gpu_tma_gemv_runs():
+    # the TMA config of a w8a16 layer below 8192 rows runs the TMA GEMV (nothing recorded as skipped), with and
+    # without WAIT (PDL), and agrees with the float64 reference; K splits and M = 3 too
     k, n = 4096, 1000
     _, qt = _pack(n, k, "w8a16", seed=11)
     g = torch.Generator().manual_seed(12)
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, "w8a16", k)]
     qg.SKIPPED.clear()
     ql.FALLBACKS.clear()
-    for m, split, cfg in [(1, None, None), (3, 2, dict(qg.DEFAULT_CONFIG)), (1, 4, dict(SMALL, BW=256, STAGES=3))]:
+    for m, split, cfg in [(1, None, dict(qg.DEFAULT_CONFIG, WAIT=True)), (3, 2, dict(qg.DEFAULT_CONFIG)),
+                          (1, 4, dict(SMALL, BW=256, STAGES=3)), (1, 2, dict(qg.DEFAULT_CONFIG, WAIT=True))]:
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         y = ql.quant_linear_apply(x.cuda(), *args, config=cfg, split_k=split).cpu()
         _check_kernel(y, x, qt, None, gemm=False)

@@ -178,7 +178,9 @@ def test_every_tile_path_of_grouped_formats(fmt):
                           (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 2, "WORDS": True}, None),
                           (3, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_G": 1, "WORDS": True, "POST": False}, 3),
                           (2, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 1, "WORDS": True, "PREFETCH": False}, 2),
-                          (1, {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_G": 1, "WORDS": True, "PREFETCH": 2}, None)]:
+                          (1, {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_G": 1, "WORDS": True, "PREFETCH": 2}, None),
+                          # WAIT (PDL on sm_90+) means nothing in the interpreter: the same kernel runs
+                          (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_G": 2, "WORDS": True, "WAIT": True}, 2)]:
         if m > ql.GEMV_MAX_M and cfg["BLOCK_KB"] * ql.kernel_format(fmt)["EPB"] < 16:
             continue
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
@@ -511,6 +513,40 @@ def test_gpu_multi_step_gemv_and_pdl_reduce(fmt):
             y_off = ql.quant_linear_apply(x.cuda(), *args, config=dict(cfg, PDL=False), split_k=split).cpu()
             assert torch.equal(y_pdl, y_off), (m, split)
             _check_kernel(y_pdl, x, qt, None, gemm=m > ql.GEMV_DISPATCH_M)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm_90+ GPU (programmatic dependent launch)")
+@pytest.mark.parametrize("fmt", ["w4a16_g128", "w8a16", "nvint4", "mxfp4"])
+def test_gpu_pdl_chain_in_a_cuda_graph(fmt):
+    # The default GEMV (WAIT) and Gluon GEMM (PREFETCH) configs launch with PDL and fetch code words before
+    # griddepcontrol.wait; x must still be read only after it. A chain of dependent layers (x_{i+1} = y_i) captured
+    # in one CUDA graph, where each kernel is launched while the one before it still runs, must give the bits of the
+    # same chain run eagerly with PDL off. M = 1 / 3 (GEMV, with and without K splits) and 16 (the Gluon GEMM).
+    k = n = 2080  # (a partial last group; many steps per program)
+    layers = 6
+    g = torch.Generator().manual_seed(41)
+    qts = [quantize(torch.randn(n, k, generator=g) / k ** 0.5, fmt) for _ in range(layers)]
+    args = [[a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, fmt, k)] for qt in qts]
+    for m, split in ((1, None), (1, 3), (3, None), (16, None)):
+        x0 = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
+        cfg = (ql.gemv_configs if m <= ql.GEMV_DISPATCH_M else ql.gemm_configs)(m, n, k, fmt, False)[0]
+
+        def run(x, pdl, cfg=cfg, split=split):
+            for a in args:
+                x = ql.quant_linear_apply(x, *a, config=dict(cfg, PDL=pdl), split_k=split)
+            return x
+        ref = run(x0, False)
+        run(x0, True)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = run(x0, True)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, ref), (m, split)
 
 
 @pytest.mark.gpu
