@@ -5,7 +5,8 @@ Workloads: ``gemv_4096x4096_m1``, ``gemv_4096x14336_m1`` (x [1, 4096] times W^T,
 ``gemm_4096x4096_m64``. Each launch is timed inside a CUDA graph of 20 launches with the weights
 rotating over enough copies (> 200 MB) that every launch reads HBM, as a decode step does. For every
 format: the default config and the best of the config list (``runtime.quant_linear.gemv_configs`` /
-``gemm_configs``), the bytes model (packed weight + scales + activations) and the achieved fraction of
+``gemm_configs``), the default config with programmatic dependent launch off (``time_no_pdl``) and in a chain of
+dependent launches (``time_chain``; bf16 too), the bytes model (packed weight + scales + activations) and the achieved fraction of
 3.0 TB/s, and the speedup over bf16. Usage: ``python benchmarks/bench_quant.py`` -> results/quant_gpu.*
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
 
         y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         add("bf16", graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y)), torch.mm(x, ws[0].t()), "bf16")
+        res.add(wl, "bf16", "time_chain", chain_time_us(lambda xi, i: torch.mm(xi, ws[i % copies].t()), x, K), "us")
         # torch's own int8 weight-only path (per-channel scales), as torchao uses on CUDA
         try:
             scales = [w.abs().amax(1).float() / 127 for w in ws]
@@ -74,6 +76,19 @@ def main() -> None:
             out = quant_linear_apply(x, c, s, z, t, None, fmt, K, config=best[1])
             add(impl, best[0], out, fmt)
             print(f"{wl} {impl}: best {best[0]:.2f} us with {best[1]}", flush=True)
+            # the default config with programmatic dependent launch off (no WAIT / PREFETCH: each kernel starts
+            # after the one before it has finished, as before session 19), and in a dependent chain
+            cfg0 = dict(cfgs[0])
+
+            def run_off(i, cfg0=cfg0):
+                c, s, z, t = args[i % copies]
+                return quant_linear_apply(x, c, s, z, t, None, fmt, K, config=dict(cfg0, PDL=False), check=False)
+
+            def run_chain(xi, i, cfg0=cfg0):
+                c, s, z, t = args[i % copies]
+                return quant_linear_apply(xi, c, s, z, t, None, fmt, K, config=dict(cfg0), check=False)
+            res.add(wl, impl, "time_no_pdl", graph_time_us(run_off), "us")
+            res.add(wl, impl, "time_chain", chain_time_us(run_chain, x, K), "us")
         # W8A8 (SmoothQuant-style int8 x int8 tensor cores; x quantized per row inside the GEMM at small M)
         try:
             from fxforge.passes.quant.smoothquant import w8a8_quantize_linear
@@ -105,7 +120,23 @@ def main() -> None:
             if impl != "bf16":
                 res.add(wl, impl, "speedup_vs_bf16", times["bf16"] / us, "x")
         torch.cuda.empty_cache()
-    res.write(out_dirs())
+    res.write(out_dirs(), notes=NOTES)
+
+
+NOTES = ["", "Metrics: `time` = the best config, 20 launches in one CUDA graph (fxforge's default configs launch with",
+         "programmatic dependent launch: a GEMV's first code words (WAIT), the Gluon GEMM's first code boxes (PREFETCH)",
+         "are fetched while the kernel before it still runs; x is read after griddepcontrol.wait). `time_no_pdl` = the",
+         "default config with PDL off (each kernel starts after the previous one has finished). `time_chain` = the",
+         "default config (bf16: cuBLAS) in a dependent chain, x_{i+1} = y_i[:, :K], as the layers of a decode step."]
+
+
+def chain_time_us(step, x0, K: int) -> float:
+    """Per-launch us of ``step(x, i) -> y`` chained in one CUDA graph of 20 launches (x_{i+1} = y_i[:, :K])."""
+    state = {"x": x0}
+
+    def fn(i):
+        state["x"] = step(state["x"], i)[:, :K]
+    return graph_time_us(fn)
 
 
 if __name__ == "__main__":
