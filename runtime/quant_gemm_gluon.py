@@ -20,9 +20,11 @@ GLUON_KERNELS = ("dequant_gemm_gluon",)
 MAX_M = 64  # x rows per program: wgmma's N side (one [64, BK] TMA box of x per step)
 # probe_gemm_m64_gluon_r2.md (M = 64, 4096^2): 64 weight rows x 128 elements per step, 3 stages, 4 warps;
 # SPLIT_K None: auto_splits (GROUP_M / BLOCK_M mark it a GEMM config for quant_linear's dispatch)
-# PREFETCH: launched with PDL, the first STAGES - 1 code boxes fetched before griddepcontrol.wait (probe_pdl_chain)
+# PREFETCH (off): launched with PDL, the first STAGES - 1 code boxes fetched before griddepcontrol.wait. In a chain
+# of dependent layers (probe_pdl_chain_gemm.md, 4096^2) it moved the time by -1.1 .. +0.8 us at M = 16 and -1.2 ..
+# +0.8 us at M = 64 depending on the format: no consistent gain, so an option (tested), not the default.
 DEFAULT_CONFIG = {"GLUON": True, "BLOCK_M": MAX_M, "GROUP_M": 1, "BLOCK_N": 64, "BK": 128, "STAGES": 3,
-                  "num_warps": 4, "num_stages": 1, "SPLIT_K": None, "PREFETCH": True}
+                  "num_warps": 4, "num_stages": 1, "SPLIT_K": None, "PREFETCH": False}
 # (fmt, M, N, K, device type) -> why a GLUON config ran another kernel instead (last reason wins)
 SKIPPED: dict = {}
 

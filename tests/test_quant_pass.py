@@ -520,7 +520,7 @@ def test_gpu_multi_step_gemv_and_pdl_reduce(fmt):
                     reason="needs an sm_90+ GPU (programmatic dependent launch)")
 @pytest.mark.parametrize("fmt", ["w4a16_g128", "w8a16", "nvint4", "mxfp4"])
 def test_gpu_pdl_chain_in_a_cuda_graph(fmt):
-    # The default GEMV (WAIT) and Gluon GEMM (PREFETCH) configs launch with PDL and fetch code words before
+    # The default GEMV configs (WAIT) and the Gluon GEMM with PREFETCH launch with PDL and fetch code words before
     # griddepcontrol.wait; x must still be read only after it. A chain of dependent layers (x_{i+1} = y_i) captured
     # in one CUDA graph, where each kernel is launched while the one before it still runs, must give the bits of the
     # same chain run eagerly with PDL off. M = 1 / 3 (GEMV, with and without K splits) and 16 (the Gluon GEMM).
@@ -532,6 +532,8 @@ def test_gpu_pdl_chain_in_a_cuda_graph(fmt):
     for m, split in ((1, None), (1, 3), (3, None), (16, None)):
         x0 = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
         cfg = (ql.gemv_configs if m <= ql.GEMV_DISPATCH_M else ql.gemm_configs)(m, n, k, fmt, False)[0]
+        if cfg.get("GLUON"):
+            cfg = dict(cfg, PREFETCH=True)  # (an option of the Gluon GEMM, off by default)
 
         def run(x, pdl, cfg=cfg, split=split):
             for a in args:
