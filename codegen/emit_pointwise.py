@@ -200,6 +200,10 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
 
     # ---- assemble ----
     src = Source()
+    # PDL_SIGNAL (runtime: sm_90+): a kernel launched after this one with programmatic dependent launch (a quantized
+    # GEMV) may be scheduled now; it fetches its weights and waits for this grid in griddepcontrol.wait
+    src("if PDL_SIGNAL:")
+    src("    tl.extra.cuda.gdc_launch_dependents()")
     if red:
         src("pid = tl.program_id(0).to(tl.int64) if INDEX64 else tl.program_id(0)  # 64-bit offsets past 2**31")
         src("xindex = pid * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
@@ -215,7 +219,7 @@ def emit_pointwise_group(g: Group, name: str, outputs: list[fx.Node]) -> tuple[s
     for k, (v, e) in enumerate(idx):
         if k in used_idx:
             src(f"{v} = {e}")
-    params = ops.pointer_args() + sizes + ["xnumel"] + (["rnumel"] if red else []) + ops.stride_args() + ["XBLOCK: tl.constexpr"] + (["RBLOCK: tl.constexpr"] if red else []) + ["INDEX64: tl.constexpr", "INTERPRETED: tl.constexpr"]
+    params = ops.pointer_args() + sizes + ["xnumel"] + (["rnumel"] if red else []) + ops.stride_args() + ["XBLOCK: tl.constexpr"] + (["RBLOCK: tl.constexpr"] if red else []) + ["INDEX64: tl.constexpr", "INTERPRETED: tl.constexpr", "PDL_SIGNAL: tl.constexpr = False"]
     code = f"def {name}({', '.join(params)}):\n" + "\n".join(
         [src.text(), loads_src.text(), body.text(), store_src.text()]).replace("\n\n", "\n") + "\n"
     text = header(name, g.kind, g.nodes, code) + code

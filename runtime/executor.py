@@ -21,6 +21,7 @@ from .kernels import (
     launch_config,
     load_kernel,
     max_offset,
+    pdl_capable,
 )
 from .memory import _ITEMSIZE, step_reads, step_writes
 from .program import AtenStep, KernelStep, Program
@@ -239,7 +240,13 @@ class Executor:
                 allocs = [(b, _shape(sig.shape, syms), _shape(sig.stride, syms) if sig.stride is not None else None, _DTYPES[sig.dtype])
                           for b, sig in st.outputs.items()]
                 empty = (launch.get("xnumel", 1) == 0) or (st.kind == "matmul" and launch["M"] * launch["N"] * launch["batch"] == 0)
-                steps.append((self._kernel(st.kernel, device.type), grid, kw, scalars, allocs, empty))
+                kern = self._kernel(st.kernel, device.type)
+                if st.kind in ("pointwise", "reduction") and "PDL_SIGNAL" in getattr(kern, "arg_names", ()) and \
+                        pdl_capable(device):
+                    # griddepcontrol.launch_dependents at the kernel's start: a quantized GEMV after it (launched with
+                    # PDL) fetches its first code words while this kernel runs (older artifacts lack the parameter)
+                    kw = dict(kw, PDL_SIGNAL=True)
+                steps.append((kern, grid, kw, scalars, allocs, empty))
             else:
                 steps.append(None)
         pool = self._pool(syms, device)
