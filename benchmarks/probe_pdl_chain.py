@@ -170,23 +170,23 @@ def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
                 print(f"{fmt} WAIT: {traceback.format_exc()[-1500:]}", flush=True)
     if os.environ.get("PROBE_SWEEP"):  # words configs with WAIT: rows, code bytes per row per step, warps, PREFETCH
         gb = 4 * ql.WORDS_ROW_GW if kf["PER_ROW"] else kf["GB"]
-        for bn in (8, 16):
-            for kbytes in (256, 512, 1024):
-                for w in (4, 8):
-                    for pf in (1, 2):
-                        wcfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True,
-                                "POST": True, "PREFETCH": pf, "PREFETCH_X": 1, "XT": 1 if kf["ELEM"] <= 2 else 0,
-                                "num_warps": w, "num_stages": 1, "WAIT": True}
+        grid = [(bn, kbytes, w, pf) for bn in (8, 16) for kbytes in (256, 512, 1024) for w in (4, 8) for pf in (1, 2)]
+        if os.environ.get("PROBE_SWEEP_CFGS"):  # bn:bytes:warps:prefetch,...
+            grid = [tuple(int(v) for v in c.split(":")) for c in os.environ["PROBE_SWEEP_CFGS"].split(",")]
+        for bn, kbytes, w, pf in grid:
+            wcfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_G": max(kbytes // gb, 1), "WORDS": True,
+                    "POST": True, "PREFETCH": pf, "PREFETCH_X": 1, "XT": 1 if kf["ELEM"] <= 2 else 0,
+                    "num_warps": w, "num_stages": 1, "WAIT": True}
 
-                        def run_s(x, i, wcfg=wcfg):
-                            q = qts[i % qcopies]
-                            return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K,
-                                                         config=dict(wcfg), check=False)
-                        try:
-                            us, _ = chain(run_s, x0, K)
-                            row(fmt, f"words n{bn} {kbytes}B w{w} pf{pf} + WAIT", us)
-                        except Exception:  # noqa: BLE001
-                            print(f"{fmt} sweep {wcfg}: {traceback.format_exc()[-600:]}", flush=True)
+            def run_s(x, i, wcfg=wcfg):
+                q = qts[i % qcopies]
+                return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K,
+                                             config=dict(wcfg), check=False)
+            try:
+                us, _ = chain(run_s, x0, K)
+                row(fmt, f"words n{bn} {kbytes}B w{w} pf{pf} + WAIT", us)
+            except Exception:  # noqa: BLE001
+                print(f"{fmt} sweep {wcfg}: {traceback.format_exc()[-600:]}", flush=True)
         return
     for cfg in CONFIGS:
         name = "n{} bk{} st{} w{} sk{}".format(*cfg)
