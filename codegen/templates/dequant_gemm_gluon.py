@@ -28,6 +28,12 @@
 #                       dimension first in registers (vectorized loads), rows / steps clamped instead of masked.
 #                       PDL: griddepcontrol.launch_dependents once the prologue's TMAs are issued, so the split-K
 #                       reduce (launched with programmatic dependent launch) is already resident when this ends.
+#                       PREFETCH (an option, off by default): the kernel itself launched with PDL; the prologue's
+#                       code boxes go out before griddepcontrol.wait, its x boxes after (the stage barriers expect
+#                       both), and the dependents are signalled after the wait. In a chain of dependent layers at
+#                       4096^2 (probe_pdl_chain_gemm.md) it moved M = 16 / 64 by -1.1 .. +0.8 us depending on the
+#                       format: no consistent gain. At M = 1 it took this kernel from 9.4-10.5 to 8.1-9.6 us, still
+#                       slower than the words GEMV (probe_pdl_chain.md).
 #                       Epilogue: the per-row scale (w8a16), the per-tensor scale (NV formats), MXINT8's element
 #                       step 2^-6, NVFP4's 2^9, then fp32 partials [SPLITS, M, N] for dequant_splitk_reduce, or
 #                       (one split) y in x's dtype + bias.

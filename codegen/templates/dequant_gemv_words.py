@@ -1,8 +1,7 @@
 # fxforge dequant-GEMV template on 32-bit words: y = x @ dequant(W)^T (+ bias) for M <= 4 rows of x (decode)
 # and a weight W [N, K] packed by passes/quant/formats.py, its codes read as int32 words. Loaded by
-# runtime/quant_linear.py for WORDS configs (first for M <= 4 on the GPU but w8a16 below 8192 rows, which runs
-# dequant_gemv_tma.py; dequant_matmul.py has the byte-tile
-# GEMV, the tensor-core GEMM and the split-K reduce this kernel's partials go through).
+# runtime/quant_linear.py for WORDS configs (first for M <= 4 on the GPU, every format; dequant_matmul.py has the
+# byte-tile GEMV, the tensor-core GEMM and the split-K reduce this kernel's partials go through).
 #
 # Kernel
 #   dequant_gemv_words    BITS 4 or 8 (constexpr). Codes viewed as int32 [N, KW] (KW = code bytes / 4): word
@@ -33,6 +32,16 @@
 #                         loop's loads (tl.range num_stages) was measured slower everywhere and dropped.
 #                         One row of x per program: grid (N tiles, K splits, M); with K splits each writes fp32
 #                         partials [SPLITS, M, N] for dequant_splitk_reduce.
+#                         WAIT (the default configs on sm_90+): launched with programmatic dependent launch; the
+#                         first step's (PREFETCH 2: two steps') code words are loaded before griddepcontrol.wait,
+#                         i.e. while the kernel before it (a norm, an activation, another GEMV) still runs, and x,
+#                         the scales and every store come after it; the kernel after this one is signalled after
+#                         the wait (before it, a chain of PDL kernels piled up resident, spinning in their waits:
+#                         8.8 -> 11.4 us per GEMV). H100, a chain of dependent GEMVs in a CUDA graph
+#                         (results/quant_gpu.md, session 19; bf16 cuBLAS 15.9 / 42.0 us): 4096^2 / 4096 x 14336,
+#                         M = 1: w4a16 5.66 / 16.3 us (7.39 / 18.0 without PDL), w8a16 7.36 / 22.1 (8.70 / 22.8),
+#                         nvint4 6.14 / 17.3, mxfp4 6.69 / 18.6, nvfp4 6.76 / 20.3, mxint8 7.32 / 22.3; the first
+#                         steps moved to 16 rows x 1024 code bytes at 4096^2 (probe_pdl_chain_sweep.md).
 #                         H100 (results/quant_gpu.md, session 11; bf16 cuBLAS 15.8 / 42.2 us): 4096^2 /
 #                         4096 x 14336, M = 1: w4a16 7.1 / 17.5 us (session 10: 8.4 / 18.8), w8a16 9.0 / 23.2
 #                         (9.5 / 25.0), nvint4 7.1 / 18.3, mxfp4 8.0 / 20.5, nvfp4 8.4 / 21.1, mxint8 9.0 / 23.5.
