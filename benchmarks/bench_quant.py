@@ -123,9 +123,9 @@ def main() -> None:
     res.write(out_dirs(), notes=NOTES)
 
 
-NOTES = ["", "Metrics: `time` = the best config, 20 launches in one CUDA graph (fxforge's default configs launch with",
-         "programmatic dependent launch: a GEMV's first code words (WAIT), the Gluon GEMM's first code boxes (PREFETCH)",
-         "are fetched while the kernel before it still runs; x is read after griddepcontrol.wait). `time_no_pdl` = the",
+NOTES = ["", "Metrics: `time` = the best config, 20 launches in one CUDA graph (fxforge's default GEMV configs launch",
+         "with programmatic dependent launch: a GEMV's first code words (WAIT) are fetched while the kernel before it",
+         "still runs; x is read after griddepcontrol.wait; the M = 64 Gluon GEMM's PREFETCH is off). `time_no_pdl` = the",
          "default config with PDL off (each kernel starts after the previous one has finished). `time_chain` = the",
          "default config (bf16: cuBLAS) in a dependent chain, x_{i+1} = y_i[:, :K], as the layers of a decode step."]
 

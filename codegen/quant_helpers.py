@@ -142,11 +142,12 @@ def store_out(out, bias, acc, rm, rn, M, N, s_om, s_on, HAS_BIAS: tl.constexpr, 
 
 @triton.jit
 def pdl_launch_dependents(ENABLED: tl.constexpr):
-    # Programmatic dependent launch (sm_90+; ENABLED is the kernels' PDL constexpr, False in the
-    # interpreter, on older GPUs and triton < 3.4, where griddepcontrol is missing): the kernel after this one (the
-    # split-K reduce, launched with launch_pdl) may be scheduled as soon as every program of this one has
-    # passed here; it blocks in pdl_wait until this grid has finished and its writes are visible, so only its
-    # launch latency (and the gap between the two kernels) is hidden.
+    # Programmatic dependent launch (sm_90+; ENABLED is a kernel's PDL / WAIT constexpr, False in the
+    # interpreter, on older GPUs and triton < 3.4, where griddepcontrol is missing): the kernel after this one, if
+    # launched with launch_pdl (the split-K reduce; a GEMV with WAIT, which first loads its leading code words), may
+    # be scheduled as soon as every program of this one has passed here; it blocks in pdl_wait until this grid has
+    # finished and its writes are visible. A kernel that itself waits signals only after its wait, so a chain of
+    # PDL kernels never piles up resident.
     if ENABLED:
         _gdc_launch_dependents()
 

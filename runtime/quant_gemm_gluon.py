@@ -105,7 +105,9 @@ def launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dic
     """y = x2 @ dequant(W)^T (+ bias) into ``out`` [M, N] (one split), or fp32 partials [splits, M, N] the caller
     reduces (dequant_splitk_reduce, which adds the bias). ``plan(programs, kb, step, auto)`` is quant_linear's
     split planner (-> splits, storage units per split, partials), ``auto`` this kernel's split heuristic. ``pdl``:
-    the reduce will be launched with programmatic dependent launch (the kernel then signals it early). Returns
+    the reduce will be launched with programmatic dependent launch (the kernel then signals it early).
+    ``prefetch``: the kernel itself launched with PDL, its first STAGES - 1 code boxes fetched before
+    griddepcontrol.wait and x after it (the codes must not be written by the kernel before it). Returns
     (splits, partials)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 

@@ -1,7 +1,8 @@
 """The w8a16 GEMV fed by TMA (codegen/templates/dequant_gemv_tma.py): when it applies and its launch.
 
-``runtime/quant_linear.py`` runs it for configs with ``TMA`` set (gemv_configs puts one first for w8a16 at
-M <= 4 and N < 8192: probe_gemv_tma_r4.md, 4096^2 8.4 us against the words GEMV's 8.8). A config it does not
+``runtime/quant_linear.py`` runs it for configs with ``TMA`` set (gemv_configs puts one second for w8a16 at
+M <= 4 and N < 8192: without PDL it led, probe_gemv_tma_r4.md, 4096^2 8.4 us against the words GEMV's 8.8; with
+PDL the words GEMV, which loads its first code words before the wait, leads). A config it does not
 apply to (another format, K not a multiple of 16, a GPU without TMA) runs the next config that is not TMA
 instead (the words GEMV on the GPU, the byte-tile kernel in the interpreter).
 """

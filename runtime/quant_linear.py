@@ -185,6 +185,11 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     if x.device.type == "cpu" and not interpreter_active():
         return reference(x, codes, scales, zeros, tensor_scale, bias, fmt, K)
     interpreted = x.device.type == "cpu"
+    # The PDL configs (WAIT, PREFETCH) read code words before griddepcontrol.wait, i.e. before the kernel ahead of
+    # them in the stream has finished: only safe when no kernel ahead writes the codes. They are weights, written
+    # once; but a copy made here would be exactly the kernel ahead, so a non-contiguous weight reads its codes after
+    # the wait (its launch still uses PDL).
+    early_codes = codes.is_contiguous()
     codes, scales = codes.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
     bias = bias.contiguous() if bias is not None else None
@@ -203,7 +208,8 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     if interpreted:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     cfg_split = cfg.pop("SPLIT_K", None)
-    pdl = bool(cfg.pop("PDL", REDUCE_PDL)) and pdl_capable(x.device)
+    asked_pdl = bool(cfg.pop("PDL", REDUCE_PDL))  # a config's PDL=False turns off the reduce's PDL, WAIT and PREFETCH
+    pdl = asked_pdl and pdl_capable(x.device)
     if cfg.pop("PLANES", False):
         # (CUDA tensors under TRITON_INTERPRET=1 cannot run its inline PTX: the default kernels instead)
         if planes_ok(kf, x.dtype, interpreted) and (interpreted or not interpreter_active()):
@@ -227,22 +233,25 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         if why is None:
             asked = split_k if split_k is not None else cfg_split
             why = quant_gemm_gluon.run(
-                x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
+                x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg if early_codes else dict(cfg, PREFETCH=False),
                 lambda programs, kb, step, auto: _plan_splits(asked, programs, kb, step, out, auto),
                 lambda parts, s: _splitk_reduce(ks, parts, bias, out, s, interpreted, pdl), pdl)
             if why is None:
                 return out.reshape(*lead, n)
         quant_gemm_gluon.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not GLUON
         nxt = (gemv_configs if gemv else triton_gemm_configs)(M, n, K, fmt, interpreted)[0]
-        pdl = bool(nxt.get("PDL", REDUCE_PDL)) and pdl_capable(x.device)  # the fallback's own PDL choice
+        # the fallback's own PDL choice, unless the caller's config turned PDL off
+        pdl = asked_pdl and bool(nxt.get("PDL", REDUCE_PDL)) and pdl_capable(x.device)
         cfg, cfg_split = _fallback(nxt, interpreted)
     if cfg.pop("WORDS", False):
         if gemv and _words_ok(codes):
             return _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
-                               split_k if split_k is not None else cfg_split, interpreted, pdl).reshape(*lead, n)
-        # the int32 view needs whole words per row: the first byte-tile config instead
-        cfg, cfg_split = _fallback(next(c for c in gemv_configs(M, n, K, fmt, interpreted) if not c.get("WORDS")),
-                                   interpreted)
+                               split_k if split_k is not None else cfg_split, interpreted, pdl,
+                               early_codes).reshape(*lead, n)
+        # the int32 view needs whole words per row: the first byte-tile config instead (not TMA: its int8 codes
+        # need K % 16 == 0, a stricter condition than whole words)
+        cfg, cfg_split = _fallback(next(c for c in gemv_configs(M, n, K, fmt, interpreted)
+                                        if not c.get("WORDS") and not c.get("TMA")), interpreted)
     _check_blocks(cfg, kf, gemv)
     bkb = cfg["BLOCK_KB"]
     m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
@@ -275,7 +284,8 @@ def _words_ok(codes: torch.Tensor) -> bool:
     return codes.shape[1] % 4 == 0 and codes.storage_offset() % 4 == 0 and codes.stride(0) % 4 == 0
 
 
-def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted, pdl=False):
+def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, splits, interpreted, pdl=False,
+                early_codes=True):
     """``dequant_gemv_words`` launch (codes read as int32 words, BITS 4 or 8; one row of x per program), or with
     KSPAN in the config ``dequant_gemv_kspan`` (Q runs of WPT words per row per step, lanes and warps over K)."""
     M, n = out.shape
@@ -294,9 +304,9 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     launch = {k: v for k, v in cfg.items() if k not in ("BLOCK_M",)}
     if interpreted:
         launch.pop("num_warps", None), launch.pop("num_stages", None)
-    # WAIT: launched with PDL, the first steps' code words loaded before griddepcontrol.wait (GPU, sm_90+, and the
-    # config's PDL not off)
-    if launch.pop("WAIT", False) and pdl and not interpreted:
+    # WAIT (the words kernel; not K-span): launched with PDL, the first steps' code words loaded before
+    # griddepcontrol.wait (GPU, sm_90+, the config's PDL not off, codes not copied just before: quant_linear_apply)
+    if launch.pop("WAIT", False) and pdl and early_codes and not interpreted and not kspan:
         launch.update(WAIT=True, launch_pdl=True)
     if kspan:
         launch.pop("POST", None), launch.pop("PREFETCH_X", None), launch.pop("XT", None)
@@ -451,7 +461,10 @@ def _check_blocks(cfg: dict, kf: dict, gemv: bool) -> None:
 @torch.library.custom_op("fxforge::quant_linear", mutates_args=())
 def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  tensor_scale: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, K: int) -> torch.Tensor:
-    """``x @ dequant(W)^T + bias`` for ``W [N, K]`` packed in format ``fmt`` (the quantize pass's op)."""
+    """``x @ dequant(W)^T + bias`` for ``W [N, K]`` packed in format ``fmt`` (the quantize pass's op). On sm_90+ the
+    default GEMV launches with programmatic dependent launch and reads its first code words while the kernel ahead
+    of it in the stream still runs: ``codes`` are weights, which that kernel must not be writing (a copy made for a
+    non-contiguous ``codes`` here is handled)."""
     return quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt, K)
 
 

@@ -256,7 +256,8 @@ def _compile_sm90(fmt, cfg):
             "M": 64, "N": n, "NB": k // g, "s_sn": k // g, "steps_per_split": 8, "total_steps": 32, "s_om": n,
             "ELEM": kf["ELEM"], "SCALE": kf["SCALE"], "HAS_ZERO": kf["HAS_ZERO"], "HAS_TS": kf["HAS_TS"],
             "STEP": kf["STEP"], "EPB": kf["EPB"], "G": bk if kf["PER_ROW"] else g, "PER_ROW": kf["PER_ROW"], "PDL": True,
-            "STAGES": cfg["STAGES"], "SPLIT": True, "HAS_BIAS": False, "num_warps": cfg["num_warps"]}
+            "STAGES": cfg["STAGES"], "SPLIT": True, "HAS_BIAS": False, "num_warps": cfg["num_warps"],
+            "PREFETCH": bool(cfg.get("PREFETCH"))}
     sig, consts, attrs = {}, {}, {}
     types = {torch.bfloat16: "bf16", torch.uint8: "u8"}
     for i, name in enumerate(fn.arg_names):
@@ -283,6 +284,21 @@ def test_kernel_compiles_for_sm90_with_register_a_operand(fmt):
     assert wgmma and all(len(a.split(",")) == 4 for a in wgmma)
     assert len(wgmma) % 8 == 0
     assert "cp.async.bulk.tensor.2d" in ptx  # TMA feeds the codes and x
+
+
+def test_prefetch_fetches_only_codes_before_the_grid_wait():
+    # PREFETCH (launched with PDL): the prologue's code boxes go out before griddepcontrol.wait, every x box after it
+    # (x may still be being written by the kernel before), and the dependents are signalled after the wait
+    ptx = _compile_sm90("nvint4", dict(qgl.DEFAULT_CONFIG, PREFETCH=True))
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx.index("griddepcontrol.launch_dependents") > wait
+    tma = [(m.start(), m.group(1)) for m in re.finditer(r"cp\.async\.bulk\.tensor\.2d\S*\s+\[[^\]]*\], \[(%rd\d+),", ptx)]
+    before = {d for pos, d in tma if pos < wait}
+    after = [d for pos, d in tma if pos > wait]
+    stages = qgl.DEFAULT_CONFIG["STAGES"]
+    assert len(before) == 1 and sum(pos < wait for pos, _ in tma) == stages - 1  # one descriptor: the codes
+    assert after and after[0] not in before  # x's descriptor, first thing after the wait
+    assert "griddepcontrol.wait" not in _compile_sm90("nvint4", dict(qgl.DEFAULT_CONFIG, PREFETCH=False))
 
 
 # ------------------------------------------------------------------------------------ selection and fallbacks

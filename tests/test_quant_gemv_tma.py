@@ -98,6 +98,19 @@ def test_config_selection_and_fallbacks():
         ql._check_blocks(dict(qg.DEFAULT_CONFIG), ql.kernel_format("w8a16"), gemv=False)
 
 
+def test_words_fallback_skips_the_tma_config(monkeypatch):
+    # w8a16 rows that are not whole int32 words (K % 4 != 0): the words GEMV (first in the GPU list) cannot take
+    # them and neither can the TMA GEMV after it (K % 16 != 0): the byte-tile config runs. The GPU config list,
+    # in the interpreter.
+    orig = ql.gemv_configs
+    monkeypatch.setattr(ql, "gemv_configs", lambda M, N, K, fmt, interpreted: orig(M, N, K, fmt, False))
+    assert ql.gemv_configs(1, 12, 2050, "w8a16", True)[0].get("WORDS")
+    k, n = 2050, 12
+    _, qt = _pack(n, k, "w8a16", seed=13)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
+    _check_kernel(ql.quant_linear_apply(x, *_args(qt, None, "w8a16", k)), x, qt, None, gemm=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an sm_90+ GPU")

@@ -520,18 +520,31 @@ def test_gpu_multi_step_gemv_and_pdl_reduce(fmt):
                     reason="needs an sm_90+ GPU (programmatic dependent launch)")
 @pytest.mark.parametrize("fmt", ["w4a16_g128", "w8a16", "nvint4", "mxfp4"])
 def test_gpu_pdl_chain_in_a_cuda_graph(fmt):
-    # The default GEMV configs (WAIT) and the Gluon GEMM with PREFETCH launch with PDL and fetch code words before
-    # griddepcontrol.wait; x must still be read only after it. A chain of dependent layers (x_{i+1} = y_i) captured
-    # in one CUDA graph, where each kernel is launched while the one before it still runs, must give the bits of the
-    # same chain run eagerly with PDL off. M = 1 / 3 (GEMV, with and without K splits) and 16 (the Gluon GEMM).
-    k = n = 2080  # (a partial last group; many steps per program)
+    # The default GEMV configs (WAIT), the TMA GEMV with WAIT and the Gluon GEMM with PREFETCH launch with PDL and
+    # fetch code words before griddepcontrol.wait; x must still be read only after it. A chain of dependent layers
+    # (x_{i+1} = y_i) captured in one CUDA graph, where each kernel is launched while the one before it still runs,
+    # must give the bits of the same chain run eagerly with PDL off, for a fresh x0 before every replay (a replay
+    # that read a stale x would see the previous replay's values). One layer's codes are a strided view (copied
+    # inside the call: that copy is the kernel ahead, so the codes are read after the wait). M = 1 / 3 (GEMV, with
+    # and without K splits) and 16 (the Gluon GEMM; K = 2176 is whole 128-element steps, which it needs).
+    from fxforge.runtime import quant_gemm_gluon, quant_gemv_tma
+
+    k = n = 2176
     layers = 6
     g = torch.Generator().manual_seed(41)
     qts = [quantize(torch.randn(n, k, generator=g) / k ** 0.5, fmt) for _ in range(layers)]
     args = [[a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(qt, None, fmt, k)] for qt in qts]
-    for m, split in ((1, None), (1, 3), (3, None), (16, None)):
-        x0 = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
-        cfg = (ql.gemv_configs if m <= ql.GEMV_DISPATCH_M else ql.gemm_configs)(m, n, k, fmt, False)[0]
+    wide = torch.zeros(n, args[2][0].shape[1] + 16, dtype=args[2][0].dtype, device="cuda")
+    wide[:, :args[2][0].shape[1]] = args[2][0]
+    args[2][0] = wide[:, :args[2][0].shape[1]]  # not contiguous
+    cases = [(1, None, None), (1, 3, None), (3, None, None), (16, None, None)]
+    if quant_gemv_tma.format_ok(ql.kernel_format(fmt)):
+        cases += [(1, None, dict(quant_gemv_tma.DEFAULT_CONFIG, WAIT=True)),
+                  (1, 2, dict(quant_gemv_tma.DEFAULT_CONFIG, WAIT=True))]
+    quant_gemm_gluon.SKIPPED.clear()
+    for m, split, cfg in cases:
+        if cfg is None:
+            cfg = (ql.gemv_configs if m <= ql.GEMV_DISPATCH_M else ql.gemm_configs)(m, n, k, fmt, False)[0]
         if cfg.get("GLUON"):
             cfg = dict(cfg, PREFETCH=True)  # (an option of the Gluon GEMM, off by default)
 
@@ -539,16 +552,57 @@ def test_gpu_pdl_chain_in_a_cuda_graph(fmt):
             for a in args:
                 x = ql.quant_linear_apply(x, *a, config=dict(cfg, PDL=pdl), split_k=split)
             return x
-        ref = run(x0, False)
+        x0 = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
         run(x0, True)  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = run(x0, True)
         for _ in range(3):
+            x0.copy_(torch.randn(m, k, generator=g).to(torch.bfloat16))
+            ref = run(x0.clone(), False)
             graph.replay()
             torch.cuda.synchronize()
-            assert torch.equal(y, ref), (m, split)
+            assert torch.equal(y, ref), (m, split, cfg)
+    assert not quant_gemm_gluon.SKIPPED, quant_gemm_gluon.SKIPPED  # M = 16 ran the Gluon GEMM
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm_90+ GPU (programmatic dependent launch)")
+def test_gpu_pdl_signal_in_a_quantized_decode_step(monkeypatch):
+    # Compiled quantized decode steps on sm_90+: the generated norm / activation kernels signal their dependents at
+    # their start (PDL_SIGNAL) and the GEMVs after them (WAIT) fetch code words while they run. The logits of every
+    # step (CUDA-graph replays) must be the bits of the same model compiled with PDL off.
+    import copy
+
+    from fxforge.models import KVCacheLlama, TinyLlama
+    from fxforge.runtime import executor as executor_module
+
+    torch.manual_seed(0)
+    base = KVCacheLlama(TinyLlama(dim=256, n_heads=8, n_kv_heads=2, ffn_dim=688), batch=1, max_seq=32)
+    base = base.cuda().bfloat16().eval()
+    ids = torch.randint(0, 256, (1, 8), device="cuda")
+
+    def decode(model):
+        with torch.no_grad():
+            compiled = fxforge.compile(model, (ids[:, :1], torch.tensor([0], device="cuda")),
+                                       passes=[*DEFAULT_PASSES, Quantize(format="w4a16_g128")],
+                                       config=fxforge.Config(autotune=False))  # (the same kernels both times)
+            model.reset()
+            outs = [compiled(ids[:, i:i + 1], torch.tensor([i], device="cuda")).clone() for i in range(8)]
+        assert compiled.report.cuda_graph == "captured"
+        return compiled, outs
+
+    on, outs_on = decode(copy.deepcopy(base))
+    kws = [st[2] for steps, _ in on.executor._plans.values() for st in steps if st is not None]
+    assert any(kw.get("PDL_SIGNAL") for kw in kws)  # the generated kernels signal
+    monkeypatch.setattr(executor_module, "pdl_capable", lambda device: False)
+    monkeypatch.setattr(ql, "REDUCE_PDL", False)  # (the default PDL of every quant_linear config)
+    off, outs_off = decode(copy.deepcopy(base))
+    assert not any(st[2].get("PDL_SIGNAL") for steps, _ in off.executor._plans.values() for st in steps if st)
+    for a, b in zip(outs_on, outs_off):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

@@ -3,7 +3,7 @@
 # words [N, K / 4] through a host tensor descriptor. Launched by runtime/quant_gemv_tma.py for TMA configs
 # (runtime/quant_linear.py gemv_configs: second for w8a16 at M <= 4 and N < 8192 on sm_90+: with programmatic
 # dependent launch the words GEMV, which fetches its first code words before griddepcontrol.wait, is faster --
-# 7.74 against this kernel's 8.06 us with WAIT, probe_pdl_chain_r3.md; Triton's loop pipeliner issues a step's x
+# 7.74 against this kernel's 8.06 us with WAIT, probe_pdl_chain_sweep.md; Triton's loop pipeliner issues a step's x
 # with its codes, so here WAIT only hides the launch gap).
 #
 # Kernel

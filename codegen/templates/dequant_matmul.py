@@ -39,7 +39,9 @@
 #   dequant_splitk_reduce sums split-K partials, adds the bias, casts to the output dtype (also for
 #                         dequant_gemv_words). Launched with programmatic dependent launch (PDL config key,
 #                         default on): the kernel before it lets it be scheduled at once and it waits in
-#                         griddepcontrol.wait, hiding its launch gap (H100, M = 64: 0.2-0.6 us of 14-17).
+#                         griddepcontrol.wait, hiding its launch gap (H100, M = 64: 0.2-0.6 us of 14-17). It
+#                         signals its own dependents before that wait, so a GEMV with WAIT after it starts
+#                         loading its first code words while the GEMV before the reduce still runs.
 #                         A reduce fused into the GEMM (last split of a tile sums, Marlin-style counters)
 #                         was slower (results/probe_gemm_m64_fused.md).
 # The GEMV on int32 words of codes (WORDS configs, first for M <= 4 on the GPU) is dequant_gemv_words.py;
