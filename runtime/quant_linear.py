@@ -185,11 +185,11 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
     if x.device.type == "cpu" and not interpreter_active():
         return reference(x, codes, scales, zeros, tensor_scale, bias, fmt, K)
     interpreted = x.device.type == "cpu"
-    # The PDL configs (WAIT, PREFETCH) read code words (WAIT: and group scales / zero points) before
-    # griddepcontrol.wait, i.e. before the kernel ahead of them in the stream has finished: only safe when no kernel
-    # ahead writes them. They are weights, written once; but a copy made here would be exactly the kernel ahead, so
-    # a weight with a non-contiguous part reads it after the wait (its launch still uses PDL).
-    early_codes = codes.is_contiguous() and scales.is_contiguous() and (zeros is None or zeros.is_contiguous())
+    # The PDL configs (WAIT, PREFETCH) read code words before griddepcontrol.wait, i.e. before the kernel ahead of
+    # them in the stream has finished: only safe when no kernel ahead writes the codes. They are weights, written
+    # once; but a copy made here would be exactly the kernel ahead, so a non-contiguous weight reads its codes after
+    # the wait (its launch still uses PDL).
+    early_codes = codes.is_contiguous()
     codes, scales = codes.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
     bias = bias.contiguous() if bias is not None else None

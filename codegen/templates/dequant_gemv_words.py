@@ -33,10 +33,9 @@
 #                         One row of x per program: grid (N tiles, K splits, M); with K splits each writes fp32
 #                         partials [SPLITS, M, N] for dequant_splitk_reduce.
 #                         WAIT (the default configs on sm_90+): launched with programmatic dependent launch; the
-#                         first step's (PREFETCH 2: two steps') code words, and with PREFETCH_X their group scales
-#                         and zero points, are loaded before griddepcontrol.wait,
-#                         i.e. while the kernel before it (a norm, an activation, another GEMV) still runs, and x
-#                         and every store come after it; the kernel after this one is signalled after
+#                         first step's (PREFETCH 2: two steps') code words are loaded before griddepcontrol.wait,
+#                         i.e. while the kernel before it (a norm, an activation, another GEMV) still runs, and x,
+#                         the scales and every store come after it; the kernel after this one is signalled after
 #                         the wait (before it, a chain of PDL kernels piled up resident, spinning in their waits:
 #                         8.8 -> 11.4 us per GEMV). H100, 20 launches in one CUDA graph, each GEMV's prefetch
 #                         overlapping the one before (results/quant_gpu.md `time`, session 19; bf16 cuBLAS 15.9 /
@@ -151,27 +150,28 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
     n_ok3 = n_ok[None, :, None]
     ie = tl.arange(0, EPW)
     rw0 = rg[:, None] * GW + rt[None, :]  # [BLOCK_G, GW] word offsets of a step
-    # the first steps' code words and (PREFETCH_X) group scales / zero points: weights, loaded before the wait
     if PREFETCH >= 1:
         rw = w_start + rw0
         wd_next = tl.load(c_rows + rw[:, None, :], mask=n_ok3 & (rw < w_end)[:, None, :], other=0)
-        if PREFETCH_X and not PER_ROW:
+    if PREFETCH >= 2:
+        rw2 = w_start + TW + rw0
+        wd_next2 = tl.load(c_rows + rw2[:, None, :], mask=n_ok3 & (rw2 < w_end)[:, None, :], other=0)
+    _pdl_wait(WAIT)
+    _pdl_launch_dependents(WAIT)
+    if PREFETCH >= 1 and PREFETCH_X:  # x and the group scales / zero points of the next step too (their L2 latency)
+        x_next = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
+        if not PER_ROW:
             s_next = _group_step(scales, rn, n_ok, w_start // GW + rg, NB, s_sn)
             if HAS_ZERO:
                 z_next = _group_step(zeros, rn, n_ok, w_start // GW + rg, NB, s_zn)
     if PREFETCH >= 2:
-        rw2 = w_start + TW + rw0
-        wd_next2 = tl.load(c_rows + rw2[:, None, :], mask=n_ok3 & (rw2 < w_end)[:, None, :], other=0)
-        if PREFETCH_X and not PER_ROW:
-            s_next2 = _group_step(scales, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_sn)
-            if HAS_ZERO:
-                z_next2 = _group_step(zeros, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_zn)
-    _pdl_wait(WAIT)
-    _pdl_launch_dependents(WAIT)
-    if PREFETCH >= 1 and PREFETCH_X:  # x of the next step(s) too (its L2 latency)
-        x_next = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
-    if PREFETCH >= 2 and PREFETCH_X:
-        x_next2 = _x_step(xr, rw2, ie, s_xk, K, EPW, XT)
+        rw = w_start + TW + rw0
+        if PREFETCH_X:
+            x_next2 = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
+            if not PER_ROW:
+                s_next2 = _group_step(scales, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_sn)
+                if HAS_ZERO:
+                    z_next2 = _group_step(zeros, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_zn)
     for w0 in range(w_start, w_end, TW):
         rw = w0 + rw0
         if PREFETCH == 2:
