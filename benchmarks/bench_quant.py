@@ -12,7 +12,7 @@ dependent launches (``time_chain``; bf16 too), the bytes model (packed weight + 
 from __future__ import annotations
 
 import torch
-from common import Results, graph_time_us, out_dirs, rel_err
+from common import Results, chain_time_us, graph_time_us, out_dirs, rel_err
 
 from fxforge.passes.quant.formats import quantize
 from fxforge.runtime.quant_linear import GEMV_MAX_M, bytes_model, gemm_configs, gemv_configs, quant_linear_apply
@@ -42,7 +42,8 @@ def main() -> None:
 
         y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         add("bf16", graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y)), torch.mm(x, ws[0].t()), "bf16")
-        res.add(wl, "bf16", "time_chain", chain_time_us(lambda xi, i: torch.mm(xi, ws[i % copies].t()), x, K), "us")
+        res.add(wl, "bf16", "time_chain", chain_time_us(lambda xi, i: torch.mm(xi, ws[i % copies].t()), x, K)[0],
+                "us")
         # torch's own int8 weight-only path (per-channel scales), as torchao uses on CUDA
         try:
             scales = [w.abs().amax(1).float() / 127 for w in ws]
@@ -88,7 +89,7 @@ def main() -> None:
                 c, s, z, t = args[i % copies]
                 return quant_linear_apply(xi, c, s, z, t, None, fmt, K, config=dict(cfg0), check=False)
             res.add(wl, impl, "time_no_pdl", graph_time_us(run_off), "us")
-            res.add(wl, impl, "time_chain", chain_time_us(run_chain, x, K), "us")
+            res.add(wl, impl, "time_chain", chain_time_us(run_chain, x, K)[0], "us")
         # W8A8 (SmoothQuant-style int8 x int8 tensor cores; x quantized per row inside the GEMM at small M)
         try:
             from fxforge.passes.quant.smoothquant import w8a8_quantize_linear
@@ -128,15 +129,6 @@ NOTES = ["", "Metrics: `time` = the best config, 20 launches in one CUDA graph (
          "still runs; x is read after griddepcontrol.wait; the M = 64 Gluon GEMM's PREFETCH is off). `time_no_pdl` = the",
          "default config with PDL off (each kernel starts after the previous one has finished). `time_chain` = the",
          "default config (bf16: cuBLAS) in a dependent chain, x_{i+1} = y_i[:, :K], as the layers of a decode step."]
-
-
-def chain_time_us(step, x0, K: int) -> float:
-    """Per-launch us of ``step(x, i) -> y`` chained in one CUDA graph of 20 launches (x_{i+1} = y_i[:, :K])."""
-    state = {"x": x0}
-
-    def fn(i):
-        state["x"] = step(state["x"], i)[:, :K]
-    return graph_time_us(fn)
 
 
 if __name__ == "__main__":

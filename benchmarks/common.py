@@ -53,6 +53,17 @@ def graph_time_us(fn, launches: int = 20, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def chain_time_us(step, x0, K: int, launches: int = 20) -> tuple[float, torch.Tensor]:
+    """Per-launch us of ``step(x, i) -> y`` chained as the layers of a decode step (x_{i+1} = y_i[:, :K]) in one CUDA
+    graph (graph_time_us), and the chain's last y."""
+    state = {"x": x0, "y": None}
+
+    def fn(i):
+        y = step(state["x"], i)
+        state["x"], state["y"] = y[:, :K], y
+    return graph_time_us(fn, launches=launches), state["y"]
+
+
 def autotune_lines(report) -> list[str]:
     """One line per autotuned kernel of a compile report: kernel, shape, winner and every candidate's ms."""
     return [f"{t.get('kernel', '')[:48]} {t.get('shape')} -> {t.get('winner')} "

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, graph_time_us, out_dirs, rel_err
+from common import Results, chain_time_us, graph_time_us, out_dirs, rel_err
 from fxforge.passes.quant.formats import dequantize, quantize
 from fxforge.runtime import quant_gemm_gluon as qg
 from fxforge.runtime import quant_linear as ql
@@ -51,17 +51,6 @@ def gluon_apply(x, q, kf, cfg, prefetch):
     return out
 
 
-def chain(step, x0, K, launches=20):
-    """Per-launch us of ``step(x, i) -> y`` chained (x_{i+1} = y_i[:, :K]) in a CUDA graph, and the last y."""
-    state = {"x": x0, "y": None}
-
-    def fn(i):
-        y = step(state["x"], i)
-        state["x"], state["y"] = y[:, :K], y
-    us = graph_time_us(fn, launches=launches)
-    return us, state["y"]
-
-
 def gemm_chain(res, lines, t0, M, formats) -> None:
     """``PROBE_GEMM_M``: the M-row chain at 4096^2 (bf16 cuBLAS; fxforge's default M > 4 config, the Gluon GEMM,
     with and without PREFETCH)."""
@@ -70,7 +59,7 @@ def gemm_chain(res, lines, t0, M, formats) -> None:
     copies = max(2, -(-200_000_000 // (N * K * 2)))
     wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for _ in range(copies)]
     x0 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    bf, _ = chain(lambda x, i: torch.mm(x, wb[i % copies].t()), x0, K)
+    bf, _ = chain_time_us(lambda x, i: torch.mm(x, wb[i % copies].t()), x0, K)
     res.add(wl, "bf16[cuBLAS chain]", "time", bf, "us")
     lines.append(f"| {wl} | bf16 | cuBLAS chain | {bf:.2f} | 1.000 | |")
     wb.clear()
@@ -87,7 +76,7 @@ def gemm_chain(res, lines, t0, M, formats) -> None:
                 q = qts[i % nc]
                 return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K,
                                              config=dict(cfg, PREFETCH=pf), check=False)
-            us, outs[pf] = chain(run, x0, K)
+            us, outs[pf] = chain_time_us(run, x0, K)
             res.add(wl, f"{fmt}[default{' PREFETCH' if pf else ''}]", "time", us, "us")
             lines.append(f"| {wl} | {fmt} | default config{' + PREFETCH' if pf else ', PREFETCH off'} | {us:.2f} | "
                          f"{bf / us:.3f} | |")
@@ -118,7 +107,7 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
     # weights scaled so the chain's activations keep their size (y ~ x in norm)
     wb = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for _ in range(copies)]
     x0 = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    bf, _ = chain(lambda x, i: torch.mm(x, wb[i % copies].t()), x0, K)
+    bf, _ = chain_time_us(lambda x, i: torch.mm(x, wb[i % copies].t()), x0, K)
     bf_iso = graph_time_us(lambda i: torch.mm(x0, wb[i % copies].t()))
     wb.clear()
 
@@ -147,9 +136,9 @@ def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
     def run_default(x, i, nc=qcopies):
         q = qts[i % nc]
         return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K, check=False)
-    us, _ = chain(run_default, x0, K)
+    us, _ = chain_time_us(run_default, x0, K)
     row(fmt, "default dispatch", us, f"err {rel_err(run_default(x0, 0), ref):.1e}; {qcopies} copies")
-    us, _ = chain(lambda x, i: run_default(x, i, nc=copies), x0, K)
+    us, _ = chain_time_us(lambda x, i: run_default(x, i, nc=copies), x0, K)
     row(fmt, "default dispatch, bench_quant's rotation", us, f"{copies} copies")
     # the default config launched with PDL (WAIT: the words GEMV loads its first codes before the wait, the
     # Triton TMA GEMV waits at its start)
@@ -164,7 +153,7 @@ def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
             kind = "TMA" if base.get("TMA") else "words" if base.get("WORDS") else "tile"
             try:
                 err = rel_err(run_wait(x0, 0), ref)
-                us, _ = chain(run_wait, x0, K)
+                us, _ = chain_time_us(run_wait, x0, K)
                 row(fmt, f"config {j} ({kind})" + (" + WAIT (PDL)" if wait else ""), us, f"err {err:.1e}")
             except Exception:  # noqa: BLE001
                 print(f"{fmt} WAIT: {traceback.format_exc()[-1500:]}", flush=True)
@@ -183,7 +172,7 @@ def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
                 return ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, q.tensor_scale, None, fmt, K,
                                              config=dict(wcfg), check=False)
             try:
-                us, _ = chain(run_s, x0, K)
+                us, _ = chain_time_us(run_s, x0, K)
                 row(fmt, f"words n{bn} {kbytes}B w{w} pf{pf} + WAIT", us)
             except Exception:  # noqa: BLE001
                 print(f"{fmt} sweep {wcfg}: {traceback.format_exc()[-600:]}", flush=True)
@@ -196,7 +185,7 @@ def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
                 def run(x, i, cfg=cfg, pf=pf):
                     return gluon_apply(x, qts[i % qcopies], kf, cfg, pf)
                 err = rel_err(run(x0, 0), ref)
-                us, outs[pf] = chain(run, x0, K)
+                us, outs[pf] = chain_time_us(run, x0, K)
                 row(f"{fmt} gluon", name + (" PREFETCH" if pf else ""), us, f"err {err:.1e}")
             same = torch.equal(outs[False], outs[True])
             lines.append(f"| {wl} | {fmt} gluon | {name} | | | chain outputs bit-identical: {same} |")

@@ -160,17 +160,15 @@ def auto_splits(tiles: int, kb: int, step: int, device: torch.device) -> int:
 
 
 def run(x2, codes, scales, zeros, tensor_scale, bias, out, kf: dict, cfg: dict, plan, reduce,
-        pdl: bool = False) -> str | None:
+        pdl: bool = False, prefetch: bool = False) -> str | None:
     """launch() and, with K splits, ``reduce(partials, splits)`` (quant_linear's split-K reduce, launched with
-    programmatic dependent launch when ``pdl``) into ``out``. ``pdl`` also allows the config's PREFETCH (the kernel
-    itself launched with PDL, its first code boxes fetched before it waits for the kernel before it). Returns None,
-    or why the kernel did not compile (nothing was launched then; the caller runs another kernel): a Triton whose
-    Gluon lacks what the template uses."""
+    programmatic dependent launch when ``pdl``) into ``out``; ``prefetch`` as launch(). Returns None, or why the
+    kernel did not compile (nothing was launched then; the caller runs another kernel): a Triton whose Gluon lacks
+    what the template uses."""
     from triton.compiler.errors import CompilationError
 
     try:
-        splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, plan, pdl,
-                                  pdl and bool(cfg.get("PREFETCH")))
+        splits, partials = launch(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, plan, pdl, prefetch)
     except CompilationError as e:
         return f"the Gluon kernel did not compile with this triton: {str(e).strip().splitlines()[-1][:200]}"
     if splits > 1:

@@ -233,9 +233,10 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         if why is None:
             asked = split_k if split_k is not None else cfg_split
             why = quant_gemm_gluon.run(
-                x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg if early_codes else dict(cfg, PREFETCH=False),
+                x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg,
                 lambda programs, kb, step, auto: _plan_splits(asked, programs, kb, step, out, auto),
-                lambda parts, s: _splitk_reduce(ks, parts, bias, out, s, interpreted, pdl), pdl)
+                lambda parts, s: _splitk_reduce(ks, parts, bias, out, s, interpreted, pdl), pdl,
+                pdl and early_codes and bool(cfg.get("PREFETCH")))
             if why is None:
                 return out.reshape(*lead, n)
         quant_gemm_gluon.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not GLUON
@@ -305,8 +306,8 @@ def _gemv_words(x2, codes, scales, zeros, tensor_scale, bias, out, kf, cfg, spli
     if interpreted:
         launch.pop("num_warps", None), launch.pop("num_stages", None)
     # WAIT (the words kernel; not K-span): launched with PDL, the first steps' code words loaded before
-    # griddepcontrol.wait (GPU, sm_90+, the config's PDL not off, codes not copied just before: quant_linear_apply)
-    if launch.pop("WAIT", False) and pdl and early_codes and not interpreted and not kspan:
+    # griddepcontrol.wait (pdl: GPU, sm_90+, the config's PDL not off; codes not copied just before: quant_linear_apply)
+    if launch.pop("WAIT", False) and pdl and early_codes and not kspan:
         launch.update(WAIT=True, launch_pdl=True)
     if kspan:
         launch.pop("POST", None), launch.pop("PREFETCH_X", None), launch.pop("XT", None)
@@ -330,7 +331,7 @@ def _gemv_tma(x2, codes, scales, bias, out, cfg, splits, interpreted, pdl=False)
     M, n = out.shape
     splits, per_split, partials = _plan_splits(splits, _cdiv(n, cfg["BLOCK_N"]) * M, codes.shape[1] // 4, cfg["BW"], out,
                                                auto_split_k_tma)
-    wait = bool(cfg.get("WAIT")) and pdl and not interpreted
+    wait = bool(cfg.get("WAIT")) and pdl  # (pdl: GPU, sm_90+, the config's PDL not off)
     quant_gemv_tma.launch(x2, codes, scales, bias, out, cfg, splits, per_split, partials, interpreted, wait)
     if splits > 1:
         _splitk_reduce(kernels_for(x2.device.type), partials, bias, out, splits, interpreted, wait)

@@ -164,14 +164,12 @@ def dequant_gemv_words(x, codes, scales, zeros, tensor_scale, bias, out, partial
             s_next = _group_step(scales, rn, n_ok, w_start // GW + rg, NB, s_sn)
             if HAS_ZERO:
                 z_next = _group_step(zeros, rn, n_ok, w_start // GW + rg, NB, s_zn)
-    if PREFETCH >= 2:
-        rw = w_start + TW + rw0
-        if PREFETCH_X:
-            x_next2 = _x_step(xr, rw, ie, s_xk, K, EPW, XT)
-            if not PER_ROW:
-                s_next2 = _group_step(scales, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_sn)
-                if HAS_ZERO:
-                    z_next2 = _group_step(zeros, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_zn)
+    if PREFETCH >= 2 and PREFETCH_X:
+        x_next2 = _x_step(xr, rw2, ie, s_xk, K, EPW, XT)
+        if not PER_ROW:
+            s_next2 = _group_step(scales, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_sn)
+            if HAS_ZERO:
+                z_next2 = _group_step(zeros, rn, n_ok, w_start // GW + BLOCK_G + rg, NB, s_zn)
     for w0 in range(w_start, w_end, TW):
         rw = w0 + rw0
         if PREFETCH == 2:
