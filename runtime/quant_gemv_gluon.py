@@ -61,6 +61,9 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         return "code rows are not uint8, 16-byte aligned and contiguous"
     if scales.dtype != torch.bfloat16 or scales.stride(1) != 1 or zeros.stride(1) != 1:
         return "group scales are not bf16 / scales or zero points not contiguous along K"
+    # TMA: 16-byte aligned bases and row strides
+    if (scales.stride(0) * 2) % 16 or zeros.stride(0) % 16 or scales.data_ptr() % 16 or zeros.data_ptr() % 16:
+        return "scale / zero-point rows are not 16-byte aligned (K / group a multiple of 16)"
     return None
 
 
@@ -90,20 +93,40 @@ def launch(x2, codes, scales, zeros, bias, out, kf: dict, cfg: dict, plan, pdl: 
     words = codes.view(torch.int32).view(n, -1)[:, : nb * gw].reshape(n, nb, gw)
     bn, bg = cfg["BLOCK_N"], cfg["BG"]
     splits, per, partials = plan(-(-n // bn) * M, nb, bg)
-    layout = _smem_layout()
-    w_desc = TensorDescriptor.from_tensor(words, [bn, bg, gw], layout)
+    w_desc = TensorDescriptor.from_tensor(words, [bn, bg, gw], _smem_layout(32, 3))
     dummy = scales
-    kernels_for("cuda")["dequant_gemv_gluon"][(-(-n // bn), splits, M)](
+    ck = kernels_for("cuda")["dequant_gemv_gluon"][(-(-n // bn), splits, M)](
         w_desc, x2, scales, zeros, bias if bias is not None else dummy, out, partials, M, n, K, nb, per,
         x2.stride(0), scales.stride(0), zeros.stride(0), out.stride(0), 15, STAGES=cfg["STAGES"],
         SPLIT=splits > 1, HAS_BIAS=bias is not None and splits == 1, WAIT=wait, PDL=pdl and splits > 1,
         num_warps=cfg.get("num_warps", 4), **({"launch_pdl": True} if wait else {}))
+    if cfg.get("CARVEOUT") is not None:
+        _set_carveout(ck, cfg["CARVEOUT"])
     return splits, partials
 
 
-@functools.lru_cache(maxsize=1)
-def _smem_layout():
-    """Unswizzled rank-3 shared layout of the int32 code boxes (each thread reads 16 contiguous bytes)."""
+_CARVED: dict = {}
+
+
+def _set_carveout(ck, percent: int) -> None:
+    """The preferred shared-memory carveout of a compiled kernel (CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+    percent of the maximum): with room for more than this kernel's own programs, the next kernel's programs (launched
+    with PDL) can sit beside them."""
+    import ctypes
+
+    fn = getattr(ck, "function", None)
+    if fn is None or _CARVED.get(fn) == percent:
+        return
+    lib = ctypes.CDLL("libcuda.so.1")
+    rc = lib.cuFuncSetAttribute(ctypes.c_void_p(fn), ctypes.c_int(9), ctypes.c_int(percent))
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute(carveout) failed: {rc}")
+    _CARVED[fn] = percent
+
+
+@functools.lru_cache(maxsize=8)
+def _smem_layout(bits: int, rank: int):
+    """Unswizzled shared layout of a TMA box (threads read the code words 16 contiguous bytes at a time)."""
     from triton.experimental.gluon import language as gl
 
-    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=rank)
