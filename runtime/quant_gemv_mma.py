@@ -60,8 +60,10 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
 
 def check_config(cfg: dict) -> None:
     w, qw, pf = cfg.get("num_warps", 4), cfg.get("QW", 1), cfg.get("PREFETCH", 1)
-    if w not in (1, 2, 4, 8) or qw not in (1, 2, 4) or pf not in (1, 2):
-        raise ValueError(f"quant_linear: MMA configs need num_warps 1/2/4/8, QW 1/2/4, PREFETCH 1/2, got {cfg}")
+    st = cfg.get("STAGES", 0)
+    if w not in (1, 2, 4, 8, 16) or qw not in (1, 2, 4) or pf not in (1, 2, 3, 4) or st not in (0, 2, 3, 4, 5, 6, 8):
+        raise ValueError("quant_linear: MMA configs need num_warps 1/2/4/8/16, QW 1/2/4, PREFETCH 1..4, STAGES 0 "
+                         f"(register prefetch) or 2..8 (cp.async ring), got {cfg}")
 
 
 def launch(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias, out: torch.Tensor,
@@ -80,5 +82,6 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: t
         x2.view(torch.int32), codes.view(torch.int32), scales, zeros, bias if bias is not None else scales, out, n, NB,
         K // 2, x2.stride(0) // 2, codes.stride(0) // 4, scales.stride(0), zeros.stride(0), out.stride(0), QW=qw,
         BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, EVEN=even, PREFETCH=cfg.get("PREFETCH", 1),
-        WAIT=wait, num_warps=w, **kw)
+        WAIT=wait, num_warps=w, AUX=bool(cfg.get("AUX", True)), ADJ=bool(cfg.get("ADJ", False)),
+        STAGES=cfg.get("STAGES", 0), **kw)
     return out

@@ -37,6 +37,7 @@
 # 2.93 us at 3.0 TB/s.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
 # (bf16 pair base 0x4300 = 128.0, one 0x3F80; fp16 base 0x6400 = 1024.0, one 0x3C00)
 _MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
@@ -95,9 +96,44 @@ def _code_words(codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr):
 
 
 @gluon.jit
+def _copy_words(dst, codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr):
+    # cp.async of the code words _code_words would load into the shared [Q, 8, 4, 4] stage ``dst``
+    offs = rows * s_cn + grp * 16 + tt * 4 + ii
+    if EVEN:
+        cp.async_copy_global_to_shared(dst, codes + offs)
+    else:
+        cp.async_copy_global_to_shared(dst, codes + offs, mask=(rows < N) & (grp < NB))
+
+
+@gluon.jit
+def _step_aux(xrow, zeros, scales, step, q5, x_pair, qz, rows_z, N, NB, KX, s_zn, s_sn, Q: gl.constexpr,
+              EVEN: gl.constexpr):
+    # step ``step``'s x pairs [Q, 1, 4, 4, 4] and its zero points / bf16 scales of rows g and g + 8 ([Q, 8, 4]), as
+    # loaded (converted where used, so the loads stay in flight across the step before)
+    xoff = (step * Q + q5) * 64 + x_pair
+    grpz = step * Q + qz
+    if EVEN:
+        xp = gl.load(xrow + xoff)
+        zl = gl.load(zeros + rows_z * s_zn + grpz)
+        zh = gl.load(zeros + (rows_z + 8) * s_zn + grpz)
+        s_lo = gl.load(scales + rows_z * s_sn + grpz)
+        s_hi = gl.load(scales + (rows_z + 8) * s_sn + grpz)
+    else:
+        xp = gl.load(xrow + xoff, mask=xoff < KX, other=0)
+        okl = (rows_z < N) & (grpz < NB)
+        okh = (rows_z + 8 < N) & (grpz < NB)
+        zl = gl.load(zeros + rows_z * s_zn + grpz, mask=okl, other=0)
+        zh = gl.load(zeros + (rows_z + 8) * s_zn + grpz, mask=okh, other=0)
+        s_lo = gl.load(scales + rows_z * s_sn + grpz, mask=okl, other=0.0)
+        s_hi = gl.load(scales + (rows_z + 8) * s_sn + grpz, mask=okh, other=0.0)
+    return xp, zl, zh, s_lo, s_hi
+
+
+@gluon.jit
 def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn, s_sn, s_zn, s_om,
                      QW: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
-                     PREFETCH: gl.constexpr, WAIT: gl.constexpr, num_warps: gl.constexpr):
+                     PREFETCH: gl.constexpr, WAIT: gl.constexpr, num_warps: gl.constexpr, AUX: gl.constexpr = True,
+                     ADJ: gl.constexpr = False, STAGES: gl.constexpr = 0):
     # x32: x [M, K] seen as int32 pairs [M, KX = K / 2] (K % 8 == 0; s_xm a row stride in pairs), read as zero past
     # KX (the groups' padding); codes: int32 words [N, NB * 16] (groups of 128 elements). EVEN: N % 16 == 0,
     # NB % (warps * QW) == 0 and K == 128 * NB (no masks anywhere).
@@ -125,80 +161,141 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
     i5 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, L5)))))
     p5 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L5)))))
     q5 = q5[:, None, None, None, None]
+    if ADJ:  # a warp's QW groups of a step adjacent (64 * QW contiguous bytes per row), not W apart
+        q4 = (q4 % W) * QW + q4 // W
+        q5 = (q5 % W) * QW + q5 // W
+        qz = (qz % W) * QW + qz // W
     x_pair = (t5[None, None, :, None, None] * 16 + i5[None, None, None, :, None] * 4
               + p5[None, None, None, None, :])  # pair index in a group
     xrow = x32 + m * s_xm
     nsteps = gl.cdiv(NB, Q)
 
-    # the first PREFETCH steps' code words: before the wait (WAIT), i.e. while the kernel ahead still runs
-    wl0 = _code_words(codes, rows_lo, q4, t4, i4, N, NB, s_cn, EVEN)
-    wh0 = _code_words(codes, rows_hi, q4, t4, i4, N, NB, s_cn, EVEN)
-    if PREFETCH >= 2:
-        wl1 = _code_words(codes, rows_lo, Q + q4, t4, i4, N, NB, s_cn, EVEN)
-        wh1 = _code_words(codes, rows_hi, Q + q4, t4, i4, N, NB, s_cn, EVEN)
+    if STAGES > 0:
+        # code words through a cp.async ring of STAGES steps in shared memory (no registers held for them: more
+        # programs per SM); each thread reads back only the 16-byte runs it copied itself
+        SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
+        lo_s = gl.allocate_shared_memory(gl.int32, [STAGES, Q, 8, 4, 4], SMEM)
+        hi_s = gl.allocate_shared_memory(gl.int32, [STAGES, Q, 8, 4, 4], SMEM)
+        for p0 in gl.static_range(STAGES - 1):
+            sg = gl.minimum(p0, nsteps - 1) * Q + q4
+            _copy_words(lo_s.index(p0), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN)
+            _copy_words(hi_s.index(p0), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN)
+            cp.commit_group()
+    else:
+        # the first PREFETCH steps' code words: before the wait (WAIT), i.e. while the kernel ahead still runs (steps
+        # past the last are clamped to it: an unmasked read past the codes' end could fault; the repeat is an L2 hit and
+        # its words are never used)
+        wl0 = _code_words(codes, rows_lo, q4, t4, i4, N, NB, s_cn, EVEN)
+        wh0 = _code_words(codes, rows_hi, q4, t4, i4, N, NB, s_cn, EVEN)
+        if PREFETCH >= 2:
+            wl1 = _code_words(codes, rows_lo, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+            wh1 = _code_words(codes, rows_hi, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+        if PREFETCH >= 3:
+            wl2 = _code_words(codes, rows_lo, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+            wh2 = _code_words(codes, rows_hi, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+        if PREFETCH >= 4:
+            wl3 = _code_words(codes, rows_lo, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+            wh3 = _code_words(codes, rows_hi, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
     if WAIT:
         _grid_wait()
         _launch_dependents()
+    if AUX:
+        xp_n, zl_n, zh_n, sl_n, sh_n = _step_aux(xrow, zeros, scales, 0, q5, x_pair, qz, rows_z, N, NB, KX, s_zn, s_sn,
+                                                 Q, EVEN)
     acc_lo = gl.zeros([Q, 8, 4], gl.float32, Z3)
     acc_hi = gl.zeros([Q, 8, 4], gl.float32, Z3)
-    for s in range(nsteps):
-        grp = s * Q + q4
-        # next steps' code words first (register prefetch: Gluon does not pipeline plain loads)
-        if PREFETCH >= 2:
-            wl, wh = wl0, wh0
-            wl0, wh0 = wl1, wh1
-            wl1 = _code_words(codes, rows_lo, grp + 2 * Q, t4, i4, N, NB, s_cn, EVEN)
-            wh1 = _code_words(codes, rows_hi, grp + 2 * Q, t4, i4, N, NB, s_cn, EVEN)
-        else:
-            wl, wh = wl0, wh0
-            wl0 = _code_words(codes, rows_lo, grp + Q, t4, i4, N, NB, s_cn, EVEN)
-            wh0 = _code_words(codes, rows_hi, grp + Q, t4, i4, N, NB, s_cn, EVEN)
-        xoff = (s * Q + q5) * 64 + x_pair
-        if EVEN:
-            xp = gl.load(xrow + xoff)  # [Q, 1, 4, 4, 4]
-        else:
-            xp = gl.load(xrow + xoff, mask=xoff < KX, other=0)
-        xa, xb = gl.split(gl.reshape(xp, [Q, 1, 4, 4, 2, 2]))  # pairs 0 2 | 1 3
-        x01, x45 = gl.split(xa)
-        x23, x67 = gl.split(xb)
-        x01 = gl.convert_layout(x01, L4, assert_trivial=True)
-        x23 = gl.convert_layout(x23, L4, assert_trivial=True)
-        x45 = gl.convert_layout(x45, L4, assert_trivial=True)
-        x67 = gl.convert_layout(x67, L4, assert_trivial=True)
-        # zero points as -(base + z) pairs of rows g / g + 8, and the group scales of rows g / g + 8 ([Q, 8, 1])
-        grpz = s * Q + qz
-        if EVEN:
-            zl = gl.load(zeros + rows_z * s_zn + grpz).to(gl.int32)
-            zh = gl.load(zeros + (rows_z + 8) * s_zn + grpz).to(gl.int32)
-            s_lo = gl.load(scales + rows_z * s_sn + grpz).to(gl.float32)
-            s_hi = gl.load(scales + (rows_z + 8) * s_sn + grpz).to(gl.float32)
-        else:
-            okl = (rows_z < N) & (grpz < NB)
-            okh = (rows_z + 8 < N) & (grpz < NB)
-            zl = gl.load(zeros + rows_z * s_zn + grpz, mask=okl, other=0).to(gl.int32)
-            zh = gl.load(zeros + (rows_z + 8) * s_zn + grpz, mask=okh, other=0).to(gl.int32)
-            s_lo = gl.load(scales + rows_z * s_sn + grpz, mask=okl, other=0.0).to(gl.float32)
-            s_hi = gl.load(scales + (rows_z + 8) * s_sn + grpz, mask=okh, other=0.0).to(gl.float32)
-        if BF16:
-            nzl = (zl | 0xC300) * 65537
-            nzh = (zh | 0xC300) * 65537
-        else:
-            nzl = (zl | 0xE400) * 65537
-            nzh = (zh | 0xE400) * 65537
-        zero4 = gl.zeros([Q, 8, 4, 4], gl.int32, L4)  # (+ 0: a broadcast to the instance shape, folded away)
-        args = [wl, wh, x01 + zero4, x23 + zero4, x45 + zero4, x67 + zero4, nzl[:, :, :, None] + zero4,
-                nzh[:, :, :, None] + zero4]
-        if BF16:
-            d = gl.inline_asm_elementwise(_ASM_BF16, _CONSTRAINTS, args, dtype=gl.float32, is_pure=True, pack=4)
-        else:
-            d = gl.inline_asm_elementwise(_ASM_F16, _CONSTRAINTS, args, dtype=gl.float32, is_pure=True, pack=4)
-        # D's slots: c0 = c1 row g, c2 = c3 row g + 8
-        d_even, d_odd = gl.split(gl.reshape(d, [Q, 8, 4, 2, 2]))
-        d_lo, d_hi = gl.split(d_even)
-        acc_lo += gl.convert_layout(d_lo, Z3, assert_trivial=True) * s_lo
-        acc_hi += gl.convert_layout(d_hi, Z3, assert_trivial=True) * s_hi
+    if STAGES > 0:
+        for s in range(nsteps):
+            st = s % STAGES
+            cp.wait_group(STAGES - 2)  # step s's copies have landed (the STAGES - 2 younger ones may not have)
+            wl = lo_s.index(st).load(L4)
+            wh = hi_s.index(st).load(L4)
+            # refill the stage step s - 1 used (read into registers a step ago) with step s + STAGES - 1
+            sg = gl.minimum(s + STAGES - 1, nsteps - 1) * Q + q4
+            nst = (s + STAGES - 1) % STAGES
+            _copy_words(lo_s.index(nst), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN)
+            _copy_words(hi_s.index(nst), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN)
+            cp.commit_group()
+            if AUX:
+                xp, zl, zh, s_lo, s_hi = xp_n, zl_n, zh_n, sl_n, sh_n
+                xp_n, zl_n, zh_n, sl_n, sh_n = _step_aux(xrow, zeros, scales, gl.minimum(s + 1, nsteps - 1), q5,
+                                                         x_pair, qz, rows_z, N, NB, KX, s_zn, s_sn, Q, EVEN)
+            else:
+                xp, zl, zh, s_lo, s_hi = _step_aux(xrow, zeros, scales, s, q5, x_pair, qz, rows_z, N, NB, KX, s_zn,
+                                                   s_sn, Q, EVEN)
+            acc_lo, acc_hi = _mma_step(wl, wh, xp, zl, zh, s_lo.to(gl.float32), s_hi.to(gl.float32), acc_lo, acc_hi,
+                                       Q, BF16, L4, Z3)
+        cp.wait_group(0)
+    else:
+        # unrolled by PREFETCH so that each step refills its own register slot (a rotating ring costs moves); steps past
+        # the last (nsteps not a multiple of PREFETCH) run on clamped loads with a zero scale
+        for s0 in range(0, nsteps, PREFETCH):
+            for j in gl.static_range(PREFETCH):
+                s = s0 + j
+                # the code words of step s + PREFETCH first (Gluon does not pipeline plain loads)
+                sn = gl.minimum(s + PREFETCH, nsteps - 1) * Q + q4
+                if j == 0:
+                    wl, wh = wl0, wh0
+                    wl0 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wh0 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+                elif j == 1:
+                    wl, wh = wl1, wh1
+                    wl1 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wh1 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+                elif j == 2:
+                    wl, wh = wl2, wh2
+                    wl2 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wh2 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+                else:
+                    wl, wh = wl3, wh3
+                    wl3 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wh3 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+                # x, zero points and scales: with AUX this step's from the registers and the next step's loads issued
+                # now (their L2 latency off the step's path)
+                if AUX:
+                    xp, zl, zh, s_lo, s_hi = xp_n, zl_n, zh_n, sl_n, sh_n
+                    xp_n, zl_n, zh_n, sl_n, sh_n = _step_aux(xrow, zeros, scales, gl.minimum(s + 1, nsteps - 1), q5,
+                                                             x_pair, qz, rows_z, N, NB, KX, s_zn, s_sn, Q, EVEN)
+                else:
+                    xp, zl, zh, s_lo, s_hi = _step_aux(xrow, zeros, scales, gl.minimum(s, nsteps - 1), q5, x_pair, qz,
+                                                       rows_z, N, NB, KX, s_zn, s_sn, Q, EVEN)
+                live = (s < nsteps).to(gl.float32)
+                acc_lo, acc_hi = _mma_step(wl, wh, xp, zl, zh, s_lo.to(gl.float32) * live, s_hi.to(gl.float32) * live,
+                                           acc_lo, acc_hi, Q, BF16, L4, Z3)
     _store_rows(out, bias, gl.sum(acc_lo, axis=0), off_n, m, N, s_om, HAS_BIAS)
     _store_rows(out, bias, gl.sum(acc_hi, axis=0), off_n + 8, m, N, s_om, HAS_BIAS)
+
+
+@gluon.jit
+def _mma_step(wl, wh, xp, zl, zh, s_lo, s_hi, acc_lo, acc_hi, Q: gl.constexpr, BF16: gl.constexpr,
+              L4: gl.constexpr, Z3: gl.constexpr):
+    # one step: Q groups of rows g / g + 8 through the inline mma chain, each group's dot times its scale into acc
+    xa, xb = gl.split(gl.reshape(xp, [Q, 1, 4, 4, 2, 2]))  # pairs 0 2 | 1 3
+    x01, x45 = gl.split(xa)
+    x23, x67 = gl.split(xb)
+    x01 = gl.convert_layout(x01, L4, assert_trivial=True)
+    x23 = gl.convert_layout(x23, L4, assert_trivial=True)
+    x45 = gl.convert_layout(x45, L4, assert_trivial=True)
+    x67 = gl.convert_layout(x67, L4, assert_trivial=True)
+    if BF16:  # -(base + z) as a bf16 / fp16 pair
+        nzl = (zl.to(gl.int32) | 0xC300) * 65537
+        nzh = (zh.to(gl.int32) | 0xC300) * 65537
+    else:
+        nzl = (zl.to(gl.int32) | 0xE400) * 65537
+        nzh = (zh.to(gl.int32) | 0xE400) * 65537
+    zero4 = gl.zeros([Q, 8, 4, 4], gl.int32, L4)  # (+ 0: a broadcast to the instance shape, folded away)
+    args = [wl, wh, x01 + zero4, x23 + zero4, x45 + zero4, x67 + zero4, nzl[:, :, :, None] + zero4,
+            nzh[:, :, :, None] + zero4]
+    if BF16:
+        d = gl.inline_asm_elementwise(_ASM_BF16, _CONSTRAINTS, args, dtype=gl.float32, is_pure=True, pack=4)
+    else:
+        d = gl.inline_asm_elementwise(_ASM_F16, _CONSTRAINTS, args, dtype=gl.float32, is_pure=True, pack=4)
+    # D's slots: c0 = c1 row g, c2 = c3 row g + 8
+    d_even, d_odd = gl.split(gl.reshape(d, [Q, 8, 4, 2, 2]))
+    d_lo, d_hi = gl.split(d_even)
+    acc_lo += gl.convert_layout(d_lo, Z3, assert_trivial=True) * s_lo
+    acc_hi += gl.convert_layout(d_hi, Z3, assert_trivial=True) * s_hi
+    return acc_lo, acc_hi
 
 
 @gluon.jit
