@@ -83,5 +83,5 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: t
         K // 2, x2.stride(0) // 2, codes.stride(0) // 4, scales.stride(0), zeros.stride(0), out.stride(0), QW=qw,
         BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, EVEN=even, PREFETCH=cfg.get("PREFETCH", 1),
         WAIT=wait, num_warps=w, AUX=bool(cfg.get("AUX", True)), ADJ=bool(cfg.get("ADJ", False)),
-        STAGES=cfg.get("STAGES", 0), **kw)
+        STAGES=cfg.get("STAGES", 0), **({"TILED": True} if cfg.get("TILED") else {}), **kw)
     return out

@@ -85,20 +85,24 @@ def _launch_dependents():
 
 
 @gluon.jit
-def _code_words(codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr):
+def _code_words(codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr, TILED: gl.constexpr = False):
     # int32 code words [Q, 8, 4, 4] of rows ``rows`` ([1, 8, 1, 1]) for groups ``grp`` ([Q, 1, 1, 1]): words
     # 4t .. 4t + 3 of each group's 16; zero past N and past the last group (they decode to base + 0 against a zero
     # point of 0: a zero product)
     offs = rows * s_cn + grp * 16 + tt * 4 + ii
+    if TILED:  # PROBE ONLY (wrong results): the addresses of a [N / 16, NB, 16 rows, 16 words] tiled layout
+        offs = (rows // 16) * 16 * s_cn + grp * 256 + (rows % 16) * 16 + tt * 4 + ii
     if EVEN:  # every row and group exists: no masks (a masked load also zeroes its registers first)
         return gl.load(codes + offs)
     return gl.load(codes + offs, mask=(rows < N) & (grp < NB), other=0)
 
 
 @gluon.jit
-def _copy_words(dst, codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr):
+def _copy_words(dst, codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr, TILED: gl.constexpr = False):
     # cp.async of the code words _code_words would load into the shared [Q, 8, 4, 4] stage ``dst``
     offs = rows * s_cn + grp * 16 + tt * 4 + ii
+    if TILED:
+        offs = (rows // 16) * 16 * s_cn + grp * 256 + (rows % 16) * 16 + tt * 4 + ii
     if EVEN:
         cp.async_copy_global_to_shared(dst, codes + offs)
     else:
@@ -133,7 +137,7 @@ def _step_aux(xrow, zeros, scales, step, q5, x_pair, qz, rows_z, N, NB, KX, s_zn
 def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn, s_sn, s_zn, s_om,
                      QW: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                      PREFETCH: gl.constexpr, WAIT: gl.constexpr, num_warps: gl.constexpr, AUX: gl.constexpr = True,
-                     ADJ: gl.constexpr = False, STAGES: gl.constexpr = 0):
+                     ADJ: gl.constexpr = False, STAGES: gl.constexpr = 0, TILED: gl.constexpr = False):
     # x32: x [M, K] seen as int32 pairs [M, KX = K / 2] (K % 8 == 0; s_xm a row stride in pairs), read as zero past
     # KX (the groups' padding); codes: int32 words [N, NB * 16] (groups of 128 elements). EVEN: N % 16 == 0,
     # NB % (warps * QW) == 0 and K == 128 * NB (no masks anywhere).
@@ -178,24 +182,24 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
         hi_s = gl.allocate_shared_memory(gl.int32, [STAGES, Q, 8, 4, 4], SMEM)
         for p0 in gl.static_range(STAGES - 1):
             sg = gl.minimum(p0, nsteps - 1) * Q + q4
-            _copy_words(lo_s.index(p0), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN)
-            _copy_words(hi_s.index(p0), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN)
+            _copy_words(lo_s.index(p0), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN, TILED)
+            _copy_words(hi_s.index(p0), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN, TILED)
             cp.commit_group()
     else:
         # the first PREFETCH steps' code words: before the wait (WAIT), i.e. while the kernel ahead still runs (steps
         # past the last are clamped to it: an unmasked read past the codes' end could fault; the repeat is an L2 hit and
         # its words are never used)
-        wl0 = _code_words(codes, rows_lo, q4, t4, i4, N, NB, s_cn, EVEN)
-        wh0 = _code_words(codes, rows_hi, q4, t4, i4, N, NB, s_cn, EVEN)
+        wl0 = _code_words(codes, rows_lo, q4, t4, i4, N, NB, s_cn, EVEN, TILED)
+        wh0 = _code_words(codes, rows_hi, q4, t4, i4, N, NB, s_cn, EVEN, TILED)
         if PREFETCH >= 2:
-            wl1 = _code_words(codes, rows_lo, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
-            wh1 = _code_words(codes, rows_hi, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+            wl1 = _code_words(codes, rows_lo, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
+            wh1 = _code_words(codes, rows_hi, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
         if PREFETCH >= 3:
-            wl2 = _code_words(codes, rows_lo, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
-            wh2 = _code_words(codes, rows_hi, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+            wl2 = _code_words(codes, rows_lo, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
+            wh2 = _code_words(codes, rows_hi, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
         if PREFETCH >= 4:
-            wl3 = _code_words(codes, rows_lo, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
-            wh3 = _code_words(codes, rows_hi, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+            wl3 = _code_words(codes, rows_lo, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
+            wh3 = _code_words(codes, rows_hi, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
     if WAIT:
         _grid_wait()
         _launch_dependents()
@@ -213,8 +217,8 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
             # refill the stage step s - 1 used (read into registers a step ago) with step s + STAGES - 1
             sg = gl.minimum(s + STAGES - 1, nsteps - 1) * Q + q4
             nst = (s + STAGES - 1) % STAGES
-            _copy_words(lo_s.index(nst), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN)
-            _copy_words(hi_s.index(nst), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN)
+            _copy_words(lo_s.index(nst), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN, TILED)
+            _copy_words(hi_s.index(nst), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN, TILED)
             cp.commit_group()
             if AUX:
                 xp, zl, zh, s_lo, s_hi = xp_n, zl_n, zh_n, sl_n, sh_n
@@ -236,20 +240,20 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
                 sn = gl.minimum(s + PREFETCH, nsteps - 1) * Q + q4
                 if j == 0:
                     wl, wh = wl0, wh0
-                    wl0 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
-                    wh0 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wl0 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
+                    wh0 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
                 elif j == 1:
                     wl, wh = wl1, wh1
-                    wl1 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
-                    wh1 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wl1 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
+                    wh1 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
                 elif j == 2:
                     wl, wh = wl2, wh2
-                    wl2 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
-                    wh2 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wl2 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
+                    wh2 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
                 else:
                     wl, wh = wl3, wh3
-                    wl3 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
-                    wh3 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wl3 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
+                    wh3 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
                 # x, zero points and scales: with AUX this step's from the registers and the next step's loads issued
                 # now (their L2 latency off the step's path)
                 if AUX:
