@@ -18,11 +18,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Results, chain_time_us, graph_time_us, out_dirs, rel_err  # noqa: E402
-
-from fxforge.passes.quant.formats import quantize  # noqa: E402
-from fxforge.runtime import quant_gemv_mma as qm  # noqa: E402
-from fxforge.runtime.quant_linear import kernel_format, quant_linear_apply, reference  # noqa: E402
+from common import Results, chain_time_us, graph_time_us, out_dirs, rel_err
+from fxforge.passes.quant.formats import quantize
+from fxforge.runtime import quant_gemv_mma as qm
+from fxforge.runtime.quant_linear import kernel_format, quant_linear_apply, reference
 
 FMT = "w4a16_g128"
 
@@ -47,7 +46,7 @@ def cfg_of(s: str) -> dict:
 def name_of(c: dict) -> str:
     return (f"w{c['num_warps']}_q{c['QW']}_p{c['PREFETCH']}{'_wait' if c['WAIT'] else ''}"
             f"{'' if c.get('AUX', True) else '_noaux'}{'_adj' if c.get('ADJ') else ''}"
-            f"{'_s%d' % c['STAGES'] if c.get('STAGES') else ''}{'_TILED' if c.get('TILED') else ''}")
+            f"{'_s' + str(c['STAGES']) if c.get('STAGES') else ''}{'_TILED' if c.get('TILED') else ''}")
 
 
 def correctness(res, lines):
@@ -80,44 +79,51 @@ def correctness(res, lines):
     return ok
 
 
-def timings(res, lines, cfgs):
-    lines += ["", "## Timings (M = 1, us per launch; `time`: 20 independent launches per CUDA graph, `chain`: "
-              "x_{i+1} = y_i)", "", "| workload | impl | config | time | chain | x bf16 (time) |", "|---|---|---|---|---|---|"]
-    for wl, (N, K) in {"gemv_4096x4096_m1": (4096, 4096), "gemv_4096x14336_m1": (14336, 4096)}.items():
-        copies = max(2, -(-200_000_000 // (N * K * 2)))
-        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
-        bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
-        bfc = chain_time_us(lambda xi, i: torch.mm(xi, ws[i % copies].t()), x, K)[0]
-        res.add(wl, "bf16", "time", bf, "us")
-        res.add(wl, "bf16", "time_chain", bfc, "us")
-        lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | {bfc:.2f} | 1.00 |")
-        qts = [quantize(w, FMT) for w in ws]
-        del ws
-
-        def dflt(xi, i):
-            q = qts[i % copies]
-            return quant_linear_apply(xi, q.codes, q.scales, q.zeros, None, None, FMT, K, check=False)
-        t, tc = graph_time_us(lambda i: dflt(x, i)), chain_time_us(dflt, x, K)[0]
-        res.add(wl, "w4a16", "time", t, "us")
-        res.add(wl, "w4a16", "time_chain", tc, "us")
-        lines.append(f"| {wl} | w4a16 | default (words) | {t:.2f} | {tc:.2f} | {bf / t:.2f} |")
-        print(lines[-1], flush=True)
-        for c in cfgs:
-            def mm(xi, i, c=c):
-                return run_mma(xi, qts[i % copies], None, c)
-            try:
-                t, tc = graph_time_us(lambda i: mm(x, i)), chain_time_us(mm, x, K)[0]
-            except Exception as e:  # noqa: BLE001
-                print(f"{wl} {name_of(c)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            res.add(wl, f"w4a16_mma[{name_of(c)}]", "time", t, "us")
-            res.add(wl, f"w4a16_mma[{name_of(c)}]", "time_chain", tc, "us")
-            lines.append(f"| {wl} | w4a16 mma | {name_of(c)} | {t:.2f} | {tc:.2f} | {bf / t:.2f} |")
-            print(lines[-1], flush=True)
-        del qts
+def timings(res, lines, cfgs, shapes, m=1):
+    head = (f"## Timings (M = {m}, us per launch; `time`: 20 independent launches per CUDA graph, `chain`: "
+            "x_{i+1} = y_i[:, :K], only where N >= K)")
+    lines += ["", head, "", "| workload | impl | config | time | chain | x bf16 (time) |", "|---|---|---|---|---|---|"]
+    for n, k in shapes:
+        _time_shape(res, lines, cfgs, n, k, m)
         torch.cuda.empty_cache()
+
+
+def _time_shape(res, lines, cfgs, N, K, M):
+    wl = f"gemv_{K}x{N}_m{M}"
+    copies = max(2, -(-200_000_000 // (N * K * 2)))
+    ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    chain = N >= K
+    nan = float("nan")
+    bf = graph_time_us(lambda i: torch.mm(x, ws[i % copies].t(), out=y))
+    bfc = chain_time_us(lambda xi, i: torch.mm(xi, ws[i % copies].t()), x, K)[0] if chain else nan
+    res.add(wl, "bf16", "time", bf, "us")
+    res.add(wl, "bf16", "time_chain", bfc, "us")
+    lines.append(f"| {wl} | bf16 | cuBLAS | {bf:.2f} | {bfc:.2f} | 1.00 |")
+    qts = [quantize(w, FMT) for w in ws]
+    ws.clear()
+
+    def dflt(xi, i):
+        q = qts[i % copies]
+        return quant_linear_apply(xi, q.codes, q.scales, q.zeros, None, None, FMT, K, check=False)
+    t, tc = graph_time_us(lambda i: dflt(x, i)), chain_time_us(dflt, x, K)[0] if chain else nan
+    res.add(wl, "w4a16", "time", t, "us")
+    res.add(wl, "w4a16", "time_chain", tc, "us")
+    lines.append(f"| {wl} | w4a16 | default | {t:.2f} | {tc:.2f} | {bf / t:.2f} |")
+    print(lines[-1], flush=True)
+    for c in cfgs:
+        def mm(xi, i, c=c):
+            return run_mma(xi, qts[i % copies], None, c)
+        try:
+            t, tc = graph_time_us(lambda i, mm=mm: mm(x, i)), chain_time_us(mm, x, K)[0] if chain else nan
+        except Exception as e:  # noqa: BLE001
+            print(f"{wl} {name_of(c)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        res.add(wl, f"w4a16_mma[{name_of(c)}]", "time", t, "us")
+        res.add(wl, f"w4a16_mma[{name_of(c)}]", "time_chain", tc, "us")
+        lines.append(f"| {wl} | w4a16 mma | {name_of(c)} | {t:.2f} | {tc:.2f} | {bf / t:.2f} |")
+        print(lines[-1], flush=True)
 
 
 def main():
@@ -129,7 +135,8 @@ def main():
     print(f"correctness {'ok' if ok else 'FAILED'} [{time.time() - t0:.0f}s]", flush=True)
     if ok or os.environ.get("PROBE_FORCE"):
         spec = os.environ.get("PROBE_CFGS", "4:1:1:1,4:1:2:1,4:2:1:1,8:1:1:1,8:1:2:1,2:1:1:1,2:2:2:1,4:1:1:0")
-        timings(res, lines, [cfg_of(s) for s in spec.split(",")])
+        shapes = [tuple(int(v) for v in t.split(":")) for t in os.environ.get("PROBE_SHAPES", "4096:4096,14336:4096").split(",")]
+        timings(res, lines, [cfg_of(s) for s in spec.split(",")], shapes, int(os.environ.get("PROBE_M", "1")))
     res.write(out_dirs(), notes=[""] + lines)
     print(f"done [{time.time() - t0:.0f}s]", flush=True)
 

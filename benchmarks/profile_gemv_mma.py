@@ -12,10 +12,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from probe_gemv_mma import FMT, cfg_of, name_of, run_mma  # noqa: E402
-
-from fxforge.passes.quant.formats import quantize  # noqa: E402
-from fxforge.runtime import quant_linear as ql  # noqa: E402
+from fxforge.passes.quant.formats import quantize
+from fxforge.runtime import quant_linear as ql
+from probe_gemv_mma import FMT, cfg_of, name_of, run_mma
 
 
 def main() -> None:

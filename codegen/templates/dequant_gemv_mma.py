@@ -295,7 +295,7 @@ def _mma_step(wl, wh, xp, zl, zh, s_lo, s_hi, acc_lo, acc_hi, Q: gl.constexpr, B
     else:
         d = gl.inline_asm_elementwise(_ASM_F16, _CONSTRAINTS, args, dtype=gl.float32, is_pure=True, pack=4)
     # D's slots: c0 = c1 row g, c2 = c3 row g + 8
-    d_even, d_odd = gl.split(gl.reshape(d, [Q, 8, 4, 2, 2]))
+    d_even, _ = gl.split(gl.reshape(d, [Q, 8, 4, 2, 2]))
     d_lo, d_hi = gl.split(d_even)
     acc_lo += gl.convert_layout(d_lo, Z3, assert_trivial=True) * s_lo
     acc_hi += gl.convert_layout(d_hi, Z3, assert_trivial=True) * s_hi
