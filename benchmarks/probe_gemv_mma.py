@@ -35,18 +35,19 @@ def run_mma(x, qt, bias, cfg, pdl=True):
 
 
 def cfg_of(s: str) -> dict:
-    """warps:QW:PREFETCH:WAIT[:AUX[:ADJ[:STAGES[:TILED]]]] (AUX default 1, ADJ 0, STAGES 0: register prefetch; > 0:
-    a cp.async ring of that many steps, PREFETCH ignored; TILED 1: the code addresses of a [N / 16, NB, 16, 16 words]
-    tiled layout -- wrong results, a timing experiment only)"""
-    v = [int(t) for t in s.split(":")] + [1, 0, 0, 0][len(s.split(":")) - 4:]
+    """warps:QW:PREFETCH:WAIT[:AUX[:ADJ[:STAGES]]] (AUX default 1, ADJ 0, STAGES 0: register prefetch; > 0: a
+    cp.async ring of that many steps, PREFETCH ignored). (Run r7 also had TILED: the code addresses of a
+    [N / 16, NB, 16, 16 words] tiled layout, a timing experiment with wrong results, commit 'TILED address
+    experiment'; removed.)"""
+    v = [int(t) for t in s.split(":")] + [1, 0, 0][len(s.split(":")) - 4:]
     return {"MMA": True, "num_warps": v[0], "QW": v[1], "PREFETCH": v[2], "WAIT": bool(v[3]), "AUX": bool(v[4]),
-            "ADJ": bool(v[5]), "STAGES": v[6], "TILED": bool(v[7])}
+            "ADJ": bool(v[5]), "STAGES": v[6]}
 
 
 def name_of(c: dict) -> str:
     return (f"w{c['num_warps']}_q{c['QW']}_p{c['PREFETCH']}{'_wait' if c['WAIT'] else ''}"
             f"{'' if c.get('AUX', True) else '_noaux'}{'_adj' if c.get('ADJ') else ''}"
-            f"{'_s' + str(c['STAGES']) if c.get('STAGES') else ''}{'_TILED' if c.get('TILED') else ''}")
+            f"{'_s' + str(c['STAGES']) if c.get('STAGES') else ''}")
 
 
 def correctness(res, lines):

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from . import quant_gemm_gluon, quant_gemv_tma
+from . import quant_gemm_gluon, quant_gemv_mma, quant_gemv_tma
 from .kernels import cuda_sm_count, device_index, next_pow2
 
 CPU_SMS = 4  # stand-in SM count for the interpreter (split-K heuristics see a tiny GPU)
@@ -38,7 +38,8 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     partial dot), PREFETCH and, on the GPU, num_warps / num_stages. M <= 4
     on the GPU: WORDS configs first (``dequant_gemv_words``: int32 words of codes, mask decode for integer
     codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X, XT, WAIT), a TMA config for w8a16 below
-    8192 rows second (quant_gemv_tma.py); the byte-tile kernel's configs follow (its H100 winners of
+    8192 rows second (quant_gemv_tma.py), the tensor-core GEMV first for w4a16 g128 from 8192 rows
+    (quant_gemv_mma.py); the byte-tile kernel's configs follow (its H100 winners of
     benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
@@ -90,6 +91,11 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
         # before the wait (8.06 us with WAIT against the words kernel's 7.74)
         if N < 8192 and quant_gemv_tma.format_ok(kf):
             words.insert(1, dict(quant_gemv_tma.DEFAULT_CONFIG, WAIT=True))
+        # w4a16 g128 from 8192 rows: the tensor-core GEMV (quant_gemv_mma.py) first; H100, M = 1, 14336 x 4096 in a
+        # CUDA graph (probe_gemv_mma_r5.md .. _r8.md): 14.1-14.4 us against the words GEMV's 16.1-16.5 (M = 2:
+        # 24.9-25.6 against 29.0); at 4096^2 and at 4096 x 14336 (K = 14336) it was not faster: the words GEMV stays
+        if N >= 8192 and quant_gemv_mma.format_ok(kf):
+            words.insert(0, dict(quant_gemv_mma.DEFAULT_CONFIG))
         out = words + out
     return out
 

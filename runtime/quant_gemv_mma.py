@@ -17,8 +17,13 @@ MMA_TEMPLATE = Path(__file__).resolve().parent.parent / "codegen" / "templates" 
 MMA_KERNELS = ("dequant_gemv_mma",)
 GROUP = 128  # elements per scale group the kernel takes (one mma chain of 8 per thread and group)
 # QW: groups per warp per step; PREFETCH: steps of code words held in registers ahead; WAIT: launched with PDL,
-# the first PREFETCH steps' code words loaded before griddepcontrol.wait
-DEFAULT_CONFIG = {"MMA": True, "QW": 1, "PREFETCH": 1, "WAIT": True, "num_warps": 4}
+# the first PREFETCH steps' code words loaded before griddepcontrol.wait; AUX: x, zero points and scales loaded a
+# step ahead; ADJ: a warp's QW groups of a step adjacent; STAGES > 0: the code words through a cp.async ring instead
+# of registers. H100, M = 1, 14336 x 4096, 20 launches per CUDA graph (results/probe_gemv_mma_r5.md .. _r8.md):
+# 4 warps, QW 1, PREFETCH 2, no AUX 14.1-14.3 us over four runs against the words GEMV's 16.1-16.5 (bf16 cuBLAS
+# 41.4-42.3); more warps, QW, PREFETCH 3-4 or a cp.async ring took registers / shared memory that cost the grid its
+# single wave (896 programs) and were slower (16-22 us). At 4096^2 it lost (best 5.7-6.0 us against 5.5-5.7).
+DEFAULT_CONFIG = {"MMA": True, "QW": 1, "PREFETCH": 2, "WAIT": True, "AUX": False, "num_warps": 4}
 # (fmt, M, N, K, device type) -> why an MMA config ran another kernel instead (last reason wins)
 SKIPPED: dict = {}
 
@@ -29,19 +34,21 @@ def kernels_for(device_type: str) -> dict:
     return dict(zip(MMA_KERNELS, template_kernels(str(MMA_TEMPLATE), MMA_KERNELS, device_type, env_cache_dir())))
 
 
+def format_ok(kf: dict) -> bool:
+    """uint4 codes with integer zero points and 16/32-bit float scales per 128 elements (w4a16_g128)."""
+    return (kf["EPB"] == 2 and kf["ELEM"] == 1 and kf["HAS_ZERO"] and kf["SCALE"] == 0 and not kf["PER_ROW"]
+            and kf["GB"] * kf["EPB"] == GROUP)
+
+
 def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros) -> str | None:
     """None when the MMA GEMV can run these tensors, else the reason it cannot."""
-    if not (kf["EPB"] == 2 and kf["ELEM"] == 1 and kf["HAS_ZERO"] and kf["SCALE"] == 0 and not kf["PER_ROW"]
-            and kf["GB"] * kf["EPB"] == GROUP):
+    if not format_ok(kf):
         return f"format is not uint4 with zero points and scales per {GROUP} (w4a16_g{GROUP})"
     if scales.dtype != torch.bfloat16 or zeros is None or zeros.dtype != torch.uint8:
         return "scales are not bf16 / zero points not uint8"
-    if x2.device.type != "cuda" or torch.version.hip is not None:
-        return "Gluon kernels run on NVIDIA CUDA only"
     if x2.dtype not in (torch.bfloat16, torch.float16):
         return "activations are not bf16 / fp16"
-    K = x2.shape[1]
-    if K % 8:
+    if x2.shape[1] % 8:
         return "K is not a multiple of 8 (x is read as 16-byte runs of 8 elements)"
     if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
         return "x rows are not 16-byte aligned and contiguous"
@@ -49,6 +56,8 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         return "code rows are not 16-byte aligned whole groups"
     if scales.stride(1) != 1 or zeros.stride(1) != 1:
         return "scales / zero points are not contiguous along K"
+    if x2.device.type != "cuda" or torch.version.hip is not None:
+        return "Gluon kernels run on NVIDIA CUDA only"
     if cuda_capability(device_index(x2.device))[0] < 8:
         return "mma.sync m16n8k16 bf16 needs sm_80+"
     try:
@@ -83,5 +92,5 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: t
         K // 2, x2.stride(0) // 2, codes.stride(0) // 4, scales.stride(0), zeros.stride(0), out.stride(0), QW=qw,
         BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, EVEN=even, PREFETCH=cfg.get("PREFETCH", 1),
         WAIT=wait, num_warps=w, AUX=bool(cfg.get("AUX", True)), ADJ=bool(cfg.get("ADJ", False)),
-        STAGES=cfg.get("STAGES", 0), **({"TILED": True} if cfg.get("TILED") else {}), **kw)
+        STAGES=cfg.get("STAGES", 0), **kw)
     return out

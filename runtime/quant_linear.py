@@ -12,7 +12,8 @@ written by the ``quantize`` pass (passes/quant/quantize_pass.py) and registered 
 
 Dispatch: M = rows of x. M <= GEMV_DISPATCH_M (4): ``dequant_gemv`` (CUDA-core dot products, optional split-K with
 a deterministic reduce launch); larger M: ``dequant_gemm`` (tl.dot, the weight tile decoded in the K loop), and
-before it, up to 64 rows of bf16 x on sm_90, the Gluon GEMM of ``quant_gemm_gluon.py`` (GLUON configs).
+before it, up to 64 rows of bf16 x on sm_90, the Gluon GEMM of ``quant_gemm_gluon.py`` (GLUON configs). w4a16_g128
+GEMVs from 8192 rows run the tensor-core GEMV of ``quant_gemv_mma.py`` (MMA configs: Gluon + inline mma.sync).
 Every format of ``FORMATS`` runs in the kernels: w8a16, w8a16_fp8, w4a16_g32/g64/g128, mxint8, mxfp8,
 mxfp4, nvfp4, nvint4. CPU tensors without the Triton interpreter (a CUDA machine working on a CPU copy)
 fall back to ``dequantize`` + an fp32 matmul.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import quant_gemm_gluon, quant_gemv_tma
+from . import quant_gemm_gluon, quant_gemv_mma, quant_gemv_tma
 from .kernels import (
     first_that_fits,
     interpreter_active,
@@ -84,7 +85,8 @@ def template_source() -> str:
     """The source of the quant kernels: dequant_matmul.py first (its header holds the bytes model), then
     the words GEMVs and the helper modules they import."""
     return "\n".join(p.read_text() for p in (TEMPLATE, WORDS_TEMPLATE, KSPAN_TEMPLATE, PLANES_TEMPLATE,
-                                              quant_gemv_tma.TMA_TEMPLATE, HELPERS, PACKED_HELPERS))
+                                              quant_gemv_tma.TMA_TEMPLATE, quant_gemv_mma.MMA_TEMPLATE, HELPERS,
+                                              PACKED_HELPERS))
 
 
 def kernels_for(device_type: str) -> dict:
@@ -217,6 +219,17 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
                                 split_k if split_k is not None else cfg_split, interpreted, pdl).reshape(*lead, n)
         # a format / dtype the planes GEMV does not take: the default GEMV config instead
         cfg, cfg_split = _fallback((gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)[0], interpreted)
+    if cfg.pop("MMA", False):
+        why = quant_gemv_mma.why_not(kf, x2, codes, scales, zeros) if gemv else "MMA configs are for the GEMV only"
+        if why is None and interpreter_active():
+            why = "the Triton interpreter runs no Gluon"
+        if why is None:
+            # (no K splits: the program's warps split K; WAIT only when the codes were not copied just before)
+            return quant_gemv_mma.launch(x2, codes, scales, zeros, bias, out, cfg,
+                                         bool(cfg.get("WAIT")) and pdl and early_codes).reshape(*lead, n)
+        quant_gemv_mma.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not MMA
+        cfg, cfg_split = _fallback(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
+                                        if not c.get("MMA")), interpreted)
     if cfg.pop("TMA", False):
         why = quant_gemv_tma.why_not(kf, x2, codes) if gemv else "TMA configs are for the GEMV only"
         if why is None:

@@ -16,7 +16,7 @@
 # Kernel
 #   dequant_gemv_mma    One program per 16 weight rows and row of x (grid (N / 16, 1, M)); its warps split the K
 #                       range by scale groups (warp w takes groups w, w + W, ... of every step of Q = W * QW groups)
-#                       and are summed through shared memory at the end (one gl.sum). A thread (lane = 4 g + t)
+#                       and are summed through shared memory at the end (one reduction). A thread (lane = 4 g + t)
 #                       holds, per group, words t * WPT .. t * WPT + WPT - 1 (WPT = group / 32: one 16-byte load per
 #                       row for group 128) of rows g and g + 8, and the 8 * WPT x elements those words multiply (one
 #                       16-byte load per word). mma.sync's A fragment of a thread is rows g / g + 8 x logical k
@@ -38,6 +38,10 @@
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+
+# the cp.async copy's name: async_load from triton 3.7 on (async_copy_global_to_shared there only raises), the old one
+# before (triton 3.6 on the H100 here)
+_cp_async = cp.async_load if hasattr(cp, "async_load") else cp.async_copy_global_to_shared
 
 # (bf16 pair base 0x4300 = 128.0, one 0x3F80; fp16 base 0x6400 = 1024.0, one 0x3C00)
 _MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
@@ -74,6 +78,12 @@ _ASM_F16 = gl.constexpr(_group_asm(_MMA_F16.value, 0x6400, 0x3C00, "fma.rn.f16x2
 
 
 @gluon.jit
+def _add(a, b):
+    # (gl.sum's combine function is a triton.jit one, which the offline compile cannot take under TRITON_INTERPRET=1)
+    return a + b
+
+
+@gluon.jit
 def _grid_wait():
     gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
@@ -85,28 +95,24 @@ def _launch_dependents():
 
 
 @gluon.jit
-def _code_words(codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr, TILED: gl.constexpr = False):
+def _code_words(codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr):
     # int32 code words [Q, 8, 4, 4] of rows ``rows`` ([1, 8, 1, 1]) for groups ``grp`` ([Q, 1, 1, 1]): words
     # 4t .. 4t + 3 of each group's 16; zero past N and past the last group (they decode to base + 0 against a zero
     # point of 0: a zero product)
     offs = rows * s_cn + grp * 16 + tt * 4 + ii
-    if TILED:  # PROBE ONLY (wrong results): the addresses of a [N / 16, NB, 16 rows, 16 words] tiled layout
-        offs = (rows // 16) * 16 * s_cn + grp * 256 + (rows % 16) * 16 + tt * 4 + ii
     if EVEN:  # every row and group exists: no masks (a masked load also zeroes its registers first)
         return gl.load(codes + offs)
     return gl.load(codes + offs, mask=(rows < N) & (grp < NB), other=0)
 
 
 @gluon.jit
-def _copy_words(dst, codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr, TILED: gl.constexpr = False):
+def _copy_words(dst, codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr):
     # cp.async of the code words _code_words would load into the shared [Q, 8, 4, 4] stage ``dst``
     offs = rows * s_cn + grp * 16 + tt * 4 + ii
-    if TILED:
-        offs = (rows // 16) * 16 * s_cn + grp * 256 + (rows % 16) * 16 + tt * 4 + ii
     if EVEN:
-        cp.async_copy_global_to_shared(dst, codes + offs)
+        _cp_async(dst, codes + offs)
     else:
-        cp.async_copy_global_to_shared(dst, codes + offs, mask=(rows < N) & (grp < NB))
+        _cp_async(dst, codes + offs, mask=(rows < N) & (grp < NB))
 
 
 @gluon.jit
@@ -137,7 +143,7 @@ def _step_aux(xrow, zeros, scales, step, q5, x_pair, qz, rows_z, N, NB, KX, s_zn
 def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn, s_sn, s_zn, s_om,
                      QW: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                      PREFETCH: gl.constexpr, WAIT: gl.constexpr, num_warps: gl.constexpr, AUX: gl.constexpr = True,
-                     ADJ: gl.constexpr = False, STAGES: gl.constexpr = 0, TILED: gl.constexpr = False):
+                     ADJ: gl.constexpr = False, STAGES: gl.constexpr = 0):
     # x32: x [M, K] seen as int32 pairs [M, KX = K / 2] (K % 8 == 0; s_xm a row stride in pairs), read as zero past
     # KX (the groups' padding); codes: int32 words [N, NB * 16] (groups of 128 elements). EVEN: N % 16 == 0,
     # NB % (warps * QW) == 0 and K == 128 * NB (no masks anywhere).
@@ -172,7 +178,7 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
     x_pair = (t5[None, None, :, None, None] * 16 + i5[None, None, None, :, None] * 4
               + p5[None, None, None, None, :])  # pair index in a group
     xrow = x32 + m * s_xm
-    nsteps = gl.cdiv(NB, Q)
+    nsteps = (NB + Q - 1) // Q
 
     if STAGES > 0:
         # code words through a cp.async ring of STAGES steps in shared memory (no registers held for them: more
@@ -182,24 +188,24 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
         hi_s = gl.allocate_shared_memory(gl.int32, [STAGES, Q, 8, 4, 4], SMEM)
         for p0 in gl.static_range(STAGES - 1):
             sg = gl.minimum(p0, nsteps - 1) * Q + q4
-            _copy_words(lo_s.index(p0), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN, TILED)
-            _copy_words(hi_s.index(p0), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN, TILED)
+            _copy_words(lo_s.index(p0), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN)
+            _copy_words(hi_s.index(p0), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN)
             cp.commit_group()
     else:
         # the first PREFETCH steps' code words: before the wait (WAIT), i.e. while the kernel ahead still runs (steps
         # past the last are clamped to it: an unmasked read past the codes' end could fault; the repeat is an L2 hit and
         # its words are never used)
-        wl0 = _code_words(codes, rows_lo, q4, t4, i4, N, NB, s_cn, EVEN, TILED)
-        wh0 = _code_words(codes, rows_hi, q4, t4, i4, N, NB, s_cn, EVEN, TILED)
+        wl0 = _code_words(codes, rows_lo, q4, t4, i4, N, NB, s_cn, EVEN)
+        wh0 = _code_words(codes, rows_hi, q4, t4, i4, N, NB, s_cn, EVEN)
         if PREFETCH >= 2:
-            wl1 = _code_words(codes, rows_lo, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
-            wh1 = _code_words(codes, rows_hi, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
+            wl1 = _code_words(codes, rows_lo, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+            wh1 = _code_words(codes, rows_hi, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
         if PREFETCH >= 3:
-            wl2 = _code_words(codes, rows_lo, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
-            wh2 = _code_words(codes, rows_hi, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
+            wl2 = _code_words(codes, rows_lo, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+            wh2 = _code_words(codes, rows_hi, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
         if PREFETCH >= 4:
-            wl3 = _code_words(codes, rows_lo, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
-            wh3 = _code_words(codes, rows_hi, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN, TILED)
+            wl3 = _code_words(codes, rows_lo, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+            wh3 = _code_words(codes, rows_hi, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
     if WAIT:
         _grid_wait()
         _launch_dependents()
@@ -217,8 +223,8 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
             # refill the stage step s - 1 used (read into registers a step ago) with step s + STAGES - 1
             sg = gl.minimum(s + STAGES - 1, nsteps - 1) * Q + q4
             nst = (s + STAGES - 1) % STAGES
-            _copy_words(lo_s.index(nst), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN, TILED)
-            _copy_words(hi_s.index(nst), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN, TILED)
+            _copy_words(lo_s.index(nst), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN)
+            _copy_words(hi_s.index(nst), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN)
             cp.commit_group()
             if AUX:
                 xp, zl, zh, s_lo, s_hi = xp_n, zl_n, zh_n, sl_n, sh_n
@@ -240,20 +246,20 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
                 sn = gl.minimum(s + PREFETCH, nsteps - 1) * Q + q4
                 if j == 0:
                     wl, wh = wl0, wh0
-                    wl0 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
-                    wh0 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
+                    wl0 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wh0 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
                 elif j == 1:
                     wl, wh = wl1, wh1
-                    wl1 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
-                    wh1 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
+                    wl1 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wh1 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
                 elif j == 2:
                     wl, wh = wl2, wh2
-                    wl2 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
-                    wh2 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
+                    wl2 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wh2 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
                 else:
                     wl, wh = wl3, wh3
-                    wl3 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
-                    wh3 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN, TILED)
+                    wl3 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                    wh3 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
                 # x, zero points and scales: with AUX this step's from the registers and the next step's loads issued
                 # now (their L2 latency off the step's path)
                 if AUX:
@@ -266,8 +272,8 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
                 live = (s < nsteps).to(gl.float32)
                 acc_lo, acc_hi = _mma_step(wl, wh, xp, zl, zh, s_lo.to(gl.float32) * live, s_hi.to(gl.float32) * live,
                                            acc_lo, acc_hi, Q, BF16, L4, Z3)
-    _store_rows(out, bias, gl.sum(acc_lo, axis=0), off_n, m, N, s_om, HAS_BIAS)
-    _store_rows(out, bias, gl.sum(acc_hi, axis=0), off_n + 8, m, N, s_om, HAS_BIAS)
+    _store_rows(out, bias, gl.reduce(acc_lo, 0, _add), off_n, m, N, s_om, HAS_BIAS)
+    _store_rows(out, bias, gl.reduce(acc_hi, 0, _add), off_n + 8, m, N, s_om, HAS_BIAS)
 
 
 @gluon.jit
