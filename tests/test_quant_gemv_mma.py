@@ -99,7 +99,7 @@ def run_warp(asm: str, lanes: list) -> list:
                 if tok in r:
                     return r[tok]
                 if tok.startswith("0f"):
-                    return int(tok[2:], 16)
+                    return int("0x" + tok[2:], 0)  # PTX 0f<hex>: float bits
                 return int(tok, 0)
             dst, src = args[0], [val(t) for t in args[1:]]
             if op in ("mov.b32", "mov.f32"):
