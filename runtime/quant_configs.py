@@ -91,9 +91,10 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
         # before the wait (8.06 us with WAIT against the words kernel's 7.74)
         if N < 8192 and quant_gemv_tma.format_ok(kf):
             words.insert(1, dict(quant_gemv_tma.DEFAULT_CONFIG, WAIT=True))
-        # w4a16 g128 from 8192 rows: the tensor-core GEMV (quant_gemv_mma.py) first; H100, M = 1, 14336 x 4096 in a
-        # CUDA graph (probe_gemv_mma_r5.md .. _r8.md): 14.1-14.4 us against the words GEMV's 16.1-16.5 (M = 2:
-        # 24.9-25.6 against 29.0); at 4096^2 and at 4096 x 14336 (K = 14336) it was not faster: the words GEMV stays
+        # w4a16 g128 from 8192 rows: the tensor-core GEMV (quant_gemv_mma.py) first; H100, M = 1, in a CUDA graph
+        # (probe_gemv_mma_r5.md .. _r9_decoder.md): 14336 x 4096 14.4-14.8 us against the words GEMV's 16.1-16.6,
+        # 8192 x 4096 10.3 against 11.9, 32000 x 2048 15.6 against 17.2 (M = 2 at 14336 rows: 24.9 against 29.0);
+        # below 8192 rows (4096^2, 5632 x 2048, 2048^2) and at K = 14336 it was slower or even: the words GEMV stays
         if N >= 8192 and quant_gemv_mma.format_ok(kf):
             words.insert(0, dict(quant_gemv_mma.DEFAULT_CONFIG))
         out = words + out
