@@ -1,40 +1,50 @@
 # fxforge dequant-GEMV template on the tensor cores through inline mma.sync, in Gluon: y = x @ dequant(W)^T (+ bias)
-# for M <= 4 rows of bf16 / fp16 x and a w4a16 weight W [N, K] (uint4 codes, integer zero points, bf16 scales per
-# group of 32 / 64 / 128 along K) packed by passes/quant/formats.py, its codes read in place as int32 words (word w of
-# a row holds elements 8w .. 8w + 7, element 8w + e in bits 4e .. 4e + 3). Launched by runtime/quant_gemv_mma.py.
+# for M <= 4 rows of bf16 / fp16 x and a w4a16_g128 weight W [N, K] (uint4 codes, integer zero points, bf16 scales
+# per group of 128 along K) packed by passes/quant/formats.py, its codes read in place as int32 words (word w of a row
+# holds elements 8w .. 8w + 7, element 8w + e in bits 4e .. 4e + 3). Launched by runtime/quant_gemv_mma.py (MMA
+# configs: the default GEMV for this format from 8192 rows).
 #
 # Why: the words GEMV (dequant_gemv_words.py) spends 3 CUDA-core instructions per weight element on decode + FMA
-# (LOP3, FADD, FFMA) and ~4.4 in its whole loop; with the decode free it would be 19% faster at 4096^2 (session 20,
-# probe_gemv_gluon_r4.md). Here the multiply-adds go to the tensor cores and the decode works on bf16 pairs:
-#
-#   per thread and pair of code words (rows g and g + 8 of a 16-row tile, the same word index):
-#     3 SHF per word (w >> 4, 8, 12), then one LOP3 per bf16 pair: (w & 0x000F000F) | 0x43004300 is the pair
-#     (128 + c_e, 128 + c_{e+4}) exactly (bf16's ulp at 128 is 1); one packed FMA subtracts 128 + z: c - z exactly;
-#     x's pairs regrouped by PRMT to match; two mma.sync m16n8k16 (fp32 accumulation) take the 16 elements.
-#   That is 28 instructions per 16 weight elements (1.75), against the words loop's ~4.4 per element.
+# (LOP3, FADD, FFMA) and ~4.4 in its whole loop; with the decode free it was 19% faster at 4096^2 and 28% at 14336
+# rows (session 20, probe_gemv_gluon_r4.md). Here the multiply-adds go to the tensor cores and the decode works on
+# bf16 pairs. Per thread, a scale group of rows g and g + 8 of a 16-row tile (4 code words each):
+#   3 SHF per word (w >> 4, 8, 12), one LOP3 per bf16 pair: (w & 0x000F000F) | 0x43004300 is the pair
+#   (128 + c_e, 128 + c_{e+4}) exactly (bf16's ulp at 128 is 1); one packed FMA (HADD2) subtracts 128 + z: c - z
+#   exactly; x's pairs regrouped by PRMT to match; 8 chained mma.sync m16n8k16 with fp32 accumulation.
+#   28 instructions per 16 weight elements (1.75); the sm_90 loop (triton 3.6) is 162 instructions per 64 elements
+#   (2.5 per element: addressing, loads, the scale FFMA) against the words loop's 4.4.
 #
 # Kernel
-#   dequant_gemv_mma    One program per 16 weight rows and row of x (grid (N / 16, 1, M)); its warps split the K
-#                       range by scale groups (warp w takes groups w, w + W, ... of every step of Q = W * QW groups)
-#                       and are summed through shared memory at the end (one reduction). A thread (lane = 4 g + t)
-#                       holds, per group, words t * WPT .. t * WPT + WPT - 1 (WPT = group / 32: one 16-byte load per
-#                       row for group 128) of rows g and g + 8, and the 8 * WPT x elements those words multiply (one
-#                       16-byte load per word). mma.sync's A fragment of a thread is rows g / g + 8 x logical k
-#                       2t, 2t + 1, 2t + 8, 2t + 9; here logical k (2t, 2t + 1) is the word's elements (e, e + 4) and
-#                       (2t + 8, 2t + 9) its (e + 1, e + 5) (e = 0, then 2 for the second mma): a k permutation
-#                       inside the 16-element chunk, applied to x's B fragment too, so the dot is unchanged. Every
-#                       column of B carries the same x, so each lane's D holds rows g (c0 = c1) and g + 8 (c2 = c3).
-#                       Per group, a thread's WPT instances are summed and times the group's scale; the epilogue
-#                       stores rows g (p = 0) and g + 8 (p = 2) from the t = 0 lanes.
-#                       The whole (tile, group) structure of a step is one elementwise inline-asm call with pack=4:
-#                       the 4 packed slots are the mma's 4 accumulator registers (the tensor's last dim), the code
-#                       words and zero points are broadcast along it, x's 4 int32 pairs are its 4 elements.
+#   dequant_gemv_mma    One program per 16 weight rows and row of x (grid (N / 16, 1, M)); its W warps split the K
+#                       range by scale groups (step s: groups s * Q .. s * Q + Q - 1, Q = W * QW; warp w takes group
+#                       w (+ W, ...), or with ADJ groups w * QW .. w * QW + QW - 1) and are summed through shared memory
+#                       at the end. A thread (lane = 4 g + t) holds, per group, words 4t .. 4t + 3 of rows g and g + 8
+#                       (one 16-byte load each) and the 32 x elements they multiply (four 16-byte loads).
+#                       mma.sync's A fragment of a thread is rows g / g + 8 x logical k 2t, 2t + 1, 2t + 8, 2t + 9;
+#                       here logical k (2t, 2t + 1) is a word's elements (e, e + 4) and (2t + 8, 2t + 9) its (e + 1,
+#                       e + 5) (e = 0, then 2 for the word's second mma): a k permutation inside the 16-element chunk,
+#                       applied to x's B fragment too, so the dot is unchanged. Every column of B carries the same x,
+#                       so each lane's D holds rows g (c0 = c1) and g + 8 (c2 = c3). A group's dot times its scale
+#                       goes into per-(group slot, row) fp32 accumulators; the epilogue stores from the t = 0 lanes.
+#                       A step's (group, lane) structure is one elementwise inline-asm call with pack=4: the 4 packed
+#                       slots are the thread's 4 words for the code / x inputs and the mma's 4 accumulator registers
+#                       for the output; zero points are broadcast along them.
+#                       Loads: the code words of the next PREFETCH steps in registers (the loop unrolled by PREFETCH so
+#                       each step refills its own slot), or with STAGES > 0 through a cp.async ring in shared memory;
+#                       AUX: x, zero points and scales one step ahead. EVEN (N % 16 == 0, whole steps, K = 128 * NB):
+#                       no masks; steps past the last are clamped (a repeat of the last step's L2-resident words).
 #                       WAIT (PDL, sm_90+): the first PREFETCH steps' code words are loaded before
 #                       griddepcontrol.wait (the weights are written by no kernel in the stream), x, the scales and
 #                       zero points and every store after it; the kernel after this one is signalled after the wait.
+#                       H100 (results/quant_gpu.md, session 21; 20 launches per CUDA graph, bf16 cuBLAS 42.0 us):
+#                       14336 x 4096, M = 1: 14.25 us (2.95x, 0.72 of 3.0 TB/s) against the words GEMV's 16.2-16.3.
+#                       ncu (isolated launch, probe config): DRAM 58% (words 49%), 25 warps per SM, 68% of stalls on
+#                       global-load scoreboards; 896 programs in one wave -- configs that need more registers or
+#                       shared memory (deeper prefetch, 8 warps, the cp.async ring) lose the single wave and 15-35%.
+#                       Below 8192 rows (4096^2: 5.7-6.0 us against 5.5-5.7) the words GEMV stays the default.
 #
-# Bytes model: as the words GEMV (runtime/quant_linear.py bytes_model): 4096 x 4096, w4a16 g128, M = 1: 8.80 MB ->
-# 2.93 us at 3.0 TB/s.
+# Bytes model: as the words GEMV (runtime/quant_linear.py bytes_model): 4096 x 14336, w4a16 g128, M = 1: 30.8 MB ->
+# 10.3 us at 3.0 TB/s.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
