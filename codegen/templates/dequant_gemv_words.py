@@ -38,7 +38,7 @@
 #                         the scales and every store come after it; the kernel after this one is signalled after
 #                         the wait (before it, a chain of PDL kernels piled up resident, spinning in their waits:
 #                         8.8 -> 11.4 us per GEMV). H100, 20 launches in one CUDA graph, each GEMV's prefetch
-#                         overlapping the one before (results/quant_gpu.md `time`, session 19; bf16 cuBLAS 15.9 /
+#                         overlapping the one before (results/quant_gpu_s19.md `time`, session 19; bf16 cuBLAS 15.9 /
 #                         42.0 us; `time_chain`, x_{i+1} = y_i, within 0.1-0.8 us of it): 4096^2 / 4096 x 14336,
 #                         M = 1: w4a16 5.66 / 16.3 us (7.39 / 18.0 without PDL), w8a16 7.36 / 22.1 (8.70 / 22.8),
 #                         nvint4 6.14 / 17.3, mxfp4 6.69 / 18.6, nvfp4 6.76 / 20.3, mxint8 7.32 / 22.3; the first
