@@ -92,7 +92,7 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
         args = [(q.codes, q.scales, q.zeros, q.tensor_scale) for q in qts]
         ref = x.double() @ dequantize(qts[0]).double().t()
         qbytes = ql.bytes_model(fmt, N, K, 1)["expected_us"] * HBM / 1e6
-        base = ql.gemv_configs(1, N, K, fmt, False)[0]
+        base = next(c for c in ql.gemv_configs(1, N, K, fmt, False) if c.get("WORDS"))
         for name, cfg, sk in [("default", base, None), ("default sk1", base, 1), ("default sk2", base, 2),
                               ("default sk4", base, 4), ("n8", dict(base, BLOCK_N=8), None),
                               ("n8 sk2", dict(base, BLOCK_N=8), 2)]:

@@ -88,14 +88,14 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
             cands.append((f"n{bn} kb{kbytes} w{w} pf{pf}{'x' if pfx else ''}{' xt' if xt else ''}", cfg))
         if KSPAN:
             gw = 4 if kf["PER_ROW"] else kf["GB"] // 4
-            cands = [("words default", ql.gemv_configs(1, N, K, fmt, False)[0])]
+            cands = [("words default", next(c for c in ql.gemv_configs(1, N, K, fmt, False) if c.get("WORDS")))]
             for bn, q, wpt, w, pf in KSPAN_GRID:
                 wpt = min(wpt, gw)
                 cands.append((f"kspan n{bn} q{q} wpt{wpt} w{w} pf{pf}",
                               {"BLOCK_M": 1, "BLOCK_N": bn, "Q": q, "WPT": wpt, "WORDS": True, "KSPAN": True,
                                "PREFETCH": pf, "num_warps": w, "num_stages": 1}))
         if PLANES:
-            cands = [("words default", ql.gemv_configs(1, N, K, fmt, False)[0])]
+            cands = [("words default", next(c for c in ql.gemv_configs(1, N, K, fmt, False) if c.get("WORDS")))]
             for bn, w, st, sk in PLANES_GRID:
                 cfg = {"PLANES": True, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
                 if sk:
@@ -106,7 +106,7 @@ def probe_shape(res, lines, t0, wl, N, K) -> None:
                     cands.append((f"planes n32 w1 s3 step{sb}", {"PLANES": True, "BLOCK_N": 32, "num_warps": 1,
                                                                  "num_stages": 3, "STEP_B": sb}))
         if REGS:
-            base = ql.gemv_configs(1, N, K, fmt, False)[0]
+            base = next(c for c in ql.gemv_configs(1, N, K, fmt, False) if c.get("WORDS"))
             cands = [(f"default n{bn}" + (f" r{regs}" if regs else ""),
                       dict(base, BLOCK_N=bn, **({"maxnreg": regs} if regs else {}))) for bn, regs in REGS_GRID]
         for name, cfg in cands:

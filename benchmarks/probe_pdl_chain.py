@@ -142,7 +142,7 @@ def probe_format(fmt, row, lines, wl, N, K, x0, copies) -> None:
     row(fmt, "default dispatch, bench_quant's rotation", us, f"{copies} copies")
     # the default config launched with PDL (WAIT: the words GEMV loads its first codes before the wait, the
     # Triton TMA GEMV waits at its start)
-    for j, base in enumerate(ql.gemv_configs(1, N, K, fmt, False)[:2]):
+    for j, base in enumerate([c for c in ql.gemv_configs(1, N, K, fmt, False) if not c.get("MMA")][:2]):
         for wait in (False, True):
             wcfg = dict(base, WAIT=wait)
 

@@ -52,7 +52,7 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         return "activations are not bf16 / fp16"
     if x2.shape[1] % 8:
         return "K is not a multiple of 8 (x is read as 16-byte runs of 8 elements)"
-    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+    if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) % 8) or x2.data_ptr() % 16:
         return "x rows are not 16-byte aligned and contiguous"
     if codes.stride(1) != 1 or codes.stride(0) % 16 or codes.data_ptr() % 16 or codes.shape[1] != scales.shape[1] * 64:
         return "code rows are not 16-byte aligned whole groups"
@@ -77,6 +77,20 @@ def check_config(cfg: dict) -> None:
                          f"(register prefetch) or 2..8 (cp.async ring), got {cfg}")
 
 
+def run(x2, codes, scales, zeros, bias, out, cfg: dict, wait: bool) -> str | None:
+    """``launch``, or the reason it could not: a compile error of the Gluon kernel (an API this Triton lacks) is
+    returned for the caller to record and fall back on, not raised from the user's model."""
+    try:
+        from triton.compiler.errors import CompilationError
+    except ImportError:  # pragma: no cover - every supported Triton has it
+        CompilationError = RuntimeError
+    try:
+        launch(x2, codes, scales, zeros, bias, out, cfg, wait)
+    except CompilationError as e:
+        return f"the Gluon kernel did not compile: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:200]}"
+    return None
+
+
 def launch(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias, out: torch.Tensor,
            cfg: dict, wait: bool) -> torch.Tensor:
     """y = x2 @ dequant(W)^T (+ bias) into ``out`` [M, N]: one program per 16 weight rows and row of x, its warps
@@ -91,7 +105,7 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: t
     kw = {"launch_pdl": True} if wait else {}
     kernels_for("cuda")["dequant_gemv_mma"][(-(-n // 16), 1, M)](
         x2.view(torch.int32), codes.view(torch.int32), scales, zeros, bias if bias is not None else scales, out, n, NB,
-        K // 2, x2.stride(0) // 2, codes.stride(0) // 4, scales.stride(0), zeros.stride(0), out.stride(0), QW=qw,
+        K // 2, x2.stride(0) // 2 if M > 1 else 0, codes.stride(0) // 4, scales.stride(0), zeros.stride(0), out.stride(0), QW=qw,
         BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, EVEN=even, PREFETCH=cfg.get("PREFETCH", 1),
         WAIT=wait, num_warps=w, AUX=bool(cfg.get("AUX", True)), ADJ=bool(cfg.get("ADJ", False)),
         STAGES=cfg.get("STAGES", 0), **kw)

@@ -223,10 +223,13 @@ def quant_linear_apply(x, codes, scales, zeros, tensor_scale, bias, fmt: str, K:
         why = quant_gemv_mma.why_not(kf, x2, codes, scales, zeros) if gemv else "MMA configs are for the GEMV only"
         if why is None and interpreter_active():
             why = "the Triton interpreter runs no Gluon"
+        if why is None and (split_k if split_k is not None else cfg_split) not in (None, 1):
+            why = "K splits were asked for (the MMA GEMV splits K over its warps only)"
         if why is None:
-            # (no K splits: the program's warps split K; WAIT only when the codes were not copied just before)
-            return quant_gemv_mma.launch(x2, codes, scales, zeros, bias, out, cfg,
-                                         bool(cfg.get("WAIT")) and pdl and early_codes).reshape(*lead, n)
+            # (WAIT only when the codes were not copied just before)
+            why = quant_gemv_mma.run(x2, codes, scales, zeros, bias, out, cfg, bool(cfg.get("WAIT")) and pdl and early_codes)
+            if why is None:
+                return out.reshape(*lead, n)
         quant_gemv_mma.SKIPPED[(fmt, M, n, K, x.device.type)] = why  # then the next config that is not MMA
         cfg, cfg_split = _fallback(next(c for c in (gemv_configs if gemv else gemm_configs)(M, n, K, fmt, interpreted)
                                         if not c.get("MMA")), interpreted)

@@ -289,6 +289,12 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
         assert torch.equal(dequantize(back), dequantize(qt))
     with pytest.raises(KeyError, match="qmeta"):
         QuantizedTensor.from_state_dict(loaded, lmeta, prefix="nope.")
+    # a corrupt checkpoint's zero point outside the 4-bit code range is refused, not decoded wrongly
+    bad = dict(loaded)
+    bad["layers.w4a16_g64.qzeros"] = bad["layers.w4a16_g64.qzeros"].clone()
+    bad["layers.w4a16_g64.qzeros"][3, 1] = 200
+    with pytest.raises(ValueError, match="4-bit code range"):
+        QuantizedTensor.from_state_dict(bad, lmeta, prefix="layers.w4a16_g64.")
 
 
 def test_input_dtype_and_layout_do_not_matter():

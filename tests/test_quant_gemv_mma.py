@@ -4,8 +4,10 @@ Gluon kernels do not run in Triton's CPU interpreter and the kernel's arithmetic
 group (decode + mma.sync), so the CPU tests check what can be checked without a GPU:
 - the PTX block itself, executed by a warp-level emulator below (32 lanes in lock step: shr / lop3 / prmt bit-exact,
   fma.rn.{bf16,f16}x2 with one rounding, mma.sync m16n8k16 from the PTX ISA's fragment layout in float64 then fp32)
-  on the data layout the kernel hands it (lane 4g + t: words 4t .. 4t + 3 of rows g and g + 8, their x pairs, the
-  rows' zero points), against the float64 dot of the dequantized rows -- a wrong selector, mask or constant fails;
+  on the data layout the template's header describes (lane 4g + t: words 4t .. 4t + 3 of rows g and g + 8, their x
+  pairs, the rows' zero points; built here by hand), against the float64 dot of the dequantized rows -- a wrong
+  selector, mask or constant fails. That the kernel really hands the block this layout (the split order of x's pairs,
+  pack=4's operand numbering) only the GPU tests show;
 - the kernel compiles for sm_90 with the installed Triton (every layout conversion it asserts trivial is): the
   unrolled loop issues 8 mma.sync per group, and with WAIT only code words are loaded before griddepcontrol.wait;
 - config selection, the refusals, and the recorded fallback of an MMA config on CPU tensors.
@@ -212,7 +214,7 @@ def _compile_sm90(cfg, n=14336, k=4096, even=True):
     return ck.asm["ptx"]
 
 
-@pytest.mark.parametrize("cfg", [dict(qm.DEFAULT_CONFIG), dict(qm.DEFAULT_CONFIG, PREFETCH=1, AUX=True),
+@pytest.mark.parametrize("cfg", [dict(qm.DEFAULT_CONFIG), dict(qm.DEFAULT_CONFIG, PREFETCH=2, AUX=False),
                                  dict(qm.DEFAULT_CONFIG, QW=2, ADJ=True, num_warps=8, PREFETCH=1)])
 def test_kernel_compiles_for_sm90_with_codes_before_the_wait(cfg):
     ptx = _compile_sm90(cfg)
@@ -241,7 +243,8 @@ def test_config_selection():
     assert first.get("MMA") and first == qm.DEFAULT_CONFIG
     qm.check_config(first)
     assert ql.gemv_configs(4, 8192, 4096, FMT, interpreted=False)[0].get("MMA")
-    for m, n, k, fmt in [(1, 4096, 4096, FMT), (1, 4096, 14336, FMT), (1, 14336, 4096, "w4a16_g64"),
+    assert ql.gemv_configs(1, 32000, 2048, FMT, interpreted=False)[0].get("MMA")
+    for m, n, k, fmt in [(1, 4096, 4096, FMT), (1, 4096, 14336, FMT), (1, 14336, 8192, FMT), (1, 14336, 4096, "w4a16_g64"),
                          (1, 14336, 4096, "w8a16"), (1, 14336, 4096, "nvint4"), (5, 14336, 4096, FMT)]:
         assert not any(c.get("MMA") for c in ql.gemv_configs(m, n, k, fmt, interpreted=False)), (m, n, k, fmt)
     assert not any(c.get("MMA") for c in ql.gemv_configs(1, 14336, 4096, FMT, interpreted=True))
@@ -275,6 +278,17 @@ def test_mma_config_falls_back_on_cpu_tensors():
     assert "CUDA" in qm.SKIPPED[(FMT, 3, n, k, "cpu")]
 
 
+def test_run_returns_a_compile_error_as_a_reason(monkeypatch):
+    # a Gluon compile error (an API this Triton lacks) comes back as the reason to record and fall back on
+    from triton.compiler.errors import CompilationError
+
+    def broken(*args, **kwargs):
+        raise CompilationError("src", None, "no such Gluon op")
+    monkeypatch.setattr(qm, "launch", broken)
+    why = qm.run(None, None, None, None, None, None, dict(qm.DEFAULT_CONFIG), False)
+    assert why is not None and "did not compile" in why
+
+
 # ------------------------------------------------------------------------------------------------------ GPU
 def _cuda_sm80():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
@@ -284,7 +298,7 @@ def _rel(y, ref):
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-CONFIGS = [dict(qm.DEFAULT_CONFIG), dict(qm.DEFAULT_CONFIG, PREFETCH=1, AUX=True),
+CONFIGS = [dict(qm.DEFAULT_CONFIG), dict(qm.DEFAULT_CONFIG, PREFETCH=2, AUX=False),
            dict(qm.DEFAULT_CONFIG, QW=2, ADJ=True, num_warps=8, PREFETCH=3), dict(qm.DEFAULT_CONFIG, STAGES=3),
            dict(qm.DEFAULT_CONFIG, WAIT=False, num_warps=2, PREFETCH=4)]
 
@@ -299,12 +313,22 @@ def test_gpu_mma_gemv_against_the_reference():
     for i, (n, k, m, dt, has_bias) in enumerate(cases):
         g = torch.Generator(device="cuda").manual_seed(i)
         q = quantize(torch.randn(n, k, device="cuda", generator=g) * 0.02, FMT)
-        x = torch.randn(m, k, device="cuda", generator=g).to(dt)
+        # x as a strided view (rows k + 64 apart) for M > 1
+        x = torch.randn(m, k + 64, device="cuda", generator=g).to(dt)[:, :k] if m > 1 else \
+            torch.randn(m, k, device="cuda", generator=g).to(dt)
         bias = torch.randn(n, device="cuda", generator=g).to(dt) if has_bias else None
         ref = ql.reference(x, q.codes, q.scales, q.zeros, None, bias, FMT, k)
         for cfg in CONFIGS:
+            qm.SKIPPED.clear()
             y = ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, None, bias, FMT, k, config=dict(cfg))
+            assert not qm.SKIPPED, (n, k, m, cfg, qm.SKIPPED)  # the MMA kernel ran, not a fallback
             assert _rel(y, ref) < 5e-3, (n, k, m, dt, cfg)
+    # an explicit K split is not the MMA GEMV's: the next config runs, the reason recorded
+    qm.SKIPPED.clear()
+    y = ql.quant_linear_apply(x, q.codes, q.scales, q.zeros, None, None, FMT, k, config=dict(qm.DEFAULT_CONFIG),
+                              split_k=2)
+    assert "K splits" in qm.SKIPPED[(FMT, 1, 8192, 640, "cuda")]
+    assert _rel(y, ql.reference(x, q.codes, q.scales, q.zeros, None, None, FMT, k)) < 5e-3
     qm.SKIPPED.clear()
     ql.FALLBACKS.clear()
     q = quantize(torch.randn(14336, 4096, device="cuda") * 0.02, FMT)

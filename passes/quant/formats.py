@@ -315,9 +315,14 @@ class QuantizedTensor:
         meta = json.loads(metadata[key])
         if meta.get("version") != 1:
             raise ValueError(f"unsupported quantized-tensor version {meta.get('version')!r}")
-        return cls(fmt=QuantFormat(**meta["format"]), shape=tuple(meta["shape"]), codes=tensors[prefix + "qcodes"],
-                   scales=tensors[prefix + "qscales"], zeros=tensors.get(prefix + "qzeros"),
-                   tensor_scale=tensors.get(prefix + "qtensor_scale"))
+        qt = cls(fmt=QuantFormat(**meta["format"]), shape=tuple(meta["shape"]), codes=tensors[prefix + "qcodes"],
+                 scales=tensors[prefix + "qscales"], zeros=tensors.get(prefix + "qzeros"),
+                 tensor_scale=tensors.get(prefix + "qtensor_scale"))
+        if qt.zeros is not None and qt.fmt.elem == "uint4" and qt.zeros.numel() and int(qt.zeros.max()) > 15:
+            # integer zero points lie in the codes' range; the kernels' decodes assume it (the tensor-core GEMV's
+            # bf16 pair -(128 + z) is exact only for z < 128)
+            raise ValueError(f"{prefix}qzeros: zero points past the 4-bit code range (max {int(qt.zeros.max())})")
+        return qt
 
 
 # ------------------------------------------------------------------------------------- quantize / dequant
