@@ -32,7 +32,9 @@ def kernel_format(fmt) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- configs
-MMA_MAX_K = 4096  # the tensor-core GEMV's default range along K (measured at K = 2048 and 4096; slower at 14336)
+# the tensor-core GEMV's default range (measured at K = 2048 / 4096 and N = 4096 .. 32000; slower at K = 14336)
+MMA_MAX_K = 4096
+MMA_MIN_N = 12288  # at M = 1 (8192 rows: even with the words GEMV); from 8192 rows at M = 2..4
 
 
 def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
@@ -41,8 +43,8 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
     partial dot), PREFETCH and, on the GPU, num_warps / num_stages. M <= 4
     on the GPU: WORDS configs first (``dequant_gemv_words``: int32 words of codes, mask decode for integer
     codes, BLOCK_G scale groups of codes per row per step, PREFETCH_X, XT, WAIT), a TMA config for w8a16 below
-    8192 rows second (quant_gemv_tma.py), the tensor-core GEMV first for w4a16 g128 from 8192 rows and K <=
-    MMA_MAX_K (quant_gemv_mma.py); the byte-tile kernel's configs follow (its H100 winners of
+    8192 rows second (quant_gemv_tma.py), the tensor-core GEMV first for w4a16 g128 from MMA_MIN_N rows (8192 at
+    M >= 2) and K <= MMA_MAX_K (quant_gemv_mma.py); the byte-tile kernel's configs follow (its H100 winners of
     benchmarks/results/probe_quant.md: 8-bit 8 x 1024 bytes, 4-bit 8 x 256 bytes)."""
     kf = kernel_format(fmt)
     bm = next_pow2(max(M, 1))
@@ -94,11 +96,13 @@ def gemv_configs(M: int, N: int, K: int, fmt, interpreted: bool) -> list[dict]:
         # before the wait (8.06 us with WAIT against the words kernel's 7.74)
         if N < 8192 and quant_gemv_tma.format_ok(kf):
             words.insert(1, dict(quant_gemv_tma.DEFAULT_CONFIG, WAIT=True))
-        # w4a16 g128 from 8192 rows and up to K = 4096: the tensor-core GEMV (quant_gemv_mma.py) first. H100, in a CUDA
-        # graph (probe_gemv_mma_r*.md; quant_gpu.md): 14336 x 4096, M = 1, 14.25 us against the words GEMV's 16.1-16.7.
-        # Below 8192 rows (4096^2, 5632 x 2048, 2048^2) it was slower; at K = 14336 (4096 rows) its default took 24.3 us
-        # against 14.3 (each warp walks 28 groups one after another): the words GEMV stays there.
-        if N >= 8192 and K <= MMA_MAX_K and quant_gemv_mma.format_ok(kf):
+        # w4a16 g128, K <= 4096, from 12288 rows (8192 at M >= 2): the tensor-core GEMV (quant_gemv_mma.py) first.
+        # H100, in a CUDA graph (probe_gemv_mma_r10*.md, quant_gpu.md), against the words GEMV in the same run:
+        # M = 1: 14336 x 4096 14.25-14.5 us against 16.1, 32000 x 2048 15.7 against 18.7, 8192 x 4096 10.3 against
+        # 10.0 (even); M = 4: 14336 rows 40.7 against 55.4, 8192 rows 23.6 against 32.5. Below 8192 rows (4096^2,
+        # 5632 x 2048, 2048^2) it was slower; at K = 14336 (4096 rows) its default took 24.3 us against 14.3 (each
+        # warp walks 28 groups one after another): the words GEMV stays there.
+        if N >= (MMA_MIN_N if M == 1 else 8192) and K <= MMA_MAX_K and quant_gemv_mma.format_ok(kf):
             words.insert(0, dict(quant_gemv_mma.DEFAULT_CONFIG))
         out = words + out
     return out

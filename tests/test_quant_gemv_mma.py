@@ -243,8 +243,10 @@ def test_config_selection():
     assert first.get("MMA") and first == qm.DEFAULT_CONFIG
     qm.check_config(first)
     assert ql.gemv_configs(4, 8192, 4096, FMT, interpreted=False)[0].get("MMA")
+    assert ql.gemv_configs(2, 8192, 4096, FMT, interpreted=False)[0].get("MMA")
     assert ql.gemv_configs(1, 32000, 2048, FMT, interpreted=False)[0].get("MMA")
-    for m, n, k, fmt in [(1, 4096, 4096, FMT), (1, 4096, 14336, FMT), (1, 14336, 8192, FMT), (1, 14336, 4096, "w4a16_g64"),
+    for m, n, k, fmt in [(1, 4096, 4096, FMT), (1, 8192, 4096, FMT), (1, 4096, 14336, FMT), (1, 14336, 8192, FMT),
+                         (1, 14336, 4096, "w4a16_g64"),
                          (1, 14336, 4096, "w8a16"), (1, 14336, 4096, "nvint4"), (5, 14336, 4096, FMT)]:
         assert not any(c.get("MMA") for c in ql.gemv_configs(m, n, k, fmt, interpreted=False)), (m, n, k, fmt)
     assert not any(c.get("MMA") for c in ql.gemv_configs(1, 14336, 4096, FMT, interpreted=True))

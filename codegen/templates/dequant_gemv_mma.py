@@ -2,7 +2,7 @@
 # for M <= 4 rows of bf16 / fp16 x and a w4a16_g128 weight W [N, K] (uint4 codes, integer zero points, bf16 scales
 # per group of 128 along K) packed by passes/quant/formats.py, its codes read in place as int32 words (word w of a row
 # holds elements 8w .. 8w + 7, element 8w + e in bits 4e .. 4e + 3). Launched by runtime/quant_gemv_mma.py (MMA
-# configs: the default GEMV for this format from 8192 rows).
+# configs: the default GEMV for this format from 12288 rows -- 8192 at M >= 2 -- and K <= 4096: quant_configs).
 #
 # Why: the words GEMV (dequant_gemv_words.py) spends 3 CUDA-core instructions per weight element on decode + FMA
 # (LOP3, FADD, FFMA) and ~4.4 in its whole loop; with the decode free it was 19% faster at 4096^2 and 28% at 14336
@@ -33,15 +33,17 @@
 #                       each step refills its own slot), or with STAGES > 0 through a cp.async ring in shared memory;
 #                       AUX: x, zero points and scales one step ahead. EVEN (N % 16 == 0, whole steps, K = 128 * NB):
 #                       no masks; steps past the last are clamped (a repeat of the last step's L2-resident words).
-#                       WAIT (PDL, sm_90+): the first PREFETCH steps' code words are loaded before
-#                       griddepcontrol.wait (the weights are written by no kernel in the stream), x, the scales and
-#                       zero points and every store after it; the kernel after this one is signalled after the wait.
+#                       WAIT (PDL, sm_90+): the first PREFETCH steps' code words (STAGES - 1 steps' cp.async copies with
+#                       the ring) are loaded before griddepcontrol.wait (the weights are written by no kernel in the
+#                       stream), x, the scales and zero points and every store after it; the kernel after this one is
+#                       signalled after the wait.
 #                       H100 (results/quant_gpu.md, session 21; 20 launches per CUDA graph, bf16 cuBLAS 42.0 us):
 #                       14336 x 4096, M = 1: 14.25 us (2.95x, 0.72 of 3.0 TB/s) against the words GEMV's 16.2-16.3.
 #                       ncu (isolated launch, probe config): DRAM 58% (words 49%), 25 warps per SM, 68% of stalls on
 #                       global-load scoreboards; 896 programs in one wave -- configs that need more registers or
 #                       shared memory (deeper prefetch, 8 warps, the cp.async ring) lose the single wave and 15-35%.
-#                       Below 8192 rows (4096^2: 5.7-6.0 us against 5.5-5.7) the words GEMV stays the default.
+#                       At 4096^2 the best config took 6.0 us (8 warps, 2 adjacent groups per warp; the default 7.8)
+#                       against the words GEMV's 5.5-5.7: the words GEMV stays the default there (quant_configs).
 #
 # Bytes model: as the words GEMV (runtime/quant_linear.py bytes_model): 4096 x 14336, w4a16 g128, M = 1: 30.8 MB ->
 # 10.3 us at 3.0 TB/s.
