@@ -13,7 +13,8 @@ written by the ``quantize`` pass (passes/quant/quantize_pass.py) and registered 
 Dispatch: M = rows of x. M <= GEMV_DISPATCH_M (4): ``dequant_gemv`` (CUDA-core dot products, optional split-K with
 a deterministic reduce launch); larger M: ``dequant_gemm`` (tl.dot, the weight tile decoded in the K loop), and
 before it, up to 64 rows of bf16 x on sm_90, the Gluon GEMM of ``quant_gemm_gluon.py`` (GLUON configs). w4a16_g128
-GEMVs from 12288 rows (8192 at M >= 2, K <= 4096) run the tensor-core GEMV of ``quant_gemv_mma.py`` (MMA configs: Gluon + inline mma.sync).
+GEMVs from 12288 rows (8192 at M >= 2, K <= 4096) run the tensor-core GEMV of ``quant_gemv_mma.py`` (MMA configs:
+Gluon + inline mma.sync).
 Every format of ``FORMATS`` runs in the kernels: w8a16, w8a16_fp8, w4a16_g32/g64/g128, mxint8, mxfp8,
 mxfp4, nvfp4, nvint4. CPU tensors without the Triton interpreter (a CUDA machine working on a CPU copy)
 fall back to ``dequantize`` + an fp32 matmul.
