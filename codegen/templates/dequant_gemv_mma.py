@@ -38,7 +38,7 @@
 #                       stream), x, the scales and zero points and every store after it; the kernel after this one is
 #                       signalled after the wait.
 #                       H100 (results/quant_gpu.md, session 21; 20 launches per CUDA graph, bf16 cuBLAS 42.0 us):
-#                       14336 x 4096, M = 1: 14.25 us (2.95x, 0.72 of 3.0 TB/s) against the words GEMV's 16.2-16.3.
+#                       14336 x 4096, M = 1: 14.25-14.31 us (2.94-2.95x, 0.72 of 3.0 TB/s); the words GEMV 16.1.
 #                       ncu (isolated launch, probe config): DRAM 58% (words 49%), 25 warps per SM, 68% of stalls on
 #                       global-load scoreboards; 896 programs in one wave -- configs that need more registers or
 #                       shared memory (deeper prefetch, 8 warps, the cp.async ring) lose the single wave and 15-35%.
