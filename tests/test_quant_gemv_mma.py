@@ -16,7 +16,6 @@ bias, every config kind), and a chain of dependent layers in a CUDA graph with P
 """
 import importlib.util
 import re
-import struct
 
 import numpy as np
 import pytest
@@ -24,6 +23,8 @@ import torch
 from fxforge.passes.quant.formats import quantize
 from fxforge.runtime import quant_gemv_mma as qm
 from fxforge.runtime import quant_linear as ql
+from test_inline_ptx_decodes import _f32, _half_bits, _lop3, _prmt
+from test_inline_ptx_decodes import _half_value as _hv
 
 _spec = importlib.util.spec_from_file_location("dequant_gemv_mma", qm.MMA_TEMPLATE)
 T = importlib.util.module_from_spec(_spec)
@@ -32,34 +33,9 @@ FMT = "w4a16_g128"
 
 
 # ------------------------------------------------------------------------------------- warp-level PTX emulator
-def _f32(bits):
-    return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
-
-
+# (the single-lane ops -- lop3, prmt, the half <-> float conversions -- are test_inline_ptx_decodes.py's)
 def _half(h, kind):
-    if kind == "bf16":
-        return _f32((h & 0xFFFF) << 16)
-    return float(np.array([h & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
-
-
-def _half_bits(v, kind):
-    if kind == "bf16":  # one RNE rounding from float64 (the values formed here are exact in fp32)
-        b = struct.unpack("<I", struct.pack("<f", v))[0]
-        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
-    return int(np.array([v], dtype=np.float16).view(np.uint16)[0])
-
-
-def _lop3(a, b, c, lut):
-    out = 0
-    for bit in range(32):
-        idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
-        out |= ((lut >> idx) & 1) << bit
-    return out
-
-
-def _prmt(a, b, sel):
-    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-    return sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+    return _hv(h & 0xFFFF, kind)  # the low 16 bits of a register
 
 
 def run_warp(asm: str, lanes: list) -> list:
