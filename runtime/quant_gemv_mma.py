@@ -18,12 +18,11 @@ MMA_KERNELS = ("dequant_gemv_mma",)
 GROUP = 128  # elements per scale group the kernel takes (one mma chain of 8 per thread and group)
 # QW: groups per warp per step; PREFETCH: steps of code words held in registers ahead; WAIT: launched with PDL,
 # the first PREFETCH steps' code words loaded before griddepcontrol.wait; AUX: x, zero points and scales loaded a
-# step ahead; ADJ: a warp's QW groups of a step adjacent; STAGES > 0: the code words through a cp.async ring instead
-# of registers. H100, 20 launches per CUDA graph, bf16 x (results/probe_gemv_mma_r5.md .. _r10_m4.md, against the
-# words GEMV in the same run): 4 warps, QW 1, PREFETCH 1, AUX: M = 1 14336 x 4096 14.25-14.8 us against 16.1,
+# step ahead; ADJ: a warp's QW groups of a step adjacent. H100, 20 launches per CUDA graph, bf16 x
+# (results/probe_gemv_mma_r5.md .. _r10_m4.md, against the words GEMV in the same run): 4 warps, QW 1, PREFETCH 1, AUX: M = 1 14336 x 4096 14.25-14.8 us against 16.1,
 # 32000 x 2048 15.7 against 18.7, 8192 x 4096 10.3 against 10.0; M = 4 14336 rows 40.7 against 55.4 (PREFETCH 2
 # without AUX: 14.1-14.3 at 14336 rows, but 11.7 at 8192 and 17.3 at 32000). More warps, QW, PREFETCH 3-4 or a
-# cp.async ring took registers / shared memory that cost the 14336-row grid its single wave (896 programs) and were
+# cp.async ring (r6; since removed) took registers / shared memory that cost the 14336-row grid its single wave (896 programs) and were
 # slower (16-22 us). 4096^2: the best config 6.0 us (8 warps, 2 adjacent groups per warp), the default 7.8, against
 # 5.5-5.7; K = 14336 (4096 rows): the default 24.3 against 14.3. quant_configs.gemv_configs picks it accordingly.
 DEFAULT_CONFIG = {"MMA": True, "QW": 1, "PREFETCH": 1, "WAIT": True, "AUX": True, "num_warps": 4}
@@ -72,19 +71,15 @@ def why_not(kf: dict, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
 
 def check_config(cfg: dict) -> None:
     w, qw, pf = cfg.get("num_warps", 4), cfg.get("QW", 1), cfg.get("PREFETCH", 1)
-    st = cfg.get("STAGES", 0)
-    if w not in (1, 2, 4, 8, 16) or qw not in (1, 2, 4) or pf not in (1, 2, 3, 4) or st not in (0, 2, 3, 4, 5, 6, 8):
-        raise ValueError("quant_linear: MMA configs need num_warps 1/2/4/8/16, QW 1/2/4, PREFETCH 1..4, STAGES 0 "
-                         f"(register prefetch) or 2..8 (cp.async ring), got {cfg}")
+    if w not in (1, 2, 4, 8, 16) or qw not in (1, 2, 4) or pf not in (1, 2, 3, 4):
+        raise ValueError(f"quant_linear: MMA configs need num_warps 1/2/4/8/16, QW 1/2/4, PREFETCH 1..4, got {cfg}")
 
 
 def run(x2, codes, scales, zeros, bias, out, cfg: dict, wait: bool) -> str | None:
     """``launch``, or the reason it could not: a compile error of the Gluon kernel (an API this Triton lacks) is
     returned for the caller to record and fall back on, not raised from the user's model."""
-    try:
-        from triton.compiler.errors import CompilationError
-    except ImportError:  # pragma: no cover - every supported Triton has it
-        CompilationError = RuntimeError
+    from triton.compiler.errors import CompilationError
+
     try:
         launch(x2, codes, scales, zeros, bias, out, cfg, wait)
     except CompilationError as e:
@@ -108,6 +103,5 @@ def launch(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: t
         x2.view(torch.int32), codes.view(torch.int32), scales, zeros, bias if bias is not None else scales, out, n, NB,
         K // 2, x2.stride(0) // 2 if M > 1 else 0, codes.stride(0) // 4, scales.stride(0), zeros.stride(0), out.stride(0), QW=qw,
         BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, EVEN=even, PREFETCH=cfg.get("PREFETCH", 1),
-        WAIT=wait, num_warps=w, AUX=bool(cfg.get("AUX", True)), ADJ=bool(cfg.get("ADJ", False)),
-        STAGES=cfg.get("STAGES", 0), **kw)
+        WAIT=wait, num_warps=w, AUX=bool(cfg.get("AUX", True)), ADJ=bool(cfg.get("ADJ", False)), **kw)
     return out

@@ -172,7 +172,7 @@ def _compile_sm90(cfg, n=14336, k=4096, even=True):
             "NB": nb, "KX": k // 2, "s_xm": k // 2, "s_cn": nb * 16, "s_sn": nb, "s_zn": nb, "s_om": n,
             "QW": cfg["QW"], "BF16": True, "HAS_BIAS": False, "EVEN": even, "PREFETCH": cfg["PREFETCH"],
             "WAIT": bool(cfg["WAIT"]), "num_warps": cfg["num_warps"], "AUX": bool(cfg.get("AUX", True)),
-            "ADJ": bool(cfg.get("ADJ", False)), "STAGES": cfg.get("STAGES", 0)}
+            "ADJ": bool(cfg.get("ADJ", False))}
     types = {torch.bfloat16: "bf16", torch.uint8: "u8", torch.int32: "i32"}
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -206,11 +206,9 @@ def test_kernel_compiles_for_sm90_with_codes_before_the_wait(cfg):
     assert "griddepcontrol" not in _compile_sm90(dict(cfg, WAIT=False))
 
 
-def test_kernel_compiles_for_the_masked_shapes_and_the_cp_async_ring():
+def test_kernel_compiles_for_the_masked_shapes():
     ptx = _compile_sm90(dict(qm.DEFAULT_CONFIG), n=4104, k=1160, even=False)
     assert "mma.sync.aligned.m16n8k16" in ptx
-    ring = _compile_sm90(dict(qm.DEFAULT_CONFIG, STAGES=3, PREFETCH=1))
-    assert "cp.async.cg.shared.global" in ring and "cp.async.wait_group" in ring
 
 
 # ------------------------------------------------------------------------------------ selection and fallbacks
@@ -226,7 +224,7 @@ def test_config_selection():
                          (1, 14336, 4096, "w8a16"), (1, 14336, 4096, "nvint4"), (5, 14336, 4096, FMT)]:
         assert not any(c.get("MMA") for c in ql.gemv_configs(m, n, k, fmt, interpreted=False)), (m, n, k, fmt)
     assert not any(c.get("MMA") for c in ql.gemv_configs(1, 14336, 4096, FMT, interpreted=True))
-    for bad in ({"num_warps": 3}, {"QW": 3}, {"PREFETCH": 5}, {"STAGES": 1}):
+    for bad in ({"num_warps": 3}, {"QW": 3}, {"PREFETCH": 5}):
         with pytest.raises(ValueError, match="MMA configs"):
             qm.check_config(dict(qm.DEFAULT_CONFIG, **bad))
 
@@ -277,7 +275,7 @@ def _rel(y, ref):
 
 
 CONFIGS = [dict(qm.DEFAULT_CONFIG), dict(qm.DEFAULT_CONFIG, PREFETCH=2, AUX=False),
-           dict(qm.DEFAULT_CONFIG, QW=2, ADJ=True, num_warps=8, PREFETCH=3), dict(qm.DEFAULT_CONFIG, STAGES=3),
+           dict(qm.DEFAULT_CONFIG, QW=2, ADJ=True, num_warps=8, PREFETCH=3),
            dict(qm.DEFAULT_CONFIG, WAIT=False, num_warps=2, PREFETCH=4)]
 
 

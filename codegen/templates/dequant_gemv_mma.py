@@ -30,18 +30,17 @@
 #                       slots are the thread's 4 words for the code / x inputs and the mma's 4 accumulator registers
 #                       for the output; zero points are broadcast along them.
 #                       Loads: the code words of the next PREFETCH steps in registers (the loop unrolled by PREFETCH so
-#                       each step refills its own slot), or with STAGES > 0 through a cp.async ring in shared memory;
-#                       AUX: x, zero points and scales one step ahead. EVEN (N % 16 == 0, whole steps, K = 128 * NB):
+#                       each step refills its own slot; a cp.async ring in shared memory instead was slower everywhere,
+#                       probe_gemv_mma_r6.md, and was removed); AUX: x, zero points and scales one step ahead. EVEN (N % 16 == 0, whole steps, K = 128 * NB):
 #                       no masks; steps past the last are clamped (a repeat of the last step's L2-resident words).
-#                       WAIT (PDL, sm_90+): the first PREFETCH steps' code words (STAGES - 1 steps' cp.async copies with
-#                       the ring) are loaded before griddepcontrol.wait (the weights are written by no kernel in the
-#                       stream), x, the scales and zero points and every store after it; the kernel after this one is
-#                       signalled after the wait.
+#                       WAIT (PDL, sm_90+): the first PREFETCH steps' code words are loaded before griddepcontrol.wait
+#                       (the weights are written by no kernel in the stream), x, the scales and zero points and every
+#                       store after it; the kernel after this one is signalled after the wait.
 #                       H100 (results/quant_gpu.md, session 21; 20 launches per CUDA graph, bf16 cuBLAS 42.0 us):
 #                       14336 x 4096, M = 1: 14.25-14.31 us (2.94-2.95x, 0.72 of 3.0 TB/s); the words GEMV 16.1.
 #                       ncu (isolated launch, probe config): DRAM 58% (words 49%), 25 warps per SM, 68% of stalls on
 #                       global-load scoreboards; 896 programs in one wave -- configs that need more registers or
-#                       shared memory (deeper prefetch, 8 warps, the cp.async ring) lose the single wave and 15-35%.
+#                       shared memory (deeper prefetch, 8 warps, a cp.async ring) lose the single wave and 15-35%.
 #                       At 4096^2 the best config took 6.0 us (8 warps, 2 adjacent groups per warp; the default 7.8)
 #                       against the words GEMV's 5.5-5.7: the words GEMV stays the default there (quant_configs).
 #
@@ -49,11 +48,6 @@
 # 10.3 us at 3.0 TB/s.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-
-# the cp.async copy's name: async_load from triton 3.7 on (async_copy_global_to_shared there only raises), the old one
-# before (triton 3.6 on the H100 here)
-_cp_async = cp.async_load if hasattr(cp, "async_load") else cp.async_copy_global_to_shared
 
 # (bf16 pair base 0x4300 = 128.0, one 0x3F80; fp16 base 0x6400 = 1024.0, one 0x3C00)
 _MMA_BF16 = gl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
@@ -118,16 +112,6 @@ def _code_words(codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr):
 
 
 @gluon.jit
-def _copy_words(dst, codes, rows, grp, tt, ii, N, NB, s_cn, EVEN: gl.constexpr):
-    # cp.async of the code words _code_words would load into the shared [Q, 8, 4, 4] stage ``dst``
-    offs = rows * s_cn + grp * 16 + tt * 4 + ii
-    if EVEN:
-        _cp_async(dst, codes + offs)
-    else:
-        _cp_async(dst, codes + offs, mask=(rows < N) & (grp < NB))
-
-
-@gluon.jit
 def _step_aux(xrow, zeros, scales, step, q5, x_pair, qz, rows_z, N, NB, KX, s_zn, s_sn, Q: gl.constexpr,
               EVEN: gl.constexpr):
     # step ``step``'s x pairs [Q, 1, 4, 4, 4] and its zero points / bf16 scales of rows g and g + 8 ([Q, 8, 4]), as
@@ -155,7 +139,7 @@ def _step_aux(xrow, zeros, scales, step, q5, x_pair, qz, rows_z, N, NB, KX, s_zn
 def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn, s_sn, s_zn, s_om,
                      QW: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr, EVEN: gl.constexpr,
                      PREFETCH: gl.constexpr, WAIT: gl.constexpr, num_warps: gl.constexpr, AUX: gl.constexpr = True,
-                     ADJ: gl.constexpr = False, STAGES: gl.constexpr = 0):
+                     ADJ: gl.constexpr = False):
     # x32: x [M, K] seen as int32 pairs [M, KX = K / 2] (K % 8 == 0; s_xm a row stride in pairs), read as zero past
     # KX (the groups' padding); codes: int32 words [N, NB * 16] (groups of 128 elements). EVEN: N % 16 == 0,
     # NB % (warps * QW) == 0 and K == 128 * NB (no masks anywhere).
@@ -192,32 +176,20 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
     xrow = x32 + m * s_xm
     nsteps = (NB + Q - 1) // Q
 
-    if STAGES > 0:
-        # code words through a cp.async ring of STAGES steps in shared memory (no registers held for them: more
-        # programs per SM); each thread reads back only the 16-byte runs it copied itself
-        SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
-        lo_s = gl.allocate_shared_memory(gl.int32, [STAGES, Q, 8, 4, 4], SMEM)
-        hi_s = gl.allocate_shared_memory(gl.int32, [STAGES, Q, 8, 4, 4], SMEM)
-        for p0 in gl.static_range(STAGES - 1):
-            sg = gl.minimum(p0, nsteps - 1) * Q + q4
-            _copy_words(lo_s.index(p0), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN)
-            _copy_words(hi_s.index(p0), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN)
-            cp.commit_group()
-    else:
-        # the first PREFETCH steps' code words: before the wait (WAIT), i.e. while the kernel ahead still runs (steps
-        # past the last are clamped to it: an unmasked read past the codes' end could fault; the repeat is an L2 hit and
-        # its words are never used)
-        wl0 = _code_words(codes, rows_lo, q4, t4, i4, N, NB, s_cn, EVEN)
-        wh0 = _code_words(codes, rows_hi, q4, t4, i4, N, NB, s_cn, EVEN)
-        if PREFETCH >= 2:
-            wl1 = _code_words(codes, rows_lo, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
-            wh1 = _code_words(codes, rows_hi, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
-        if PREFETCH >= 3:
-            wl2 = _code_words(codes, rows_lo, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
-            wh2 = _code_words(codes, rows_hi, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
-        if PREFETCH >= 4:
-            wl3 = _code_words(codes, rows_lo, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
-            wh3 = _code_words(codes, rows_hi, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+    # the first PREFETCH steps' code words: before the wait (WAIT), i.e. while the kernel ahead still runs (steps
+    # past the last are clamped to it: an unmasked read past the codes' end could fault; the repeat is an L2 hit and
+    # its words are never used)
+    wl0 = _code_words(codes, rows_lo, q4, t4, i4, N, NB, s_cn, EVEN)
+    wh0 = _code_words(codes, rows_hi, q4, t4, i4, N, NB, s_cn, EVEN)
+    if PREFETCH >= 2:
+        wl1 = _code_words(codes, rows_lo, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+        wh1 = _code_words(codes, rows_hi, gl.minimum(1, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+    if PREFETCH >= 3:
+        wl2 = _code_words(codes, rows_lo, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+        wh2 = _code_words(codes, rows_hi, gl.minimum(2, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+    if PREFETCH >= 4:
+        wl3 = _code_words(codes, rows_lo, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
+        wh3 = _code_words(codes, rows_hi, gl.minimum(3, nsteps - 1) * Q + q4, t4, i4, N, NB, s_cn, EVEN)
     if WAIT:
         _grid_wait()
         _launch_dependents()
@@ -226,64 +198,41 @@ def dequant_gemv_mma(x32, codes, scales, zeros, bias, out, N, NB, KX, s_xm, s_cn
                                                  Q, EVEN)
     acc_lo = gl.zeros([Q, 8, 4], gl.float32, Z3)
     acc_hi = gl.zeros([Q, 8, 4], gl.float32, Z3)
-    if STAGES > 0:
-        for s in range(nsteps):
-            st = s % STAGES
-            cp.wait_group(STAGES - 2)  # step s's copies have landed (the STAGES - 2 younger ones may not have)
-            wl = lo_s.index(st).load(L4)
-            wh = hi_s.index(st).load(L4)
-            # refill the stage step s - 1 used (read into registers a step ago) with step s + STAGES - 1
-            sg = gl.minimum(s + STAGES - 1, nsteps - 1) * Q + q4
-            nst = (s + STAGES - 1) % STAGES
-            _copy_words(lo_s.index(nst), codes, rows_lo, sg, t4, i4, N, NB, s_cn, EVEN)
-            _copy_words(hi_s.index(nst), codes, rows_hi, sg, t4, i4, N, NB, s_cn, EVEN)
-            cp.commit_group()
+    # unrolled by PREFETCH so that each step refills its own register slot (a rotating ring costs moves); steps past
+    # the last (nsteps not a multiple of PREFETCH) run on clamped loads with a zero scale
+    for s0 in range(0, nsteps, PREFETCH):
+        for j in gl.static_range(PREFETCH):
+            s = s0 + j
+            # the code words of step s + PREFETCH first (Gluon does not pipeline plain loads)
+            sn = gl.minimum(s + PREFETCH, nsteps - 1) * Q + q4
+            if j == 0:
+                wl, wh = wl0, wh0
+                wl0 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                wh0 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+            elif j == 1:
+                wl, wh = wl1, wh1
+                wl1 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                wh1 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+            elif j == 2:
+                wl, wh = wl2, wh2
+                wl2 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                wh2 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+            else:
+                wl, wh = wl3, wh3
+                wl3 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
+                wh3 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
+            # x, zero points and scales: with AUX this step's from the registers and the next step's loads issued
+            # now (their L2 latency off the step's path)
             if AUX:
                 xp, zl, zh, s_lo, s_hi = xp_n, zl_n, zh_n, sl_n, sh_n
                 xp_n, zl_n, zh_n, sl_n, sh_n = _step_aux(xrow, zeros, scales, gl.minimum(s + 1, nsteps - 1), q5,
                                                          x_pair, qz, rows_z, N, NB, KX, s_zn, s_sn, Q, EVEN)
             else:
-                xp, zl, zh, s_lo, s_hi = _step_aux(xrow, zeros, scales, s, q5, x_pair, qz, rows_z, N, NB, KX, s_zn,
-                                                   s_sn, Q, EVEN)
-            acc_lo, acc_hi = _mma_step(wl, wh, xp, zl, zh, s_lo.to(gl.float32), s_hi.to(gl.float32), acc_lo, acc_hi,
-                                       Q, BF16, L4, Z3)
-        cp.wait_group(0)
-    else:
-        # unrolled by PREFETCH so that each step refills its own register slot (a rotating ring costs moves); steps past
-        # the last (nsteps not a multiple of PREFETCH) run on clamped loads with a zero scale
-        for s0 in range(0, nsteps, PREFETCH):
-            for j in gl.static_range(PREFETCH):
-                s = s0 + j
-                # the code words of step s + PREFETCH first (Gluon does not pipeline plain loads)
-                sn = gl.minimum(s + PREFETCH, nsteps - 1) * Q + q4
-                if j == 0:
-                    wl, wh = wl0, wh0
-                    wl0 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
-                    wh0 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
-                elif j == 1:
-                    wl, wh = wl1, wh1
-                    wl1 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
-                    wh1 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
-                elif j == 2:
-                    wl, wh = wl2, wh2
-                    wl2 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
-                    wh2 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
-                else:
-                    wl, wh = wl3, wh3
-                    wl3 = _code_words(codes, rows_lo, sn, t4, i4, N, NB, s_cn, EVEN)
-                    wh3 = _code_words(codes, rows_hi, sn, t4, i4, N, NB, s_cn, EVEN)
-                # x, zero points and scales: with AUX this step's from the registers and the next step's loads issued
-                # now (their L2 latency off the step's path)
-                if AUX:
-                    xp, zl, zh, s_lo, s_hi = xp_n, zl_n, zh_n, sl_n, sh_n
-                    xp_n, zl_n, zh_n, sl_n, sh_n = _step_aux(xrow, zeros, scales, gl.minimum(s + 1, nsteps - 1), q5,
-                                                             x_pair, qz, rows_z, N, NB, KX, s_zn, s_sn, Q, EVEN)
-                else:
-                    xp, zl, zh, s_lo, s_hi = _step_aux(xrow, zeros, scales, gl.minimum(s, nsteps - 1), q5, x_pair, qz,
-                                                       rows_z, N, NB, KX, s_zn, s_sn, Q, EVEN)
-                live = (s < nsteps).to(gl.float32)
-                acc_lo, acc_hi = _mma_step(wl, wh, xp, zl, zh, s_lo.to(gl.float32) * live, s_hi.to(gl.float32) * live,
-                                           acc_lo, acc_hi, Q, BF16, L4, Z3)
+                xp, zl, zh, s_lo, s_hi = _step_aux(xrow, zeros, scales, gl.minimum(s, nsteps - 1), q5, x_pair, qz,
+                                                   rows_z, N, NB, KX, s_zn, s_sn, Q, EVEN)
+            live = (s < nsteps).to(gl.float32)
+            acc_lo, acc_hi = _mma_step(wl, wh, xp, zl, zh, s_lo.to(gl.float32) * live, s_hi.to(gl.float32) * live,
+                                       acc_lo, acc_hi, Q, BF16, L4, Z3)
     _store_rows(out, bias, gl.reduce(acc_lo, 0, _add), off_n, m, N, s_om, HAS_BIAS)
     _store_rows(out, bias, gl.reduce(acc_hi, 0, _add), off_n + 8, m, N, s_om, HAS_BIAS)
 
