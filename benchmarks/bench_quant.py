@@ -2,12 +2,13 @@
 and torch's own int8 weight-only kernel (``torch._weight_int8pack_mm``), same run; W8A8 (runtime/w8a8.py) too.
 
 Workloads: ``gemv_4096x4096_m1``, ``gemv_4096x14336_m1`` (x [1, 4096] times W^T, W [N, 4096]) and
-``gemm_4096x4096_m64``. Each launch is timed inside a CUDA graph of 20 launches with the weights
-rotating over enough copies (> 200 MB) that every launch reads HBM, as a decode step does. For every
-format: the default config and the best of the config list (``runtime.quant_linear.gemv_configs`` /
-``gemm_configs``; every time the smaller of two captured graphs), the default config with programmatic dependent launch off (``time_no_pdl``) and in a chain of
-dependent launches (``time_chain``; bf16 too), the bytes model (packed weight + scales + activations) and the achieved fraction of
-3.0 TB/s, and the speedup over bf16. Usage: ``python benchmarks/bench_quant.py`` -> results/quant_gpu.*
+``gemm_4096x4096_m64``. Each launch is timed inside a CUDA graph of 20 launches with the weights rotating over
+enough copies (> 200 MB) that every launch reads HBM, as a decode step does. For every format: the default config
+and the best of the config list (``runtime.quant_linear.gemv_configs`` / ``gemm_configs``; every time the smaller of
+two captured graphs), the default config with programmatic dependent launch off (``time_no_pdl``) and in a chain of
+dependent launches (``time_chain``; bf16 too), the bytes model (packed weight + scales + activations) and the
+achieved fraction of 3.0 TB/s, and the speedup over bf16. Usage: ``python benchmarks/bench_quant.py`` ->
+results/quant_gpu.*
 """
 from __future__ import annotations
 
