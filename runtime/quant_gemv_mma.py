@@ -20,8 +20,8 @@ GROUP = 128  # elements per scale group the kernel takes (one mma chain of 8 per
 # first PREFETCH steps' code words loaded before griddepcontrol.wait; AUX: x, zero points and scales loaded a step
 # ahead; ADJ: a warp's QW groups of a step adjacent. H100, 20 launches per CUDA graph, bf16 x
 # (results/probe_gemv_mma_r5.md .. _r10_m4.md, against the words GEMV in the same run): 4 warps, QW 1, PREFETCH 1,
-# AUX: M = 1 14336 x 4096 14.25-14.8 us against 16.1, 32000 x 2048 15.7 against 18.7, 8192 x 4096 10.3 against 10.0; M
-# = 4 14336 rows 40.7 against 55.4 (PREFETCH 2 without AUX: 14.1-14.3 at 14336 rows, but 11.7 at 8192 and 17.3 at
+# AUX: M = 1 14336 x 4096 14.25-14.8 us against 16.1, 32000 x 2048 15.7 against 18.7, 8192 x 4096 10.3 against 10.0;
+# M = 4: 14336 rows 40.7 against 55.4 (PREFETCH 2 without AUX: 14.1-14.3 at 14336 rows, but 11.7 at 8192 and 17.3 at
 # 32000). More warps, QW, PREFETCH 3-4 or a cp.async ring (r6; since removed) took registers / shared memory that cost
 # the 14336-row grid its single wave (896 programs) and were slower (16-22 us). 4096^2: the best config 6.0 us (8
 # warps, 2 adjacent groups per warp), the default 7.8, against 5.5-5.7; K = 14336 (4096 rows): the default 24.3
